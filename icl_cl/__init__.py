@@ -1,0 +1,31 @@
+"""icl_cl: in-context continual classification.
+
+An external continual learner narrows a growing label set to a few candidates with
+demonstrations; a language model that is never fine-tuned reads them in context.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from icl_cl.config import ClassifierConfig, EmbedderConfig, MemoryConfig
+from icl_cl.errors import ConfigError, DataError, IclClError, StoreError
+from icl_cl.pipelines.continual import ContinualClassifier, LearnReport
+from icl_cl.types import Candidate, Example, Label, Prediction
+
+__all__ = [
+    "Candidate",
+    "ClassifierConfig",
+    "ConfigError",
+    "ContinualClassifier",
+    "DataError",
+    "EmbedderConfig",
+    "Example",
+    "IclClError",
+    "Label",
+    "LearnReport",
+    "MemoryConfig",
+    "Prediction",
+    "StoreError",
+    "__version__",
+]

@@ -1,0 +1,207 @@
+"""Command-line interface: a thin layer over the public API. Owns output, progress bars, logging."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from icl_cl.config import SCORERS, ClassifierConfig
+from icl_cl.errors import IclClError
+
+logger = logging.getLogger("icl_cl.cli")
+
+
+@contextmanager
+def _progress(total: int, desc: str, enabled: bool) -> Iterator[Callable[[int], None] | None]:
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True, file=sys.stderr) as bar:
+        yield bar.update
+
+
+def _open(args: argparse.Namespace, must_exist: bool = True) -> Any:
+    from icl_cl.memory.store import MANIFEST
+    from icl_cl.pipelines.continual import ContinualClassifier
+
+    store = Path(args.store)
+    if must_exist and not (store / MANIFEST).exists():
+        raise IclClError(f"{store}: no store here (create one with 'icl-cl learn')")
+    config = ClassifierConfig.from_yaml(args.config) if getattr(args, "config", None) else None
+    return ContinualClassifier.open(store, config)
+
+
+def cmd_learn(args: argparse.Namespace) -> int:
+    from icl_cl.data import read_examples, read_labels
+
+    max_chars = ClassifierConfig().max_text_chars
+    if args.config:
+        max_chars = ClassifierConfig.from_yaml(args.config).max_text_chars
+    # Read and validate everything before touching the store.
+    examples, locations = read_examples(args.data, max_chars=max_chars)
+    labels, label_locations = read_labels(args.labels) if args.labels else ([], None)
+    clf = _open(args, must_exist=False)
+    with clf, _progress(len(examples), "embedding", not args.quiet) as progress:
+        report = clf.learn(
+            examples,
+            labels,
+            progress=progress,
+            locations=locations,
+            label_locations=label_locations,
+        )
+    print(
+        json.dumps(
+            {
+                "session": report.session,
+                "examples": report.n_examples,
+                "new_labels": len(report.new_labels),
+                "seconds": round(report.seconds, 3),
+                "embed_seconds": round(report.embed_seconds, 3),
+            }
+        )
+    )
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from icl_cl.data import read_inputs
+
+    if args.k <= 0:
+        raise IclClError(f"--k must be a positive integer, got {args.k}")
+    clf = _open(args)
+    with clf:
+        ids, texts = read_inputs(args.input, max_chars=clf.config.max_text_chars)
+        with _progress(len(texts), "embedding", not args.quiet) as progress:
+            predictions = clf.predict(
+                texts, k=args.k, scorer=args.scorer, use_llm=not args.no_llm, progress=progress
+            )
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for ident, pred in zip(ids, predictions, strict=True):
+            f.write(
+                json.dumps(
+                    {"id": ident, "labels": list(pred.labels), "scores": pred.scores},
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
+    os.replace(tmp, out)
+    logger.info("wrote %d predictions to %s", len(predictions), out)
+    return 0
+
+
+def cmd_labels(args: argparse.Namespace) -> int:
+    with _open(args) as clf:
+        rows = clf.labels()
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+        return 0
+    width = max([len(r["label"]) for r in rows] + [5])
+    print(f"{'label':<{width}}  {'count':>7}  {'session':>7}  group")
+    for r in rows:
+        print(f"{r['label']:<{width}}  {r['count']:>7}  {r['session']!s:>7}  {r['group']}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with _open(args) as clf:
+        print(json.dumps(clf.info(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="icl-cl",
+        description="In-context continual classification: learn labelled sessions into a store "
+        "(no training, no forgetting) and predict one or many labels for new texts.",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)"
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "learn",
+        help="append one session of labelled examples to a store",
+        description="Append one session of labelled examples to a store (created "
+        "if missing). All-or-nothing: invalid input changes nothing.",
+    )
+    p.add_argument("--store", required=True, help="store directory (created if it does not exist)")
+    p.add_argument("--data", required=True, help='JSONL of {"id", "text", "labels": [...]}')
+    p.add_argument("--labels", help='JSONL of {"label", "name", "description", "group"}')
+    p.add_argument("--config", help="YAML ClassifierConfig, used when the store is created")
+    p.set_defaults(func=cmd_learn)
+
+    p = sub.add_parser(
+        "predict",
+        help="predict labels for a JSONL of texts",
+        description="Predict labels for each line of a JSONL file of "
+        '{"id", "text"}; writes {"id", "labels", "scores"} per line.',
+    )
+    p.add_argument("--store", required=True, help="store directory")
+    p.add_argument("--input", required=True, help='JSONL of {"id", "text"}')
+    p.add_argument("--output", required=True, help="output JSONL (written atomically)")
+    p.add_argument("--k", type=int, default=10, help="candidate labels per input (default 10)")
+    p.add_argument("--scorer", choices=SCORERS, help="ECL scorer (default: the store's)")
+    p.add_argument("--no-llm", action="store_true", help="decide with the ECL alone")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("labels", help="list labels with counts and sessions")
+    p.add_argument("--store", required=True, help="store directory")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_labels)
+
+    p = sub.add_parser("info", help="show config, models, sizes and sessions of a store")
+    p.add_argument("--store", required=True, help="store directory")
+    p.set_defaults(func=cmd_info)
+
+    from icl_cl.evaluation.cli import add_eval_commands
+
+    add_eval_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``icl-cl``."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_third_party(args.verbose)
+    try:
+        return int(args.func(args))
+    except IclClError as exc:
+        print(f"icl-cl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _quiet_third_party(verbose: int) -> None:
+    if verbose:
+        return
+    # Weight-loading bars from transformers would interleave with our own progress output.
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

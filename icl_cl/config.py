@@ -1,0 +1,77 @@
+"""Explicit configuration objects (pydantic). Passed in, never global."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from icl_cl.errors import ConfigError
+
+ScorerName = Literal["ncm", "mahalanobis", "knn", "ridge"]
+SCORERS: tuple[str, ...] = ("ncm", "mahalanobis", "knn", "ridge")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EmbedderConfig(_Strict):
+    """Which sentence encoder embeds examples, labels and queries."""
+
+    model: str = Field(
+        "sentence-transformers/all-MiniLM-L6-v2",
+        description="sentence-transformers model name or local path; the default ships in a package",
+    )
+    device: str = "cpu"
+    batch_size: int = Field(64, gt=0)
+
+
+class MemoryConfig(_Strict):
+    """The external continual learner: which scorer ranks labels, and its hyper-parameters."""
+
+    scorer: ScorerName = "ridge"
+    ridge_lambda: float = Field(
+        1.0, gt=0, description="ridge regularisation (ACIL's gamma) on L2-normalised embeddings"
+    )
+    shrinkage: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = Field(
+        "auto",
+        description="Mahalanobis covariance shrinkage in [0, 1] towards a scaled identity; "
+        "'auto' estimates it from the data (Oracle Approximating Shrinkage)",
+    )
+    knn_neighbors: int = Field(20, gt=0, description="neighbours that vote in the kNN scorer")
+    exact_search_max: int = Field(
+        50_000,
+        gt=0,
+        description="stored examples up to which the example index is exact (flat); above it, HNSW",
+    )
+
+
+class ClassifierConfig(_Strict):
+    """Everything a store is created with. Saved in the store and reused when it is reopened."""
+
+    embedder: EmbedderConfig = EmbedderConfig()
+    memory: MemoryConfig = MemoryConfig()
+    multi_label: bool | None = Field(
+        None, description="None: detect from training data (any example with != 1 label)"
+    )
+    max_text_chars: int = Field(20_000, gt=0, description="longer inputs are rejected, not cut")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ClassifierConfig:
+        """Load a config from a YAML file, with a clear error naming the file."""
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> ClassifierConfig:
+        """Validate a plain dict, turning pydantic errors into :class:`ConfigError`."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(f"{source}: invalid config: {exc}") from exc

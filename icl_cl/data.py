@@ -1,0 +1,195 @@
+"""Reading and validating input: JSONL examples and label files. Errors name file, line and field."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from icl_cl.errors import DataError
+from icl_cl.types import Example, Label
+
+
+@dataclass(frozen=True)
+class Located:
+    """An item together with where it came from, so later errors can point at it."""
+
+    source: str
+    line: int
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line_number, object)`` for each non-blank line; strict UTF-8, objects only."""
+    path = Path(path)
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise DataError(f"cannot open: {exc.strerror}", source=str(path)) from exc
+    with handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"not valid UTF-8 (byte {exc.start})", source=str(path), line=number
+                ) from exc
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"malformed JSON: {exc.msg}", source=str(path), line=number
+                ) from exc
+            if not isinstance(obj, dict):
+                raise DataError("expected a JSON object", source=str(path), line=number)
+            yield number, obj
+
+
+def _string_field(obj: dict[str, Any], field: str, where: dict[str, Any], required: bool) -> str:
+    value = obj.get(field)
+    if value is None:
+        if required:
+            raise DataError("missing", field=field, **where)
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"must be a string, got {type(value).__name__}", field=field, **where)
+    return value
+
+
+def check_text(text: object, *, max_chars: int, field: str = "text", **where: Any) -> str:
+    """Return ``text`` if it is a non-empty string of at most ``max_chars`` characters."""
+    if text is None:
+        raise DataError("missing", field=field, **where)
+    if not isinstance(text, str):
+        raise DataError(f"must be a string, got {type(text).__name__}", field=field, **where)
+    if not text.strip():
+        raise DataError("is empty", field=field, **where)
+    if len(text) > max_chars:
+        raise DataError(
+            f"is {len(text)} characters; the limit is {max_chars} (max_text_chars)",
+            field=field,
+            **where,
+        )
+    return text
+
+
+def parse_example(
+    obj: dict[str, Any], *, max_chars: int, source: str | None = None, line: int | None = None
+) -> Example:
+    """Validate one ``{"id", "text", "labels"}`` object."""
+    where: dict[str, Any] = {"source": source, "line": line}
+    ident = obj.get("id")
+    if isinstance(ident, (int, float)) and not isinstance(ident, bool):
+        ident = str(ident)
+    if not isinstance(ident, str) or not ident.strip():
+        raise DataError("missing or empty", field="id", **where)
+    check_text(obj.get("text"), max_chars=max_chars, item=ident, **where)
+    labels = obj.get("labels")
+    if not isinstance(labels, list):
+        raise DataError(
+            f"must be a list of strings, got {type(labels).__name__}",
+            field="labels",
+            item=ident,
+            **where,
+        )
+    for label in labels:
+        if not isinstance(label, str) or not label.strip():
+            raise DataError(
+                f"contains an invalid label {label!r}", field="labels", item=ident, **where
+            )
+    if len(set(labels)) != len(labels):
+        raise DataError("contains a label twice", field="labels", item=ident, **where)
+    return Example(ident, obj["text"], labels)
+
+
+def validate_examples(
+    examples: Sequence[Example], *, max_chars: int, locations: Sequence[Located] | None = None
+) -> None:
+    """Check examples given through the API (types, empty text, duplicate ids within the batch)."""
+    seen: dict[str, int] = {}
+    for i, ex in enumerate(examples):
+        where: dict[str, Any] = {}
+        if locations is not None:
+            where = {"source": locations[i].source, "line": locations[i].line}
+        if not isinstance(ex, Example):
+            raise DataError(f"expected an Example, got {type(ex).__name__}", item=str(i), **where)
+        if not isinstance(ex.id, str) or not ex.id.strip():
+            raise DataError("missing or empty", field="id", item=str(i), **where)
+        check_text(ex.text, max_chars=max_chars, item=ex.id, **where)
+        for label in ex.labels:
+            if not isinstance(label, str) or not label.strip():
+                raise DataError(f"invalid label {label!r}", field="labels", item=ex.id, **where)
+        if ex.id in seen:
+            first = seen[ex.id]
+            first_where = f"line {locations[first].line}" if locations else f"position {first}"
+            raise DataError(
+                f"duplicate id (first at {first_where})", field="id", item=ex.id, **where
+            )
+        seen[ex.id] = i
+
+
+def read_examples(path: str | Path, *, max_chars: int) -> tuple[list[Example], list[Located]]:
+    """Read and validate a JSONL file of examples; nothing is returned unless every line is valid."""
+    examples: list[Example] = []
+    locations: list[Located] = []
+    for number, obj in iter_jsonl(path):
+        examples.append(parse_example(obj, max_chars=max_chars, source=str(path), line=number))
+        locations.append(Located(str(path), number))
+    if not examples:
+        raise DataError("no examples", source=str(path))
+    validate_examples(examples, max_chars=max_chars, locations=locations)
+    return examples, locations
+
+
+def read_inputs(path: str | Path, *, max_chars: int) -> tuple[list[str], list[str]]:
+    """Read prediction inputs: JSONL with ``text`` and optional ``id`` (default: line number)."""
+    ids: list[str] = []
+    texts: list[str] = []
+    for number, obj in iter_jsonl(path):
+        ident = obj.get("id", str(number))
+        ident = (
+            str(ident) if isinstance(ident, (str, int)) and not isinstance(ident, bool) else None
+        )
+        if not ident:
+            raise DataError(
+                "must be a string or integer", source=str(path), line=number, field="id"
+            )
+        texts.append(
+            check_text(
+                obj.get("text"), max_chars=max_chars, source=str(path), line=number, item=ident
+            )
+        )
+        ids.append(ident)
+    if not texts:
+        raise DataError("no inputs", source=str(path))
+    return ids, texts
+
+
+def read_labels(path: str | Path) -> tuple[list[Label], list[Located]]:
+    """Read a labels file: JSONL ``{"label", "name", "description", "group"}``."""
+    labels: list[Label] = []
+    locations: list[Located] = []
+    seen: dict[str, int] = {}
+    for number, obj in iter_jsonl(path):
+        where = {"source": str(path), "line": number}
+        label = _string_field(obj, "label", where, required=True)
+        if not label.strip():
+            raise DataError("is empty", field="label", **where)
+        if label in seen:
+            raise DataError(
+                f"label {label!r} repeated (first on line {seen[label]})", field="label", **where
+            )
+        seen[label] = number
+        labels.append(
+            Label(
+                label,
+                name=_string_field(obj, "name", where, required=False),
+                description=_string_field(obj, "description", where, required=False),
+                group=_string_field(obj, "group", where, required=False),
+            )
+        )
+        locations.append(Located(str(path), number))
+    return labels, locations

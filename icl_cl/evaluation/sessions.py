@@ -1,0 +1,66 @@
+"""Class-incremental session splits: by label group, at random with a seed, or explicit."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from icl_cl.errors import ConfigError
+from icl_cl.types import Example, Label
+
+
+class SessionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    by: Literal["random", "group", "explicit"] = "random"
+    n: int = Field(5, gt=0, description="number of sessions (random split)")
+    seed: int = 0
+    explicit: list[list[str]] | None = None
+
+
+def split_sessions(
+    spec: SessionSpec, labels: Sequence[Label], train: Sequence[Example]
+) -> list[list[str]]:
+    """Partition the labels that occur in ``train`` into ordered sessions."""
+    used = list(dict.fromkeys(lab for ex in train for lab in ex.labels))
+    if spec.by == "explicit":
+        if not spec.explicit:
+            raise ConfigError("sessions.by=explicit needs sessions.explicit: [[label, ...], ...]")
+        listed = [lab for s in spec.explicit for lab in s]
+        if len(set(listed)) != len(listed):
+            raise ConfigError("sessions.explicit lists a label twice")
+        unknown = set(listed) - set(used)
+        if unknown:
+            raise ConfigError(
+                f"sessions.explicit names labels with no training example: {sorted(unknown)[:5]}"
+            )
+        return [list(s) for s in spec.explicit]
+    if spec.by == "group":
+        group = {lab.label: lab.group or "" for lab in labels}
+        order = list(dict.fromkeys(group.get(lab, "") for lab in sorted(used)))
+        return [[lab for lab in sorted(used) if group.get(lab, "") == g] for g in order]
+    rng = random.Random(spec.seed)
+    shuffled = sorted(used)
+    rng.shuffle(shuffled)
+    n = min(spec.n, len(shuffled))
+    return [shuffled[i::n] for i in range(n)]
+
+
+def session_examples(
+    train: Sequence[Example], session_labels: Sequence[str], session: int
+) -> list[Example]:
+    """Training items of one session, showing only that session's labels (label absence, MLCIL).
+
+    A multi-label item can appear in several sessions, each time with other labels; its id gets
+    the session number so that every stored example keeps a unique id.
+    """
+    keep = set(session_labels)
+    out = []
+    for ex in train:
+        labels = [lab for lab in ex.labels if lab in keep]
+        if labels:
+            ident = ex.id if len(labels) == len(ex.labels) else f"{ex.id}#s{session}"
+            out.append(Example(ident, ex.text, labels))
+    return out

@@ -1,0 +1,191 @@
+"""Candidate scorers of the ECL. Each is a few lines over the same running statistics.
+
+Every scorer maps query vectors ``(n, dim)`` to scores ``(n, n_labels)``, higher meaning more
+likely. Labels that have no example yet score ``-inf`` (they are never candidates).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from icl_cl.memory.statistics import RunningStatistics, augment
+
+if TYPE_CHECKING:
+    from icl_cl.config import MemoryConfig
+    from icl_cl.memory.example_index import ExampleIndex
+
+
+class Scorer(Protocol):
+    """Scores every known label for each query."""
+
+    name: str
+
+    def scores(self, queries: np.ndarray) -> np.ndarray:
+        """Return ``(n_queries, n_labels)`` float32 scores."""
+        ...
+
+
+def _mask_unseen(scores: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    scores[:, counts == 0] = -np.inf
+    return scores
+
+
+class NearestClassMean:
+    """SimpleCIL: cosine similarity to each class mean of frozen embeddings."""
+
+    name = "ncm"
+
+    def __init__(self, stats: RunningStatistics) -> None:
+        means = stats.means()
+        norms = np.linalg.norm(means, axis=1, keepdims=True)
+        self._prototypes = np.ascontiguousarray((means / np.maximum(norms, 1e-12)).T, np.float32)
+        self._counts = stats.counts.copy()
+
+    def scores(self, queries: np.ndarray) -> np.ndarray:
+        return _mask_unseen(queries @ self._prototypes, self._counts)
+
+
+class Mahalanobis:
+    """InCA/KLDA: negative Mahalanobis distance to class means under one shared covariance.
+
+    The covariance is the pooled within-class scatter, shrunk towards a scaled identity
+    (``(1-a) S + a tr(S)/d I``) so that it stays invertible with few examples. With
+    ``shrinkage="auto"`` the weight ``a`` is the Oracle Approximating Shrinkage estimate
+    (Chen et al. 2010), which needs only ``S`` and the degrees of freedom: near 1 with a handful
+    of examples, near 0 with many.
+    """
+
+    name = "mahalanobis"
+
+    def __init__(self, stats: RunningStatistics, shrinkage: float | str) -> None:
+        counts = stats.counts
+        seen = counts > 0
+        means = stats.means()
+        # Within-class scatter from running sums: sum_c sum_{x in c} (x-mu_c)(x-mu_c)^T.
+        scatter = stats.weighted_gram - stats.sums[seen].T @ means[seen]
+        dof = max(int(counts.sum()) - int(seen.sum()), 1)
+        cov = scatter / dof
+        d = cov.shape[0]
+        if shrinkage == "auto":
+            shrinkage = oas_shrinkage(cov, dof)
+        self.shrinkage = float(shrinkage)
+        cov = (1 - self.shrinkage) * cov + self.shrinkage * (np.trace(cov) / d) * np.eye(d)
+        precision = np.linalg.inv(cov)
+        weights = means @ precision  # (C, d)
+        self._precision = precision.astype(np.float32)
+        self._weights = np.ascontiguousarray(weights.T, np.float32)
+        self._bias = np.einsum("cd,cd->c", weights, means).astype(np.float32)
+        self._counts = counts.copy()
+
+    def scores(self, queries: np.ndarray) -> np.ndarray:
+        # -(q-mu)^T P (q-mu) = -q^T P q + 2 q^T P mu - mu^T P mu
+        quad = np.einsum("nd,de,ne->n", queries, self._precision, queries)
+        dist = quad[:, None] - 2 * (queries @ self._weights) + self._bias[None, :]
+        return _mask_unseen(-dist, self._counts)
+
+
+def oas_shrinkage(cov: np.ndarray, n: int) -> float:
+    """Oracle Approximating Shrinkage weight towards ``tr(S)/d I`` for a sample covariance ``S``
+    estimated from ``n`` samples (the form scikit-learn's ``oas`` uses)."""
+    d = cov.shape[0]
+    tr = float(np.trace(cov))
+    tr2 = float(np.sum(cov * cov))  # tr(S^2) for symmetric S
+    denominator = (n + 1) * (tr2 - tr * tr / d)
+    if denominator <= 0:
+        return 1.0
+    return float(min(1.0, (tr2 + tr * tr) / denominator))
+
+
+class Ridge:
+    """Analytic class-incremental learning (ACIL): ridge regression from embeddings to label indicators.
+
+    ACIL updates ``R = (X^T X + g I)^-1`` and ``W`` recursively; both are functions of the running
+    Gram matrix ``X^T X`` and of ``X^T Y``, whose columns are exactly the per-label sums. Keeping
+    those sums and solving when asked is the same estimator (joint ridge on all data seen), costs
+    nothing per session beyond the sums, and adds a column per new label.
+    """
+
+    name = "ridge"
+
+    def __init__(self, stats: RunningStatistics, ridge_lambda: float) -> None:
+        d1 = stats.gram.shape[0]
+        system = stats.gram + ridge_lambda * np.eye(d1)
+        targets = np.hstack(
+            [stats.sums, stats.counts[:, None].astype(np.float64)]
+        )  # X~^T Y, (C, d+1)
+        weights = np.linalg.solve(system, targets.T)  # (d+1, C)
+        self._weights = np.ascontiguousarray(weights[:-1], np.float32)
+        self._bias = weights[-1].astype(np.float32)
+        self._counts = stats.counts.copy()
+
+    def scores(self, queries: np.ndarray) -> np.ndarray:
+        return _mask_unseen(queries @ self._weights + self._bias[None, :], self._counts)
+
+
+class KnnVote:
+    """kNN label vote over stored examples: a label's score is the summed similarity of the
+    neighbours that carry it. Class-mean cosine, scaled down, orders the labels no neighbour has."""
+
+    name = "knn"
+    _TIE_BREAK = 1e-3
+
+    def __init__(
+        self, stats: RunningStatistics, index: ExampleIndex, row_labels: list[np.ndarray], k: int
+    ) -> None:
+        self._ncm = NearestClassMean(stats)
+        self._index = index
+        self._row_labels = row_labels
+        self._k = k
+
+    def scores(self, queries: np.ndarray) -> np.ndarray:
+        scores = self._TIE_BREAK * self._ncm.scores(queries)
+        sims, rows = self._index.search(queries, self._k)
+        for i in range(len(queries)):
+            for sim, row in zip(sims[i], rows[i], strict=True):
+                if row >= 0:
+                    scores[i, self._row_labels[row]] += max(float(sim), 0.0)
+        return scores
+
+
+def build_scorer(
+    name: str,
+    stats: RunningStatistics,
+    config: MemoryConfig,
+    index: ExampleIndex,
+    row_labels: list[np.ndarray] | None,
+) -> Scorer:
+    """Construct the named scorer from the current statistics."""
+    if name == "ncm":
+        return NearestClassMean(stats)
+    if name == "mahalanobis":
+        return Mahalanobis(stats, config.shrinkage)
+    if name == "ridge":
+        return Ridge(stats, config.ridge_lambda)
+    if name == "knn":
+        if row_labels is None:
+            raise ValueError("the kNN scorer needs the labels of stored examples")
+        return KnnVote(stats, index, row_labels, config.knn_neighbors)
+    raise ValueError(f"unknown scorer {name!r}")
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of the ``k`` best labels per row, best first (``-inf`` entries dropped later)."""
+    k = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    order = np.argsort(-part_scores, axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1), np.take_along_axis(part_scores, order, axis=1)
+
+
+__all__ = [
+    "KnnVote",
+    "Mahalanobis",
+    "NearestClassMean",
+    "Ridge",
+    "Scorer",
+    "augment",
+    "build_scorer",
+    "top_k",
+]

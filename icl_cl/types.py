@@ -1,0 +1,78 @@
+"""Plain value types shared across the library."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Label:
+    """A class label. ``label`` is its identifier; ``name`` and ``description`` are what a reader sees.
+
+    Args:
+        label: Stable identifier, e.g. ``"works-with::audio"``.
+        name: Human-readable name; defaults to the identifier.
+        description: Optional longer description.
+        group: Optional group (facet), e.g. ``"works-with"``.
+    """
+
+    label: str
+    name: str = ""
+    description: str = ""
+    group: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", self.label)
+
+    @property
+    def text(self) -> str:
+        """Text used to embed the label itself: its name, plus its description when it has one."""
+        return f"{self.name}: {self.description}" if self.description else self.name
+
+
+@dataclass(frozen=True)
+class Example:
+    """A labelled item to learn from. ``labels`` may hold one label or many."""
+
+    id: str
+    text: str
+    labels: tuple[str, ...] = ()
+
+    def __init__(self, id: str, text: str, labels: Iterable[str] = ()) -> None:
+        object.__setattr__(self, "id", id)
+        object.__setattr__(self, "text", text)
+        object.__setattr__(self, "labels", tuple(labels))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One candidate label for an input, with the scores that ranked it."""
+
+    label: str
+    score: float
+    ecl_score: float
+    llm_score: float | None = None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The decision for one input and everything needed to audit it.
+
+    Attributes:
+        labels: The decision: one label for single-label stores, a set for multi-label stores.
+        scores: Score per candidate label, higher meaning more likely.
+        candidates: Candidates in rank order, with their component scores.
+        scorer: The ECL scorer that produced the candidates.
+        fallback: Why the LLM was not used (``None`` when it was, or when it was not asked for).
+        evidence: Extra audit data (demonstrations, cardinality estimate, costs).
+    """
+
+    labels: tuple[str, ...]
+    scores: dict[str, float]
+    candidates: tuple[Candidate, ...]
+    scorer: str
+    fallback: str | None = None
+    evidence: dict[str, Any] = field(default_factory=dict)

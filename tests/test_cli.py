@@ -1,0 +1,329 @@
+"""The CLI end to end (in-process), and every kind of bad input: a clear error, nothing changed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from icl_cl.cli import main
+from icl_cl.memory.store import Store
+
+SAMPLE = Path(__file__).resolve().parents[1] / "eval" / "data" / "wordnet-sample"
+DEBTAGS = Path(__file__).resolve().parents[1] / "eval" / "data" / "debtags-sample"
+
+
+def _write(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def _snapshot(store: Path) -> tuple:
+    s = Store.open(store)
+    try:
+        return (
+            s.n_examples(),
+            len(s.sessions()),
+            (store / "examples.f32").stat().st_size,
+            s._conn.execute("SELECT COUNT(*) FROM labels").fetchone()[0],
+        )
+    finally:
+        s.close()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "store"
+    assert (
+        main(
+            [
+                "-q",
+                "learn",
+                "--store",
+                str(path),
+                "--data",
+                str(SAMPLE / "train.jsonl"),
+                "--labels",
+                str(SAMPLE / "labels.jsonl"),
+            ]
+        )
+        == 0
+    )
+    return path
+
+
+def test_learn_predict_labels_info(store, tmp_path, capsys):
+    out = tmp_path / "pred.jsonl"
+    assert (
+        main(
+            [
+                "-q",
+                "predict",
+                "--store",
+                str(store),
+                "--input",
+                str(SAMPLE / "test.jsonl"),
+                "--output",
+                str(out),
+                "--k",
+                "3",
+            ]
+        )
+        == 0
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    gold = [json.loads(line) for line in (SAMPLE / "test.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [g["id"] for g in gold]
+    assert all(len(r["labels"]) == 1 and len(r["scores"]) == 3 for r in rows)
+    assert all(r["labels"][0] == max(r["scores"], key=r["scores"].get) for r in rows)
+    accuracy = sum(r["labels"] == g["labels"] for r, g in zip(rows, gold, strict=True)) / len(rows)
+    assert accuracy > 0.6
+    # --no-llm is accepted and gives the ECL decision.
+    out2 = tmp_path / "pred2.jsonl"
+    assert (
+        main(
+            [
+                "-q",
+                "predict",
+                "--store",
+                str(store),
+                "--input",
+                str(SAMPLE / "test.jsonl"),
+                "--output",
+                str(out2),
+                "--k",
+                "3",
+                "--no-llm",
+            ]
+        )
+        == 0
+    )
+    assert out2.read_text() == out.read_text()
+    capsys.readouterr()
+    assert main(["labels", "--store", str(store), "--json"]) == 0
+    labels = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {lab["label"] for lab in labels} == {
+        json.loads(line)["label"] for line in (SAMPLE / "labels.jsonl").read_text().splitlines()
+    }
+    assert all(lab["count"] == 30 and lab["session"] == 1 for lab in labels)
+    assert main(["info", "--store", str(store)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["examples"] == 240 and info["labels"] == 8 and len(info["sessions"]) == 1
+    assert info["config"]["memory"]["scorer"] in ("ncm", "mahalanobis", "knn", "ridge")
+
+
+def test_multilabel_store_predicts_sets(tmp_path):
+    store = tmp_path / "tags"
+    assert (
+        main(
+            [
+                "-q",
+                "learn",
+                "--store",
+                str(store),
+                "--data",
+                str(DEBTAGS / "train.jsonl"),
+                "--labels",
+                str(DEBTAGS / "labels.jsonl"),
+            ]
+        )
+        == 0
+    )
+    out = tmp_path / "pred.jsonl"
+    assert (
+        main(
+            [
+                "-q",
+                "predict",
+                "--store",
+                str(store),
+                "--input",
+                str(DEBTAGS / "test.jsonl"),
+                "--output",
+                str(out),
+                "--k",
+                "10",
+            ]
+        )
+        == 0
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert any(len(r["labels"]) > 1 for r in rows)
+    assert all(len(r["scores"]) == 10 and set(r["labels"]) <= set(r["scores"]) for r in rows)
+
+
+BAD_DATA = [
+    (
+        "malformed",
+        ['{"id": "x1", "text": "fine", "labels": ["noun.food"]}', '{"id": "x2", "text": '],
+        r"bad\.jsonl:2: malformed JSON",
+    ),
+    (
+        "missing text",
+        [{"id": "x1", "labels": ["noun.food"]}],
+        r"bad\.jsonl:1, item 'x1', field 'text': missing",
+    ),
+    (
+        "empty text",
+        [{"id": "x1", "text": "  ", "labels": ["noun.food"]}],
+        r"bad\.jsonl:1, item 'x1', field 'text': is empty",
+    ),
+    (
+        "labels not list",
+        [{"id": "x1", "text": "soup", "labels": "noun.food"}],
+        r"bad\.jsonl:1, item 'x1', field 'labels': must be a list",
+    ),
+    (
+        "duplicate in file",
+        [
+            {"id": "x1", "text": "soup", "labels": ["noun.food"]},
+            {"id": "x1", "text": "bread", "labels": ["noun.food"]},
+        ],
+        r"bad\.jsonl:2, item 'x1', field 'id': duplicate id \(first at line 1\)",
+    ),
+    (
+        "duplicate vs store",
+        [
+            {"id": "fresh", "text": "soup", "labels": ["noun.food"]},
+            {"id": "__EXISTING__", "text": "bread", "labels": ["noun.food"]},
+        ],
+        r"bad\.jsonl:2, item '.*', field 'id': id already in the store",
+    ),
+    (
+        "oversized",
+        [{"id": "x1", "text": "word " * 5000, "labels": ["noun.food"]}],
+        r"field 'text': is 25000 characters",
+    ),
+]
+
+
+@pytest.mark.parametrize("case,rows,message", BAD_DATA, ids=[c[0] for c in BAD_DATA])
+def test_bad_data_is_refused_and_changes_nothing(store, tmp_path, capsys, case, rows, message):
+    existing = json.loads((SAMPLE / "train.jsonl").read_text().splitlines()[0])["id"]
+    rows = [
+        r.replace("__EXISTING__", existing)
+        if isinstance(r, str)
+        else {k: (existing if v == "__EXISTING__" else v) for k, v in r.items()}
+        for r in rows
+    ]
+    bad = _write(tmp_path / "bad.jsonl", rows)
+    before = _snapshot(store)
+    capsys.readouterr()
+    assert main(["-q", "learn", "--store", str(store), "--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("icl-cl: error: ")
+    import re
+
+    assert re.search(message, err), err
+    assert _snapshot(store) == before
+
+
+def test_non_utf8_input_names_the_line(store, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(
+        b'{"id": "a", "text": "ok", "labels": ["noun.food"]}\n{"id": "b", "text": "caf\xe9", "labels": []}\n'
+    )
+    before = _snapshot(store)
+    assert main(["-q", "learn", "--store", str(store), "--data", str(bad)]) == 2
+    assert "bad.jsonl:2: not valid UTF-8" in capsys.readouterr().err
+    assert _snapshot(store) == before
+
+
+def test_conflicting_label_file_is_refused(store, tmp_path, capsys):
+    labels = _write(
+        tmp_path / "labels.jsonl",
+        [
+            {
+                "label": "noun.animal",
+                "name": "noun.animal",
+                "description": "something else entirely",
+                "group": "noun",
+            }
+        ],
+    )
+    data = _write(
+        tmp_path / "data.jsonl", [{"id": "new1", "text": "a zebra", "labels": ["noun.animal"]}]
+    )
+    before = _snapshot(store)
+    assert (
+        main(["-q", "learn", "--store", str(store), "--data", str(data), "--labels", str(labels)])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert (
+        "labels.jsonl:1, item 'noun.animal', field 'description': conflicts with the stored label"
+        in err
+    )
+    assert _snapshot(store) == before
+
+
+def test_predict_errors(store, tmp_path, capsys):
+    inputs = _write(tmp_path / "in.jsonl", [{"id": "q", "text": "a kind of bread"}])
+    out = tmp_path / "out.jsonl"
+    assert (
+        main(
+            [
+                "-q",
+                "predict",
+                "--store",
+                str(store),
+                "--input",
+                str(inputs),
+                "--output",
+                str(out),
+                "--k",
+                "0",
+            ]
+        )
+        == 2
+    )
+    assert "--k must be a positive integer" in capsys.readouterr().err
+    empty = tmp_path / "empty-store"
+    assert (
+        main(["-q", "predict", "--store", str(empty), "--input", str(inputs), "--output", str(out)])
+        == 2
+    )
+    assert "no store here" in capsys.readouterr().err
+    bad_inputs = _write(tmp_path / "in2.jsonl", [{"id": "q", "text": ""}])
+    assert (
+        main(
+            [
+                "-q",
+                "predict",
+                "--store",
+                str(store),
+                "--input",
+                str(bad_inputs),
+                "--output",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    assert "in2.jsonl:1, item 'q', field 'text': is empty" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_predict_with_an_empty_store(tmp_path, capsys, embedder):
+    from icl_cl import ContinualClassifier, DataError
+
+    clf = ContinualClassifier.open(tmp_path / "empty", embedder=embedder)
+    with pytest.raises(DataError, match="store is empty"):
+        clf.predict(["anything"])
+    with pytest.raises(DataError, match="k must be a positive integer"):
+        clf.predict(["anything"], k=-1)
+
+
+def test_every_command_has_help():
+    for command in ([], ["learn"], ["predict"], ["labels"], ["info"], ["eval"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "icl_cl.cli", *command, "--help"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert "usage: icl-cl" in result.stdout
+        assert len(result.stdout.splitlines()) > 4
