@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help='JSONL of {"id", "text"}')
     p.add_argument("--output", required=True, help="output JSONL (written atomically)")
     p.add_argument("--k", type=int, default=10, help="candidate labels per input (default 10)")
-    p.add_argument("--scorer", choices=SCORERS, help="ECL scorer (default: the store's)")
+    p.add_argument("--scorer", choices=[*SCORERS, "auto"], help="ECL scorer (default: the store's)")
     p.add_argument("--no-llm", action="store_true", help="decide with the ECL alone")
     p.set_defaults(func=cmd_predict)
 

@@ -12,6 +12,9 @@ from icl_cl.errors import ConfigError
 
 ScorerName = Literal["ncm", "mahalanobis", "knn", "ridge"]
 SCORERS: tuple[str, ...] = ("ncm", "mahalanobis", "knn", "ridge")
+# What "auto" resolves to: the scorer that measured best on the development corpora
+# (single-label: WordNet supersenses, Debian sections; multi-label: debtags). See README.
+AUTO_SCORER = {False: "mahalanobis", True: "knn"}
 
 
 class _Strict(BaseModel):
@@ -32,7 +35,9 @@ class EmbedderConfig(_Strict):
 class MemoryConfig(_Strict):
     """The external continual learner: which scorer ranks labels, and its hyper-parameters."""
 
-    scorer: ScorerName = "ridge"
+    scorer: ScorerName | Literal["auto"] = Field(
+        "auto", description="'auto': mahalanobis for single-label stores, knn for multi-label"
+    )
     ridge_lambda: float = Field(
         1.0, gt=0, description="ridge regularisation (ACIL's gamma) on L2-normalised embeddings"
     )

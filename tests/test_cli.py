@@ -112,7 +112,7 @@ def test_learn_predict_labels_info(store, tmp_path, capsys):
     assert main(["info", "--store", str(store)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["examples"] == 240 and info["labels"] == 8 and len(info["sessions"]) == 1
-    assert info["config"]["memory"]["scorer"] in ("ncm", "mahalanobis", "knn", "ridge")
+    assert info["config"]["memory"]["scorer"] == "auto"
 
 
 def test_multilabel_store_predicts_sets(tmp_path):

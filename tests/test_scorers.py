@@ -108,8 +108,11 @@ def test_top_k_orders_best_first():
     np.testing.assert_allclose(vals, [[0.9, 0.5, 0.1]])
 
 
-def test_default_scorer_is_valid():
-    assert MemoryConfig().scorer in ("ncm", "mahalanobis", "knn", "ridge")
+def test_auto_scorer_resolves_by_store_kind():
+    from icl_cl.config import AUTO_SCORER, SCORERS
+
+    assert MemoryConfig().scorer == "auto"
+    assert set(AUTO_SCORER.values()) <= set(SCORERS)
 
 
 def test_oas_shrinkage_matches_scikit_learn():

@@ -35,7 +35,7 @@ class MethodSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     kind: Literal["ecl"] = "ecl"
-    scorer: ScorerName = "ridge"
+    scorer: ScorerName | Literal["auto"] = "auto"
 
 
 class EvalConfig(BaseModel):

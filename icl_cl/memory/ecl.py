@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from icl_cl.config import SCORERS, MemoryConfig
+from icl_cl.config import AUTO_SCORER, SCORERS, MemoryConfig
 from icl_cl.errors import ConfigError, DataError
 from icl_cl.memory.example_index import ExampleIndex
 from icl_cl.memory.scorers import Scorer, build_scorer, top_k
@@ -141,9 +141,14 @@ class ExternalContinualLearner:
             self._row_cardinality = np.array([len(labs) for labs in rows], np.float64)
         return self._row_labels
 
+    def resolve_scorer(self, name: str | None = None) -> str:
+        """The concrete scorer a name (or the configured default, or ``auto``) stands for."""
+        name = name or self.config.scorer
+        return AUTO_SCORER[bool(self.multi_label)] if name == "auto" else name
+
     def scorer(self, name: str | None = None) -> Scorer:
         """The named scorer (default: the configured one), built lazily from current statistics."""
-        name = name or self.config.scorer
+        name = self.resolve_scorer(name)
         if name not in SCORERS:
             raise ConfigError(f"unknown scorer {name!r}; choose one of {', '.join(SCORERS)}")
         if name not in self._scorers:

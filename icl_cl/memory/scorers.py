@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from icl_cl.memory.statistics import RunningStatistics, augment
+from icl_cl.memory.statistics import RunningStatistics
 
 if TYPE_CHECKING:
     from icl_cl.config import MemoryConfig
@@ -185,7 +185,6 @@ __all__ = [
     "NearestClassMean",
     "Ridge",
     "Scorer",
-    "augment",
     "build_scorer",
     "top_k",
 ]

@@ -272,7 +272,7 @@ class ContinualClassifier:
         """Predict from already-embedded inputs (used by evaluation to embed once)."""
         if k <= 0:
             raise DataError(f"k must be a positive integer, got {k!r}")
-        scorer_name = scorer or self.config.memory.scorer
+        scorer_name = self.memory.resolve_scorer(scorer)
         ranked = self.memory.candidates(queries, k, scorer_name)
         multi = bool(self.memory.multi_label)
         cardinality = self.memory.expected_cardinality(queries) if multi else np.ones(len(queries))
