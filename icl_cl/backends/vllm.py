@@ -1,0 +1,468 @@
+"""In-process vLLM backend: exact option scoring from prompt log-probabilities, constrained generation.
+
+The pure parts (building scoring requests, reading vLLM's output structures, mapping decoding
+parameters) are module-level functions that need no vLLM, so they are tested everywhere; the
+:class:`VLLMBackend` class only wires them to a ``vllm.LLM`` engine, which needs a CUDA GPU.
+
+vLLM structures relied on (checked against vLLM's source, ``vllm>=0.12``):
+
+- ``LLM.generate(prompts, sampling_params, use_tqdm=...)`` returns one ``RequestOutput`` per
+  prompt, in order. A prompt may be a string, a ``TokensPrompt`` dict
+  ``{"prompt_token_ids": [...]}`` or a ``TextPrompt`` dict
+  ``{"prompt": str, "multi_modal_data": {"image": PIL.Image}}``.
+- ``RequestOutput.prompt_token_ids``, ``.prompt_logprobs`` and ``.outputs[0]`` (a
+  ``CompletionOutput`` with ``.text``, ``.token_ids``, ``.logprobs``).
+- ``prompt_logprobs`` is a list with ``None`` first (nothing predicts the first token); entry
+  ``j`` is a dict ``token_id -> Logprob(logprob, rank, decoded_token)`` holding the logprob of
+  prompt token ``j`` given tokens ``< j``, always including the actual token plus the top-N.
+  Sample ``logprobs`` has one such dict per generated token, always including the sampled one.
+  (``FlatLogprobs``, used with ``flat_logprobs=True``, indexes the same way.)
+- ``SamplingParams(structured_outputs=StructuredOutputsParams(choice=[...] | regex=...))`` with
+  ``StructuredOutputsParams`` in ``vllm.sampling_params``; the old ``guided_*`` fields were
+  removed in v0.12.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from icl_cl.backends.base import (
+    Capabilities,
+    Generation,
+    GenerationParams,
+    Message,
+    OptionScores,
+    Usage,
+    check_options,
+    plain_chat,
+)
+from icl_cl.backends.registry import register_backend
+from icl_cl.errors import BackendError, ConfigError, ContextLengthError
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = "the vllm backend needs vLLM: pip install icl-cl[vllm] (Linux + CUDA GPU)"
+
+DEFAULT_MAX_LOGPROBS = 20
+"""vLLM's default ``max_logprobs``: the most alternatives a request may ask for per token."""
+
+SCORE_PROMPT_LOGPROBS = 1
+"""Alternatives asked per prompt position when scoring. The actual token always comes back, so 0
+would do; 1 keeps clear of any engine path that treats 0 as "off"."""
+
+TokenizerLike = Any
+"""A Hugging Face-style tokenizer: ``encode(text, add_special_tokens=...)``, ``bos_token_id``,
+``apply_chat_template``; what ``vllm.LLM.get_tokenizer()`` returns."""
+
+
+# ---- pure logic (no vLLM needed) --------------------------------------------------------------
+
+
+def encode_prompt(tokenizer: TokenizerLike, prompt: str) -> list[int]:
+    """Token ids of ``prompt`` with the model's special tokens added once.
+
+    Special tokens are added as for any text prompt, except that a BOS the text already holds
+    (rendered chat templates often write it) is not doubled: vLLM itself would double it for a
+    string prompt, and a double BOS shifts the model's predictions.
+    """
+    ids = [int(t) for t in tokenizer.encode(prompt, add_special_tokens=True)]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+        ids = ids[1:]
+    return ids
+
+
+def encode_option(tokenizer: TokenizerLike, option: str) -> list[int]:
+    """Token ids of an option, as a continuation (no special tokens)."""
+    ids = [int(t) for t in tokenizer.encode(option, add_special_tokens=False)]
+    if not ids:
+        raise BackendError(f"option {option!r} encodes to no tokens")
+    return ids
+
+
+def build_score_requests(
+    tokenizer: TokenizerLike, prompts: Sequence[str], options: Sequence[Sequence[str]]
+) -> tuple[list[dict[str, list[int]]], list[tuple[int, int]]]:
+    """One token-ids request per (prompt, option), row-major (``i * k + j``).
+
+    Prompt and option are tokenised separately and their ids concatenated, so the option's tokens
+    (and so its span) are known exactly rather than recovered from a joint tokenisation.
+
+    Args:
+        tokenizer: The engine's tokenizer.
+        prompts: ``n`` prompt texts.
+        options: ``n`` lists of ``k`` options each.
+
+    Returns:
+        ``(requests, spans)``: ``requests[r]`` is a vLLM ``TokensPrompt`` dict
+        ``{"prompt_token_ids": [...]}``; ``spans[r] = (start, end)`` are the positions of the
+        option's tokens in it.
+
+    Raises:
+        ValueError: Malformed options (see :func:`check_options`).
+        BackendError: A prompt or option that encodes to no tokens.
+    """
+    check_options(prompts, options)
+    option_ids: dict[str, list[int]] = {}  # options repeat across prompts; encode each once
+    requests: list[dict[str, list[int]]] = []
+    spans: list[tuple[int, int]] = []
+    for i, (prompt, opts) in enumerate(zip(prompts, options, strict=True)):
+        prompt_ids = encode_prompt(tokenizer, prompt)
+        if not prompt_ids:
+            # Position 0 has no log-probability: an option needs at least one token before it.
+            raise BackendError(f"prompt {i} encodes to no tokens and the model adds no BOS")
+        for option in opts:
+            if option not in option_ids:
+                option_ids[option] = encode_option(tokenizer, option)
+            ids = option_ids[option]
+            requests.append({"prompt_token_ids": prompt_ids + ids})
+            spans.append((len(prompt_ids), len(prompt_ids) + len(ids)))
+    return requests, spans
+
+
+def parse_prompt_logprobs(
+    prompt_logprobs: Sequence[Mapping[int, Any] | None] | None,
+    token_ids: Sequence[int],
+    span: tuple[int, int],
+) -> tuple[float, int]:
+    """Summed log-probability of the tokens ``token_ids[start:end]`` from vLLM prompt logprobs.
+
+    Args:
+        prompt_logprobs: ``RequestOutput.prompt_logprobs``: ``None`` first, then one dict
+            ``token_id -> Logprob`` per position.
+        token_ids: The request's prompt token ids.
+        span: ``(start, end)`` positions of the option's tokens; ``start >= 1``.
+
+    Returns:
+        ``(sum of log-probabilities, number of tokens)``.
+
+    Raises:
+        ValueError: An impossible span.
+        BackendError: The engine returned fewer positions than asked, or no logprob for an
+            actual token.
+    """
+    start, end = span
+    if not 1 <= start < end <= len(token_ids):
+        raise ValueError(f"span {span} is not inside 1..{len(token_ids)}")
+    if prompt_logprobs is None:
+        raise BackendError("vLLM returned no prompt logprobs (was prompt_logprobs requested?)")
+    if len(prompt_logprobs) < end:
+        # Happens when prompt tokens came from the prefix cache; scoring requests must skip it.
+        raise BackendError(
+            f"vLLM returned prompt logprobs for {len(prompt_logprobs)} positions; "
+            f"{len(token_ids)} were submitted"
+        )
+    total = 0.0
+    for pos in range(start, end):
+        entry = prompt_logprobs[pos]
+        logprob = entry.get(token_ids[pos]) if entry is not None else None
+        if logprob is None:
+            raise BackendError(
+                f"vLLM returned no logprob for prompt token {token_ids[pos]} at {pos}"
+            )
+        total += float(logprob.logprob)
+    return total, end - start
+
+
+def sampling_kwargs(params: GenerationParams) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.SamplingParams`` for ``params``.
+
+    A constraint comes back as the plain dict ``{"structured_outputs": {"choice": [...]}}`` (or
+    ``{"regex": ...}``), the structure vLLM documents; the backend turns it into
+    ``StructuredOutputsParams``. ``logprobs`` is always asked for (``0``: just the sampled
+    token's), since returning the generated tokens' log-probabilities is nearly free.
+
+    Raises:
+        ValueError: Both ``choices`` and ``regex``, or an empty ``choices``.
+    """
+    if params.choices is not None and params.regex is not None:
+        raise ValueError("give choices or regex, not both")
+    kwargs: dict[str, Any] = {
+        "max_tokens": params.max_tokens,
+        "temperature": params.temperature,
+        "logprobs": params.logprobs,
+    }
+    if params.stop:
+        kwargs["stop"] = list(params.stop)
+    if params.choices is not None:
+        if not params.choices:
+            raise ValueError("choices must not be empty")
+        kwargs["structured_outputs"] = {"choice": list(params.choices)}
+    elif params.regex is not None:
+        kwargs["structured_outputs"] = {"regex": params.regex}
+    return kwargs
+
+
+def parse_generation(output: Any) -> Generation:
+    """A :class:`Generation` from a vLLM ``RequestOutput`` (its first completion)."""
+    if not output.outputs:
+        raise BackendError("vLLM returned a request output without completions")
+    completion = output.outputs[0]
+    token_ids = [int(t) for t in completion.token_ids]
+    token_logprobs: tuple[float, ...] = ()
+    if completion.logprobs is not None:
+        if len(completion.logprobs) != len(token_ids):
+            raise BackendError(
+                f"vLLM returned logprobs for {len(completion.logprobs)} of {len(token_ids)} tokens"
+            )
+        values = []
+        for tid, entry in zip(token_ids, completion.logprobs, strict=True):
+            logprob = entry.get(tid)
+            if logprob is None:
+                raise BackendError(f"vLLM returned no logprob for generated token {tid}")
+            values.append(float(logprob.logprob))
+        token_logprobs = tuple(values)
+    prompt_ids = output.prompt_token_ids
+    return Generation(
+        text=completion.text,
+        token_logprobs=token_logprobs,
+        prompt_tokens=len(prompt_ids) if prompt_ids is not None else 0,
+        completion_tokens=len(token_ids),
+    )
+
+
+def render_chat_text(tokenizer: TokenizerLike, messages: Sequence[Message]) -> str:
+    """The tokenizer's chat template with the assistant's turn opened, else :func:`plain_chat`."""
+    if getattr(tokenizer, "chat_template", None):
+        return str(
+            tokenizer.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=True
+            )
+        )
+    return plain_chat(messages)
+
+
+def _max_logprobs(model_config: Any) -> int:
+    value = getattr(model_config, "max_logprobs", None)
+    # -1 ("no limit") or an unknown engine: promise only vLLM's default.
+    return value if isinstance(value, int) and value >= 0 else DEFAULT_MAX_LOGPROBS
+
+
+# ---- the backend ------------------------------------------------------------------------------
+
+
+@register_backend("vllm")
+class VLLMBackend:
+    """A ``vllm.LLM`` engine in this process (Linux + CUDA GPU).
+
+    ``score`` is exact: each (prompt, option) pair is one request whose prompt is the prompt's
+    tokens followed by the option's, asking for prompt log-probabilities.
+
+    Args:
+        model: Hugging Face model id or local path.
+        dtype: Weights and activations dtype (``auto``, ``bfloat16``, ``float16``, ...).
+        max_model_len: Context length; the model's own when ``None``.
+        tensor_parallel_size: GPUs to split the model over.
+        gpu_memory_utilization: Share of GPU memory vLLM may take (weights + KV cache).
+        enable_prefix_caching: Reuse KV blocks of shared prompt prefixes (generation only; see
+            :meth:`score`).
+        seed: Engine seed, for reproducible sampling.
+        llm: An already built ``vllm.LLM`` to use (shared between backends, or in tests); the
+            options above that configure the engine are then ignored.
+
+    Raises:
+        ConfigError: vLLM is not installed.
+        BackendError: The engine could not be started.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        enable_prefix_caching: bool = True,
+        seed: int = 0,
+        llm: Any = None,
+    ) -> None:
+        try:
+            import vllm
+        except ImportError as exc:
+            raise ConfigError(INSTALL_HINT) from exc
+        self.model = model
+        self._vllm = vllm
+        self._owns_llm = llm is None
+        if llm is None:
+            logger.info(
+                "starting vLLM for %s (tp=%d, dtype=%s)", model, tensor_parallel_size, dtype
+            )
+            try:
+                llm = vllm.LLM(
+                    model=model,
+                    dtype=dtype,
+                    max_model_len=max_model_len,
+                    tensor_parallel_size=tensor_parallel_size,
+                    gpu_memory_utilization=gpu_memory_utilization,
+                    enable_prefix_caching=enable_prefix_caching,
+                    seed=seed,
+                )
+            except Exception as exc:
+                raise BackendError(f"vLLM could not start {model!r}: {exc}") from exc
+        self._llm: Any = llm
+        self._tokenizer = llm.get_tokenizer()
+        engine = llm.llm_engine
+        model_config = engine.model_config
+        max_len = getattr(model_config, "max_model_len", None)
+        cache_config = getattr(getattr(engine, "vllm_config", None), "cache_config", None)
+        prefix = getattr(cache_config, "enable_prefix_caching", None)
+        self._capabilities = Capabilities(
+            logprobs=True,
+            prompt_logprobs=True,
+            top_logprobs=_max_logprobs(model_config),
+            constrained_choice=True,
+            constrained_regex=True,
+            images=bool(getattr(model_config, "is_multimodal_model", False)),
+            prefix_caching=bool(enable_prefix_caching if prefix is None else prefix),
+            max_context=int(max_len) if max_len else None,
+        )
+        self.usage = Usage()
+        """Cost of all calls so far; each call's own cost is in ``OptionScores.usage``."""
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._capabilities
+
+    def render_chat(self, messages: Sequence[Message]) -> str:
+        return render_chat_text(self._tokenizer, messages)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` as a prompt (special tokens included, as submitted)."""
+        return len(encode_prompt(self._tokenizer, text))
+
+    def close(self) -> None:
+        """Drop the engine; GPU memory is freed once no one else holds it."""
+        llm, self._llm = self._llm, None
+        if llm is not None and self._owns_llm:
+            del llm
+            gc.collect()
+            try:
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            except ImportError:
+                pass
+
+    # ---- calls -------------------------------------------------------------------------------
+
+    def score(self, prompts: Sequence[str], options: Sequence[Sequence[str]]) -> OptionScores:
+        """Exact ``sum_t log P(o_t | p, o_<t)`` for every option, from prompt log-probabilities.
+
+        Trap (vLLM V1): a request that asks for ``prompt_logprobs`` skips the prefix cache
+        (``SamplingParams.skip_reading_prefix_cache`` defaults to True for it, since cached
+        positions would come back without logprobs). So each of the ``k`` options of a prompt
+        prefills the whole prompt again; prefix caching saves nothing here. Weigh that against
+        constrained generation (``generate`` with ``choices``) for long prompts.
+        """
+        start = time.perf_counter()
+        k = check_options(prompts, options)
+        n = len(prompts)
+        logprobs = np.zeros((n, k), dtype=np.float64)
+        counts = np.zeros((n, k), dtype=np.int64)
+        usage = Usage()
+        if n == 0:
+            return OptionScores(logprobs, counts, exact=True, method="prompt_logprobs", usage=usage)
+        requests, spans = build_score_requests(self._tokenizer, prompts, options)
+        for r, request in enumerate(requests):
+            # One token is generated per request (vLLM needs max_tokens >= 1), so leave room.
+            self._check_length(
+                len(request["prompt_token_ids"]) + 1, f"prompt {r // k} with its option {r % k}"
+            )
+        sampling = self._vllm.SamplingParams(
+            max_tokens=1, temperature=0.0, prompt_logprobs=SCORE_PROMPT_LOGPROBS
+        )
+        outputs = self._run(requests, sampling, usage)
+        for r, (request, output, span) in enumerate(zip(requests, outputs, spans, strict=True)):
+            submitted = request["prompt_token_ids"]
+            seen = output.prompt_token_ids
+            if seen is not None and [int(t) for t in seen] != submitted:
+                raise BackendError(f"vLLM changed the token ids of scoring request {r}")
+            total, count = parse_prompt_logprobs(output.prompt_logprobs, submitted, span)
+            logprobs[r // k, r % k] = total
+            counts[r // k, r % k] = count
+            usage.prompt_tokens += len(submitted)
+            usage.completion_tokens += len(output.outputs[0].token_ids) if output.outputs else 0
+        usage.seconds = time.perf_counter() - start
+        self.usage.add(usage)
+        return OptionScores(logprobs, counts, exact=True, method="prompt_logprobs", usage=usage)
+
+    def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[Generation]:
+        """One completion per prompt; ``choices`` / ``regex`` constrain it via structured outputs.
+
+        A prompt may also be a vLLM prompt dict, e.g.
+        ``{"prompt": text, "multi_modal_data": {"image": PIL.Image}}`` for a multimodal model;
+        it is passed through as is.
+        """
+        start = time.perf_counter()
+        kwargs = sampling_kwargs(params)
+        if "structured_outputs" in kwargs:
+            module = importlib.import_module("vllm.sampling_params")
+            kwargs["structured_outputs"] = module.StructuredOutputsParams(
+                **kwargs["structured_outputs"]
+            )
+        if params.choices:
+            # A choice cut short by max_tokens is no choice at all: leave room for the longest.
+            longest = max(len(encode_option(self._tokenizer, c)) for c in params.choices)
+            if longest + 1 > kwargs["max_tokens"]:
+                logger.debug(
+                    "max_tokens raised from %d to %d to fit the choices",
+                    kwargs["max_tokens"],
+                    longest + 1,
+                )
+                kwargs["max_tokens"] = longest + 1
+        sampling = self._vllm.SamplingParams(**kwargs)
+        engine_prompts: list[Any] = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, Mapping):
+                engine_prompts.append(dict(prompt))
+                continue
+            # Token ids, so that generation sees exactly the tokens that scoring sees.
+            ids = encode_prompt(self._tokenizer, prompt)
+            self._check_length(len(ids) + 1, f"prompt {i}")
+            engine_prompts.append({"prompt_token_ids": ids})
+        usage = Usage()
+        outputs = self._run(engine_prompts, sampling, usage) if engine_prompts else []
+        results = [parse_generation(output) for output in outputs]
+        for result in results:
+            usage.prompt_tokens += result.prompt_tokens
+            usage.completion_tokens += result.completion_tokens
+        usage.seconds = time.perf_counter() - start
+        self.usage.add(usage)
+        return results
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def _check_length(self, needed: int, what: str) -> None:
+        limit = self._capabilities.max_context
+        if limit is not None and needed > limit:
+            raise ContextLengthError(
+                f"{what} needs {needed} tokens; the model's context is {limit}"
+            )
+
+    def _run(self, prompts: list[Any], sampling: Any, usage: Usage) -> list[Any]:
+        """``LLM.generate`` with errors typed and time and requests counted."""
+        if self._llm is None:
+            raise BackendError("the vllm backend is closed")
+        t = time.perf_counter()
+        try:
+            outputs = list(self._llm.generate(prompts, sampling, use_tqdm=False))
+        except Exception as exc:
+            raise BackendError(f"vLLM failed: {exc}") from exc
+        usage.forward_seconds += time.perf_counter() - t
+        # Each request is a model call in the sense of the other backends (one HTTP request or
+        # one forward pass per prompt); vLLM merely batches them.
+        usage.calls += len(prompts)
+        if len(outputs) != len(prompts):
+            raise BackendError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
+        return outputs
