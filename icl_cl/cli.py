@@ -89,13 +89,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     tmp = out.with_name(f".{out.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for ident, pred in zip(ids, predictions, strict=True):
-            f.write(
-                json.dumps(
-                    {"id": ident, "labels": list(pred.labels), "scores": pred.scores},
-                    ensure_ascii=False,
-                )
-                + "\n"
-            )
+            row: dict[str, Any] = {"id": ident, "labels": list(pred.labels), "scores": pred.scores}
+            if pred.llm is not None:
+                row["llm"] = pred.llm
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, out)
     logger.info("wrote %d predictions to %s", len(predictions), out)
     return 0

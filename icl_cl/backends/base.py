@@ -68,6 +68,7 @@ class OptionScores:
         method: How the scores were obtained (``kv_cache``, ``prompt_logprobs``, ``echo``,
             ``first_token``).
         usage: Cost of the call.
+        cached: Per prompt, whether the answer came from the call cache (``None``: no cache).
     """
 
     logprobs: np.ndarray
@@ -75,6 +76,7 @@ class OptionScores:
     exact: bool
     method: str
     usage: Usage = field(default_factory=Usage)
+    cached: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

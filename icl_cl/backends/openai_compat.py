@@ -8,33 +8,43 @@ Scoring paths (``OptionScores.method`` names the one used):
 * ``echo`` (exact): ``/v1/completions`` with ``prompt = prompt + option``, ``echo: true``,
   ``logprobs: 1`` and ``max_tokens: 1``. The echoed prompt tokens come back with their
   log-probabilities (``logprobs.token_logprobs`` with ``text_offset``, or vLLM's
-  ``prompt_logprobs``); the tokens that overlap the option's characters are summed. On servers
-  that accept a list of prompts (vLLM, SGLang, OpenAI) the k options of one prompt go in one
-  request.
-* ``grammar`` (exact under the greedy tokenisation of the option): llama.cpp only. The
-  generation is forced to be exactly the option by a one-literal GBNF grammar and the
-  log-probabilities of the generated tokens are summed. llama.cpp reports raw model
-  log-probabilities (the grammar acts inside the sampler), so this is ``sum_t log P(o_t | p,
-  o_<t)`` for the tokenisation the model prefers, which is the canonical one in practice.
-* ``first_token`` (approximate): one request per prompt with ``max_tokens: 1`` and
-  ``logprobs: 20``; an option scores the log-probability of its first token among the top-20
-  alternatives, or :data:`FIRST_TOKEN_FLOOR` when it is not among them. Options that share a
-  first token tie.
-* ``generate`` (approximate): greedy generation (constrained to the options where the server can
-  constrain); the option generated scores 0, the others :data:`FIRST_TOKEN_FLOOR`.
+  ``prompt_logprobs``); the tokens that overlap the option's characters are summed. Servers that
+  accept a list of prompts (vLLM, SGLang, OpenAI) get the k options of a prompt in one request.
+* ``grammar`` (exact): llama.cpp (llama-cpp-python's server). The option is tokenised alone by
+  the server (``POST /extras/tokenize``) and generation after the prompt is forced to exactly
+  those tokens by a GBNF grammar of token ids (``root ::= <[id1]> <[id2]> ...``); the
+  log-probabilities reported for the generated tokens are the model's raw ones (the grammar acts
+  inside the sampler), so their sum is ``sum_t log P(o_t | p, o_<t)`` with the same
+  tokenisation as the in-process backends. One request per option; the prompt prefix is reused
+  by the server between the options of a prompt.
+* ``first_token`` (approximate, ``exact=False``): one request per prompt with ``max_tokens: 1``
+  and ``logprobs: 20`` (5 on OpenAI); an option scores the log-probability of its first token
+  among the alternatives, or :data:`FIRST_TOKEN_FLOOR` (-30.0) when it is not among them.
+  Options that share a first token (`` noun.animal``, `` noun.plant``) tie.
+* ``generate`` (approximate, ``exact=False``): greedy generation, constrained to the options
+  where the server can; the option generated scores 0, the others :data:`FIRST_TOKEN_FLOOR`.
 
-``scoring="auto"`` takes ``echo`` when a probe shows plausible echoed prompt log-probabilities,
-else ``grammar`` on llama.cpp, else ``first_token``.
+``scoring="auto"`` takes ``echo`` when the capability probe finds plausible echoed prompt
+log-probabilities, else ``grammar`` on llama.cpp, else ``first_token`` when top log-probabilities
+come back, else ``generate``.
 
-What llama.cpp's echo returns (llama-cpp-python 0.3.x, observed with SmolLM2-135M, a model that
-adds no BOS token): ``echo: true`` with ``logprobs`` returns one log-probability per prompt
-token, finite and non-positive, but shifted by one position: the value given for token ``t_i``
-is ``log P(next token = t_i | t_<=i)`` (the logits row at ``t_i`` itself), because the server
-pairs the rows with the tokens as if a BOS token had been stripped. On a counting sequence
-("1, 2, 3, ...") these values average far below zero while the aligned values are near zero, so
-the probe rejects them and ``auto`` never takes ``echo`` there. ``max_tokens: 0`` means
-"unlimited" in llama-cpp-python, hence ``max_tokens: 1`` everywhere. The server rejects a list
-of more than one prompt, so requests are sent one by one there.
+What llama.cpp returned (llama-cpp-python 0.3.36, SmolLM2-135M-Instruct Q4_1, a model that adds
+no BOS token), and why ``auto`` never takes ``echo`` there:
+
+* ``echo: true`` with ``logprobs`` returns one finite, non-positive value per prompt token, but
+  shifted by one position: the value given for token ``t_i`` is the logits row *at* ``t_i``
+  (the distribution of ``t_(i+1)``) evaluated at ``t_i``. The server pairs rows with tokens as
+  if a leading BOS had been stripped. On "1, 2, 3, ..., 12" the echoed values were -11 to -17
+  for nearly every token, while the top alternative at each position was the *next* token with
+  log-probability near 0. The probe (:func:`echo_is_plausible`) detects exactly this.
+* ``max_tokens: 0`` means "unlimited" there, so every request here asks for at least one token.
+* When the most likely next token is end-of-text, a ``max_tokens: 1`` request returns no token
+  and no top log-probabilities at all; the ``first_token`` path adds a grammar over the options
+  there so that a token is always generated.
+* A grammar of *string* literals lets the sampler spell an option with any tokens: `` noun``
+  came back as ``" ", "no", "un"`` with a far lower probability. Hence the token-id grammar.
+* A list of more than one prompt is refused (HTTP 500), and requests are served one at a time,
+  so requests to llama.cpp are sent one by one.
 """
 
 from __future__ import annotations
@@ -45,7 +55,6 @@ import json
 import logging
 import math
 import os
-import socket
 import threading
 import time
 import urllib.error
@@ -105,6 +114,10 @@ _CONTEXT_PATTERNS = (
 _LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
+class _ClientError(BackendError):
+    """A 4xx answer other than 429 or a context-length error: the request itself is refused."""
+
+
 class _RetryableError(BackendError):
     """Internal marker: a failed attempt that a retry may fix (wraps the public error)."""
 
@@ -139,7 +152,7 @@ def option_span(
     generated, not echoed, and are left out.
     """
     span = []
-    for i, (tok, start) in enumerate(zip(tokens, offsets)):
+    for i, (tok, start) in enumerate(zip(tokens, offsets, strict=False)):
         end = start + max(len(tok), 1)
         if start >= full_len:
             break
@@ -183,7 +196,7 @@ def parse_echo_choice(choice: Mapping[str, Any], prompt: str, option: str) -> tu
             # Token texts from consecutive offsets; the last one runs to the end of the text.
             assert offsets is not None
             ends = [*offsets[1:], len(prompt) + len(option)]
-            tokens = ["x" * max(e - s, 0) for s, e in zip(offsets, ends)]
+            tokens = ["x" * max(e - s, 0) for s, e in zip(offsets, ends, strict=True)]
     elif choice.get("prompt_logprobs") is not None:
         tokens, values = [], []
         for entry in choice["prompt_logprobs"]:
@@ -320,6 +333,19 @@ def choice_grammar(choices: Sequence[str]) -> str:
     return "root ::= " + " | ".join(gbnf_literal(c) for c in choices)
 
 
+def token_grammar(sequences: Sequence[Sequence[int]]) -> str:
+    """A GBNF grammar whose language is exactly the given token-id sequences.
+
+    llama.cpp reads ``<[id]>`` as one token, so the forced tokenisation is the one given, not
+    whatever splits the sampler would prefer (a string literal lets it spell ``" noun"`` as
+    ``" ", "no", "un"``).
+    """
+    alts = [" ".join(f"<[{int(t)}]>" for t in seq) for seq in sequences if len(seq)]
+    if not alts:
+        raise ValueError("no token sequences")
+    return "root ::= " + " | ".join(alts)
+
+
 def _error_message(raw: bytes) -> str:
     """The human message inside an error body (OpenAI, FastAPI or plain text layouts)."""
     text = raw.decode("utf-8", errors="replace").strip()
@@ -369,7 +395,10 @@ class OpenAICompatBackend:
     Capabilities are detected lazily by one probe (see :attr:`capabilities`). All requests are
     retried on rate limits (HTTP 429, honouring ``Retry-After``), timeouts, connection errors
     and 5xx answers with exponential back-off; other 4xx answers fail at once, and a 400 about
-    the context length raises :class:`ContextLengthError`.
+    the context length raises :class:`ContextLengthError`. In ``Usage``, ``calls`` counts
+    successful model requests, ``failures`` every failed attempt and ``retries`` every repeated
+    one; the cost of each call is in its result and summed in :attr:`usage`, failed calls
+    included.
 
     Args:
         model: Model name sent to the server.
@@ -438,6 +467,9 @@ class OpenAICompatBackend:
         self._echo_ok: bool | None = None
         self._tokenizer: Any = None
         self._server_tokenize: bool | None = None
+        self._token_cache: dict[str, list[int]] = {}
+        self._bos_ids: list[int] | None = None
+        self._warned_echo = False
         host = urllib.parse.urlsplit(self.base_url).hostname or ""
         # Env proxies must not capture loopback traffic (local servers, tests).
         handlers: list[urllib.request.BaseHandler] = (
@@ -483,13 +515,13 @@ class OpenAICompatBackend:
                 raise _RetryableError(BackendTimeoutError(text)) from e
             if status >= 500:
                 raise _RetryableError(BackendError(text)) from e
-            raise BackendError(text) from e
-        except (TimeoutError, socket.timeout) as e:
+            raise _ClientError(text) from e
+        except TimeoutError as e:
             raise _RetryableError(
                 BackendTimeoutError(f"no answer from {url} within {self.timeout:g} s")
             ) from e
         except urllib.error.URLError as e:
-            if isinstance(e.reason, (TimeoutError, socket.timeout)):
+            if isinstance(e.reason, TimeoutError):
                 raise _RetryableError(
                     BackendTimeoutError(f"no answer from {url} within {self.timeout:g} s")
                 ) from e
@@ -513,11 +545,17 @@ class OpenAICompatBackend:
         *,
         root: bool = False,
         count_call: bool = True,
+        retries: int | None = None,
     ) -> dict[str, Any]:
-        """An HTTP call with retries; adds calls, tokens, retries and failures to ``usage``."""
+        """An HTTP call with retries; adds calls, tokens, retries and failures to ``usage``.
+
+        Args:
+            retries: Overrides ``max_retries`` for this call.
+        """
         url = (self._root_url if root else self.base_url) + path
+        max_retries = self.max_retries if retries is None else retries
         last: BackendError | None = None
-        for attempt in range(self.max_retries + 1):
+        for attempt in range(max_retries + 1):
             if attempt:
                 with self._lock:
                     usage.retries += 1
@@ -527,7 +565,7 @@ class OpenAICompatBackend:
                 last = e.error
                 with self._lock:
                     usage.failures += 1
-                if attempt == self.max_retries:
+                if attempt == max_retries:
                     break
                 delay = self.backoff * (2**attempt)
                 if e.retry_after is not None:
@@ -551,16 +589,22 @@ class OpenAICompatBackend:
         assert last is not None
         raise last
 
-    def _completion(self, body: Mapping[str, Any], usage: Usage) -> dict[str, Any]:
+    def _completion(
+        self, body: Mapping[str, Any], usage: Usage, *, retries: int | None = None
+    ) -> dict[str, Any]:
         payload = {"model": self.model, **self.extra_body, **body}
-        result = self._request("POST", "/completions", payload, usage)
+        result = self._request("POST", "/completions", payload, usage, retries=retries)
         if not isinstance(result.get("choices"), list) or not result["choices"]:
             raise ParseError(f"completion without choices: {str(result)[:200]}")
         return result
 
     def _map(self, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
-        """``fn`` over ``items`` on the thread pool (in order); inline for a single item."""
-        if len(items) <= 1 or self.concurrency == 1:
+        """``fn`` over ``items`` on the thread pool (in order); inline for a single item.
+
+        Inline on llama-cpp-python too: it serves one request at a time and reuses only the
+        previous request's prompt prefix, which interleaved prompts would throw away.
+        """
+        if len(items) <= 1 or self.concurrency == 1 or self.server_kind == "llamacpp":
             return [fn(x) for x in items]
         if self._pool is None:
             with self._lock:
@@ -585,32 +629,67 @@ class OpenAICompatBackend:
         ``max_model_len``). One ``/v1/completions`` request with ``echo: true, logprobs: 5,
         max_tokens: 1`` on a counting sequence tells whether echoed prompt log-probabilities
         are plausible (:func:`echo_is_plausible`) and whether top alternatives come back.
+
+        If the server cannot be reached, all-False capabilities are returned (not remembered,
+        so the next use probes again); :meth:`score` and :meth:`generate` raise the error.
         """
+        try:
+            # One attempt only: this property is also read by isinstance(..., LLMBackend).
+            return self._detect(retries=0)
+        except BackendError as e:
+            logger.warning("cannot probe %s (%s); assuming no capabilities", self.base_url, e)
+            return Capabilities()
+
+    def _detect(self, retries: int | None = None) -> Capabilities:
+        """The probed capabilities; raises the probe's error when the server fails."""
         if self._caps is None:
             with self._probe_lock:
                 if self._caps is None:
-                    self._caps = self._probe()
+                    self._caps = self._probe(retries)
         return self._caps
 
-    def _probe(self) -> Capabilities:
+    def _probe(self, retries: int | None) -> Capabilities:
         usage = Usage()
         started = time.perf_counter()
-        max_context: int | None = None
         try:
-            models = self._request("GET", "/models", None, usage, count_call=False)
-        except BackendError as e:
-            if isinstance(e, (BackendTimeoutError,)) or "cannot reach" in str(e):
-                raise
-            logger.info("no usable /models answer (%s)", e)
+            max_context = self._probe_models(usage, retries)
+            if self.server_kind == "openai":
+                self.top_logprobs = min(self.top_logprobs, 5)  # OpenAI's limit
+            logprobs, top_n, echo_ok = self._probe_logprobs(usage, retries)
+        finally:
+            self._finish(usage, started)
+        self._echo_ok = echo_ok
+        llamacpp = self.server_kind == "llamacpp"
+        caps = Capabilities(
+            logprobs=logprobs,
+            # llama.cpp scores exactly by grammar-forced generation (see the module docstring).
+            prompt_logprobs=echo_ok or (llamacpp and logprobs),
+            top_logprobs=top_n,
+            constrained_choice=self.server_kind in ("vllm", "llamacpp"),
+            constrained_regex=self.server_kind == "vllm",
+            images=False,
+            prefix_caching=self.server_kind in ("vllm", "sglang", "llamacpp"),
+            max_context=max_context,
+        )
+        logger.info("server %s: kind %s, %s", self.base_url, self.server_kind, caps)
+        return caps
+
+    def _probe_models(self, usage: Usage, retries: int | None) -> int | None:
+        """Read ``/v1/models``: sets ``server_kind`` when ``auto``; returns ``max_model_len``."""
+        try:
+            models = self._request("GET", "/models", None, usage, count_call=False, retries=retries)
+        except _ClientError as e:
+            logger.info("no /models on %s (%s)", self.base_url, e)
             models = {}
-        owners = set()
+        owners: set[str] = set()
+        max_context: int | None = None
         for entry in models.get("data") or []:
             if not isinstance(entry, Mapping):
                 continue
             owners.add(str(entry.get("owned_by", "")).lower())
-            if entry.get("id") == self.model and entry.get("max_model_len"):
-                max_context = int(entry["max_model_len"])
-            elif max_context is None and entry.get("max_model_len"):
+            if entry.get("max_model_len") and (
+                max_context is None or entry.get("id") == self.model
+            ):
                 max_context = int(entry["max_model_len"])
         if self.server_kind == "auto":
             if "vllm" in owners:
@@ -624,76 +703,50 @@ class OpenAICompatBackend:
                 self.server_kind = "openai"
             else:
                 self.server_kind = "unknown"
-        if self.server_kind == "openai":
-            self.top_logprobs = min(self.top_logprobs, 5)
-        logprobs = False
-        top_n = 0
-        echo_ok = False
+        return max_context
+
+    def _probe_logprobs(self, usage: Usage, retries: int | None) -> tuple[bool, int, bool]:
+        """``(logprobs, top_logprobs, echo plausible)`` from one or two tiny completions."""
+        echo_body = {
+            "prompt": _PROBE_TEXT,
+            "echo": True,
+            "logprobs": 5,
+            "max_tokens": 1,
+            "temperature": 0.0,
+        }
         try:
-            resp = self._completion(
-                {
-                    "prompt": _PROBE_TEXT,
-                    "echo": True,
-                    "logprobs": 5,
-                    "max_tokens": 1,
-                    "temperature": 0.0,
-                },
-                usage,
-            )
-            choice = resp["choices"][0]
-            lp = choice.get("logprobs")
-            if isinstance(lp, Mapping) and lp.get("token_logprobs") is not None:
-                logprobs = True
-                top = lp.get("top_logprobs") or []
-                if top and isinstance(top[-1], Mapping) and top[-1]:
-                    top_n = self.top_logprobs
-            echo_ok = echo_is_plausible(choice, _PROBE_TEXT)
-            if logprobs and not echo_ok:
-                logger.warning(
-                    "server %s (%s): echoed prompt log-probabilities look wrong; not using echo",
-                    self.base_url,
-                    self.server_kind,
-                )
-        except ContextLengthError:
-            raise
-        except BackendError as e:
-            if isinstance(e, BackendTimeoutError) or "cannot reach" in str(e):
-                raise
-            logger.info("echo probe failed (%s); no prompt log-probabilities", e)
+            choice = self._completion(echo_body, usage, retries=retries)["choices"][0]
+        except _ClientError as e:
+            # OpenAI, for one, refuses echo with logprobs; try plain logprobs.
+            logger.info("echo probe refused (%s); no prompt log-probabilities", e)
+            plain = {"prompt": _PROBE_TEXT, "logprobs": 1, "max_tokens": 1, "temperature": 0.0}
             try:
-                resp = self._completion(
-                    {"prompt": _PROBE_TEXT, "logprobs": 1, "max_tokens": 1, "temperature": 0.0},
-                    usage,
-                )
-                lp = resp["choices"][0].get("logprobs")
-                logprobs = isinstance(lp, Mapping) and lp.get("token_logprobs") is not None
-                top_n = self.top_logprobs if logprobs else 0
-            except BackendError as e2:
-                if isinstance(e2, BackendTimeoutError):
-                    raise
-                logger.info("logprobs probe failed (%s)", e2)
-        finally:
-            self._finish(usage, started)
-        self._echo_ok = echo_ok
-        grammar = self.server_kind == "llamacpp"
-        caps = Capabilities(
-            logprobs=logprobs,
-            prompt_logprobs=echo_ok or (grammar and logprobs),
-            top_logprobs=top_n,
-            constrained_choice=self.server_kind in ("vllm", "llamacpp"),
-            constrained_regex=self.server_kind == "vllm",
-            images=False,
-            prefix_caching=self.server_kind in ("vllm", "sglang", "llamacpp"),
-            max_context=max_context,
-        )
-        logger.info("server %s: kind %s, %s", self.base_url, self.server_kind, caps)
-        return caps
+                choice = self._completion(plain, usage, retries=retries)["choices"][0]
+            except _ClientError as e2:
+                logger.info("logprobs probe refused (%s)", e2)
+                return False, 0, False
+            lp = choice.get("logprobs")
+            ok = isinstance(lp, Mapping) and lp.get("token_logprobs") is not None
+            return ok, self.top_logprobs if ok else 0, False
+        lp = choice.get("logprobs")
+        if not isinstance(lp, Mapping) or lp.get("token_logprobs") is None:
+            return False, 0, False
+        top = lp.get("top_logprobs") or []
+        top_n = self.top_logprobs if top and isinstance(top[-1], Mapping) and top[-1] else 0
+        echo_ok = echo_is_plausible(choice, _PROBE_TEXT)
+        if not echo_ok:
+            logger.warning(
+                "server %s (%s): echoed prompt log-probabilities look wrong; not using echo",
+                self.base_url,
+                self.server_kind,
+            )
+        return True, top_n, echo_ok
 
     def scoring_method(self) -> str:
         """The scoring path :meth:`score` takes (resolves ``auto`` with the probe)."""
         if self.scoring != "auto":
             return self.scoring
-        caps = self.capabilities
+        caps = self._detect()
         if self._echo_ok:
             return "echo"
         if self.server_kind == "llamacpp" and caps.logprobs:
@@ -739,40 +792,37 @@ class OpenAICompatBackend:
         tok = self._load_tokenizer()
         if tok is not None:
             return len(tok(text, add_special_tokens=False)["input_ids"])
-        if self._server_tokenize is not False and self.server_kind != "openai":
-            if self.server_kind == "auto":
-                _ = self.capabilities  # learn the server kind first
-            usage = Usage()
+        if self._server_tokenize is not False:
             try:
-                if self.server_kind == "llamacpp":
-                    res = self._request(
-                        "POST",
-                        "/extras/tokenize/count",
-                        {"input": text, "model": self.model},
-                        usage,
-                        root=True,
-                        count_call=False,
-                    )
-                    count = int(res["count"])
-                elif self.server_kind in ("vllm", "sglang"):
-                    res = self._request(
-                        "POST",
-                        "/tokenize",
-                        {"model": self.model, "prompt": text, "add_special_tokens": False},
-                        usage,
-                        root=True,
-                        count_call=False,
-                    )
-                    count = int(res.get("count", len(res.get("tokens", []))))
-                else:
-                    raise BackendError("no tokenize route known for this server")
-                self._server_tokenize = True
-                return count
-            except (BackendError, KeyError, TypeError, ValueError) as e:
-                if self._server_tokenize is None:
-                    logger.warning("server cannot count tokens (%s); estimating 4 chars/token", e)
-                    self._server_tokenize = False
+                count = self._server_count(text)
+            except (_ClientError, KeyError, TypeError, ValueError) as e:
+                # The route is missing or answers oddly: do not ask again.
+                logger.warning("server cannot count tokens (%s); estimating 4 chars/token", e)
+                self._server_tokenize = False
+            except BackendError as e:
+                logger.warning("token count failed (%s); estimating 4 chars/token", e)
+            else:
+                if count is not None:
+                    self._server_tokenize = True
+                    return count
+                self._server_tokenize = False
         return (len(text) + 3) // 4
+
+    def _server_count(self, text: str) -> int | None:
+        """Token count from the server's tokenize route; None when the kind has none."""
+        self._detect()  # the server kind decides the route
+        usage = Usage()
+        if self.server_kind == "llamacpp":
+            body: dict[str, Any] = {"input": text, "model": self.model}
+            res = self._request(
+                "POST", "/extras/tokenize/count", body, usage, root=True, count_call=False
+            )
+            return int(res["count"])
+        if self.server_kind in ("vllm", "sglang"):
+            body = {"model": self.model, "prompt": text, "add_special_tokens": False}
+            res = self._request("POST", "/tokenize", body, usage, root=True, count_call=False)
+            return int(res["count"]) if "count" in res else len(res["tokens"])
+        return None
 
     # ---------------------------------------------------------------- scoring
 
@@ -803,7 +853,11 @@ class OpenAICompatBackend:
         counts = np.zeros((n, k), dtype=np.int64)
         if not n:
             return lp, counts, self.scoring if self.scoring != "auto" else "echo"
+        self._detect()  # the server kind decides batching and request details
         method = self.scoring_method()
+        if method == "echo" and self._echo_ok is False and not self._warned_echo:
+            self._warned_echo = True
+            logger.warning("scoring='echo' although this server's echo looked wrong (see docs)")
         fn = {
             "echo": self._score_echo,
             "grammar": self._score_grammar,
@@ -829,7 +883,7 @@ class OpenAICompatBackend:
             choices = [
                 self._completion(self._echo_body(prompt + o), usage)["choices"][0] for o in opts
             ]
-        parsed = [parse_echo_choice(c, prompt, o) for c, o in zip(choices, opts)]
+        parsed = [parse_echo_choice(c, prompt, o) for c, o in zip(choices, opts, strict=True)]
         return [p[0] for p in parsed], [p[1] for p in parsed]
 
     @staticmethod
@@ -840,33 +894,62 @@ class OpenAICompatBackend:
     def _score_grammar(
         self, prompt: str, opts: list[str], usage: Usage
     ) -> tuple[list[float], list[int]]:
+        # Options one after another: llama.cpp then reuses the evaluated prompt prefix.
         values, counts = [], []
         for o in opts:
+            ids = self._option_ids(o, usage)
             resp = self._completion(
                 {
                     "prompt": prompt,
-                    "grammar": choice_grammar([o]),
+                    "grammar": token_grammar([ids]),
                     "logprobs": 1,
-                    # Tokens are at least one character; the grammar ends the generation.
-                    "max_tokens": len(o.encode("utf-8")) + 1,
+                    "max_tokens": len(ids),
                     "temperature": 0.0,
                 },
                 usage,
             )
-            choice = resp["choices"][0]
-            text = choice.get("text", "")
-            lp = choice.get("logprobs") or {}
-            vals = lp.get("token_logprobs")
-            if text != o or not vals:
+            lp = resp["choices"][0].get("logprobs") or {}
+            vals = lp.get("token_logprobs") or []
+            if len(vals) != len(ids):
                 raise ParseError(
-                    f"grammar-forced generation gave {text!r} for option {o!r}; "
-                    "the server ignored the grammar (use scoring='first_token')"
+                    f"forced generation of option {o!r} returned {len(vals)} log-probabilities "
+                    f"for {len(ids)} tokens; does the server honour token-id grammars?"
                 )
             if any(v is None or not math.isfinite(float(v)) for v in vals):
                 raise ParseError(f"missing log-probability in forced option {o!r}")
             values.append(float(sum(vals)))
-            counts.append(len(vals))
+            counts.append(len(ids))
         return values, counts
+
+    def _option_ids(self, option: str, usage: Usage) -> list[int]:
+        """Token ids of ``option`` on its own, from llama-cpp-python's ``/extras/tokenize``.
+
+        Options are tokenised alone, as the in-process backends do; a BOS token the server adds
+        (the tokenisation of the empty string) is removed.
+        """
+        cached = self._token_cache.get(option)
+        if cached is not None:
+            return cached
+        if self._bos_ids is None:
+            self._bos_ids = self._server_tokenize_ids("", usage)
+        ids = self._server_tokenize_ids(option, usage)
+        if self._bos_ids and ids[: len(self._bos_ids)] == self._bos_ids:
+            ids = ids[len(self._bos_ids) :]
+        if not ids:
+            raise BackendError(f"option {option!r} encodes to no tokens")
+        with self._lock:
+            if len(self._token_cache) > 100_000:
+                self._token_cache.clear()
+            self._token_cache[option] = ids
+        return ids
+
+    def _server_tokenize_ids(self, text: str, usage: Usage) -> list[int]:
+        body = {"input": text, "model": self.model}
+        res = self._request("POST", "/extras/tokenize", body, usage, root=True, count_call=False)
+        try:
+            return [int(t) for t in res["tokens"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ParseError(f"unexpected tokenize answer: {str(res)[:200]}") from e
 
     def _first_tokens(self, opts: list[str]) -> list[str | None]:
         tok = self._load_tokenizer()
@@ -881,22 +964,25 @@ class OpenAICompatBackend:
     def _score_first_token(
         self, prompt: str, opts: list[str], usage: Usage
     ) -> tuple[list[float], list[int]]:
-        resp = self._completion(
-            {
-                "prompt": prompt,
-                "max_tokens": 1,
-                "logprobs": self.top_logprobs,
-                "temperature": 0.0,
-            },
-            usage,
-        )
+        body: dict[str, Any] = {
+            "prompt": prompt,
+            "max_tokens": 1,
+            "logprobs": self.top_logprobs,
+            "temperature": 0.0,
+        }
+        if self.server_kind == "llamacpp":
+            # llama.cpp drops the top log-probabilities when the first token is end-of-text;
+            # a grammar keeps it from stopping (the values it reports are unconstrained).
+            body["grammar"] = choice_grammar(opts)
+        resp = self._completion(body, usage)
         lp = resp["choices"][0].get("logprobs") or {}
         tops = lp.get("top_logprobs") or [None]
         top = tops[0] if isinstance(tops[0], Mapping) else None
         if top is None:
             raise ParseError("completion has no top_logprobs for the first token")
         firsts = self._first_tokens(opts)
-        return [first_token_logprob(top, o, f) for o, f in zip(opts, firsts)], [1] * len(opts)
+        values = [first_token_logprob(top, o, f) for o, f in zip(opts, firsts, strict=True)]
+        return values, [1] * len(opts)
 
     def _score_generate(
         self, prompt: str, opts: list[str], usage: Usage
@@ -916,24 +1002,25 @@ class OpenAICompatBackend:
     # ---------------------------------------------------------------- generation
 
     def _can_constrain(self) -> bool:
-        _ = self.capabilities
+        self._detect()
         return self.server_kind in ("vllm", "llamacpp")
 
     def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[Generation]:
         """One completion per prompt (prompts run concurrently).
 
         With ``params.choices`` the answer is always one of the choices: vLLM constrains with
-        ``structured_outputs: {"choice": [...]}``, llama.cpp with a GBNF grammar, and any other
-        server scores the choices with :meth:`score` and returns the best one (its
-        ``token_logprobs`` then hold that choice's summed log-probability). A constrained answer
-        outside the choices raises :class:`ParseError`. ``params.regex`` needs vLLM.
+        ``structured_outputs: {"choice": [...]}``, llama.cpp with a grammar over the choices'
+        token ids, and any other server scores the choices with :meth:`score` and returns the
+        best one (``token_logprobs`` then holds one value, that choice's summed
+        log-probability, and the token counts are in the cumulative ``usage`` only). A
+        constrained answer outside the choices raises :class:`ParseError`, so text outside the
+        choices is never returned. ``params.regex`` needs vLLM.
         """
         usage = Usage()
         started = time.perf_counter()
         try:
-            if params.regex is not None and (
-                self._can_constrain() is False or self.server_kind != "vllm"
-            ):
+            self._detect()
+            if params.regex is not None and self.server_kind != "vllm":
                 raise BackendError(
                     f"regex-constrained generation needs a vLLM server (this is {self.server_kind})"
                 )
@@ -991,19 +1078,16 @@ class OpenAICompatBackend:
                     "choice": list(constrain),
                 }
             else:
-                body["grammar"] = choice_grammar(constrain)
-                # Long enough for the longest choice, whatever the tokenisation.
-                longest = max(len(c.encode("utf-8")) for c in constrain)
-                body["max_tokens"] = max(params.max_tokens, longest + 1)
+                # llama.cpp: the choices' own tokenisations as a token-id grammar.
+                ids = [self._option_ids(c, usage) for c in constrain]
+                body["grammar"] = token_grammar(ids)
+                body["max_tokens"] = max(len(x) for x in ids)
         elif params.regex is not None:
             body["structured_outputs"] = {
                 **dict(self.extra_body.get("structured_outputs") or {}),
                 "regex": params.regex,
             }
-        local = Usage()
-        resp = self._completion(body, local)
-        with self._lock:
-            usage.add(local)
+        resp = self._completion(body, usage)
         choice = resp["choices"][0]
         text = str(choice.get("text") or "")
         if constrain is not None:
@@ -1032,6 +1116,8 @@ class OpenAICompatBackend:
 
 def _match_choice(text: str, choices: Sequence[str], *, prefix: bool = False) -> str | None:
     """The choice ``text`` is (after stripping whitespace), or, with ``prefix``, starts with."""
+    if text in choices:
+        return text
     stripped = text.strip()
     for c in choices:
         if stripped == c.strip():

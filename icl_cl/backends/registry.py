@@ -23,8 +23,8 @@ def register_backend(name: str) -> Callable[[Callable[..., LLMBackend]], Callabl
 
 def _load_builtin() -> None:
     # Imported here so that heavy libraries load only when a backend is asked for.
-    import icl_cl.backends.openai_compat  # noqa: F401
-    import icl_cl.backends.transformers  # noqa: F401
+    import icl_cl.backends.openai_compat
+    import icl_cl.backends.transformers
     import icl_cl.backends.vllm  # noqa: F401
 
 
@@ -37,5 +37,7 @@ def create_backend(name: str, **options: Any) -> LLMBackend:
     """Build the backend registered as ``name`` with its options (model, ...)."""
     _load_builtin()
     if name not in _FACTORIES:
-        raise ConfigError(f"unknown LLM backend {name!r}; available: {', '.join(sorted(_FACTORIES))}")
+        raise ConfigError(
+            f"unknown LLM backend {name!r}; available: {', '.join(sorted(_FACTORIES))}"
+        )
     return _FACTORIES[name](**options)

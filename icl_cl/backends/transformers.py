@@ -8,8 +8,8 @@ converted weights are cached on disk so later loads take about a second).
 
 from __future__ import annotations
 
-import logging
 import inspect
+import logging
 import os
 import shutil
 import time
@@ -46,7 +46,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ICL_CL_CACHE", Path.home() / ".cache" / "icl_cl"))
 
 
-def _load(model: str, gguf_file: str | None, dtype: str, device: str, convert_cache: bool) -> tuple[Any, Any]:
+def _load(
+    model: str, gguf_file: str | None, dtype: str, device: str, convert_cache: bool
+) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -56,7 +58,11 @@ def _load(model: str, gguf_file: str | None, dtype: str, device: str, convert_ca
         source = str(directory)
     else:
         source = model
-    converted = cache_dir() / "converted" / f"{Path(source).name}-{gguf_file}-{dtype}" if gguf_file else None
+    converted = (
+        cache_dir() / "converted" / f"{Path(source).name}-{gguf_file}-{dtype}"
+        if gguf_file
+        else None
+    )
     try:
         if converted is not None and convert_cache and (converted / "config.json").exists():
             tokenizer = AutoTokenizer.from_pretrained(converted)
@@ -158,7 +164,11 @@ class TransformersBackend:
 
     def render_chat(self, messages: Sequence[Message]) -> str:
         if getattr(self._tok, "chat_template", None):
-            return str(self._tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True))
+            return str(
+                self._tok.apply_chat_template(
+                    list(messages), tokenize=False, add_generation_prompt=True
+                )
+            )
         return plain_chat(messages)
 
     def count_tokens(self, text: str) -> int:
@@ -173,7 +183,9 @@ class TransformersBackend:
         ids = list(self._tok(prompt).input_ids)
         limit = self.capabilities.max_context
         if limit is not None and len(ids) >= limit:
-            raise ContextLengthError(f"prompt has {len(ids)} tokens; the model's context is {limit}")
+            raise ContextLengthError(
+                f"prompt has {len(ids)} tokens; the model's context is {limit}"
+            )
         return ids
 
     def _encode_option(self, option: str) -> list[int]:
@@ -224,8 +236,12 @@ class TransformersBackend:
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self._forward(usage, input_ids=ids.to(self._device), attention_mask=mask.to(self._device),
-                            position_ids=positions.to(self._device))
+        out = self._forward(
+            usage,
+            input_ids=ids.to(self._device),
+            attention_mask=mask.to(self._device),
+            position_ids=positions.to(self._device),
+        )
         usage.prompt_tokens += int(mask.sum())
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (b, V): P(o_1 | prompt)
         flat = [o for opts in option_ids for o in opts]  # row r = prompt r // k, option r % k
@@ -237,15 +253,18 @@ class TransformersBackend:
         counts = np.array([len(o) for o in flat])
         return scores.reshape(b, k), counts.reshape(b, k)
 
-    def _score_rest(self, cache: Any, mask: Any, flat: list[list[int]], k: int, longest: int,
-                    usage: Usage) -> np.ndarray:
+    def _score_rest(
+        self, cache: Any, mask: Any, flat: list[list[int]], k: int, longest: int, usage: Usage
+    ) -> np.ndarray:
         """Log-probabilities of option tokens 2.. from the shared prompt cache, in chunks."""
         import torch
 
         vocab = int(self._lm.config.vocab_size)
         m = longest - 1  # the last option token's own logits are never needed
         b, width = mask.shape
-        group = max(1, min(_LOGITS_BUDGET // (k * m * vocab), _CACHE_TOKENS_BUDGET // (k * (width + m))))
+        group = max(
+            1, min(_LOGITS_BUDGET // (k * m * vocab), _CACHE_TOKENS_BUDGET // (k * (width + m)))
+        )
         prompt_len = mask.sum(-1)
         total = np.zeros(len(flat))
         for p_lo in range(0, b, group):
@@ -258,10 +277,19 @@ class TransformersBackend:
                 inp[j, : len(head)] = torch.tensor(head, dtype=torch.long)
             prompt_mask = mask[p_lo:p_hi].repeat_interleave(k, dim=0)
             # Right padding after the option is harmless: causal attention never looks ahead.
-            full_mask = torch.cat([prompt_mask, torch.ones((len(rows), m), dtype=torch.long)], dim=1)
-            positions = prompt_len[p_lo:p_hi].repeat_interleave(k)[:, None] + torch.arange(m)[None, :]
-            out = self._forward(usage, input_ids=inp.to(self._device), attention_mask=full_mask.to(self._device),
-                                position_ids=positions.to(self._device), **{self._cache_arg: chunk_cache})
+            full_mask = torch.cat(
+                [prompt_mask, torch.ones((len(rows), m), dtype=torch.long)], dim=1
+            )
+            positions = (
+                prompt_len[p_lo:p_hi].repeat_interleave(k)[:, None] + torch.arange(m)[None, :]
+            )
+            out = self._forward(
+                usage,
+                input_ids=inp.to(self._device),
+                attention_mask=full_mask.to(self._device),
+                position_ids=positions.to(self._device),
+                **{self._cache_arg: chunk_cache},
+            )
             logp = torch.log_softmax(out.logits.float(), dim=-1)
             for j, r in enumerate(rows):
                 toks = flat[r]
@@ -296,17 +324,25 @@ class TransformersBackend:
                     mask[i, width - len(e) :] = 1
                 t = time.perf_counter()
                 out = self._lm.generate(
-                    input_ids=ids.to(self._device), attention_mask=mask.to(self._device),
-                    max_new_tokens=params.max_tokens, do_sample=params.temperature > 0,
+                    input_ids=ids.to(self._device),
+                    attention_mask=mask.to(self._device),
+                    max_new_tokens=params.max_tokens,
+                    do_sample=params.temperature > 0,
                     temperature=params.temperature if params.temperature > 0 else None,
-                    top_p=None, top_k=None,
-                    pad_token_id=self._pad_id, output_scores=True, return_dict_in_generate=True,
-                    stop_strings=list(params.stop) or None, tokenizer=self._tok if params.stop else None,
+                    top_p=None,
+                    top_k=None,
+                    pad_token_id=self._pad_id,
+                    output_scores=True,
+                    return_dict_in_generate=True,
+                    stop_strings=list(params.stop) or None,
+                    tokenizer=self._tok if params.stop else None,
                 )
                 usage.forward_seconds += time.perf_counter() - t
                 usage.calls += 1
                 new = out.sequences[:, width:]
-                step_logprobs = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], dim=1)
+                step_logprobs = torch.stack(
+                    [torch.log_softmax(s.float(), -1) for s in out.scores], dim=1
+                )
                 for i, e in enumerate(encoded):
                     toks = [int(t) for t in new[i] if int(t) != self._pad_id]
                     lps = tuple(float(step_logprobs[i, j, t]) for j, t in enumerate(toks))
@@ -324,8 +360,12 @@ class TransformersBackend:
         scored = self.score(prompts, [choices] * len(prompts))
         best = scored.logprobs.argmax(axis=1)
         return [
-            Generation(choices[j], (float(scored.logprobs[i, j]),), self.count_tokens(prompts[i]),
-                       int(scored.token_counts[i, j]))
+            Generation(
+                choices[j],
+                (float(scored.logprobs[i, j]),),
+                self.count_tokens(prompts[i]),
+                int(scored.token_counts[i, j]),
+            )
             for i, j in enumerate(best)
         ]
 

@@ -156,6 +156,30 @@ class ExternalContinualLearner:
             self._scorers[name] = build_scorer(name, self.stats, self.config, self.index, rows)
         return self._scorers[name]
 
+    def heldout_scorer(self, rows: Sequence[int], name: str | None = None) -> Scorer:
+        """A scorer built as if the stored examples at ``rows`` had never been learned.
+
+        Exact for every scorer: their statistics are sums, so the held-out examples' contribution
+        is subtracted, and they are excluded from the kNN vote.
+        """
+        name = self.resolve_scorer(name)
+        examples = self.store.examples(list(rows))
+        delta = self.stats.delta(self.index.vectors(list(rows)), [ex.labels for ex in examples])
+        stats = self.stats.without(delta)
+        row_labels = self._ensure_rows() if name == "knn" else None
+        return build_scorer(
+            name, stats, self.config, self.index, row_labels, frozenset(int(r) for r in rows)
+        )
+
+    def ranked(self, scores: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        """Top-``k`` ``(label, score)`` per row of a score matrix, dropping labels with no example."""
+        cols, values = top_k(scores, k)
+        labels = self.stats.labels
+        return [
+            [(labels[c], float(v)) for c, v in zip(row_c, row_v, strict=True) if np.isfinite(v)]
+            for row_c, row_v in zip(cols, values, strict=True)
+        ]
+
     def candidates(
         self, queries: np.ndarray, k: int, scorer: str | None = None
     ) -> list[list[tuple[str, float]]]:
@@ -164,12 +188,7 @@ class ExternalContinualLearner:
             raise DataError(f"k must be a positive integer, got {k}")
         self.require_examples()
         scores = self.scorer(scorer).scores(np.ascontiguousarray(queries, np.float32))
-        cols, values = top_k(scores, k)
-        labels = self.stats.labels
-        return [
-            [(labels[c], float(v)) for c, v in zip(row_c, row_v, strict=True) if np.isfinite(v)]
-            for row_c, row_v in zip(cols, values, strict=True)
-        ]
+        return self.ranked(scores, k)
 
     def score_matrix(self, queries: np.ndarray, scorer: str | None = None) -> np.ndarray:
         """Scores of every label for each query, ``(n, n_labels)`` in column order."""

@@ -50,6 +50,12 @@ class ExampleIndex:
             self._index = hnsw
         self._index.add(vectors)
 
+    def vectors(self, rows: list[int]) -> np.ndarray:
+        """Stored vectors by row id."""
+        if not rows:
+            return np.zeros((0, self.dim), np.float32)
+        return np.vstack([self._index.reconstruct(int(r)) for r in rows])
+
     def search(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``n`` neighbours per query: ``(similarities, rows)``; missing slots have row -1."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)

@@ -132,20 +132,31 @@ class KnnVote:
     _TIE_BREAK = 1e-3
 
     def __init__(
-        self, stats: RunningStatistics, index: ExampleIndex, row_labels: list[np.ndarray], k: int
+        self,
+        stats: RunningStatistics,
+        index: ExampleIndex,
+        row_labels: list[np.ndarray],
+        k: int,
+        excluded: frozenset[int] = frozenset(),
     ) -> None:
         self._ncm = NearestClassMean(stats)
         self._index = index
         self._row_labels = row_labels
         self._k = k
+        self._excluded = excluded  # rows held out: they never vote
 
     def scores(self, queries: np.ndarray) -> np.ndarray:
         scores = self._TIE_BREAK * self._ncm.scores(queries)
-        sims, rows = self._index.search(queries, self._k)
+        sims, rows = self._index.search(queries, self._k + len(self._excluded))
         for i in range(len(queries)):
+            voters = 0
             for sim, row in zip(sims[i], rows[i], strict=True):
-                if row >= 0:
-                    scores[i, self._row_labels[row]] += max(float(sim), 0.0)
+                if row < 0 or int(row) in self._excluded:
+                    continue
+                scores[i, self._row_labels[row]] += max(float(sim), 0.0)
+                voters += 1
+                if voters == self._k:
+                    break
         return scores
 
 
@@ -155,6 +166,7 @@ def build_scorer(
     config: MemoryConfig,
     index: ExampleIndex,
     row_labels: list[np.ndarray] | None,
+    excluded: frozenset[int] = frozenset(),
 ) -> Scorer:
     """Construct the named scorer from the current statistics."""
     if name == "ncm":
@@ -166,7 +178,7 @@ def build_scorer(
     if name == "knn":
         if row_labels is None:
             raise ValueError("the kNN scorer needs the labels of stored examples")
-        return KnnVote(stats, index, row_labels, config.knn_neighbors)
+        return KnnVote(stats, index, row_labels, config.knn_neighbors, excluded)
     raise ValueError(f"unknown scorer {name!r}")
 
 

@@ -126,6 +126,23 @@ class RunningStatistics:
         self.weighted_gram += delta.weighted_gram
         self.n_examples += delta.n_examples
 
+    def without(self, delta: StatisticsDelta) -> RunningStatistics:
+        """A copy with ``delta`` subtracted: exactly the statistics had those examples never been
+        learned (used to hold stored examples out when fitting fusion weights)."""
+        if delta.new_labels:
+            raise ValueError("a held-out delta cannot introduce labels")
+        out = RunningStatistics(self.dim)
+        out.labels = list(self.labels)
+        out.col = dict(self.col)
+        out._counts = self._counts.copy()
+        out._sums = self._sums.copy()
+        out._counts[delta.cols] -= delta.counts
+        out._sums[delta.cols] -= delta.sums
+        out.gram = self.gram - delta.gram
+        out.weighted_gram = self.weighted_gram - delta.weighted_gram
+        out.n_examples = self.n_examples - delta.n_examples
+        return out
+
     def add_label(self, label: str, count: int = 0, total: np.ndarray | None = None) -> int:
         """Append a label column (used when loading a store and when applying a delta)."""
         if label in self.col:

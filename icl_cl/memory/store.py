@@ -55,6 +55,9 @@ CREATE TABLE sessions (
     session INTEGER PRIMARY KEY, created_at TEXT NOT NULL, n_examples INTEGER NOT NULL,
     new_labels TEXT NOT NULL, seconds REAL NOT NULL);
 CREATE TABLE statistics (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE fitted (key TEXT PRIMARY KEY, value TEXT NOT NULL, n_examples INTEGER NOT NULL);
+CREATE TABLE summaries (label TEXT PRIMARY KEY, summary TEXT NOT NULL, model TEXT NOT NULL,
+    created_at TEXT NOT NULL);
 """
 
 
@@ -266,7 +269,33 @@ class Store:
     def label_sessions(self) -> dict[str, int]:
         return dict(self._conn.execute("SELECT label, session FROM labels"))
 
+    def fitted(self, key: str) -> tuple[dict[str, Any], int] | None:
+        """Fitted parameters (fusion, calibration) and the example count they were fitted at."""
+        row = self._conn.execute(
+            "SELECT value, n_examples FROM fitted WHERE key = ?", (key,)
+        ).fetchone()
+        return None if row is None else (json.loads(row[0]), int(row[1]))
+
+    def summaries(self) -> dict[str, str]:
+        """InCA class summaries written by the LLM, by label."""
+        return dict(self._conn.execute("SELECT label, summary FROM summaries"))
+
     # ---- writing ---------------------------------------------------------------------------
+
+    def save_fitted(self, key: str, value: dict[str, Any], n_examples: int) -> None:
+        with _transaction(self._conn):
+            self._conn.execute(
+                "INSERT OR REPLACE INTO fitted(key, value, n_examples) VALUES (?, ?, ?)",
+                (key, json.dumps(value, sort_keys=True), n_examples),
+            )
+
+    def save_summaries(self, summaries: dict[str, str], model: str) -> None:
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        with _transaction(self._conn):
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO summaries(label, summary, model, created_at) VALUES (?, ?, ?, ?)",
+                [(label, text, model, now) for label, text in summaries.items()],
+            )
 
     def commit_session(
         self,

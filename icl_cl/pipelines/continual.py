@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -11,13 +13,17 @@ from typing import Any
 
 import numpy as np
 
+from icl_cl.backends.base import GenerationParams, LLMBackend
 from icl_cl.config import ClassifierConfig, MemoryConfig
 from icl_cl.data import Located, check_text, validate_examples
 from icl_cl.embedding import Embedder, load_embedder
 from icl_cl.embedding.base import ProgressCallback
-from icl_cl.errors import ConfigError, DataError
+from icl_cl.errors import BackendError, ConfigError, DataError
 from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.memory.store import MANIFEST, Store
+from icl_cl.pipelines.fusion import FusionWeights, fit_fusion
+from icl_cl.pipelines.reader import LLMReader, Reading
+from icl_cl.prompting import load_template
 from icl_cl.types import Candidate, Example, Label, Prediction
 
 logger = logging.getLogger(__name__)
@@ -47,6 +53,7 @@ class ContinualClassifier:
         self.memory = memory
         self.embedder = embedder
         self.config = config
+        self._backend: LLMBackend | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -58,6 +65,7 @@ class ContinualClassifier:
         *,
         memory: MemoryConfig | None = None,
         embedder: Embedder | None = None,
+        backend: LLMBackend | None = None,
     ) -> ContinualClassifier:
         """Create the store at ``path`` if it does not exist, else reopen it.
 
@@ -67,6 +75,8 @@ class ContinualClassifier:
                 one on the embedder; its memory settings (scorer, ...) apply to this session.
             memory: Query-time memory settings that override the stored ones (scorer, k of kNN).
             embedder: An embedder instance to use instead of loading the configured one.
+            backend: An LLM backend instance to use instead of building the configured one
+                (the config's ``llm`` section must still be set for the LLM stage to run).
         """
         path = Path(path)
         if (path / MANIFEST).exists():
@@ -93,9 +103,14 @@ class ContinualClassifier:
         if memory is not None:
             config = config.model_copy(update={"memory": memory})
         embedder = embedder or load_embedder(config.embedder)
-        return cls(ExternalContinualLearner(store, config.memory), embedder, config)
+        clf = cls(ExternalContinualLearner(store, config.memory), embedder, config)
+        clf._backend = backend
+        return clf
 
     def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
         self.memory.store.close()
 
     def __enter__(self) -> ContinualClassifier:
@@ -255,7 +270,7 @@ class ContinualClassifier:
             texts: Inputs to classify.
             k: Number of candidate labels to return (and, with an LLM, to read in context).
             scorer: ECL scorer to rank candidates with; default from the config.
-            use_llm: Ask the LLM to re-rank candidates. No LLM is configured yet, so the ECL decides.
+            use_llm: Let the configured LLM read the candidates (no effect without an LLM).
             progress: Called with the number of texts embedded so far.
         """
         if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
@@ -264,31 +279,202 @@ class ContinualClassifier:
             check_text(text, max_chars=self.config.max_text_chars, item=str(i))
         self.memory.require_examples()
         queries = self.embedder.encode(list(texts), progress=progress)
-        return self.predict_vectors(queries, k, scorer=scorer)
+        return self.predict_vectors(
+            queries, k, scorer=scorer, texts=list(texts) if use_llm else None
+        )
 
     def predict_vectors(
-        self, queries: np.ndarray, k: int = 10, *, scorer: str | None = None
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        *,
+        scorer: str | None = None,
+        texts: Sequence[str] | None = None,
     ) -> list[Prediction]:
-        """Predict from already-embedded inputs (used by evaluation to embed once)."""
+        """Predict from already-embedded inputs. With ``texts`` and a configured LLM, the LLM
+        reads each input's candidates and its scores are fused with the ECL's."""
         if k <= 0:
             raise DataError(f"k must be a positive integer, got {k!r}")
         scorer_name = self.memory.resolve_scorer(scorer)
         ranked = self.memory.candidates(queries, k, scorer_name)
         multi = bool(self.memory.multi_label)
         cardinality = self.memory.expected_cardinality(queries) if multi else np.ones(len(queries))
+        weights: FusionWeights | None = None
+        readings: list[Reading] | None = None
+        skipped: str | None = None
+        if texts is not None and self.config.llm is not None:
+            try:
+                weights = self.fusion_weights(k, scorer_name)
+            except BackendError as exc:
+                # Weights cannot be fitted while the LLM is down: the ECL decides, and says why.
+                weights = FusionWeights(1.0, 0.0, 0, float("nan"), float("nan"), float("nan"))
+                skipped = f"backend error: {exc}"
+            if weights.uses_llm:
+                cand_labels = [[label for label, _ in c] for c in ranked]
+                readings = self.reader().read(texts, queries, cand_labels).readings
+            elif skipped is None:
+                skipped = (
+                    f"LLM weight 0: on {weights.heldout_items} held-out stored examples the ECL alone "
+                    f"({weights.heldout_ecl:.3f}) was at least as good as fused ({weights.heldout_fused:.3f})"
+                )
         predictions = []
-        for cands, card in zip(ranked, cardinality, strict=True):
+        for i, (cands, card) in enumerate(zip(ranked, cardinality, strict=True)):
+            labels = [label for label, _ in cands]
+            ecl = np.array([score for _, score in cands], dtype=np.float64)
+            reading = readings[i] if readings is not None else None
+            llm = reading.scores if reading is not None else None
+            fused = weights.combine(ecl, llm) if weights is not None else ecl
+            order = np.argsort(-fused, kind="stable")
             n_chosen = max(1, min(len(cands), round(float(card)))) if multi else 1
+            evidence: dict[str, Any] = {"expected_cardinality": float(card)} if multi else {}
+            llm_info = None
+            if weights is not None:
+                evidence["fusion"] = weights.to_dict()
+                llm_info = {
+                    "calls": 0,
+                    "prompt_tokens": 0,
+                    "completion_tokens": 0,
+                    "fallback": skipped,
+                }
+                if reading is not None:
+                    llm_info["fallback"] = reading.fallback
+                    if reading.prompt is not None:
+                        llm_info["calls"] = reading.calls
+                        llm_info["prompt_tokens"] = reading.prompt.tokens
+                        evidence["demonstrations"] = reading.prompt.demonstrations
+                        if reading.prompt.shortened:
+                            evidence["shortened"] = reading.prompt.shortened
             predictions.append(
                 Prediction(
-                    labels=tuple(label for label, _ in cands[:n_chosen]),
-                    scores={label: score for label, score in cands},
-                    candidates=tuple(Candidate(label, s, ecl_score=s) for label, s in cands),
+                    labels=tuple(labels[j] for j in order[:n_chosen]),
+                    scores={labels[j]: float(fused[j]) for j in order},
+                    candidates=tuple(
+                        Candidate(
+                            labels[j],
+                            float(fused[j]),
+                            ecl_score=float(ecl[j]),
+                            llm_score=None if llm is None else float(llm[j]),
+                        )
+                        for j in order
+                    ),
                     scorer=scorer_name,
-                    evidence={"expected_cardinality": float(card)} if multi else {},
+                    fallback=llm_info["fallback"] if llm_info else None,
+                    llm=llm_info,
+                    evidence=evidence,
                 )
             )
         return predictions
+
+    # ---- the LLM stage ---------------------------------------------------------------------
+
+    def backend(self) -> LLMBackend:
+        """The configured LLM backend (created on first use, behind the store's call cache)."""
+        if self.config.llm is None:
+            raise ConfigError("no LLM is configured (set 'llm' in the classifier config)")
+        if self._backend is None:
+            from icl_cl.backends.cache import CachedBackend
+            from icl_cl.backends.registry import create_backend
+
+            llm = self.config.llm
+            backend = create_backend(llm.backend, model=llm.model, **llm.options)
+            if llm.cache:
+                backend = CachedBackend(backend, Path(self.memory.store.path) / "llm_cache.sqlite")
+            self._backend = backend
+        return self._backend
+
+    def reader(self) -> LLMReader:
+        return LLMReader(self.backend(), self.memory, self.config.prompt)
+
+    def _fusion_key(self, k: int, scorer: str) -> str:
+        llm = self.config.llm.model_dump(mode="json") if self.config.llm else None
+        spec = json.dumps(
+            [llm, self.config.prompt.model_dump(mode="json"), k, scorer], sort_keys=True
+        )
+        return "fusion:" + hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+    def fusion_weights(self, k: int, scorer: str | None = None) -> FusionWeights:
+        """Fusion weights for this LLM, prompt strategy, ``k`` and scorer; refitted when the store
+        has grown since the last fit. Fitting holds out stored examples (their statistics are
+        subtracted exactly) and asks the LLM about them."""
+        scorer = self.memory.resolve_scorer(scorer)
+        key = self._fusion_key(k, scorer)
+        stored = self.memory.store.fitted(key)
+        if stored is not None and stored[1] == self.memory.n_examples:
+            return FusionWeights(**stored[0])
+        rng = np.random.default_rng(self.config.fusion.seed)
+        n = self.memory.n_examples
+        rows = np.sort(
+            rng.choice(n, size=min(self.config.fusion.heldout, n), replace=False)
+        ).tolist()
+        examples = self.memory.store.examples(rows)
+        vectors = self.memory.index.vectors(rows)
+        scores = self.memory.heldout_scorer(rows, scorer).scores(vectors)
+        ranked = self.memory.ranked(scores, k)
+        cand_labels = [[label for label, _ in c] for c in ranked]
+        logger.info("fitting fusion weights on %d held-out stored examples", len(rows))
+        readings = (
+            self.reader()
+            .read(
+                [ex.text for ex in examples],
+                vectors,
+                cand_labels,
+                exclude=[frozenset({ex.id}) for ex in examples],
+            )
+            .readings
+        )
+        failed = [
+            r.fallback for r in readings if r.fallback and r.fallback.startswith("backend error")
+        ]
+        if failed and len(failed) == len(readings):
+            raise BackendError(failed[0].removeprefix("backend error: "))
+        ecl = [np.array([s for _, s in c]) for c in ranked]
+        llm = [
+            r.scores if r.scores is not None else np.full(len(c), -np.inf)
+            for r, c in zip(readings, ranked, strict=True)
+        ]
+        gold = [
+            {j for j, label in enumerate(c) if label in set(ex.labels)}
+            for c, ex in zip(cand_labels, examples, strict=True)
+        ]
+        weights = fit_fusion(ecl, llm, gold)
+        self.memory.store.save_fitted(key, weights.to_dict(), n)
+        logger.info("fusion weights: %s", weights)
+        return weights
+
+    def write_summaries(
+        self, labels: Sequence[str] | None = None, n_examples: int = 5
+    ) -> dict[str, str]:
+        """InCA class summaries: the LLM describes each label from a few of its stored examples.
+
+        Stored in the store; ``labels=None`` (re)writes every label that has examples.
+        """
+        backend = self.backend()
+        template = load_template("summarize_label")
+        stats = self.memory.stats
+        targets = [lab for lab in self.memory.labels if labels is None or lab.label in set(labels)]
+        targets = [lab for lab in targets if stats.counts[stats.col[lab.label]] > 0]
+        prompts = []
+        for lab in targets:
+            mean = stats.means()[stats.col[lab.label]].astype(np.float32)
+            demos = self.memory.demonstrations(
+                mean / max(float(np.linalg.norm(mean)), 1e-12), [lab.label], n_examples
+            )
+            body = template.render(label=lab, demonstrations=[{"text": d.text} for d in demos])
+            messages = [
+                {"role": "system", "content": template.system},
+                {"role": "user", "content": body},
+            ]
+            prompts.append(backend.render_chat(messages) + template.answer_prefix)
+        if not prompts:
+            return {}
+        generations = backend.generate(prompts, GenerationParams(max_tokens=48, stop=("\n",)))
+        summaries = {
+            lab.label: g.text.strip()
+            for lab, g in zip(targets, generations, strict=True)
+            if g.text.strip()
+        }
+        self.memory.store.save_summaries(summaries, backend.model)
+        return summaries
 
     # ---- introspection ---------------------------------------------------------------------
 
