@@ -118,6 +118,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_summarize(args: argparse.Namespace) -> int:
+    with _open(args) as clf:
+        summaries = clf.write_summaries(args.label or None, n_examples=args.examples)
+    for label, text in summaries.items():
+        print(json.dumps({"label": label, "summary": text}, ensure_ascii=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="icl-cl",
@@ -160,6 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, help="store directory")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_labels)
+
+    p = sub.add_parser(
+        "summarize",
+        help="have the LLM write (or refresh) class summaries from stored examples",
+        description="InCA class summaries: the configured LLM describes each label from a few of "
+        "its stored examples; used when prompt.label_presentation is 'summaries'.",
+    )
+    p.add_argument("--store", required=True, help="store directory")
+    p.add_argument("--config", help="YAML config with the llm section to use")
+    p.add_argument("--label", action="append", help="only this label (repeatable); default all")
+    p.add_argument("--examples", type=int, default=5, help="examples shown per label (default 5)")
+    p.set_defaults(func=cmd_summarize)
 
     p = sub.add_parser("info", help="show config, models, sizes and sessions of a store")
     p.add_argument("--store", required=True, help="store directory")

@@ -31,6 +31,7 @@ from icl_cl.backends.base import (
 from icl_cl.backends.openai_compat import (
     FIRST_TOKEN_FLOOR,
     OpenAICompatBackend,
+    _looks_like_context_error,
     choice_grammar,
     echo_is_plausible,
     first_token_logprob,
@@ -177,6 +178,20 @@ def test_echo_plausibility_check() -> None:
 def test_gbnf_literal_escapes() -> None:
     assert gbnf_literal('a "b"\\\n') == '"a \\"b\\"\\\\\\n"'
     assert choice_grammar([" yes", " no"]) == 'root ::= " yes" | " no"'
+
+
+@pytest.mark.parametrize(
+    ("message", "is_context"),
+    [
+        ("This model's maximum context length is 2048 tokens, however you requested 3000", True),
+        ("The decoder prompt (length 9000) is longer than the maximum model length of 4096.", True),
+        ("request (5000 tokens) exceeds the available context size (4096 tokens)", True),
+        ("logprobs must be at most 5", False),
+        ("The model `x` does not exist", False),
+    ],
+)
+def test_context_length_messages(message: str, is_context: bool) -> None:
+    assert _looks_like_context_error(message) is is_context
 
 
 def test_constructor_validates() -> None:
@@ -463,10 +478,8 @@ def test_llamacpp_echo_is_shifted_by_one(llama_url: str) -> None:
 
     b = OpenAICompatBackend(model=MODEL_ALIAS, base_url=llama_url, scoring="echo")
     text = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12"
-    resp = b._completion(
-        {"prompt": text, "echo": True, "logprobs": 3, "max_tokens": 1, "temperature": 0.0},
-        b.usage,
-    )
+    body = {"prompt": text, "echo": True, "logprobs": 3, "max_tokens": 1, "temperature": 0.0}
+    resp = b._completion(body, b.usage)
     lp = resp["choices"][0]["logprobs"]
     tokens, values, tops = lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]
     assert values[0] is None and all(v is None or v <= 0 for v in values)
@@ -474,6 +487,11 @@ def test_llamacpp_echo_is_shifted_by_one(llama_url: str) -> None:
     shifted = sum(max(t, key=t.get) == tokens[i + 1] for i, t in enumerate(tops[:-1]) if t)
     aligned = sum(max(t, key=t.get) == tokens[i] for i, t in enumerate(tops) if t)
     assert shifted > aligned
+    assert not echo_is_plausible(resp["choices"][0], text)
+    # With the BOS token in front the server strips it and pairs rows correctly: the probe's
+    # check accepts these values (offsets are then relative to the text after the BOS).
+    resp = b._completion({**body, "prompt": "<|im_start|>" + text}, b.usage)
+    assert echo_is_plausible(resp["choices"][0], text)
     b.close()
 
 
@@ -485,29 +503,34 @@ def test_llamacpp_grammar_scores_match_in_process_llama(
 
     from tests.llama_server import smollm2_gguf
 
-    prompts, options, _ = _wordnet_prompts(n=3)
+    prompts, options, _ = _wordnet_prompts(n=2)
     out = llama_backend.score(prompts, options)
     assert out.method == "grammar" and out.exact
     llm = Llama(model_path=str(smollm2_gguf()), n_ctx=512, logits_all=True, verbose=False)
     diffs: list[float] = []
+
+    def logprob(row: int, token: int) -> float:
+        logits = np.asarray(llm.scores[row], dtype=np.float64)
+        top = logits.max()
+        return float(logits[token] - top - np.log(np.exp(logits - top).sum()))
+
     try:
         for i, prompt in enumerate(prompts):
             p_ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+            llm.reset()
+            # As the server does it: the prompt in one batch, the option one token at a time.
+            # (Token-by-token prompts differ by up to 0.7 nats: llama.cpp's quantised kernels
+            # depend on the batch shape.)
+            llm.eval(p_ids)
             for j, opt in enumerate(options[i]):
                 # Options are tokenised on their own, as the in-process backends do.
                 o_ids = llm.tokenize(opt.encode(), add_bos=False, special=False)
-                full = p_ids + o_ids
-                llm.reset()
-                llm.eval(p_ids)
+                llm.n_tokens = len(p_ids)  # rewind to the end of the prompt
                 for t in o_ids[:-1]:
-                    llm.eval([t])  # one at a time, as the server generates them
-                logits = np.asarray(llm.scores[: len(full)], dtype=np.float64)
-                shifted = logits - logits.max(1, keepdims=True)
-                logp = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
-                ref = sum(logp[t - 1, full[t]] for t in range(len(p_ids), len(full)))
+                    llm.eval([t])
+                ref = sum(logprob(len(p_ids) - 1 + m, t) for m, t in enumerate(o_ids))
                 assert out.token_counts[i, j] == len(o_ids)
                 diffs.append(abs(out.logprobs[i, j] - ref))
-        # Quantised CPU kernels differ slightly with batch shapes and reused prefixes.
         assert max(diffs) < 0.15, diffs
     finally:
         llm.close()
@@ -538,11 +561,16 @@ def test_llamacpp_agrees_with_transformers_backend(llama_backend: OpenAICompatBa
     assert (http.token_counts == local.token_counts).mean() >= 0.9
 
 
-def test_llamacpp_first_token_and_generate_paths(llama_url: str) -> None:
-    from tests.llama_server import MODEL_ALIAS
+def _sibling(probed: OpenAICompatBackend, **kw: Any) -> OpenAICompatBackend:
+    """A backend for the same server that reuses ``probed``'s capability probe (saves seconds)."""
+    b = OpenAICompatBackend(model=probed.model, base_url=probed.base_url, **kw)
+    b._caps, b._echo_ok, b.server_kind = probed.capabilities, probed._echo_ok, probed.server_kind
+    return b
 
+
+def test_llamacpp_first_token_and_generate_paths(llama_backend: OpenAICompatBackend) -> None:
     prompts, options, _ = _wordnet_prompts(n=2)
-    b = OpenAICompatBackend(model=MODEL_ALIAS, base_url=llama_url, scoring="first_token")
+    b = _sibling(llama_backend, scoring="first_token")
     out = b.score(prompts, options)
     assert out.method == "first_token" and not out.exact
     assert np.all(out.logprobs <= 0) and np.all(out.token_counts == 1)
@@ -554,7 +582,7 @@ def test_llamacpp_first_token_and_generate_paths(llama_url: str) -> None:
                 if firsts[j] == firsts[m]:
                     assert out.logprobs[i, j] == out.logprobs[i, m]
     b.close()
-    g = OpenAICompatBackend(model=MODEL_ALIAS, base_url=llama_url, scoring="generate")
+    g = _sibling(llama_backend, scoring="generate")
     out = g.score(prompts, options)
     assert out.method == "generate"
     assert all(sorted(row)[-2] == FIRST_TOKEN_FLOOR for row in out.logprobs.tolist())
@@ -583,6 +611,25 @@ def test_llamacpp_tokens_and_context_errors(llama_backend: OpenAICompatBackend) 
     with pytest.raises(ContextLengthError):
         llama_backend.generate(["word " * 3000], GenerationParams(max_tokens=1))
     assert llama_backend.usage.calls > 0 and llama_backend.usage.prompt_tokens > 0
+
+
+def test_local_tokenizer_for_chat_and_counts() -> None:
+    """With ``tokenizer`` (here the GGUF's own), chat uses the model's template, offline."""
+    pytest.importorskip("transformers")
+    from icl_cl.backends.packaged import packaged_gguf
+
+    try:
+        directory, file = packaged_gguf()
+    except ConfigError as e:
+        pytest.skip(str(e))
+    b = OpenAICompatBackend(
+        model="m", base_url="http://127.0.0.1:9/v1", tokenizer=str(directory), gguf_file=file
+    )
+    text = b.render_chat([{"role": "user", "content": "Which category fits: a cat"}])
+    assert "<|im_start|>user\nWhich category fits: a cat<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    assert b.count_tokens("Which category fits: a cat") == 6  # as llama.cpp counts it
+    b.close()
 
 
 def test_registered_as_openai() -> None:

@@ -229,3 +229,19 @@ def test_cli_predict_reports_llm_cost(tmp_path, capsys):
         == 0
     )
     assert "llm" not in json.loads(out.read_text().splitlines()[0])
+
+
+def test_class_summaries_are_written_stored_and_shown(tmp_path, embedder, wordnet, weak_llm):
+    _, test, _ = wordnet
+    prompt = PromptConfig(n_demonstrations=0, label_presentation="summaries")
+    clf = _classifier(tmp_path, embedder, wordnet, weak_llm, prompt=prompt)
+    summaries = clf.memory.store.summaries()  # written by learn for every new label
+    assert set(summaries) <= {lab.label for lab in clf.memory.labels}
+    refreshed = clf.write_summaries(["noun.animal"])
+    assert set(refreshed) <= {"noun.animal"}
+    queries = embedder.encode([test[0].text])
+    cands = [[lab for lab, _ in clf.memory.candidates(queries, 3)[0]]]
+    reading = clf.reader().read([test[0].text], queries, cands).readings[0]
+    for label in cands[0]:
+        if summaries.get(label):
+            assert summaries[label][:20] in reading.prompt.text

@@ -334,8 +334,6 @@ class TransformersBackend:
                     pad_token_id=self._pad_id,
                     output_scores=True,
                     return_dict_in_generate=True,
-                    stop_strings=list(params.stop) or None,
-                    tokenizer=self._tok if params.stop else None,
                 )
                 usage.forward_seconds += time.perf_counter() - t
                 usage.calls += 1
@@ -347,6 +345,8 @@ class TransformersBackend:
                     toks = [int(t) for t in new[i] if int(t) != self._pad_id]
                     lps = tuple(float(step_logprobs[i, j, t]) for j, t in enumerate(toks))
                     text = self._tok.decode(toks, skip_special_tokens=True)
+                    # Stop strings are applied here rather than in generate(): transformers'
+                    # stop-string matcher needs byte-level token strings, not every tokenizer has them.
                     for stop in params.stop:
                         text = text.split(stop)[0]
                     results.append(Generation(text, lps, len(e), len(toks)))

@@ -72,7 +72,8 @@ class ContinualClassifier:
         Args:
             path: Store directory.
             config: Config for a new store. For an existing store it must agree with the stored
-                one on the embedder; its memory settings (scorer, ...) apply to this session.
+                one on the embedder; its other settings (scorer, LLM, prompt, fusion) apply to
+                this session.
             memory: Query-time memory settings that override the stored ones (scorer, k of kNN).
             embedder: An embedder instance to use instead of loading the configured one.
             backend: An LLM backend instance to use instead of building the configured one
@@ -89,7 +90,13 @@ class ContinualClassifier:
                     f"not {config.embedder.model!r}"
                 )
             if config is not None:
-                stored = stored.model_copy(update={"memory": config.memory})
+                # Everything but the embedder and the label mode is a query-time setting.
+                stored = stored.model_copy(
+                    update={
+                        field: getattr(config, field)
+                        for field in ("memory", "llm", "prompt", "fusion", "max_text_chars")
+                    }
+                )
             config = stored
         else:
             config = config or ClassifierConfig()
@@ -168,6 +175,13 @@ class ContinualClassifier:
             seconds=time.perf_counter() - start,
             embed_seconds=embed_seconds,
         )
+        if self.config.llm is not None and self.config.prompt.label_presentation == "summaries":
+            try:
+                self.write_summaries(list(report.new_labels))
+            except BackendError as exc:  # the session is stored; summaries can be written later
+                logger.warning(
+                    "could not write class summaries now (icl-cl summarize retries): %s", exc
+                )
         logger.info(
             "learned session %d: %d examples, %d new labels",
             session,
