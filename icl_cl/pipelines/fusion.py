@@ -42,12 +42,6 @@ class FusionWeights:
         return asdict(self)
 
 
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def _nll(params: np.ndarray, ecl: np.ndarray, llm: np.ndarray, target: np.ndarray) -> float:
     z = params[0] * ecl + params[1] * llm
     z = z - z.max(axis=1, keepdims=True)
