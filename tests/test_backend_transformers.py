@@ -95,3 +95,12 @@ def test_smollm2_score_equals_naive():
     got = backend.score(prompts, options)
     np.testing.assert_allclose(got.logprobs, naive_scores(backend, prompts, options), atol=1e-4)
     assert got.logprobs[1].argmax() == 0  # Paris
+
+
+def test_options_sharing_prefixes_are_scored_exactly():
+    backend = tiny_backend(5)
+    prompts = ["the cat sat on the mat . answer :", "a dog ran under a small rug"]
+    options = [["the small cat", "the small dog", "the big", "blue red", "noun"]] * 2
+    got = backend.score(prompts, options)
+    np.testing.assert_allclose(got.logprobs, naive_scores(backend, prompts, options), atol=1e-4)
+    assert got.token_counts.tolist() == [[3, 3, 2, 2, 1]] * 2

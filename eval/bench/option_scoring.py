@@ -49,7 +49,7 @@ def main() -> None:
     def prefill() -> None:
         with torch.inference_mode():
             for p in prompts:
-                backend._lm(input_ids=torch.tensor([backend._encode_prompt(p)]))
+                backend._lm(input_ids=torch.tensor([backend._encode_prompt(p)]), logits_to_keep=1)
 
     def cached() -> None:
         backend.score(prompts, [options] * len(prompts))

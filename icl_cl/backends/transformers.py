@@ -35,11 +35,6 @@ from icl_cl.errors import BackendError, ConfigError, ContextLengthError
 
 logger = logging.getLogger(__name__)
 
-# Per chunk of the option pass: logits floats (rows x tokens x vocab) and cached token positions
-# (rows x prompt width); the cache is repeated once per option, so this bounds its memory too.
-_LOGITS_BUDGET = 64 * 2**20
-_CACHE_TOKENS_BUDGET = 8192
-
 
 def cache_dir() -> Path:
     """Where converted models are kept: ``$ICL_CL_CACHE`` or ``~/.cache/icl_cl``."""
@@ -236,11 +231,14 @@ class TransformersBackend:
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # Only the last position's logits are needed; the LM head over the vocabulary is a fifth
+        # of this model's per-token compute, so skipping it for the other positions matters.
         out = self._forward(
             usage,
             input_ids=ids.to(self._device),
             attention_mask=mask.to(self._device),
             position_ids=positions.to(self._device),
+            logits_to_keep=1,
         )
         usage.prompt_tokens += int(mask.sum())
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (b, V): P(o_1 | prompt)
@@ -256,47 +254,65 @@ class TransformersBackend:
     def _score_rest(
         self, cache: Any, mask: Any, flat: list[list[int]], k: int, longest: int, usage: Usage
     ) -> np.ndarray:
-        """Log-probabilities of option tokens 2.. from the shared prompt cache, in chunks."""
+        """Log-probabilities of option tokens 2.. from the prompts' cache, in one forward pass.
+
+        The options of each prompt are merged into a prefix trie, and every trie node that has a
+        continuation is fed once, packed after the prompt: a node attends to its prompt and its
+        own ancestors only (a 4D mask), at the position it would have in a plain sequence. So
+        shared prefixes are computed once, nothing is padded per option, and the cache is never
+        copied. Only the positions whose next token is scored go through the LM head.
+        """
         import torch
 
-        vocab = int(self._lm.config.vocab_size)
-        m = longest - 1  # the last option token's own logits are never needed
         b, width = mask.shape
-        group = max(
-            1, min(_LOGITS_BUDGET // (k * m * vocab), _CACHE_TOKENS_BUDGET // (k * (width + m)))
-        )
         prompt_len = mask.sum(-1)
+        tries = [_OptionTrie([flat[i * k + j] for j in range(k)]) for i in range(b)]
+        length = max(len(t.tokens) for t in tries)
+        if length == 0:
+            return np.zeros(len(flat))
+        inp = torch.full((b, length), self._pad_id, dtype=torch.long)
+        positions = torch.zeros((b, length), dtype=torch.long)
+        attend = torch.zeros((b, 1, length, width + length), dtype=torch.bool)
+        for i, trie in enumerate(tries):
+            n = len(trie.tokens)
+            attend[i, 0, :, :width] = mask[i].bool()
+            for q in range(length):
+                if q < n:
+                    inp[i, q] = trie.tokens[q]
+                    positions[i, q] = int(prompt_len[i]) + trie.depth[q]
+                    for a in trie.ancestors(q):
+                        attend[i, 0, q, width + a] = True
+                else:
+                    attend[i, 0, q, width + q] = True  # padding: attends to itself, never read
+        t = time.perf_counter()
+        hidden = self._lm.model(
+            input_ids=inp.to(self._device),
+            attention_mask=attend.to(self._device),
+            position_ids=positions.to(self._device),
+            use_cache=True,
+            **{self._cache_arg: cache},
+        ).last_hidden_state
+        usage.forward_seconds += time.perf_counter() - t
+        usage.calls += 1
+        usage.prompt_tokens += sum(len(t.tokens) for t in tries)
         total = np.zeros(len(flat))
-        for p_lo in range(0, b, group):
-            p_hi = min(b, p_lo + group)
-            rows = list(range(p_lo * k, p_hi * k))
-            chunk_cache = _select_and_repeat(cache, p_lo, p_hi, k)
-            inp = torch.full((len(rows), m), self._pad_id, dtype=torch.long)
-            for j, r in enumerate(rows):
-                head = flat[r][:-1]
-                inp[j, : len(head)] = torch.tensor(head, dtype=torch.long)
-            prompt_mask = mask[p_lo:p_hi].repeat_interleave(k, dim=0)
-            # Right padding after the option is harmless: causal attention never looks ahead.
-            full_mask = torch.cat(
-                [prompt_mask, torch.ones((len(rows), m), dtype=torch.long)], dim=1
-            )
-            positions = (
-                prompt_len[p_lo:p_hi].repeat_interleave(k)[:, None] + torch.arange(m)[None, :]
-            )
-            out = self._forward(
-                usage,
-                input_ids=inp.to(self._device),
-                attention_mask=full_mask.to(self._device),
-                position_ids=positions.to(self._device),
-                **{self._cache_arg: chunk_cache},
-            )
-            logp = torch.log_softmax(out.logits.float(), dim=-1)
-            for j, r in enumerate(rows):
-                toks = flat[r]
-                if len(toks) > 1:
-                    idx = torch.tensor(toks[1:])
-                    total[r] = float(logp[j, torch.arange(len(toks) - 1), idx].sum())
-            usage.prompt_tokens += sum(len(flat[r]) - 1 for r in rows)
+        # (row, trie node, next token, option) for every scored token, through the LM head in chunks.
+        wanted = [
+            (i, node, token, i * k + j)
+            for i, trie in enumerate(tries)
+            for j, steps in enumerate(trie.steps)
+            for node, token in steps
+        ]
+        for lo in range(0, len(wanted), 512):
+            part = wanted[lo : lo + 512]
+            rows = torch.tensor([w[0] for w in part])
+            nodes = torch.tensor([w[1] for w in part])
+            logits = self._lm.lm_head(hidden[rows, nodes]).float()
+            logp = torch.log_softmax(logits, dim=-1)[
+                torch.arange(len(part)), torch.tensor([w[2] for w in part])
+            ]
+            for (_, _, _, option), value in zip(part, logp.tolist(), strict=True):
+                total[option] += value
         return total
 
     # ---- generation ------------------------------------------------------------------------
@@ -370,13 +386,40 @@ class TransformersBackend:
         ]
 
 
-def _select_and_repeat(cache: Any, lo: int, hi: int, k: int) -> Any:
-    """A copy of the cache rows ``lo:hi``, each repeated ``k`` times (one per option)."""
-    import copy
+class _OptionTrie:
+    """The options of one prompt as a prefix trie over tokens ``0 .. len-2`` (the tokens that are
+    fed to predict the next one).
 
-    import torch
+    Attributes:
+        tokens: Token fed at each node, in insertion order (parents before children).
+        depth: Offset of each node after the prompt.
+        parent: Parent node, or -1 for nodes right after the prompt.
+        steps: Per option, ``(node, next_token)`` pairs: the node whose output predicts that token.
+    """
 
-    chunk = copy.deepcopy(cache)
-    chunk.batch_select_indices(torch.arange(lo, hi))
-    chunk.batch_repeat_interleave(k)
-    return chunk
+    def __init__(self, options: list[list[int]]) -> None:
+        self.tokens: list[int] = []
+        self.depth: list[int] = []
+        self.parent: list[int] = []
+        self.steps: list[list[tuple[int, int]]] = []
+        children: dict[tuple[int, int], int] = {}
+        for option in options:
+            node, steps = -1, []
+            for t in range(len(option) - 1):
+                key = (node, option[t])
+                if key not in children:
+                    children[key] = len(self.tokens)
+                    self.tokens.append(option[t])
+                    self.depth.append(t)
+                    self.parent.append(node)
+                node = children[key]
+                steps.append((node, option[t + 1]))
+            self.steps.append(steps)
+
+    def ancestors(self, node: int) -> list[int]:
+        """The node and all its ancestors."""
+        out = []
+        while node >= 0:
+            out.append(node)
+            node = self.parent[node]
+        return out
