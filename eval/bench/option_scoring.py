@@ -28,11 +28,14 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data", default="eval/data/wordnet-sample")
+    parser.add_argument(
+        "--labels", help="labels.jsonl whose names are the options (default: --data's)"
+    )
     args = parser.parse_args()
     backend = TransformersBackend()
     examples, _ = read_examples(f"{args.data}/test.jsonl", max_chars=10**6)
     labels, _ = read_labels(f"{args.data}/labels.jsonl")
-    names = [lab.name for lab in labels]
+    names = [lab.name for lab in read_labels(args.labels or f"{args.data}/labels.jsonl")[0]]
     options = [
         f" {names[i % len(names)]}" + ("" if i < len(names) else f" ({i})") for i in range(args.k)
     ]
