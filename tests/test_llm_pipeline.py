@@ -72,6 +72,7 @@ def test_llm_scores_reach_the_prediction_and_costs_are_counted(
         assert reading.prompt.labels == [lab for lab, _ in cands]
         assert reading.scores is not None and np.all(reading.scores <= 0)
         assert reading.prompt.tokens > 0 and len(reading.prompt.demonstrations) == 2
+        assert reading.seconds > 0
     assert batch.usage.calls > 0 and batch.usage.prompt_tokens > 0
 
 

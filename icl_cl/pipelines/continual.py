@@ -356,6 +356,7 @@ class ContinualClassifier:
                         llm_info["calls"] = reading.calls
                         llm_info["prompt_tokens"] = reading.prompt.tokens
                         evidence["demonstrations"] = reading.prompt.demonstrations
+                        evidence["llm_seconds"] = reading.seconds
                         if reading.prompt.shortened:
                             evidence["shortened"] = reading.prompt.shortened
             predictions.append(

@@ -32,6 +32,7 @@ class Reading:
         fallback: Why the ECL decides alone for this input, or ``None``.
         calls: Model calls made for this input (0 for a cache hit).
         token_counts: Tokens of each option, aligned with the candidates.
+        seconds: This input's share of the wall time of the scoring call it was batched in.
     """
 
     scores: np.ndarray | None
@@ -39,6 +40,7 @@ class Reading:
     fallback: str | None = None
     calls: int = 0
     token_counts: np.ndarray | None = None
+    seconds: float = 0.0
 
 
 @dataclass
@@ -147,3 +149,4 @@ class LLMReader:
                 reading.scores = scores
                 reading.token_counts = counts
                 reading.calls = 0 if result.cached is not None and result.cached[row] else 1
+                reading.seconds = result.usage.seconds / len(members)
