@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10, help="candidate labels per input (default 10)")
     p.add_argument("--scorer", choices=[*SCORERS, "auto"], help="ECL scorer (default: the store's)")
     p.add_argument("--no-llm", action="store_true", help="decide with the ECL alone")
+    p.add_argument(
+        "--config", help="YAML config whose query-time settings (llm, prompt, fusion, memory) apply"
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("labels", help="list labels with counts and sessions")

@@ -230,6 +230,17 @@ def test_cli_predict_reports_llm_cost(tmp_path, capsys):
         == 0
     )
     assert "llm" not in json.loads(out.read_text().splitlines()[0])
+    # A store learned without an LLM takes one at prediction time through --config.
+    plain = tmp_path / "plain"
+    learn = ["-q", "learn", "--store", str(plain), "--data", str(sample / "train.jsonl")]
+    assert main(learn) == 0
+    predict = ["-q", "predict", "--store", str(plain), "--input", str(sample / "test.jsonl")]
+    assert main([*predict, "--output", str(out)]) == 0
+    assert "llm" not in json.loads(out.read_text().splitlines()[0])
+    assert main([*predict, "--output", str(out), "--config", str(config)]) == 0
+    assert json.loads(out.read_text().splitlines()[0])["llm"]["fallback"].startswith(
+        "backend error"
+    )
 
 
 def test_class_summaries_are_written_stored_and_shown(tmp_path, embedder, wordnet, weak_llm):
