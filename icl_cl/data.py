@@ -20,6 +20,13 @@ class Located:
     line: int
 
 
+def location_of(locations: Sequence[Located] | None, i: int) -> dict[str, Any]:
+    """``source``/``line`` keyword arguments for a :class:`DataError` about item ``i``."""
+    if locations is None:
+        return {}
+    return {"source": locations[i].source, "line": locations[i].line}
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line_number, object)`` for each non-blank line; strict UTF-8, objects only."""
     path = Path(path)
@@ -111,23 +118,19 @@ def validate_examples(
     """Check examples given through the API (types, empty text, duplicate ids within the batch)."""
     seen: dict[str, int] = {}
     for i, ex in enumerate(examples):
-        where: dict[str, Any] = {}
-        if locations is not None:
-            where = {"source": locations[i].source, "line": locations[i].line}
+        at = location_of(locations, i)
         if not isinstance(ex, Example):
-            raise DataError(f"expected an Example, got {type(ex).__name__}", item=str(i), **where)
+            raise DataError(f"expected an Example, got {type(ex).__name__}", item=str(i), **at)
         if not isinstance(ex.id, str) or not ex.id.strip():
-            raise DataError("missing or empty", field="id", item=str(i), **where)
-        check_text(ex.text, max_chars=max_chars, item=ex.id, **where)
+            raise DataError("missing or empty", field="id", item=str(i), **at)
+        check_text(ex.text, max_chars=max_chars, item=ex.id, **at)
         for label in ex.labels:
             if not isinstance(label, str) or not label.strip():
-                raise DataError(f"invalid label {label!r}", field="labels", item=ex.id, **where)
+                raise DataError(f"invalid label {label!r}", field="labels", item=ex.id, **at)
         if ex.id in seen:
             first = seen[ex.id]
             first_where = f"line {locations[first].line}" if locations else f"position {first}"
-            raise DataError(
-                f"duplicate id (first at {first_where})", field="id", item=ex.id, **where
-            )
+            raise DataError(f"duplicate id (first at {first_where})", field="id", item=ex.id, **at)
         seen[ex.id] = i
 
 

@@ -87,6 +87,7 @@ class CachedBackend:
         ]
         cached = self._get(keys)
         misses = [i for i, key in enumerate(keys) if key not in cached]
+        fresh_rows = set(misses)
         usage = Usage(cached_calls=len(prompts) - len(misses))
         method, exact = "cache", True
         if misses:
@@ -117,7 +118,7 @@ class CachedBackend:
             exact=exact,
             method=method if misses else values[0]["method"] if values else "cache",
             usage=usage,
-            cached=np.array([key not in set(keys[i] for i in misses) for key in keys]),
+            cached=np.array([i not in fresh_rows for i in range(len(keys))]),
         )
 
     def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[Generation]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from icl_cl.backends.base import GenerationParams, LLMBackend
 from icl_cl.config import ClassifierConfig, MemoryConfig
-from icl_cl.data import Located, check_text, validate_examples
+from icl_cl.data import Located, check_text, location_of, validate_examples
 from icl_cl.embedding import Embedder, load_embedder
 from icl_cl.embedding.base import ProgressCallback
 from icl_cl.errors import BackendError, ConfigError, DataError
@@ -196,12 +196,12 @@ class ContinualClassifier:
         clash = set(self.memory.store.existing_ids([ex.id for ex in examples]))
         if clash:
             i = next(i for i, ex in enumerate(examples) if ex.id in clash)
-            where = {"source": locations[i].source, "line": locations[i].line} if locations else {}
+            at = location_of(locations, i)
             raise DataError(
                 f"id already in the store ({len(clash)} such ids in this session)",
                 field="id",
                 item=examples[i].id,
-                **where,
+                **at,
             )
 
     def _new_labels(
@@ -212,13 +212,11 @@ class ContinualClassifier:
     ) -> list[Label]:
         declared: dict[str, Label] = {}
         for i, lab in enumerate(labels):
-            where = {"source": locations[i].source, "line": locations[i].line} if locations else {}
+            at = location_of(locations, i)
             if not isinstance(lab, Label) or not lab.label.strip():
-                raise DataError(
-                    "expected a Label with a non-empty identifier", item=str(i), **where
-                )
+                raise DataError("expected a Label with a non-empty identifier", item=str(i), **at)
             if lab.label in declared:
-                raise DataError("label defined twice", field="label", item=lab.label, **where)
+                raise DataError("label defined twice", field="label", item=lab.label, **at)
             known = self.memory.label(lab.label)
             if known is not None:
                 for field in ("name", "description", "group"):
@@ -228,7 +226,7 @@ class ContinualClassifier:
                             f"vs {getattr(lab, field)!r})",
                             field=field,
                             item=lab.label,
-                            **where,
+                            **at,
                         )
             declared[lab.label] = lab
         new = [lab for lab in declared.values() if self.memory.label(lab.label) is None]
@@ -248,16 +246,12 @@ class ContinualClassifier:
         if setting is False:
             for i, ex in enumerate(examples):
                 if len(ex.labels) != 1:
-                    where = (
-                        {"source": locations[i].source, "line": locations[i].line}
-                        if locations
-                        else {}
-                    )
+                    at = location_of(locations, i)
                     raise DataError(
                         f"a single-label store needs exactly one label, got {len(ex.labels)}",
                         field="labels",
                         item=ex.id,
-                        **where,
+                        **at,
                     )
             return False
         if setting is True:
@@ -469,8 +463,9 @@ class ContinualClassifier:
         targets = [lab for lab in self.memory.labels if labels is None or lab.label in set(labels)]
         targets = [lab for lab in targets if stats.counts[stats.col[lab.label]] > 0]
         prompts = []
+        means = stats.means()
         for lab in targets:
-            mean = stats.means()[stats.col[lab.label]].astype(np.float32)
+            mean = means[stats.col[lab.label]].astype(np.float32)
             demos = self.memory.demonstrations(
                 mean / max(float(np.linalg.norm(mean)), 1e-12), [lab.label], n_examples
             )
