@@ -77,12 +77,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.k <= 0:
         raise IclClError(f"--k must be a positive integer, got {args.k}")
+    if args.confidence is not None and not 0 < args.confidence < 1:
+        raise IclClError(f"--confidence must be between 0 and 1 (e.g. 0.9), got {args.confidence}")
+    if args.abstain_below is not None and not 0 <= args.abstain_below <= 1:
+        raise IclClError(f"--abstain-below must be a probability, got {args.abstain_below}")
     clf = _open(args)
     with clf:
         ids, texts = read_inputs(args.input, max_chars=clf.config.max_text_chars)
         with _progress(len(texts), "embedding", not args.quiet) as progress:
             predictions = clf.predict(
-                texts, k=args.k, scorer=args.scorer, use_llm=not args.no_llm, progress=progress
+                texts,
+                k=args.k,
+                scorer=args.scorer,
+                use_llm=not args.no_llm,
+                progress=progress,
+                confidence=args.confidence,
+                abstain_below=args.abstain_below,
             )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +100,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     with open(tmp, "w", encoding="utf-8") as f:
         for ident, pred in zip(ids, predictions, strict=True):
             row: dict[str, Any] = {"id": ident, "labels": list(pred.labels), "scores": pred.scores}
+            if pred.set is not None:
+                row["set"] = list(pred.set)
+            if args.abstain_below is not None:
+                row["abstained"] = pred.abstained
             if pred.llm is not None:
                 row["llm"] = pred.llm
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -154,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         help="predict labels for a JSONL of texts",
         description="Predict labels for each line of a JSONL file of "
-        '{"id", "text"}; writes {"id", "labels", "scores"} per line.',
+        '{"id", "text"}; writes {"id", "labels", "scores"} per line. Scores are probabilities, '
+        "calibrated on held-out stored examples (single-label: over the candidates, the rest "
+        "being the chance the label is none of them; multi-label: per label).",
     )
     p.add_argument("--store", required=True, help="store directory")
     p.add_argument("--input", required=True, help='JSONL of {"id", "text"}')
@@ -163,7 +179,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scorer", choices=[*SCORERS, "auto"], help="ECL scorer (default: the store's)")
     p.add_argument("--no-llm", action="store_true", help="decide with the ECL alone")
     p.add_argument(
-        "--config", help="YAML config whose query-time settings (llm, prompt, fusion, memory) apply"
+        "--confidence",
+        type=float,
+        metavar="C",
+        help='add a conformal label set "set" that holds the true label with probability C '
+        "(e.g. 0.9; multi-label: each true label); a larger --k allows larger sets",
+    )
+    p.add_argument(
+        "--abstain-below",
+        type=float,
+        metavar="P",
+        help='abstain ("labels": [], "abstained": true) when the top probability is below P',
+    )
+    p.add_argument(
+        "--config",
+        help="YAML config whose query-time settings (llm, prompt, fusion, calibration, memory) "
+        "apply",
     )
     p.set_defaults(func=cmd_predict)
 

@@ -94,6 +94,33 @@ class FusionConfig(_Strict):
     seed: int = 0
 
 
+class CalibrationConfig(_Strict):
+    """How LLM option scores are de-biased, and how decision scores become probabilities."""
+
+    in_context: Literal["none", "contextual", "domain", "batch"] = Field(
+        "none",
+        description="de-bias LLM option scores: contextual (content-free inputs), domain "
+        "(random in-domain words), batch (the inputs of the predict call)",
+    )
+    content_free: tuple[str, ...] = Field(
+        ("N/A", "", "[MASK]"), min_length=1, description="content-free inputs (contextual)"
+    )
+    domain_samples: int = Field(
+        3, gt=0, description="random in-domain word strings per input (domain)"
+    )
+    probability: Literal["auto", "temperature", "platt", "none"] = Field(
+        "auto",
+        description="scores to probabilities: auto = temperature (single-label) or platt "
+        "(multi-label); none = softmax/sigmoid of the raw scores",
+    )
+    heldout: int = Field(
+        3000,
+        ge=10,
+        description="held-out stored examples for fitting probabilities and conformal sets "
+        "(ECL decisions; with an LLM, the fusion's held-out items are used)",
+    )
+
+
 class ClassifierConfig(_Strict):
     """Everything a store is created with. Saved in the store and reused when it is reopened."""
 
@@ -102,6 +129,7 @@ class ClassifierConfig(_Strict):
     llm: LLMConfig | None = Field(None, description="None: the ECL decides alone")
     prompt: PromptConfig = PromptConfig()
     fusion: FusionConfig = FusionConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
     multi_label: bool | None = Field(
         None, description="None: detect from training data (any example with != 1 label)"
     )

@@ -55,6 +55,7 @@ class Candidate:
     score: float
     ecl_score: float
     llm_score: float | None = None
+    probability: float | None = None
 
 
 @dataclass(frozen=True)
@@ -62,14 +63,19 @@ class Prediction:
     """The decision for one input and everything needed to audit it.
 
     Attributes:
-        labels: The decision: one label for single-label stores, a set for multi-label stores.
-        scores: Score per candidate label, higher meaning more likely.
+        labels: The decision: one label for single-label stores, a set for multi-label stores;
+            empty when the classifier abstained ("none of the known labels").
+        scores: Calibrated probability per candidate label. Single-label, they sum to at most 1
+            (the rest is the held-out chance that the label is outside the candidates);
+            multi-label, each is the probability that the label applies.
         candidates: Candidates in rank order, with their component scores.
         scorer: The ECL scorer that produced the candidates.
         fallback: Why the LLM was not used although one is configured (``None`` otherwise).
         llm: LLM cost of this prediction (calls, prompt and completion tokens, seconds), or
             ``None`` when no LLM is configured or it was not asked for.
         evidence: Extra audit data (demonstrations, fusion weights, cardinality estimate).
+        set: Conformal label set at the requested confidence (``None`` when not asked for).
+        abstained: The top probability was below the abstention threshold.
     """
 
     labels: tuple[str, ...]
@@ -79,3 +85,5 @@ class Prediction:
     fallback: str | None = None
     llm: dict[str, Any] | None = None
     evidence: dict[str, Any] = field(default_factory=dict)
+    set: tuple[str, ...] | None = None
+    abstained: bool = False

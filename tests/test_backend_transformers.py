@@ -104,3 +104,16 @@ def test_options_sharing_prefixes_are_scored_exactly():
     got = backend.score(prompts, options)
     np.testing.assert_allclose(got.logprobs, naive_scores(backend, prompts, options), atol=1e-4)
     assert got.token_counts.tolist() == [[3, 3, 2, 2, 1]] * 2
+
+
+def test_prompts_sharing_a_long_prefix_are_prefilled_once_and_scored_exactly():
+    backend = tiny_backend(6)
+    head = "the cat sat on the mat , the dog ran under a small blue rug , the cat is big . " * 2
+    prompts = [head + "a dog . answer :", head + "cat", head + "the big red dog was under a rug :"]
+    options = [["noun", "verb", "the small cat"]] * 3
+    got = backend.score(prompts, options)
+    np.testing.assert_allclose(got.logprobs, naive_scores(backend, prompts, options), atol=1e-4)
+    # Prefix pass + tails + option trie; the prefix tokens are counted once, not per prompt.
+    assert got.usage.calls == 3
+    full = sum(len(backend._encode_prompt(p)) for p in prompts)
+    assert got.usage.prompt_tokens < full

@@ -327,3 +327,39 @@ def test_every_command_has_help():
         )
         assert "usage: icl-cl" in result.stdout
         assert len(result.stdout.splitlines()) > 4
+
+
+def test_predict_gives_probabilities_conformal_sets_and_abstention(store, tmp_path, capsys):
+    out = tmp_path / "sets.jsonl"
+    args = ["-q", "predict", "--store", str(store), "--input", str(SAMPLE / "test.jsonl")]
+    assert main([*args, "--output", str(out), "--k", "5", "--confidence", "0.9"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    gold = [
+        json.loads(line)["labels"][0] for line in (SAMPLE / "test.jsonl").read_text().splitlines()
+    ]
+    for r in rows:
+        probs = list(r["scores"].values())
+        assert all(0 <= p <= 1 for p in probs) and sum(probs) <= 1 + 1e-9
+        # The set is the candidates above the conformal threshold, most probable first.
+        assert r["set"] and set(r["set"]) <= set(r["scores"])
+        assert r["set"] == sorted(r["set"], key=r["scores"].get, reverse=True)
+        assert r["labels"][0] == r["set"][0]
+    coverage = sum(g in r["set"] for r, g in zip(rows, gold, strict=True)) / len(rows)
+    assert coverage >= 0.8  # 90% is the target; the sample has 80 test items
+    # A higher confidence can only grow the sets.
+    wide = tmp_path / "wide.jsonl"
+    assert main([*args, "--output", str(wide), "--k", "5", "--confidence", "0.99"]) == 0
+    wider = [json.loads(line) for line in wide.read_text().splitlines()]
+    assert all(set(a["set"]) <= set(b["set"]) for a, b in zip(rows, wider, strict=True))
+    # Abstention: below the threshold no label is given, and the line says so.
+    abstain = tmp_path / "abstain.jsonl"
+    assert main([*args, "--output", str(abstain), "--k", "5", "--abstain-below", "0.6"]) == 0
+    for r, full in zip(
+        [json.loads(line) for line in abstain.read_text().splitlines()], rows, strict=True
+    ):
+        top = max(full["scores"].values())
+        assert r["abstained"] == (top < 0.6)
+        assert r["labels"] == ([] if top < 0.6 else full["labels"])
+    for flag, value in (("--confidence", "1.5"), ("--abstain-below", "-0.1")):
+        assert main([*args, "--output", str(abstain), flag, value]) == 2
+        assert flag in capsys.readouterr().err

@@ -13,7 +13,8 @@ import pytest
 
 from icl_cl import ClassifierConfig, ContinualClassifier
 from icl_cl.backends.openai_compat import OpenAICompatBackend
-from icl_cl.config import FusionConfig, LLMConfig, PromptConfig
+from icl_cl.calibration.in_context import OptionBias
+from icl_cl.config import CalibrationConfig, FusionConfig, LLMConfig, PromptConfig
 from icl_cl.pipelines.fusion import fit_fusion
 from tests.tiny_models import tiny_backend
 
@@ -52,7 +53,7 @@ def test_weak_llm_gets_weight_zero_and_never_hurts(tmp_path, embedder, wordnet, 
     assert weights.heldout_fused >= weights.heldout_ecl or not weights.uses_llm
     # Fitted once, stored, and reused until the store grows.
     assert (
-        clf.memory.store.fitted(clf._fusion_key(4, clf.memory.resolve_scorer()))[1]
+        clf.memory.store.fitted(clf._fitted_key("fusion", 4, clf.memory.resolve_scorer()))[1]
         == clf.memory.n_examples
     )
 
@@ -257,3 +258,68 @@ def test_class_summaries_are_written_stored_and_shown(tmp_path, embedder, wordne
     for label in cands[0]:
         if summaries.get(label):
             assert summaries[label][:20] in reading.prompt.text
+
+
+@pytest.mark.parametrize("method", ["contextual", "domain"])
+def test_in_context_calibration_divides_out_the_bias_of_stand_in_inputs(
+    tmp_path, embedder, wordnet, weak_llm, method
+):
+    _, test, _ = wordnet
+    clf = _classifier(tmp_path, embedder, wordnet, weak_llm)
+    clf.config = clf.config.model_copy(
+        update={"calibration": CalibrationConfig(in_context=method, domain_samples=2)}
+    )
+    texts = [ex.text for ex in test[:3]]
+    queries = embedder.encode(texts)
+    cands = [[lab for lab, _ in c] for c in clf.memory.candidates(queries, 4)]
+    batch = clf.reader().read(texts, queries, cands)
+    for reading, c in zip(batch.readings, cands, strict=True):
+        assert len(reading.variants) == (3 if method == "contextual" else 2)
+        assert reading.calibration_tokens == sum(v.tokens for v in reading.variants) > 0
+        # Each variant is the same prompt with the input replaced: same options, same demos.
+        assert all(v.labels == reading.prompt.labels for v in reading.variants)
+        assert all(v.demonstrations == reading.prompt.demonstrations for v in reading.variants)
+        if method == "contextual":
+            assert "N/A" in reading.variants[0].text and texts[0] not in reading.variants[0].text
+        # The calibrated scores are the raw ones with the variants' mean distribution divided out.
+        variant_scores = weak_llm.score(
+            [v.text for v in reading.variants], [v.options for v in reading.variants]
+        )
+        values = variant_scores.logprobs / np.maximum(variant_scores.token_counts, 1)
+        bias = OptionBias().fit(values, [c] * len(values))
+        expected = bias.transform(reading.raw_scores[None, :], [c])[0]
+        np.testing.assert_allclose(reading.scores, expected, atol=1e-6)
+        assert np.exp(reading.scores).sum() == pytest.approx(1.0)
+
+
+def test_batch_calibration_uses_the_inputs_of_the_call(tmp_path, embedder, wordnet, weak_llm):
+    _, test, _ = wordnet
+    clf = _classifier(tmp_path, embedder, wordnet, weak_llm)
+    texts = [ex.text for ex in test[:8]]
+    queries = embedder.encode(texts)
+    cands = [[lab for lab, _ in c] for c in clf.memory.candidates(queries, 4)]
+    plain = clf.reader().read(texts, queries, cands)
+    clf.config = clf.config.model_copy(
+        update={"calibration": CalibrationConfig(in_context="batch")}
+    )
+    batch = clf.reader().read(texts, queries, cands)
+    raw = np.stack([r.scores for r in plain.readings])
+    expected = OptionBias(prior_count=1.0).fit(raw, cands).transform(raw, cands)
+    np.testing.assert_allclose(np.stack([r.scores for r in batch.readings]), expected, atol=1e-9)
+    np.testing.assert_allclose(np.stack([r.raw_scores for r in batch.readings]), raw)
+
+
+def test_calibration_is_stored_and_refitted_when_a_session_is_added(tmp_path, embedder, wordnet):
+    train, test, labels = wordnet
+    first = [ex for ex in train if ex.labels[0] in {lab.label for lab in labels[:4]}]
+    rest = [ex for ex in train if ex not in first]
+    clf = ContinualClassifier.open(tmp_path / "s", ClassifierConfig(), embedder=embedder)
+    clf.learn(first, labels[:4])
+    key = clf._fitted_key("calibration", 3, "mahalanobis", False, "auto", 3000)
+    preds = clf.predict([ex.text for ex in test[:5]], k=3, confidence=0.9)
+    assert clf.memory.store.fitted(key)[1] == len(first)
+    assert all(p.set and sum(p.scores.values()) <= 1 + 1e-9 for p in preds)
+    clf.learn(rest, labels[4:])
+    clf.predict([ex.text for ex in test[:5]], k=3)
+    stored, n = clf.memory.store.fitted(key)
+    assert n == len(train) and stored["heldout_items"] == len(train)

@@ -223,24 +223,43 @@ class TransformersBackend:
         import torch
 
         b, k = len(prompt_ids), len(option_ids[0])
-        width = max(len(p) for p in prompt_ids)
+        # The batch's common token prefix (system prompt; or, for the content-free variants of one
+        # prompt, all but the input) is prefilled once and its cache shared by every row.
+        shared = _common_prefix(prompt_ids) if b > 1 else 0
+        cache = None
+        if shared >= _MIN_SHARED_PREFIX:
+            head = self._forward(
+                usage,
+                input_ids=torch.tensor([prompt_ids[0][:shared]]).to(self._device),
+                logits_to_keep=1,
+            )
+            usage.prompt_tokens += shared
+            cache = getattr(head, "cache", None) or head.past_key_values
+            cache.batch_repeat_interleave(b)
+        else:
+            shared = 0
+        tails = [p[shared:] for p in prompt_ids]
+        width = max(len(t) for t in tails)
         # Left padding keeps every prompt's last token in the last column.
         ids = torch.full((b, width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((b, width), dtype=torch.long)
-        for i, p in enumerate(prompt_ids):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        mask = torch.zeros((b, shared + width), dtype=torch.long)
+        mask[:, :shared] = 1
+        for i, t in enumerate(tails):
+            ids[i, width - len(t) :] = torch.tensor(t)
+            mask[i, shared + width - len(t) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
         # Only the last position's logits are needed; the LM head over the vocabulary is a fifth
         # of this model's per-token compute, so skipping it for the other positions matters.
+        extra = {self._cache_arg: cache} if cache is not None else {}
         out = self._forward(
             usage,
             input_ids=ids.to(self._device),
             attention_mask=mask.to(self._device),
             position_ids=positions.to(self._device),
             logits_to_keep=1,
+            **extra,
         )
-        usage.prompt_tokens += int(mask.sum())
+        usage.prompt_tokens += int(mask[:, shared:].sum())
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (b, V): P(o_1 | prompt)
         flat = [o for opts in option_ids for o in opts]  # row r = prompt r // k, option r % k
         scores = np.array([float(first[r // k, o[0]]) for r, o in enumerate(flat)])
@@ -384,6 +403,21 @@ class TransformersBackend:
             )
             for i, j in enumerate(best)
         ]
+
+
+# Below this many shared tokens a separate prefix pass costs more than it saves.
+_MIN_SHARED_PREFIX = 16
+
+
+def _common_prefix(sequences: list[list[int]]) -> int:
+    """Length of the longest common prefix, leaving every sequence at least one token of its own
+    (its last token must be fed to predict the first option token)."""
+    limit = min(len(s) for s in sequences) - 1
+    first = sequences[0]
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in sequences):
+        n += 1
+    return n
 
 
 class _OptionTrie:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from icl_cl.backends.base import GenerationParams, LLMBackend
+from icl_cl.calibration.calibrator import ScoreCalibrator
 from icl_cl.config import ClassifierConfig, MemoryConfig
 from icl_cl.data import Located, check_text, location_of, validate_examples
 from icl_cl.embedding import Embedder, load_embedder
@@ -27,6 +28,11 @@ from icl_cl.prompting import load_template
 from icl_cl.types import Candidate, Example, Label, Prediction
 
 logger = logging.getLogger(__name__)
+
+# Held-out stored examples are scored in folds of at most this many (see _heldout).
+_HELDOUT_FOLD = 200
+# Part of every fitted-parameter key: bump it when what is fitted changes form.
+_FITTED_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -94,7 +100,14 @@ class ContinualClassifier:
                 stored = stored.model_copy(
                     update={
                         field: getattr(config, field)
-                        for field in ("memory", "llm", "prompt", "fusion", "max_text_chars")
+                        for field in (
+                            "memory",
+                            "llm",
+                            "prompt",
+                            "fusion",
+                            "calibration",
+                            "max_text_chars",
+                        )
                     }
                 )
             config = stored
@@ -271,6 +284,8 @@ class ContinualClassifier:
         scorer: str | None = None,
         use_llm: bool = True,
         progress: ProgressCallback | None = None,
+        confidence: float | None = None,
+        abstain_below: float | None = None,
     ) -> list[Prediction]:
         """Predict labels for each text.
 
@@ -280,6 +295,9 @@ class ContinualClassifier:
             scorer: ECL scorer to rank candidates with; default from the config.
             use_llm: Let the configured LLM read the candidates (no effect without an LLM).
             progress: Called with the number of texts embedded so far.
+            confidence: Also give each prediction a conformal label set that holds the truth
+                at this rate (e.g. 0.9), calibrated on held-out stored examples.
+            abstain_below: Abstain (no label) when the top probability is below this.
         """
         if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
             raise DataError(f"k must be a positive integer, got {k!r}")
@@ -288,7 +306,12 @@ class ContinualClassifier:
         self.memory.require_examples()
         queries = self.embedder.encode(list(texts), progress=progress)
         return self.predict_vectors(
-            queries, k, scorer=scorer, texts=list(texts) if use_llm else None
+            queries,
+            k,
+            scorer=scorer,
+            texts=list(texts) if use_llm else None,
+            confidence=confidence,
+            abstain_below=abstain_below,
         )
 
     def predict_vectors(
@@ -298,11 +321,18 @@ class ContinualClassifier:
         *,
         scorer: str | None = None,
         texts: Sequence[str] | None = None,
+        confidence: float | None = None,
+        abstain_below: float | None = None,
     ) -> list[Prediction]:
         """Predict from already-embedded inputs. With ``texts`` and a configured LLM, the LLM
-        reads each input's candidates and its scores are fused with the ECL's."""
+        reads each input's candidates and its scores are fused with the ECL's. Scores become
+        probabilities by the calibration fitted on held-out stored examples."""
         if k <= 0:
             raise DataError(f"k must be a positive integer, got {k!r}")
+        if confidence is not None and not 0 < confidence < 1:
+            raise DataError(f"confidence must be in (0, 1), got {confidence!r}")
+        if abstain_below is not None and not 0 <= abstain_below <= 1:
+            raise DataError(f"abstain_below must be in [0, 1], got {abstain_below!r}")
         scorer_name = self.memory.resolve_scorer(scorer)
         ranked = self.memory.candidates(queries, k, scorer_name)
         multi = bool(self.memory.multi_label)
@@ -325,6 +355,7 @@ class ContinualClassifier:
                     f"LLM weight 0: on {weights.heldout_items} held-out stored examples the ECL alone "
                     f"({weights.heldout_ecl:.3f}) was at least as good as fused ({weights.heldout_fused:.3f})"
                 )
+        calibrator = self.calibrator(k, scorer_name, weights)
         predictions = []
         for i, (cands, card) in enumerate(zip(ranked, cardinality, strict=True)):
             labels = [label for label, _ in cands]
@@ -332,9 +363,17 @@ class ContinualClassifier:
             reading = readings[i] if readings is not None else None
             llm = reading.scores if reading is not None else None
             fused = weights.combine(ecl, llm) if weights is not None else ecl
-            order = np.argsort(-fused, kind="stable")
+            prob = calibrator.probabilities(fused[None, :])[0]
+            order = np.lexsort((-fused, -prob))  # probability first; raw score breaks ties
             n_chosen = max(1, min(len(cands), round(float(card)))) if multi else 1
+            chosen = tuple(labels[j] for j in order[:n_chosen])
+            abstained = abstain_below is not None and float(prob[order[0]]) < abstain_below
+            conformal = None
+            if confidence is not None:
+                conformal = tuple(labels[j] for j in calibrator.sets(prob[None, :], confidence)[0])
             evidence: dict[str, Any] = {"expected_cardinality": float(card)} if multi else {}
+            if not multi:
+                evidence["p_outside_candidates"] = max(0.0, 1.0 - float(prob.sum()))
             llm_info = None
             if weights is not None:
                 evidence["fusion"] = weights.to_dict()
@@ -348,21 +387,24 @@ class ContinualClassifier:
                     llm_info["fallback"] = reading.fallback
                     if reading.prompt is not None:
                         llm_info["calls"] = reading.calls
-                        llm_info["prompt_tokens"] = reading.prompt.tokens
+                        llm_info["prompt_tokens"] = (
+                            reading.prompt.tokens + reading.calibration_tokens
+                        )
                         evidence["demonstrations"] = reading.prompt.demonstrations
                         evidence["llm_seconds"] = reading.seconds
                         if reading.prompt.shortened:
                             evidence["shortened"] = reading.prompt.shortened
             predictions.append(
                 Prediction(
-                    labels=tuple(labels[j] for j in order[:n_chosen]),
-                    scores={labels[j]: float(fused[j]) for j in order},
+                    labels=() if abstained else chosen,
+                    scores={labels[j]: float(prob[j]) for j in order},
                     candidates=tuple(
                         Candidate(
                             labels[j],
                             float(fused[j]),
                             ecl_score=float(ecl[j]),
                             llm_score=None if llm is None else float(llm[j]),
+                            probability=float(prob[j]),
                         )
                         for j in order
                     ),
@@ -370,6 +412,8 @@ class ContinualClassifier:
                     fallback=llm_info["fallback"] if llm_info else None,
                     llm=llm_info,
                     evidence=evidence,
+                    set=conformal,
+                    abstained=abstained,
                 )
             )
         return predictions
@@ -392,35 +436,111 @@ class ContinualClassifier:
         return self._backend
 
     def reader(self) -> LLMReader:
-        return LLMReader(self.backend(), self.memory, self.config.prompt)
+        return LLMReader(self.backend(), self.memory, self.config.prompt, self.config.calibration)
 
-    def _fusion_key(self, k: int, scorer: str) -> str:
+    def _fitted_key(self, kind: str, k: int, scorer: str, *extra: object) -> str:
+        """Key of fitted parameters: everything that changes the held-out scores they come from."""
         llm = self.config.llm.model_dump(mode="json") if self.config.llm else None
+        calibration = self.config.calibration
+        reading = [
+            calibration.in_context,
+            list(calibration.content_free),
+            calibration.domain_samples,
+        ]
         spec = json.dumps(
-            [llm, self.config.prompt.model_dump(mode="json"), k, scorer], sort_keys=True
+            [
+                _FITTED_VERSION,
+                llm,
+                self.config.prompt.model_dump(mode="json"),
+                self.config.fusion.model_dump(mode="json"),
+                reading,
+                k,
+                scorer,
+                *list(extra),
+            ],
+            sort_keys=True,
         )
-        return "fusion:" + hashlib.sha256(spec.encode()).hexdigest()[:16]
+        return f"{kind}:" + hashlib.sha256(spec.encode()).hexdigest()[:16]
 
     def fusion_weights(self, k: int, scorer: str | None = None) -> FusionWeights:
         """Fusion weights for this LLM, prompt strategy, ``k`` and scorer; refitted when the store
         has grown since the last fit. Fitting holds out stored examples (their statistics are
         subtracted exactly) and asks the LLM about them."""
         scorer = self.memory.resolve_scorer(scorer)
-        key = self._fusion_key(k, scorer)
+        key = self._fitted_key("fusion", k, scorer)
         stored = self.memory.store.fitted(key)
         if stored is not None and stored[1] == self.memory.n_examples:
             return FusionWeights(**stored[0])
+        ecl, llm, gold = self._heldout_readings(k, scorer)
+        weights = fit_fusion(ecl, llm, [{j for j in g if j >= 0} for g in gold])
+        self.memory.store.save_fitted(key, weights.to_dict(), self.memory.n_examples)
+        logger.info("fusion weights: %s", weights)
+        return weights
+
+    def calibrator(
+        self, k: int, scorer: str | None = None, weights: FusionWeights | None = None
+    ) -> ScoreCalibrator:
+        """Scores-to-probabilities calibration and conformal scores for decisions made with
+        these fusion ``weights`` (``None``: the ECL alone), refitted when the store has grown.
+
+        Fitted on held-out stored examples: with the LLM in use, the fusion's held-out items
+        (their readings are cached); otherwise ``calibration.heldout`` items scored by the ECL
+        with their own statistics subtracted.
+        """
+        scorer = self.memory.resolve_scorer(scorer)
+        uses_llm = weights is not None and weights.uses_llm
+        settings = self.config.calibration
+        key = self._fitted_key(
+            "calibration", k, scorer, uses_llm, settings.probability, settings.heldout
+        )
+        stored = self.memory.store.fitted(key)
+        if stored is not None and stored[1] == self.memory.n_examples:
+            return ScoreCalibrator.from_dict(stored[0])
+        if uses_llm:
+            assert weights is not None
+            ecl, llm, gold = self._heldout_readings(k, scorer)
+            scores = [weights.combine(e, m) for e, m in zip(ecl, llm, strict=True)]
+        else:
+            scale = weights.ecl if weights is not None else 1.0
+            examples, _, ranked = self._heldout(settings.heldout, scorer, k)
+            kept = [i for i, c in enumerate(ranked) if c]
+            scores = [scale * np.array([s for _, s in ranked[i]]) for i in kept]
+            gold = _gold_columns([ranked[i] for i in kept], [examples[i] for i in kept])
+        calibrator = ScoreCalibrator.fit(
+            scores, gold, bool(self.memory.multi_label), settings.probability
+        )
+        self.memory.store.save_fitted(key, calibrator.to_dict(), self.memory.n_examples)
+        return calibrator
+
+    def _heldout(
+        self, n: int, scorer: str, k: int
+    ) -> tuple[list[Example], np.ndarray, list[list[tuple[str, float]]]]:
+        """``n`` stored examples drawn with the fusion seed, their vectors, and their top-k
+        candidates as if they had never been learned.
+
+        They are held out in folds of at most a tenth of the store, so each is scored by a
+        memory almost as large as the real one (small stores are not made to look worse).
+        """
         rng = np.random.default_rng(self.config.fusion.seed)
-        n = self.memory.n_examples
-        rows = np.sort(
-            rng.choice(n, size=min(self.config.fusion.heldout, n), replace=False)
-        ).tolist()
-        examples = self.memory.store.examples(rows)
-        vectors = self.memory.index.vectors(rows)
-        scores = self.memory.heldout_scorer(rows, scorer).scores(vectors)
-        ranked = self.memory.ranked(scores, k)
+        total = self.memory.n_examples
+        rows = np.sort(rng.choice(total, size=min(n, total), replace=False))
+        fold = max(1, min(_HELDOUT_FOLD, total // 10))
+        examples = self.memory.store.examples(rows.tolist())
+        vectors = self.memory.index.vectors(rows.tolist())
+        ranked: list[list[tuple[str, float]]] = []
+        for lo in range(0, len(rows), fold):
+            part = rows[lo : lo + fold].tolist()
+            scores = self.memory.heldout_scorer(part, scorer).scores(vectors[lo : lo + fold])
+            ranked += self.memory.ranked(scores, k)
+        return examples, vectors, ranked
+
+    def _heldout_readings(
+        self, k: int, scorer: str
+    ) -> tuple[list[np.ndarray], list[np.ndarray], list[list[int]]]:
+        """ECL and LLM scores of the fusion's held-out items, and their gold columns."""
+        examples, vectors, ranked = self._heldout(self.config.fusion.heldout, scorer, k)
         cand_labels = [[label for label, _ in c] for c in ranked]
-        logger.info("fitting fusion weights on %d held-out stored examples", len(rows))
+        logger.info("reading %d held-out stored examples with the LLM", len(examples))
         readings = (
             self.reader()
             .read(
@@ -441,14 +561,7 @@ class ContinualClassifier:
             r.scores if r.scores is not None else np.full(len(c), -np.inf)
             for r, c in zip(readings, ranked, strict=True)
         ]
-        gold = [
-            {j for j, label in enumerate(c) if label in set(ex.labels)}
-            for c, ex in zip(cand_labels, examples, strict=True)
-        ]
-        weights = fit_fusion(ecl, llm, gold)
-        self.memory.store.save_fitted(key, weights.to_dict(), n)
-        logger.info("fusion weights: %s", weights)
-        return weights
+        return ecl, llm, _gold_columns(ranked, examples)
 
     def write_summaries(
         self, labels: Sequence[str] | None = None, n_examples: int = 5
@@ -525,3 +638,15 @@ class ContinualClassifier:
                 for s in self.memory.sessions()
             ],
         }
+
+
+def _gold_columns(
+    ranked: Sequence[Sequence[tuple[str, float]]], examples: Sequence[Example]
+) -> list[list[int]]:
+    """Per held-out item, the candidate columns of its gold labels, ``-1`` for each gold label
+    outside the candidates."""
+    out = []
+    for cands, ex in zip(ranked, examples, strict=True):
+        position = {label: j for j, (label, _) in enumerate(cands)}
+        out.append([position.get(label, -1) for label in ex.labels])
+    return out

@@ -6,11 +6,13 @@ import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from icl_cl.backends.base import LLMBackend, Usage
-from icl_cl.config import PromptConfig
+from icl_cl.calibration.in_context import OptionBias, domain_strings
+from icl_cl.config import CalibrationConfig, PromptConfig
 from icl_cl.errors import BackendError, ContextLengthError
 from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.prompting import RenderedPrompt, load_template, render_prompt, select_demonstrations
@@ -33,6 +35,9 @@ class Reading:
         calls: Model calls made for this input (0 for a cache hit).
         token_counts: Tokens of each option, aligned with the candidates.
         seconds: This input's share of the wall time of the scoring call it was batched in.
+        raw_scores: The scores before in-context calibration (``scores`` when there is none).
+        calibration_tokens: Prompt tokens of the content-free / in-domain variants read to
+            estimate this input's bias.
     """
 
     scores: np.ndarray | None
@@ -41,23 +46,32 @@ class Reading:
     calls: int = 0
     token_counts: np.ndarray | None = None
     seconds: float = 0.0
+    raw_scores: np.ndarray | None = None
+    calibration_tokens: int = 0
+    variants: list[RenderedPrompt] = field(default_factory=list)
 
 
 @dataclass
 class ReadBatch:
     readings: list[Reading]
     usage: Usage = field(default_factory=Usage)
+    error: str | None = None
 
 
 class LLMReader:
     """Renders prompts by the configured strategy and asks the backend to score the candidates."""
 
     def __init__(
-        self, backend: LLMBackend, memory: ExternalContinualLearner, prompt: PromptConfig
+        self,
+        backend: LLMBackend,
+        memory: ExternalContinualLearner,
+        prompt: PromptConfig,
+        calibration: CalibrationConfig | None = None,
     ) -> None:
         self.backend = backend
         self.memory = memory
         self.config = prompt
+        self.calibration = calibration or CalibrationConfig()
 
     def template_name(self) -> str:
         if self.config.template != "auto":
@@ -84,6 +98,21 @@ class LLMReader:
         summaries = (
             self.memory.store.summaries() if self.config.label_presentation == "summaries" else {}
         )
+        fillers = self._fillers()
+
+        def render(text: str, cands: list[str], demos: list[Any]) -> RenderedPrompt:
+            return render_prompt(
+                self.backend,
+                template,
+                text,
+                [labels[c] for c in cands],
+                demos,
+                presentation=self.config.label_presentation,
+                label_names=names,
+                summaries=summaries,
+                max_tokens=self.budget(),
+            )
+
         readings: list[Reading] = []
         for i, text in enumerate(texts):
             cands = list(candidates[i])
@@ -97,24 +126,41 @@ class LLMReader:
                 seed=i,
             )
             try:
-                rendered = render_prompt(
-                    self.backend,
-                    template,
-                    text,
-                    [labels[c] for c in cands],
-                    demos,
-                    presentation=self.config.label_presentation,
-                    label_names=names,
-                    summaries=summaries,
-                    max_tokens=self.budget(),
-                )
+                rendered = render(text, cands, demos)
             except ContextLengthError as exc:
                 readings.append(Reading(None, fallback=f"context too small: {exc}"))
                 continue
-            readings.append(Reading(None, prompt=rendered))
+            reading = Reading(None, prompt=rendered)
+            for filler in fillers:
+                # The same prompt with the input replaced; kept only if it shows the same options.
+                try:
+                    shown = set(rendered.demonstrations)
+                    variant = render(filler, rendered.labels, [d for d in demos if d.id in shown])
+                except ContextLengthError:
+                    continue
+                if variant.labels == rendered.labels:
+                    reading.variants.append(variant)
+            readings.append(reading)
         batch = ReadBatch(readings)
-        self._score(batch, candidates)
+        if fillers:
+            self._score_with_variants(batch, candidates)
+        else:
+            self._score(batch, candidates)
+        if self.calibration.in_context == "batch":
+            self._batch_calibrate(batch, candidates)
         return batch
+
+    def _fillers(self) -> list[str]:
+        """Inputs that stand in for the real one to show the prompt's own bias."""
+        method = self.calibration.in_context
+        if method == "contextual":
+            return list(self.calibration.content_free)
+        if method == "domain":
+            n = self.memory.n_examples
+            rows = np.random.default_rng(0).choice(n, size=min(n, 500), replace=False)
+            texts = [ex.text for ex in self.memory.store.examples(np.sort(rows).tolist())]
+            return domain_strings(texts, self.calibration.domain_samples, seed=0)
+        return []
 
     def _score(self, batch: ReadBatch, candidates: Sequence[Sequence[str]]) -> None:
         # Prompts whose candidate lists were shortened have fewer options: score by group size.
@@ -124,29 +170,96 @@ class LLMReader:
                 groups[len(r.prompt.options)].append(i)
         for members in groups.values():
             prompts = [batch.readings[i].prompt for i in members]
-            try:
-                result = self.backend.score([p.text for p in prompts], [p.options for p in prompts])  # type: ignore[union-attr]
-            except BackendError as exc:
-                logger.warning("LLM unavailable, the ECL decides alone: %s", exc)
+            result = self._call(batch, [p.text for p in prompts], [p.options for p in prompts])  # type: ignore[union-attr]
+            if result is None:
                 for i in members:
-                    batch.readings[i].fallback = f"backend error: {exc}"
-                batch.usage.failures += 1
+                    batch.readings[i].fallback = f"backend error: {batch.error}"
                 continue
-            batch.usage.add(result.usage)
-            values = result.logprobs
-            if self.config.length_normalization == "mean":
-                values = values / np.maximum(result.token_counts, 1)
+            values = self._normalised(result)
             for row, i in enumerate(members):
-                reading = batch.readings[i]
-                assert reading.prompt is not None
-                position = {lab: j for j, lab in enumerate(reading.prompt.labels)}
-                scores = np.full(len(candidates[i]), -np.inf)
-                counts = np.zeros(len(candidates[i]), dtype=np.int64)
-                for j, lab in enumerate(candidates[i]):
-                    if lab in position:
-                        scores[j] = values[row, position[lab]]
-                        counts[j] = result.token_counts[row, position[lab]]
-                reading.scores = scores
-                reading.token_counts = counts
-                reading.calls = 0 if result.cached is not None and result.cached[row] else 1
-                reading.seconds = result.usage.seconds / len(members)
+                self._assign(
+                    batch.readings[i], candidates[i], values[row], result.token_counts[row]
+                )
+                batch.readings[i].calls = (
+                    0 if result.cached is not None and result.cached[row] else 1
+                )
+                batch.readings[i].seconds = result.usage.seconds / len(members)
+
+    def _score_with_variants(self, batch: ReadBatch, candidates: Sequence[Sequence[str]]) -> None:
+        """Each input with its content-free variants in one call (they share all but the input,
+        so a backend that shares prefixes computes the prompt once), then the bias divided out."""
+        for i, reading in enumerate(batch.readings):
+            if reading.prompt is None:
+                continue
+            group = [reading.prompt, *reading.variants]
+            result = self._call(batch, [p.text for p in group], [p.options for p in group])
+            if result is None:
+                reading.fallback = f"backend error: {batch.error}"
+                continue
+            values = self._normalised(result)
+            self._assign(reading, candidates[i], values[0], result.token_counts[0])
+            cached = result.cached if result.cached is not None else np.zeros(len(group), bool)
+            reading.calls = int((~cached).sum())
+            reading.seconds = result.usage.seconds
+            reading.calibration_tokens = sum(v.tokens for v in reading.variants)
+            if reading.variants:
+                labels = reading.prompt.labels
+                bias = OptionBias().fit(values[1:], [labels] * len(reading.variants))
+                calibrated = bias.transform(values[:1], [labels])[0]
+                self._assign(reading, candidates[i], calibrated, result.token_counts[0], raw=False)
+
+    def _batch_calibrate(self, batch: ReadBatch, candidates: Sequence[Sequence[str]]) -> None:
+        """Batch calibration: the mean prediction over this call's inputs is the bias."""
+        rows = [i for i, r in enumerate(batch.readings) if r.scores is not None]
+        if not rows:
+            return
+        scores = [batch.readings[i].scores for i in rows]
+        width = max(len(x) for x in scores)  # type: ignore[arg-type]
+        matrix = np.full((len(rows), width), -np.inf)
+        names = []
+        for r, i in enumerate(rows):
+            matrix[r, : len(candidates[i])] = batch.readings[i].scores  # type: ignore[assignment]
+            names.append(list(candidates[i]) + [""] * (width - len(candidates[i])))
+        bias = OptionBias(prior_count=1.0).fit(matrix, names)
+        calibrated = bias.transform(matrix, names)
+        for r, i in enumerate(rows):
+            batch.readings[i].scores = calibrated[r, : len(candidates[i])]
+
+    def _call(self, batch: ReadBatch, prompts: list[str], options: list[list[str]]) -> Any:
+        try:
+            result = self.backend.score(prompts, options)
+        except BackendError as exc:
+            logger.warning("LLM unavailable, the ECL decides alone: %s", exc)
+            batch.usage.failures += 1
+            batch.error = str(exc)
+            return None
+        batch.usage.add(result.usage)
+        return result
+
+    def _normalised(self, result: Any) -> np.ndarray:
+        values = result.logprobs
+        if self.config.length_normalization == "mean":
+            values = values / np.maximum(result.token_counts, 1)
+        return np.asarray(values, np.float64)
+
+    @staticmethod
+    def _assign(
+        reading: Reading,
+        candidates: Sequence[str],
+        values: np.ndarray,
+        token_counts: np.ndarray,
+        raw: bool = True,
+    ) -> None:
+        """Put the prompt's option scores in candidate order (``-inf`` for dropped candidates)."""
+        assert reading.prompt is not None
+        position = {lab: j for j, lab in enumerate(reading.prompt.labels)}
+        scores = np.full(len(candidates), -np.inf)
+        counts = np.zeros(len(candidates), dtype=np.int64)
+        for j, lab in enumerate(candidates):
+            if lab in position:
+                scores[j] = values[position[lab]]
+                counts[j] = token_counts[position[lab]]
+        reading.scores = scores
+        reading.token_counts = counts
+        if raw:
+            reading.raw_scores = scores

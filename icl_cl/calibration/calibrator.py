@@ -1,0 +1,125 @@
+"""The fitted calibration a store keeps: scores to probabilities, plus conformal non-conformity.
+
+Single-label stores use temperature scaling over each input's candidates with an "outside the
+top k" logit; multi-label stores use Platt scaling of each candidate's score into an independent
+probability. Both are fitted on held-out stored examples, and the same held-out probabilities give
+the split-conformal scores, so a label set at any confidence level can be built at predict time.
+Multi-label sets cover each gold label at the stated rate (a tagger's view); see SplitConformal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from icl_cl.calibration.conformal import SplitConformal
+from icl_cl.calibration.probability import PlattScaling, TemperatureScaling, softmax
+
+
+@dataclass
+class ScoreCalibrator:
+    """Calibrated probabilities and conformal sets from an input's candidate scores."""
+
+    multi_label: bool
+    model: TemperatureScaling | PlattScaling | None
+    conformal: SplitConformal
+    heldout_items: int
+
+    @classmethod
+    def fit(
+        cls,
+        scores: Sequence[np.ndarray],
+        gold: Sequence[Collection[int]],
+        multi_label: bool,
+        method: str = "auto",
+    ) -> ScoreCalibrator:
+        """Fit on held-out items.
+
+        Args:
+            scores: Per item, the decision scores of its candidates (all items the same length).
+            gold: Per item, the candidate columns holding a gold label, with ``-1`` for each gold
+                label that is not among the candidates.
+            multi_label: Independent per-label probabilities (Platt) instead of a distribution
+                over the candidates (temperature).
+            method: ``auto``, ``temperature``, ``platt`` or ``none`` (softmax / sigmoid of the raw
+                scores; kept to measure what calibration changes).
+        """
+        s = _stack(scores)
+        if method == "auto":
+            method = "platt" if multi_label else "temperature"
+        model: TemperatureScaling | PlattScaling | None
+        if method == "none":
+            model = None
+        elif method == "platt":
+            targets = np.zeros_like(s)
+            for i, g in enumerate(gold):
+                targets[i, [j for j in g if j >= 0]] = 1.0
+            live = np.isfinite(s)
+            model = PlattScaling().fit(s[live], targets[live])
+        elif method == "temperature":
+            if multi_label:
+                raise ValueError(
+                    "temperature scaling gives one distribution; use platt for multi-label"
+                )
+            first = np.array([min((j for j in g if j >= 0), default=-1) for g in gold])
+            model = TemperatureScaling(outside=True, exponent=True).fit(s, first)
+        else:
+            raise ValueError(f"unknown probability calibration {method!r}")
+        conformal = SplitConformal(cover="each" if multi_label else "all")
+        calibrator = cls(multi_label, model, conformal, len(s))
+        calibrator.conformal.fit(calibrator.probabilities(s), [list(g) for g in gold])
+        return calibrator
+
+    def probabilities(self, scores: np.ndarray) -> np.ndarray:
+        """``(n, k)`` probabilities of each candidate (``-inf`` scores get 0)."""
+        s = np.atleast_2d(np.asarray(scores, np.float64))
+        live = np.isfinite(s)
+        if self.model is not None:
+            p = self.model.transform(s)
+        elif self.multi_label:
+            p = 1.0 / (1.0 + np.exp(-np.clip(np.where(live, s, -500.0), -500, 500)))
+        else:
+            p = softmax(np.where(live, s, -1e9))
+        return np.where(live, p, 0.0)
+
+    def sets(self, probabilities: np.ndarray, confidence: float) -> list[np.ndarray]:
+        """Conformal sets reaching ``confidence`` (= 1 - alpha) coverage: candidate columns."""
+        return self.conformal.predict_sets(probabilities, alpha=1.0 - confidence)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "multi_label": self.multi_label,
+            "kind": type(self.model).__name__ if self.model is not None else "none",
+            "params": self.model.to_dict() if self.model is not None else {},
+            "conformal_cover": self.conformal.cover,
+            "conformal_scores": [round(float(x), 8) for x in self.conformal.scores],
+            "heldout_items": self.heldout_items,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ScoreCalibrator:
+        model: TemperatureScaling | PlattScaling | None = None
+        params = data["params"]
+        if data["kind"] == "TemperatureScaling":
+            model = TemperatureScaling(bool(params["outside"]), bool(params["exponent"]))
+            model.temperature, model.power = float(params["temperature"]), float(params["power"])
+            model.outside_logit = float(params["outside_logit"])
+            model.outside_slope = float(params["outside_slope"])
+        elif data["kind"] == "PlattScaling":
+            model = PlattScaling()
+            model.a, model.b = float(params["a"]), float(params["b"])
+        conformal = SplitConformal(cover=data["conformal_cover"])
+        conformal.scores = np.asarray(data["conformal_scores"], np.float64)
+        return cls(bool(data["multi_label"]), model, conformal, int(data["heldout_items"]))
+
+
+def _stack(scores: Sequence[np.ndarray]) -> np.ndarray:
+    """Rows of possibly different lengths (labels with no example are dropped), padded with -inf."""
+    width = max(len(s) for s in scores)
+    out = np.full((len(scores), width), -np.inf)
+    for i, s in enumerate(scores):
+        out[i, : len(s)] = s
+    return out
