@@ -1,4 +1,5 @@
-"""``icl-cl eval``: run a protocol from a YAML config and write a run folder."""
+"""``icl-cl eval`` and ``icl-cl ablate``: run a protocol (or a grid of prompt strategies) from YAML
+and write a run folder. Rerunning with the same ``--out`` resumes where a killed run stopped."""
 
 from __future__ import annotations
 
@@ -8,8 +9,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from icl_cl.evaluation.protocol import EvalConfig, run_protocol
+from icl_cl.evaluation.protocol import EvalConfig, Progress, run_protocol
 from icl_cl.evaluation.report import session_tables, summary_table, write_report
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", help="run folder (default: runs/<name>-<timestamp>); reused to resume")
+    p.add_argument("--fresh", action="store_true", help="forget finished work in --out first")
+    p.add_argument("--max-train", type=_positive, help="use at most N train items (smoke runs)")
+    p.add_argument("--max-test", type=_positive, help="use at most N test items (smoke runs)")
 
 
 def add_eval_commands(sub: Any) -> None:
@@ -17,25 +32,29 @@ def add_eval_commands(sub: Any) -> None:
         "eval",
         help="run the class-incremental protocol from a YAML config",
         description="Learn the sessions a config describes one by one, test after each on all "
-        "labels seen so far, and write results.json, report.md and plots to a run folder.",
+        "labels seen so far, and write results.json, report.md and plots to a run folder. "
+        "Rerun with the same --out to resume a killed run.",
     )
     p.add_argument("config", help="eval config (YAML), e.g. eval/configs/quickstart.yaml")
-    p.add_argument("--out", help="run folder (default: runs/<name>-<timestamp>)")
+    _common(p)
     p.set_defaults(func=cmd_eval)
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    config_path = Path(args.config)
-    config = EvalConfig.from_yaml(config_path)
-    out = (
-        Path(args.out)
-        if args.out
-        else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    p = sub.add_parser(
+        "ablate",
+        help="compare prompt strategies (a grid of axes) over one protocol run",
+        description="Cross the axes of a grid file (demonstrations, label_presentation, k, "
+        "model, backend, calibration) over one protocol run of its base eval config and write "
+        "ablation.md, ablation.json and ablation.png (quality against prompt tokens per item).",
     )
+    p.add_argument("grid", help="grid file (YAML), e.g. eval/configs/ablation-wordnet.yaml")
+    _common(p)
+    p.set_defaults(func=cmd_ablate)
+
+
+def _progress(quiet: bool) -> Progress:
     bars: dict[str, Any] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
-        if args.quiet:
+        if quiet or total <= 0:
             return
         from tqdm import tqdm
 
@@ -46,10 +65,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if done >= total:
             bar.close()
 
-    results = run_protocol(config, out, base=config_path.parent, progress=progress)
+    return progress
+
+
+def _out(args: argparse.Namespace, name: str) -> Path:
+    return Path(args.out) if args.out else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    config_path = Path(args.config)
+    config = EvalConfig.from_yaml(config_path).with_limits(args.max_train, args.max_test)
+    out = _out(args, config.name)
+    results = run_protocol(
+        config, out, base=config_path.parent, progress=_progress(args.quiet), fresh=args.fresh
+    )
     files = write_report(results, out)
     print(session_tables(results))
     print("\n### Summary\n")
     print(summary_table(results))
     print(f"\nwrote {', '.join(str(f) for f in files)}")
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from icl_cl.evaluation.ablation import load_grid, run_ablation
+
+    grid_path = Path(args.grid)
+    grid, _, _, _ = load_grid(grid_path)  # refuse a bad grid before creating the run folder
+    out = _out(args, grid.name)
+    run_ablation(
+        grid_path,
+        out,
+        _progress(args.quiet),
+        max_train=args.max_train,
+        max_test=args.max_test,
+        fresh=args.fresh,
+    )
+    print((out / "ablation.md").read_text())
+    print(f"wrote {out / 'ablation.md'}, {out / 'ablation.json'}, {out / 'ablation.png'}")
     return 0

@@ -21,7 +21,10 @@ class HFSource(BaseModel):
     name: str = Field(description="hub name, or a path saved with Dataset(Dict).save_to_disk")
     config: str | None = None
     train_split: str = "train"
-    test_split: str = "test"
+    test_split: str | None = Field(
+        "test", description="null: hold out test_fraction of the train split (seeded)"
+    )
+    test_fraction: float = Field(0.2, gt=0, lt=1)
     text: str = "text"
     label: str = Field("label", description="field holding a class id, a name, or a list of them")
     id: str | None = None
@@ -53,7 +56,8 @@ class Dataset:
         return any(len(ex.labels) != 1 for ex in self.train)
 
 
-def _sample(items: list[Example], n: int | None, seed: int) -> list[Example]:
+def sample_items(items: list[Example], n: int | None, seed: int) -> list[Example]:
+    """A seeded sample of ``n`` items in their original order (all items when ``n`` is None)."""
     if n is None or n >= len(items):
         return items
     rng = random.Random(seed)
@@ -82,7 +86,7 @@ def load_dataset(spec: DatasetSpec, base: Path | None = None) -> Dataset:
         name = folder.name
     else:
         assert spec.hf is not None
-        name, train, test, labels = _load_hf(spec.hf, base)
+        name, train, test, labels = _load_hf(spec.hf, base, spec.seed)
     known = {lab.label for lab in labels}
     labels += [
         Label(lab)
@@ -91,14 +95,14 @@ def load_dataset(spec: DatasetSpec, base: Path | None = None) -> Dataset:
     ]
     return Dataset(
         name=name,
-        train=_sample(train, spec.max_train, spec.seed),
-        test=_sample(test, spec.max_test, spec.seed + 1),
+        train=sample_items(train, spec.max_train, spec.seed),
+        test=sample_items(test, spec.max_test, spec.seed + 1),
         labels=labels,
     )
 
 
 def _load_hf(
-    src: HFSource, base: Path | None
+    src: HFSource, base: Path | None, seed: int
 ) -> tuple[str, list[Example], list[Example], list[Label]]:
     try:
         import datasets
@@ -111,29 +115,52 @@ def _load_hf(
         data: Any = datasets.load_from_disk(str(local))
     else:
         data = datasets.load_dataset(src.name, src.config)
+    if not hasattr(data, "keys") or src.train_split not in data:
+        have = list(data.keys()) if hasattr(data, "keys") else "a single split"
+        raise ConfigError(f"dataset {src.name!r}: no split {src.train_split!r} (has {have})")
+    columns = data[src.train_split].column_names
+    for field in (src.text, src.label, src.id):
+        if field is not None and field not in columns:
+            raise ConfigError(f"dataset {src.name!r}: no field {field!r} (fields: {columns})")
     names: list[str] | None = None
-    feature = data[src.train_split].features.get(src.label)
-    inner = getattr(feature, "feature", feature)  # Sequence(ClassLabel) for multi-label sets
+    feature = data[src.train_split].features[src.label]
+    inner = getattr(feature, "feature", feature)  # List/Sequence(ClassLabel) for multi-label sets
     if hasattr(inner, "names"):
         names = list(inner.names)
 
     def convert(split: str) -> list[Example]:
         if split not in data:
             raise ConfigError(f"dataset {src.name!r} has no split {split!r} (has {list(data)})")
+        table = data[split]
+        ids = list(table[src.id]) if src.id else None
         out = []
-        for i, row in enumerate(data[split]):
-            raw = row[src.label]
+        for i, (text, raw) in enumerate(zip(table[src.text], table[src.label], strict=True)):
             values = raw if isinstance(raw, list) else [raw]
+            # ClassLabel ids map to their names; -1 marks an unlabelled row in HF datasets.
             labels = [
-                names[v] if names is not None and isinstance(v, int) else str(v) for v in values
+                names[v] if names is not None and isinstance(v, int) else str(v)
+                for v in values
+                if not (isinstance(v, int) and v < 0)
             ]
-            text = row[src.text]
             if not isinstance(text, str) or not text.strip():
                 raise DataError(
                     "empty text", source=f"{src.name}[{split}]", line=i + 1, field=src.text
                 )
-            out.append(Example(str(row[src.id]) if src.id else f"{split}-{i}", text, labels))
+            out.append(Example(str(ids[i]) if ids else f"{split}-{i}", text, labels))
         return out
 
     labels = [Label(n) for n in names] if names else []
-    return Path(src.name).name, convert(src.train_split), convert(src.test_split), labels
+    train = convert(src.train_split)
+    if src.test_split is not None:
+        return Path(src.name).name, train, convert(src.test_split), labels
+    # No test split (e.g. HWU64): hold out a seeded share of train.
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    cut = round(len(train) * src.test_fraction)
+    held = set(order[:cut])
+    return (
+        Path(src.name).name,
+        [ex for i, ex in enumerate(train) if i not in held],
+        [ex for i, ex in enumerate(train) if i in held],
+        labels,
+    )

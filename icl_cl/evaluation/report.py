@@ -1,18 +1,33 @@
-"""Run folders: results.json, report.md and PNG plots."""
+"""Run folders: results.json, report.md and PNG plots, with quality next to cost."""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
-_SKIP = {"session", "n_test", "labels_seen"}
+_SKIP = {"session", "labels_seen"}
+# Cost columns go after the quality columns, in this order; anything else is quality.
+COST = (
+    "prompt_tokens_per_item",
+    "completion_tokens_per_item",
+    "llm_calls_per_item",
+    "seconds_per_item",
+    "llm_fallbacks",
+    "prompts_shortened",
+    "fit_llm_calls",
+    "fit_seconds",
+    "fusion_llm_weight",
+)
 
 
 def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
     return str(value)
@@ -24,32 +39,33 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def columns(rows: Sequence[dict[str, Any]], first: Sequence[str] = ("method",)) -> list[str]:
+    """Every key of ``rows`` once: ``first``, then quality, then cost."""
+    keys = list(dict.fromkeys(k for r in rows for k in r if k not in _SKIP and k not in first))
+    quality = [k for k in keys if k not in COST]
+    cost = [k for k in COST if k in keys]
+    return [*first, *quality, *cost]
+
+
 def session_tables(results: dict[str, Any]) -> str:
-    """One table per session: every method's metrics after that session."""
+    """One table per session: every method tested after it, quality next to cost."""
     out = []
-    methods = results["methods"]
-    n_sessions = max(len(m["stages"]) for m in methods.values())
-    for t in range(n_sessions):
-        rows = []
-        for name, m in methods.items():
-            if t < len(m["stages"]):
-                rows.append({"method": name, **m["stages"][t]})
-        if not rows:
-            continue
-        first = rows[0]
-        cols = ["method"] + [c for c in first if c not in _SKIP and c != "method"]
+    by_session: dict[int, list[dict[str, Any]]] = {}
+    for name, m in results["methods"].items():
+        for stage in m["stages"]:
+            by_session.setdefault(stage["session"], []).append({"method": name, **stage})
+    for session in sorted(by_session):
+        rows = by_session[session]
         out.append(
-            f"### After session {first['session']} "
-            f"({first['labels_seen']} labels seen, {first['n_test']} test items)\n\n"
-            + markdown_table(rows, cols)
+            f"### After session {session} ({rows[0]['labels_seen']} labels seen)\n\n"
+            + markdown_table(rows, columns(rows))
         )
     return "\n\n".join(out)
 
 
 def summary_table(results: dict[str, Any]) -> str:
     rows = [{"method": name, **m["summary"]} for name, m in results["methods"].items()]
-    cols = ["method"] + [c for c in rows[0] if c != "method"]
-    return markdown_table(rows, cols)
+    return markdown_table(rows, columns(rows))
 
 
 def write_report(results: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -58,6 +74,8 @@ def write_report(results: dict[str, Any], out_dir: Path) -> list[Path]:
     written = [out_dir / "results.json", out_dir / "report.md"]
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
     ds = results["dataset"]
+    usage = results.get("llm_usage", {})
+    resumed = results.get("resumed", {})
     text = [
         f"# {results['name']}",
         "",
@@ -65,9 +83,21 @@ def write_report(results: dict[str, Any], out_dir: Path) -> list[Path]:
         f"{ds['labels']} labels, {'multi' if ds['multi_label'] else 'single'}-label; "
         f"{len(results['sessions'])} sessions. Headline metric: `{results['headline']}`.",
         "",
-        f"Embedding {results['embedded_texts']} texts took {results['embed_seconds']:.1f} s; "
+        f"Embedding {results['embedded_texts']} new texts took {results['embed_seconds']:.1f} s; "
         f"learning all sessions took {results['learn_seconds_excluding_embedding']:.2f} s "
         "beyond embedding.",
+        "",
+        "Cost columns are per test item: prompt tokens, generated tokens and LLM calls the method "
+        "needs (answers served from the run's call cache count too), and wall seconds (cache hits "
+        "make these smaller). `fit_*` is one-off work per session (fitting fusion weights on "
+        "held-out stored examples). For `inca`, `llm_*` scores the LLM's own choice among the "
+        "same candidates and `ecl_*` the ECL's on the same items; `fusion_llm_weight` 0 means "
+        "the fused decision is the ECL's.",
+        "",
+        f"This invocation asked the LLM {usage.get('requests', 0)} prompts, "
+        f"{usage.get('model_calls', 0)} of them not in the cache; it found "
+        f"{resumed.get('sessions_already_learned', 0)} sessions learned and "
+        f"{resumed.get('cells_reused', 0)} cells finished.",
         "",
         "## Summary (after the last session)",
         "",
@@ -83,7 +113,28 @@ def write_report(results: dict[str, Any], out_dir: Path) -> list[Path]:
     return written
 
 
-def _plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
+def quality_cost_plot(
+    points: Sequence[tuple[str, float, float]], metric: str, title: str, path: Path
+) -> Path | None:
+    """Scatter of ``(name, prompt tokens per item, quality)``, each point labelled."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, tokens, quality in points:
+        ax.scatter([tokens], [quality])
+        ax.annotate(name, (tokens, quality), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("prompt tokens per item")
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -91,6 +142,13 @@ def _plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         logger.warning("matplotlib is not installed: no plots (pip install icl-cl[eval])")
+        return None
+    return plt
+
+
+def _plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
+    plt = _pyplot()
+    if plt is None:
         return []
     metric = results["headline"]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -105,23 +163,20 @@ def _plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_ylabel(metric)
     ax.set_title(f"{results['name']}: {metric} on all labels seen so far")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     per_session = out_dir / "per_session.png"
     fig.savefig(per_session, dpi=120)
     plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, m in results["methods"].items():
-        s = m["summary"]
-        ax.scatter([s["prompt_tokens_per_item"]], [s[metric]], label=name)
-    ax.set_xlabel("prompt tokens per item")
-    ax.set_ylabel(metric)
-    ax.set_title("quality against cost")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    cost = out_dir / "quality_vs_tokens.png"
-    fig.savefig(cost, dpi=120)
-    plt.close(fig)
-    return [per_session, cost]
+    points = [
+        (name, m["summary"]["prompt_tokens_per_item"], m["summary"][metric])
+        for name, m in results["methods"].items()
+        if metric in m["summary"]
+    ]
+    cost = quality_cost_plot(
+        points,
+        metric,
+        "quality against cost (after the last session)",
+        out_dir / "quality_vs_tokens.png",
+    )
+    return [per_session] + ([cost] if cost else [])
