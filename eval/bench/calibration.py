@@ -6,9 +6,9 @@ Learn the store with the CLI first (``icl-cl learn``), then:
     # split-conformal coverage and set size at --confidence, on every dev item.
     python eval/bench/calibration.py --store STORE --gold dev.jsonl --k 10
 
-    # Sessions added one by one (labels split at random): ECE and coverage after every session,
-    # on the dev items of the labels seen so far. Replays the store's own vectors: no embedding
-    # of the training set again.
+    # Then also sessions added one by one (labels split at random): ECE and coverage after
+    # every session, on the dev items of the labels seen so far. Replays the store's own
+    # vectors into a new store: the training set is not embedded again.
     python eval/bench/calibration.py --store STORE --gold dev.jsonl --k 10 --sessions 5
 
     # With the default LLM: each in-context calibration method, LLM alone and fused, at each k,
@@ -79,11 +79,10 @@ def quality(gold: list[Example], preds: list[Prediction], multi: bool) -> dict[s
     return out
 
 
-def ecl_rows(args: argparse.Namespace, gold: list[Example]) -> list[dict[str, Any]]:
+def ecl_rows(
+    args: argparse.Namespace, gold: list[Example], queries: np.ndarray, embed_s: float
+) -> list[dict[str, Any]]:
     clf = ContinualClassifier.open(args.store)
-    t = time.perf_counter()
-    queries = clf.embedder.encode([ex.text for ex in gold])
-    embed_s = time.perf_counter() - t
     rows = []
     for k in args.k:
         t = time.perf_counter()
@@ -105,14 +104,15 @@ def ecl_rows(args: argparse.Namespace, gold: list[Example]) -> list[dict[str, An
     return rows
 
 
-def session_rows(args: argparse.Namespace, gold: list[Example]) -> list[dict[str, Any]]:
+def session_rows(
+    args: argparse.Namespace, gold: list[Example], queries: np.ndarray
+) -> list[dict[str, Any]]:
     """Replay the store's examples (their stored vectors) into a new store, session by session."""
     source = ContinualClassifier.open(args.store)
     examples = source.memory.store.examples(list(range(source.memory.n_examples)))
     vectors = source.memory.index.vectors(list(range(source.memory.n_examples)))
     labels, label_vectors = source.memory.labels, source.memory.label_vectors
     multi = bool(source.memory.multi_label)
-    queries = source.embedder.encode([ex.text for ex in gold])
     sessions = split_sessions(
         SessionSpec(by="random", n=args.sessions, seed=args.seed), labels, examples
     )
@@ -138,7 +138,13 @@ def session_rows(args: argparse.Namespace, gold: list[Example]) -> list[dict[str
                 if set(ex.labels) & new
             ]
             clf.memory.learn(
-                [Example(examples[i].id, examples[i].text, labs) for i, labs in batch],
+                # An item seen again with other labels gets a new id, as the protocol does.
+                [
+                    Example(
+                        ex.id if len(labs) == len(ex.labels) else f"{ex.id}#s{t}", ex.text, labs
+                    )
+                    for ex, labs in ((examples[i], labs) for i, labs in batch)
+                ],
                 vectors[[i for i, _ in batch]],
                 [labels[col[lab]] for lab in session],
                 label_vectors[[col[lab] for lab in session]],
@@ -243,10 +249,15 @@ def main() -> None:
     gold, _ = read_examples(args.gold, max_chars=10**6)
     if args.llm:
         rows = llm_rows(args, gold)
-    elif args.sessions:
-        rows = session_rows(args, gold)
     else:
-        rows = ecl_rows(args, gold)
+        clf = ContinualClassifier.open(args.store)
+        t = time.perf_counter()
+        queries = clf.embedder.encode([ex.text for ex in gold])
+        embed_s = time.perf_counter() - t
+        clf.close()
+        rows = ecl_rows(args, gold, queries, embed_s)
+        if args.sessions:
+            rows += session_rows(args, gold, queries)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"store": args.store, "rows": rows}, f, indent=2)
