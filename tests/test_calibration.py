@@ -96,8 +96,10 @@ def test_batch_bias_over_rows_with_different_candidates_by_hand():
 
 def test_calibration_keeps_dropped_candidates_out():
     scores = np.array([[np.log(0.5), -np.inf, np.log(0.5)]])
-    out = OptionBias().fit(np.log([[0.8, 0.1, 0.1]]), [["a", "b", "c"]]).transform(
-        scores, [["a", "b", "c"]]
+    out = (
+        OptionBias()
+        .fit(np.log([[0.8, 0.1, 0.1]]), [["a", "b", "c"]])
+        .transform(scores, [["a", "b", "c"]])
     )
     assert out[0, 1] == -np.inf and np.exp(out[0, [0, 2]]).sum() == pytest.approx(1.0)
     # A row with nothing to score stays empty instead of turning into NaN.

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import yaml
 
+from icl_cl.embedding.cache import CachedEmbedder
 from icl_cl.errors import ConfigError
 from icl_cl.evaluation.datasets import DatasetSpec, load_dataset
-from icl_cl.evaluation.embedding_cache import DiskCachedEmbedder
 from icl_cl.evaluation.llm_pool import SharedBackend
 from icl_cl.evaluation.protocol import EvalConfig, run_protocol
 from icl_cl.evaluation.rag_icl import _map_answer, answer_parts
@@ -258,10 +258,10 @@ def test_bad_method_configs_are_refused_with_the_method_named():
 
 def test_disk_embedding_cache_survives_a_new_process(tmp_path, embedder):
     texts = ["a cat sat", "a dog ran", "a cat sat"]
-    first = DiskCachedEmbedder(embedder, tmp_path)
+    first = CachedEmbedder(embedder, tmp_path)
     vectors = first.encode(texts)
     assert first.misses == 2
-    again = DiskCachedEmbedder(embedder, tmp_path)
+    again = CachedEmbedder(embedder, tmp_path)
     assert again.missing(texts) == 0
     np.testing.assert_array_equal(again.encode(texts), vectors)
     assert again.misses == 0

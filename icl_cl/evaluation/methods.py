@@ -21,6 +21,7 @@ from icl_cl.config import ClassifierConfig, ScorerName
 from icl_cl.errors import ConfigError
 from icl_cl.evaluation.llm_pool import BackendPool, SharedBackend
 from icl_cl.pipelines.continual import ContinualClassifier
+from icl_cl.pipelines.reader import Reading
 from icl_cl.types import Example, Prediction
 
 # Items read per LLM batch: small enough for a smooth progress bar, large enough to batch.
@@ -188,6 +189,13 @@ class Cost:
     fallbacks: int = 0
     shortened: int = 0
 
+    def count(self, reading: Reading) -> None:
+        """Add one reading's prompt (with any calibration stand-ins read beside it)."""
+        if reading.prompt is not None:
+            self.calls += 1
+            self.prompt_tokens += reading.prompt.tokens + reading.calibration_tokens
+            self.shortened += reading.prompt.shortened is not None
+
 
 @dataclass
 class MethodOutput:
@@ -301,10 +309,7 @@ def run_inca(
                 out.variants["llm"].append(out.variants["ecl"][-1])
             else:
                 out.variants["llm"].append(Decision.from_scores(labels, reading.scores, n_chosen))
-            if reading.prompt is not None:
-                out.cost.calls += 1
-                out.cost.prompt_tokens += reading.prompt.tokens
-                out.cost.shortened += reading.prompt.shortened is not None
+            out.cost.count(reading)
         ctx.progress(len(texts))
     return out
 
@@ -329,10 +334,7 @@ def run_zero_shot(
                 out.decisions.append(Decision((), (), ()))
                 continue
             out.decisions.append(Decision.from_scores(labels, reading.scores, n_chosen))
-            assert reading.prompt is not None
-            out.cost.calls += 1
-            out.cost.prompt_tokens += reading.prompt.tokens
-            out.cost.shortened += reading.prompt.shortened is not None
+            out.cost.count(reading)
         ctx.progress(len(texts))
     return out
 

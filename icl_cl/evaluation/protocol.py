@@ -22,10 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from icl_cl import metrics
 from icl_cl.config import ClassifierConfig
 from icl_cl.embedding import Embedder, load_embedder
+from icl_cl.embedding.cache import CachedEmbedder
 from icl_cl.errors import ConfigError
 from icl_cl.evaluation.checkpoint import Checkpoint, fingerprint
 from icl_cl.evaluation.datasets import Dataset, DatasetSpec, load_dataset, sample_items
-from icl_cl.evaluation.embedding_cache import DiskCachedEmbedder
 from icl_cl.evaluation.llm_pool import BackendFactory, BackendPool
 from icl_cl.evaluation.methods import (
     LLM_KINDS,
@@ -308,7 +308,7 @@ def run_protocol(
     run_fp = _run_fingerprint(config, data)
     checkpoint = Checkpoint(out_dir, run_fp, fresh=fresh)
 
-    cached = DiskCachedEmbedder(
+    cached = CachedEmbedder(
         embedder or load_embedder(config.classifier.embedder), out_dir / EMBEDDINGS
     )
     # Label texts too: learning embeds them, and a resumed run should embed nothing.
@@ -473,7 +473,7 @@ def _evaluate_cell(
     ctx: StageContext,
     test: list[Example],
     sessions: Sequence[Sequence[str]],
-    embedder: DiskCachedEmbedder,
+    embedder: CachedEmbedder,
     multi: bool,
     t: int,
     tick: Progress,
@@ -566,7 +566,7 @@ def _joint_check(
     streams: list[list[Example]],
     data: Dataset,
     stores: Path,
-    embedder: DiskCachedEmbedder,
+    embedder: CachedEmbedder,
 ) -> dict[str, float]:
     """Learn every session's stream at once; per method with ECL candidates, the share of test
     items whose ranked candidates match the incremental store's exactly (1.0: no difference)."""
