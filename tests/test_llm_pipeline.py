@@ -16,6 +16,7 @@ from icl_cl.backends.openai_compat import OpenAICompatBackend
 from icl_cl.calibration.in_context import OptionBias
 from icl_cl.config import CalibrationConfig, FusionConfig, LLMConfig, PromptConfig
 from icl_cl.pipelines.fusion import fit_fusion
+from icl_cl.types import Example
 from tests.tiny_models import tiny_backend
 
 LABEL_WORDS = "noun verb adj . animal plant food artifact person motion communication all".split()
@@ -323,3 +324,27 @@ def test_calibration_is_stored_and_refitted_when_a_session_is_added(tmp_path, em
     clf.predict([ex.text for ex in test[:5]], k=3)
     stored, n = clf.memory.store.fitted(key)
     assert n == len(train) and stored["heldout_items"] == len(train)
+
+
+def test_an_item_learned_in_two_sessions_is_held_out_whole(tmp_path, embedder, debtags):
+    train, _, labels = debtags
+    groups = sorted({lab.group for lab in labels})
+    first = {lab.label for lab in labels if lab.group in groups[: len(groups) // 2]}
+    clf = ContinualClassifier.open(tmp_path / "s", ClassifierConfig(), embedder=embedder)
+    # MLCIL: each session shows an item with that session's labels only; ids stay unique.
+    for session, keep in enumerate((first, {lab.label for lab in labels} - first), start=1):
+        shown = [
+            Example(f"{ex.id}#s{session}", ex.text, [lab for lab in ex.labels if lab in keep])
+            for ex in train
+            if set(ex.labels) & keep
+        ]
+        clf.learn(shown, labels)
+    full = {ex.text: set(ex.labels) for ex in train}
+    examples, _, _, ids = clf._heldout(60, "knn", 10)
+    assert len({ex.text for ex in examples}) == len(examples)
+    for ex, copies in zip(examples, ids, strict=True):
+        assert set(ex.labels) == full[ex.text]  # the gold is every session's labels
+        assert len(copies) == sum(
+            bool(full[ex.text] & keep) for keep in (first, set(full[ex.text]) - first)
+        )
+    assert any(len(c) == 2 for c in ids)

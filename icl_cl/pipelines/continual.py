@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 # Held-out stored examples are scored in folds of at most this many (see _heldout).
 _HELDOUT_FOLD = 200
 # Part of every fitted-parameter key: bump it when what is fitted changes form.
-_FITTED_VERSION = 3
+_FITTED_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -502,7 +502,7 @@ class ContinualClassifier:
             scores = [weights.combine(e, m) for e, m in zip(ecl, llm, strict=True)]
         else:
             scale = weights.ecl if weights is not None else 1.0
-            examples, _, ranked = self._heldout(settings.heldout, scorer, k)
+            examples, _, ranked, _ = self._heldout(settings.heldout, scorer, k)
             kept = [i for i, c in enumerate(ranked) if c]
             scores = [scale * np.array([s for _, s in ranked[i]]) for i in kept]
             gold = _gold_columns([ranked[i] for i in kept], [examples[i] for i in kept])
@@ -514,31 +514,54 @@ class ContinualClassifier:
 
     def _heldout(
         self, n: int, scorer: str, k: int
-    ) -> tuple[list[Example], np.ndarray, list[list[tuple[str, float]]]]:
-        """``n`` stored examples drawn with the fusion seed, their vectors, and their top-k
-        candidates as if they had never been learned.
+    ) -> tuple[list[Example], np.ndarray, list[list[tuple[str, float]]], list[frozenset[str]]]:
+        """``n`` stored items drawn with the fusion seed, their vectors, their top-k candidates as
+        if they had never been learned, and the ids of the stored examples each stands for.
 
         They are held out in folds of at most a tenth of the store, so each is scored by a
-        memory almost as large as the real one (small stores are not made to look worse).
+        memory almost as large as the real one (small stores are not made to look worse). In a
+        multi-label store, an item learned in several sessions (each time with that session's
+        labels) is stored several times: its copies are held out together, and its gold labels
+        are all of theirs, or the held-out item would find itself in memory and miss labels.
         """
         rng = np.random.default_rng(self.config.fusion.seed)
         total = self.memory.n_examples
-        rows = np.sort(rng.choice(total, size=min(n, total), replace=False))
+        rows = np.sort(rng.choice(total, size=min(n, total), replace=False)).tolist()
+        groups = self._copies(rows) if self.memory.multi_label else [[r] for r in rows]
+        firsts = [g[0] for g in groups]
+        stored = self.memory.store.examples([r for g in groups for r in g])
+        by_row = dict(zip([r for g in groups for r in g], stored, strict=True))
+        examples = [
+            Example(
+                by_row[g[0]].id,
+                by_row[g[0]].text,
+                dict.fromkeys(lab for r in g for lab in by_row[r].labels),
+            )
+            for g in groups
+        ]
+        ids = [frozenset(by_row[r].id for r in g) for g in groups]
+        vectors = self.memory.index.vectors(firsts)
         fold = max(1, min(_HELDOUT_FOLD, total // 10))
-        examples = self.memory.store.examples(rows.tolist())
-        vectors = self.memory.index.vectors(rows.tolist())
         ranked: list[list[tuple[str, float]]] = []
-        for lo in range(0, len(rows), fold):
-            part = rows[lo : lo + fold].tolist()
+        for lo in range(0, len(groups), fold):
+            part = [r for g in groups[lo : lo + fold] for r in g]
             scores = self.memory.heldout_scorer(part, scorer).scores(vectors[lo : lo + fold])
             ranked += self.memory.ranked(scores, k)
-        return examples, vectors, ranked
+        return examples, vectors, ranked, ids
+
+    def _copies(self, rows: list[int]) -> list[list[int]]:
+        """For each row, every stored row with the same text (one group per distinct text)."""
+        texts = [ex.text for ex in self.memory.store.examples(range(self.memory.n_examples))]
+        by_text: dict[str, list[int]] = {}
+        for row, text in enumerate(texts):
+            by_text.setdefault(text, []).append(row)
+        return [by_text[t] for t in dict.fromkeys(texts[r] for r in rows)]
 
     def _heldout_readings(
         self, k: int, scorer: str
     ) -> tuple[list[np.ndarray], list[np.ndarray], list[list[int]]]:
         """ECL and LLM scores of the fusion's held-out items, and their gold columns."""
-        examples, vectors, ranked = self._heldout(self.config.fusion.heldout, scorer, k)
+        examples, vectors, ranked, ids = self._heldout(self.config.fusion.heldout, scorer, k)
         cand_labels = [[label for label, _ in c] for c in ranked]
         logger.info("reading %d held-out stored examples with the LLM", len(examples))
         readings = (
@@ -547,7 +570,7 @@ class ContinualClassifier:
                 [ex.text for ex in examples],
                 vectors,
                 cand_labels,
-                exclude=[frozenset({ex.id}) for ex in examples],
+                exclude=ids,
             )
             .readings
         )
