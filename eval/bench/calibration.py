@@ -11,6 +11,9 @@ Learn the store with the CLI first (``icl-cl learn``), then:
     # vectors into a new store: the training set is not embedded again.
     python eval/bench/calibration.py --store STORE --gold dev.jsonl --k 10 --sessions 5
 
+    # --fused adds the fused classifier (default LLM) on every dev item where fusion fitted the
+    # LLM's weight to 0 (its decisions then need no LLM call).
+
     # With the default LLM: each in-context calibration method, LLM alone and fused, at each k,
     # on --n sampled dev items (fusion and calibration fitted on held-out stored examples).
     python eval/bench/calibration.py --store STORE --gold dev.jsonl --llm --n 500 --k 5 10 \\
@@ -97,6 +100,37 @@ def ecl_rows(
             **quality(gold, preds, bool(clf.memory.multi_label)),
             "calibration_fit_seconds": fit_s,
             "embed_seconds": embed_s,
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    clf.close()
+    if args.fused:
+        rows += fused_rows(args, gold, queries)
+    return rows
+
+
+def fused_rows(
+    args: argparse.Namespace, gold: list[Example], queries: np.ndarray
+) -> list[dict[str, Any]]:
+    """The fused classifier (default LLM) on every dev item, where fusion gave the LLM weight 0
+    on held-out data: its decisions then need no LLM call. Otherwise use --llm on a sample."""
+    config = ClassifierConfig(llm=LLMConfig(), fusion=FusionConfig(heldout=args.heldout))
+    clf = ContinualClassifier.open(args.store, config)
+    rows = []
+    for k in args.k:
+        weights = clf.fusion_weights(k)
+        if weights.uses_llm:
+            print(f"k={k}: the LLM has weight {weights.llm:.3f}; measure it with --llm", flush=True)
+            continue
+        preds = clf.predict_vectors(
+            queries, k, texts=[ex.text for ex in gold], confidence=args.confidence
+        )
+        row = {
+            "method": "fused (LLM weight 0)",
+            "k": k,
+            "items": len(gold),
+            **quality(gold, preds, bool(clf.memory.multi_label)),
+            "fusion": weights.to_dict(),
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -234,6 +268,11 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[10])
     parser.add_argument("--confidence", type=float, default=0.9)
     parser.add_argument("--llm", action="store_true", help="measure the LLM stage (single-label)")
+    parser.add_argument(
+        "--fused",
+        action="store_true",
+        help="also the fused classifier on every item, where the LLM's fitted weight is 0",
+    )
     parser.add_argument(
         "--sessions", type=int, help="replay the store in this many class-incremental sessions"
     )
