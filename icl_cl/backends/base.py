@@ -165,3 +165,26 @@ def plain_chat(messages: Sequence[Message]) -> str:
         else:
             parts.append(m["content"])
     return "\n".join(parts)
+
+
+class BackendWrapper:
+    """A backend in front of another (a cache, a counter): the calls it does not change are
+    passed to ``inner``."""
+
+    def __init__(self, inner: LLMBackend) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.model = inner.model
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.inner.capabilities
+
+    def render_chat(self, messages: Sequence[Message]) -> str:
+        return self.inner.render_chat(messages)
+
+    def count_tokens(self, text: str) -> int:
+        return self.inner.count_tokens(text)
+
+    def close(self) -> None:
+        self.inner.close()

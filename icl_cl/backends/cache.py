@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from icl_cl.backends.base import (
-    Capabilities,
+    BackendWrapper,
     Generation,
     GenerationParams,
     LLMBackend,
-    Message,
     OptionScores,
     Usage,
     check_options,
@@ -30,14 +29,12 @@ def _key(*parts: object) -> str:
     ).hexdigest()
 
 
-class CachedBackend:
+class CachedBackend(BackendWrapper):
     """Wraps a backend; ``score`` and deterministic ``generate`` results are kept in SQLite,
     keyed by backend, model, prompt and parameters. Sampled generations are never cached."""
 
     def __init__(self, inner: LLMBackend, path: str | Path) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.model = inner.model
+        super().__init__(inner)
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
@@ -45,16 +42,6 @@ class CachedBackend:
             "CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
         )
         self.usage = Usage()
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return self.inner.capabilities
-
-    def render_chat(self, messages: Sequence[Message]) -> str:
-        return self.inner.render_chat(messages)
-
-    def count_tokens(self, text: str) -> int:
-        return self.inner.count_tokens(text)
 
     def close(self) -> None:
         self._conn.close()

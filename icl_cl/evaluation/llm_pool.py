@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from icl_cl.backends.base import (
-    Capabilities,
+    BackendWrapper,
     Generation,
     GenerationParams,
     LLMBackend,
-    Message,
     OptionScores,
 )
 from icl_cl.config import LLMConfig
@@ -29,26 +28,14 @@ def registry_factory(llm: LLMConfig) -> LLMBackend:
     return create_backend(llm.backend, model=llm.model, **llm.options)
 
 
-class SharedBackend:
+class SharedBackend(BackendWrapper):
     """A backend lent to many classifiers: ``close`` is left to the pool, and every prompt asked
     for is counted (``requests``, cache hits included: the cost a method would have without our
     cache)."""
 
     def __init__(self, inner: LLMBackend) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.model = inner.model
+        super().__init__(inner)
         self.requests = 0
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return self.inner.capabilities
-
-    def render_chat(self, messages: Sequence[Message]) -> str:
-        return self.inner.render_chat(messages)
-
-    def count_tokens(self, text: str) -> int:
-        return self.inner.count_tokens(text)
 
     def score(self, prompts: Sequence[str], options: Sequence[Sequence[str]]) -> OptionScores:
         self.requests += len(prompts)
