@@ -40,6 +40,8 @@ from icl_cl import ClassifierConfig, ContinualClassifier
 from icl_cl.calibration.in_context import IN_CONTEXT_METHODS
 from icl_cl.config import CalibrationConfig, FusionConfig, LLMConfig
 from icl_cl.data import read_examples
+from icl_cl.evaluation.methods import Decision
+from icl_cl.evaluation.protocol import calibration_metrics
 from icl_cl.evaluation.sessions import SessionSpec, split_sessions
 from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.memory.store import Store
@@ -48,38 +50,26 @@ from icl_cl.types import Example, Prediction
 
 
 def quality(gold: list[Example], preds: list[Prediction], multi: bool) -> dict[str, float]:
-    """Accuracy, ECE before and after calibration, conformal coverage and set size."""
+    """Accuracy, ECE before calibration, and (as the protocol reports them) ECE after,
+    conformal coverage and set size."""
     gold_sets = [set(ex.labels) for ex in gold]
-    raw = [np.array([c.score for c in p.candidates]) for p in preds]
     if multi:
         before = [
             {c.label: float(1 / (1 + np.exp(-np.clip(c.score, -500, 500)))) for c in p.candidates}
             for p in preds
         ]
-        out = {
-            "ece_before": multilabel_ece(gold_sets, before),
-            "ece_after": multilabel_ece(gold_sets, [p.scores for p in preds]),
-        }
-        pairs = [(p, g) for p, gs in zip(preds, gold_sets, strict=True) for g in gs]
-        if preds[0].set is not None:
-            out["coverage"] = float(np.mean([g in (p.set or ()) for p, g in pairs]))
+        out = {"ece_before": multilabel_ece(gold_sets, before)}
     else:
         correct = [p.labels[0] in g for p, g in zip(preds, gold_sets, strict=True)]
+        raw = [np.array([c.score for c in p.candidates]) for p in preds]
         top_raw = [float(np.exp(r[0] - np.logaddexp.reduce(r))) for r in raw]
         out = {
             "accuracy": float(np.mean(correct)),
             "ece_before": expected_calibration_error(top_raw, correct),
-            "ece_after": expected_calibration_error(
-                [p.scores[p.labels[0]] for p in preds], correct
-            ),
         }
-        if preds[0].set is not None:
-            out["coverage"] = float(
-                np.mean([bool(set(p.set or ()) & g) for p, g in zip(preds, gold_sets, strict=True)])
-            )
-    if preds[0].set is not None:
-        out["set_size"] = float(np.mean([len(p.set or ()) for p in preds]))
-    return out
+    after = calibration_metrics(gold_sets, [Decision.from_prediction(p) for p in preds], multi)
+    out["ece_after"] = after.pop("ece")
+    return {**out, **after}
 
 
 def ecl_rows(

@@ -157,7 +157,7 @@ def score_decisions(
                 [ex.labels[0] for ex in gold], [d.labels[0] if d.labels else "" for d in decisions]
             ),
             f"recall@{k}": metrics.top_k_accuracy([ex.labels[0] for ex in gold], rankings, k),
-            **_calibration_metrics(gold_sets, decisions, multi_label),
+            **calibration_metrics(gold_sets, decisions, multi_label),
         }
     predicted = [set(d.labels) for d in decisions]
     seen = sorted(set().union(*gold_sets))
@@ -178,11 +178,11 @@ def score_decisions(
             for d in decisions
         ]
     out["map"] = metrics.mean_average_precision(gold_sets, score_dicts, seen)
-    out.update(_calibration_metrics(gold_sets, decisions, multi_label))
+    out.update(calibration_metrics(gold_sets, decisions, multi_label))
     return out
 
 
-def _calibration_metrics(
+def calibration_metrics(
     gold: Sequence[set[str]], decisions: Sequence[Decision], multi_label: bool
 ) -> dict[str, float]:
     """ECE of the probabilities, and coverage and size of the conformal sets, when given.
