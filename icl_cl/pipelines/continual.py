@@ -34,6 +34,9 @@ _HELDOUT_FOLD = 200
 # Part of every fitted-parameter key: bump it when what is fitted changes form.
 _FITTED_VERSION = 4
 
+# Held-out items' ECL scores, LLM scores and gold candidate columns.
+_Readings = tuple[list[np.ndarray], list[np.ndarray], list[list[int]]]
+
 
 @dataclass(frozen=True)
 class LearnReport:
@@ -60,6 +63,8 @@ class ContinualClassifier:
         self.embedder = embedder
         self.config = config
         self._backend: LLMBackend | None = None
+        # Held-out readings of the last refit: the fusion and the calibration fit on the same ones.
+        self._readings: tuple[str, _Readings] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -557,10 +562,17 @@ class ContinualClassifier:
             by_text.setdefault(text, []).append(row)
         return [by_text[t] for t in dict.fromkeys(texts[r] for r in rows)]
 
-    def _heldout_readings(
-        self, k: int, scorer: str
-    ) -> tuple[list[np.ndarray], list[np.ndarray], list[list[int]]]:
-        """ECL and LLM scores of the fusion's held-out items, and their gold columns."""
+    def _heldout_readings(self, k: int, scorer: str) -> _Readings:
+        """ECL and LLM scores of the fusion's held-out items, and their gold columns (read once
+        per store size and setting, then reused by the calibration fit)."""
+        key = f"{self._fitted_key('readings', k, scorer)}:{self.memory.n_examples}"
+        if self._readings is not None and self._readings[0] == key:
+            return self._readings[1]
+        result = self._read_heldout(k, scorer)
+        self._readings = (key, result)
+        return result
+
+    def _read_heldout(self, k: int, scorer: str) -> _Readings:
         examples, vectors, ranked, ids = self._heldout(self.config.fusion.heldout, scorer, k)
         cand_labels = [[label for label, _ in c] for c in ranked]
         logger.info("reading %d held-out stored examples with the LLM", len(examples))
