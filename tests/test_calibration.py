@@ -165,3 +165,21 @@ def test_multilabel_conformal_can_cover_each_gold_label_by_hand():
     assert conf.scores.tolist() == pytest.approx([0.05, 0.1, 0.1, 0.1, 0.2, 0.3, 0.5, 1.0])
     # alpha = 0.25, n = 8: rank ceil(9 * 0.75) = 7 -> threshold 0.5.
     assert conf.threshold(0.25) == pytest.approx(0.5)
+
+
+def test_gap_exponent_is_fitted_only_on_enough_heldout_items():
+    # True probabilities follow a gap exponent of 0.5: with plenty of items the fit finds it;
+    # with few, the calibrator keeps the exponent at 1 (plain temperature) instead of overfitting.
+    from icl_cl.calibration.calibrator import MIN_ITEMS_FOR_EXPONENT
+
+    rng = np.random.default_rng(2)
+    scores = rng.normal(scale=2.0, size=(3000, 5))
+    gap = scores.max(1, keepdims=True) - scores
+    probs = np.exp(-np.sqrt(gap)) / np.exp(-np.sqrt(gap)).sum(1, keepdims=True)
+    gold = [[int(rng.choice(5, p=p))] for p in probs]
+    many = ScoreCalibrator.fit(list(scores), gold, multi_label=False)
+    assert many.model.power == pytest.approx(0.5, abs=0.1)
+    few = ScoreCalibrator.fit(
+        list(scores[: MIN_ITEMS_FOR_EXPONENT - 1]), gold[: MIN_ITEMS_FOR_EXPONENT - 1], False
+    )
+    assert few.model.power == 1.0 and not few.model.exponent

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 # Held-out stored examples are scored in folds of at most this many (see _heldout).
 _HELDOUT_FOLD = 200
 # Part of every fitted-parameter key: bump it when what is fitted changes form.
-_FITTED_VERSION = 4
+_FITTED_VERSION = 5
 
 # Held-out items' ECL scores, LLM scores and gold candidate columns.
 _Readings = tuple[list[np.ndarray], list[np.ndarray], list[list[int]]]
