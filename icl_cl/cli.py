@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from icl_cl.config import SCORERS, ClassifierConfig
+from icl_cl.config import SCORERS, ClassifierConfig, DecisionConfig
 from icl_cl.errors import IclClError
 
 logger = logging.getLogger("icl_cl.cli")
@@ -47,7 +47,9 @@ def cmd_learn(args: argparse.Namespace) -> int:
     if args.config:
         max_chars = ClassifierConfig.from_yaml(args.config).max_text_chars
     # Read and validate everything before touching the store.
-    examples, locations = read_examples(args.data, max_chars=max_chars)
+    if not args.data and not args.labels:
+        raise IclClError("give --data (labelled examples), --labels (label definitions), or both")
+    examples, locations = read_examples(args.data, max_chars=max_chars) if args.data else ([], None)
     labels, label_locations = read_labels(args.labels) if args.labels else ([], None)
     clf = _open(args, must_exist=False)
     with clf, _progress(len(examples), "embedding", not args.quiet) as progress:
@@ -81,8 +83,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise IclClError(f"--confidence must be between 0 and 1 (e.g. 0.9), got {args.confidence}")
     if args.abstain_below is not None and not 0 <= args.abstain_below <= 1:
         raise IclClError(f"--abstain-below must be a probability, got {args.abstain_below}")
+    if args.threshold is not None and not 0 < args.threshold < 1:
+        raise IclClError(f"--threshold must be between 0 and 1 (e.g. 0.5), got {args.threshold}")
+    if args.threshold is not None and args.decision not in (None, "threshold"):
+        raise IclClError(
+            f"--threshold applies to --decision threshold only, not {args.decision} "
+            "(label_thresholds fits its thresholds on held-out stored examples)"
+        )
     clf = _open(args)
     with clf:
+        if args.decision is not None or args.threshold is not None:
+            decision = clf.config.decision
+            clf.config = clf.config.model_copy(
+                update={
+                    "decision": DecisionConfig(
+                        rule=args.decision or "threshold",
+                        threshold=decision.threshold if args.threshold is None else args.threshold,
+                    )
+                }
+            )
         ids, texts = read_inputs(args.input, max_chars=clf.config.max_text_chars)
         with _progress(len(texts), "embedding", not args.quiet) as progress:
             predictions = clf.predict(
@@ -159,8 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
         "if missing). All-or-nothing: invalid input changes nothing.",
     )
     p.add_argument("--store", required=True, help="store directory (created if it does not exist)")
-    p.add_argument("--data", required=True, help='JSONL of {"id", "text", "labels": [...]}')
-    p.add_argument("--labels", help='JSONL of {"label", "name", "description", "group"}')
+    p.add_argument("--data", help='JSONL of {"id", "text", "labels": [...]}')
+    p.add_argument(
+        "--labels",
+        help='JSONL of {"label", "name", "description", "group"}; alone (no --data), it adds '
+        "labels known by name only, which label retrieval (Infer-Retrieve-Rank) finds at once",
+    )
     p.add_argument("--config", help="YAML ClassifierConfig, used when the store is created")
     p.set_defaults(func=cmd_learn)
 
@@ -192,9 +215,25 @@ def build_parser() -> argparse.ArgumentParser:
         help='abstain ("labels": [], "abstained": true) when the top probability is below P',
     )
     p.add_argument(
+        "--decision",
+        choices=["cardinality", "threshold", "label_thresholds"],
+        help="how a multi-label store chooses each label set (single-label stores take the top "
+        "label): cardinality = as many top labels as the nearest stored examples have (the "
+        "default); threshold = every label with probability >= --threshold; label_thresholds "
+        "= a threshold per label fitted for F1 on held-out stored examples. Each keeps at least "
+        "the top label. Default: the store's config",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        metavar="T",
+        help="probability threshold in (0, 1) of --decision threshold (default: the config's, "
+        "0.5); given alone it implies --decision threshold, and with another rule it is an error",
+    )
+    p.add_argument(
         "--config",
-        help="YAML config whose query-time settings (llm, prompt, fusion, calibration, memory) "
-        "apply",
+        help="YAML config whose query-time settings (llm, prompt, fusion, calibration, decision, "
+        "memory) apply",
     )
     p.set_defaults(func=cmd_predict)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from icl_cl.errors import ConfigError
 
@@ -51,6 +51,12 @@ class MemoryConfig(_Strict):
         50_000,
         gt=0,
         description="stored examples up to which the example index is exact (flat); above it, HNSW",
+    )
+    label_exact_search_max: int = Field(
+        20_000,
+        gt=0,
+        description="labels up to which label retrieval (Infer-Retrieve-Rank) is exact (flat); "
+        "above it, HNSW",
     )
 
 
@@ -116,8 +122,64 @@ class CalibrationConfig(_Strict):
     heldout: int = Field(
         3000,
         ge=10,
-        description="held-out stored examples for fitting probabilities and conformal sets "
-        "(ECL decisions; with an LLM, the fusion's held-out items are used)",
+        description="held-out stored examples for fitting probabilities and conformal sets of "
+        "ECL decisions",
+    )
+    heldout_llm: int = Field(
+        500,
+        ge=10,
+        description="held-out stored examples read by the LLM to fit probabilities and "
+        "conformal sets when the LLM has fusion weight (at least fusion.heldout; the fusion's "
+        "own reads are cached and reused)",
+    )
+
+
+class DecisionConfig(_Strict):
+    """How a multi-label store chooses a prediction's label set from its candidates' calibrated
+    probabilities (single-label stores always choose the top one). Every rule chooses at least
+    the most probable candidate unless the prediction abstains."""
+
+    rule: Literal["cardinality", "threshold", "label_thresholds"] = Field(
+        "cardinality",
+        description="cardinality: the top n, n the label count of the nearest stored examples; "
+        "threshold: every candidate whose probability is >= threshold; label_thresholds: a "
+        "threshold per label, the one maximising the label's F1 on held-out stored examples, "
+        "shrunk (for labels with few held-out positives) towards a global threshold that is "
+        "itself fitted on them, maximising micro-F1 over all held-out (item, candidate) pairs",
+    )
+    threshold: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="the threshold rule's probability threshold (label_thresholds fits its own "
+        "and falls back to this only when no held-out candidate is gold)",
+    )
+
+
+class IRRConfig(_Strict):
+    """Infer-Retrieve-Rank (D'Oosterlinck et al. 2024): candidates come from retrieving labels
+    by name and description instead of (or fused with) the ECL. ``k`` of predict is the number
+    of retrieved labels the rank step reads (the paper's rank_topk)."""
+
+    infer: bool = Field(True, description="the LLM writes label-like queries for the input")
+    retrieve: bool = Field(
+        True,
+        description="retrieve labels from the label index with the input and its queries; "
+        "off: the ECL supplies the candidates (queried with the input moved towards its queries)",
+    )
+    ecl: bool = Field(
+        False, description="fuse the ECL's ranking into retrieval (reciprocal-rank fusion)"
+    )
+    rank: bool = Field(True, description="the LLM reads the retrieved labels and scores each one")
+    prior: float = Field(
+        0.0,
+        ge=0,
+        description="label-prior reweighting A: score * log(A * frequency + e); 0 = off",
+    )
+    max_queries: int = Field(8, gt=0, description="queries kept from the infer step")
+    max_query_tokens: int = Field(48, gt=0, description="tokens the infer step may generate")
+    n_demonstrations: int = Field(
+        3, ge=0, description="nearest stored examples (with their labels) shown to the infer step"
     )
 
 
@@ -130,10 +192,23 @@ class ClassifierConfig(_Strict):
     prompt: PromptConfig = PromptConfig()
     fusion: FusionConfig = FusionConfig()
     calibration: CalibrationConfig = CalibrationConfig()
+    decision: DecisionConfig = DecisionConfig()
+    irr: IRRConfig | None = Field(
+        None, description="Infer-Retrieve-Rank settings; None: InCA-style (ECL candidates)"
+    )
     multi_label: bool | None = Field(
         None, description="None: detect from training data (any example with != 1 label)"
     )
     max_text_chars: int = Field(100_000, gt=0, description="longer inputs are rejected, not cut")
+
+    @model_validator(mode="after")
+    def _irr_steps_have_an_llm(self) -> ClassifierConfig:
+        if self.irr is not None and (self.irr.infer or self.irr.rank) and self.llm is None:
+            raise ValueError(
+                "Infer-Retrieve-Rank's infer and rank steps need an LLM: set 'llm', "
+                "or switch them off (irr: {infer: false, rank: false})"
+            )
+        return self
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClassifierConfig:

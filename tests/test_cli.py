@@ -363,3 +363,24 @@ def test_predict_gives_probabilities_conformal_sets_and_abstention(store, tmp_pa
     for flag, value in (("--confidence", "1.5"), ("--abstain-below", "-0.1")):
         assert main([*args, "--output", str(abstain), flag, value]) == 2
         assert flag in capsys.readouterr().err
+
+
+def test_learn_with_labels_only_adds_labels_without_examples(tmp_path, capsys):
+    copy = tmp_path / "s"
+    assert main(["-q", "learn", "--store", str(copy), "--data", str(SAMPLE / "train.jsonl")]) == 0
+    before = _snapshot(copy)
+    new = _write(
+        tmp_path / "new.jsonl",
+        [{"label": "noun.quark", "name": "quark", "description": "an elementary particle"}],
+    )
+    capsys.readouterr()
+    assert main(["-q", "learn", "--store", str(copy), "--labels", str(new)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["examples"] == 0 and report["new_labels"] == 1
+    after = _snapshot(copy)
+    assert after[0] == before[0] and after[3] == before[3] + 1  # same examples, one more label
+    # Again: nothing new, refused, nothing changed.
+    assert main(["-q", "learn", "--store", str(copy), "--labels", str(new)]) == 2
+    assert "nothing to learn" in capsys.readouterr().err and _snapshot(copy) == after
+    assert main(["-q", "learn", "--store", str(copy)]) == 2
+    assert "give --data" in capsys.readouterr().err

@@ -111,10 +111,20 @@ def test_every_method_kind_reports_quality_and_cost(tmp_path, embedder, tiny):
 
 def test_multi_label_methods_report_ranking_metrics(tmp_path, embedder, tiny):
     config = eval_config(
-        [{"name": "ecl"}, {"name": "inca", "kind": "inca", "max_test": 8}], dataset="debtags-sample"
+        [
+            {"name": "ecl"},
+            {"name": "inca", "kind": "inca", "max_test": 8},
+            {"name": "irr-ecl", "kind": "irr", "max_test": 6, "irr": {"ecl": True}},
+        ],
+        dataset="debtags-sample",
     )
     results = run_protocol(config, tmp_path, embedder=embedder, backend_factory=factory(tiny))
     assert results["dataset"]["multi_label"] and results["headline"] == "rp@5"
+    irr = results["methods"]["irr-ecl"]["stages"][-1]
+    for key in ("rp@5", "micro_f1", "map", "ece"):
+        assert 0.0 <= irr[key] <= 1.0, key
+    # Its infer step generates queries, so it costs prompt and completion tokens per item.
+    assert irr["prompt_tokens_per_item"] > 0 and irr["completion_tokens_per_item"] > 0
     last = results["methods"]["inca"]["stages"][-1]
     for key in (
         "rp@5",

@@ -361,6 +361,7 @@ class TransformersBackend:
                 out = self._lm.generate(
                     input_ids=ids.to(self._device),
                     attention_mask=mask.to(self._device),
+                    stopping_criteria=self._stop_on(params.stop, width),
                     max_new_tokens=params.max_tokens,
                     do_sample=params.temperature > 0,
                     temperature=params.temperature if params.temperature > 0 else None,
@@ -380,8 +381,11 @@ class TransformersBackend:
                     toks = [int(t) for t in new[i] if int(t) != self._pad_id]
                     lps = tuple(float(step_logprobs[i, j, t]) for j, t in enumerate(toks))
                     text = self._tok.decode(toks, skip_special_tokens=True)
-                    # Stop strings are applied here rather than in generate(): transformers'
-                    # stop-string matcher needs byte-level token strings, not every tokenizer has them.
+                    # Stop strings are applied here (and by _stop_on) rather than by generate()'s
+                    # stop_strings: its matcher needs byte-level token strings, not every tokenizer
+                    # has them. Leading whitespace is not an answer: a stop string counts after it.
+                    if params.stop:
+                        text = text.lstrip()
                     for stop in params.stop:
                         text = text.split(stop)[0]
                     results.append(Generation(text, lps, len(e), len(toks)))
@@ -390,6 +394,25 @@ class TransformersBackend:
         usage.seconds = time.perf_counter() - start
         self.usage.add(usage)
         return results
+
+    def _stop_on(self, stops: Sequence[str], width: int) -> Any:
+        """A stopping criterion that ends each row once its new text holds a stop string (the
+        text is still cut at the stop string afterwards), so a batch does not run to
+        ``max_tokens`` after every row has finished its line."""
+        if not stops:
+            return None
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        tokenizer = self._tok
+
+        class StopStrings(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                texts = tokenizer.batch_decode(input_ids[:, width:], skip_special_tokens=True)
+                done = [any(stop in text.lstrip() for stop in stops) for text in texts]
+                return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+        return StoppingCriteriaList([StopStrings()])
 
     def _choose(self, prompts: Sequence[str], choices: list[str]) -> list[Generation]:
         scored = self.score(prompts, [choices] * len(prompts))

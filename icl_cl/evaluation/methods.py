@@ -5,6 +5,8 @@
   the fused one, and the LLM's own choice among the same candidates is scored alongside.
 - ``zero_shot``: the LLM alone, every seen label listed, no demonstrations.
 - ``rag_icl``: Milios et al. (2023), see :mod:`icl_cl.evaluation.rag_icl`.
+- ``irr``: Infer-Retrieve-Rank (D'Oosterlinck et al. 2024), optionally with the ECL fused into
+  retrieval; see :mod:`icl_cl.pipelines.infer_retrieve_rank`.
 """
 
 from __future__ import annotations
@@ -82,6 +84,17 @@ class RagIclMethod(_LLMMethod):
     max_new_tokens: int = Field(16, gt=0)
 
 
+class IrrMethod(_LLMMethod):
+    """Infer-Retrieve-Rank: LLM queries, label retrieval, LLM rank; the fused decision."""
+
+    kind: Literal["irr"]
+    scorer: ScorerName | Literal["auto"] = "auto"
+    irr: dict[str, Any] = Field(
+        default_factory=dict,
+        description="overrides of classifier.irr (infer, retrieve, ecl, rank, prior, ...)",
+    )
+
+
 def _kind(value: Any) -> str:
     if isinstance(value, dict):
         return str(value.get("kind", "ecl"))
@@ -92,12 +105,13 @@ MethodSpec = Annotated[
     Annotated[EclMethod, Tag("ecl")]
     | Annotated[IncaMethod, Tag("inca")]
     | Annotated[ZeroShotMethod, Tag("zero_shot")]
-    | Annotated[RagIclMethod, Tag("rag_icl")],
+    | Annotated[RagIclMethod, Tag("rag_icl")]
+    | Annotated[IrrMethod, Tag("irr")],
     Discriminator(_kind),
 ]
 """One method of the comparison; ``kind`` picks it (default ``ecl``)."""
 
-LLM_KINDS = ("inca", "zero_shot", "rag_icl")
+LLM_KINDS = ("inca", "zero_shot", "rag_icl", "irr")
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -125,6 +139,8 @@ def method_config(
         merged["llm"] = deep_merge(merged.get("llm") or {}, spec.llm)
     if spec.kind == "zero_shot":
         merged["prompt"] = {**merged["prompt"], "demonstrations": "none", "n_demonstrations": 0}
+    if spec.kind == "irr":
+        merged["irr"] = deep_merge(merged.get("irr") or {}, spec.irr)
     where = f"{source}: method {spec.name!r}"
     unknown = sorted(set(merged) - set(ClassifierConfig.model_fields))
     if unknown:
@@ -196,6 +212,17 @@ class Cost:
             self.prompt_tokens += reading.prompt.tokens + reading.calibration_tokens
             self.shortened += reading.prompt.shortened is not None
 
+    def count_prediction(self, pred: Prediction) -> None:
+        """Add the LLM work a prediction reports (every step of its pipeline)."""
+        if pred.llm is not None:
+            self.calls += pred.llm["calls"]
+            self.prompt_tokens += pred.llm["prompt_tokens"]
+            self.completion_tokens += pred.llm["completion_tokens"]
+            # Fusion giving the LLM weight 0 is a decision, not a failure to read.
+            weighted = pred.evidence.get("fusion", {}).get("llm", 1.0) > 0
+            self.fallbacks += pred.llm["fallback"] is not None and weighted
+            self.shortened += "shortened" in pred.evidence
+
 
 @dataclass
 class MethodOutput:
@@ -256,6 +283,19 @@ def chunks(n: int) -> list[slice]:
 # ---- the methods -------------------------------------------------------------------------
 
 
+def _fit_fusion(clf: ContinualClassifier, k: int, scorer: str) -> dict[str, float]:
+    """Fit (or load) the fusion weights on held-out stored examples; what it cost."""
+    backend = clf.backend()
+    assert isinstance(backend, SharedBackend)
+    before, start = backend.requests, time.perf_counter()
+    weights = clf.fusion_weights(k, scorer)
+    return {
+        "fit_llm_calls": float(backend.requests - before),
+        "fit_seconds": time.perf_counter() - start,
+        "fusion_llm_weight": weights.llm,
+    }
+
+
 def run_ecl(
     spec: EclMethod, ctx: StageContext, test: Sequence[Example], queries: np.ndarray
 ) -> MethodOutput:
@@ -276,19 +316,9 @@ def run_inca(
     queries: np.ndarray,
 ) -> MethodOutput:
     clf = view(ctx, config)
-    backend = clf.backend()
-    assert isinstance(backend, SharedBackend)
     scorer = clf.memory.resolve_scorer(spec.scorer)
-    before, start = backend.requests, time.perf_counter()
-    weights = clf.fusion_weights(ctx.k, scorer)  # fitted on held-out stored examples, stored
     out = MethodOutput(
-        decisions=[],
-        variants={"llm": [], "ecl": []},
-        setup={
-            "fit_llm_calls": float(backend.requests - before),
-            "fit_seconds": time.perf_counter() - start,
-            "fusion_llm_weight": weights.llm,
-        },
+        decisions=[], variants={"llm": [], "ecl": []}, setup=_fit_fusion(clf, ctx.k, scorer)
     )
     reader = clf.reader()
     for part in chunks(len(test)):
@@ -339,6 +369,31 @@ def run_zero_shot(
     return out
 
 
+def run_irr(
+    spec: IrrMethod,
+    ctx: StageContext,
+    config: ClassifierConfig,
+    test: Sequence[Example],
+    queries: np.ndarray,
+) -> MethodOutput:
+    clf = view(ctx, config)
+    assert config.irr is not None
+    scorer = clf.memory.resolve_scorer(spec.scorer)
+    out = MethodOutput(decisions=[])
+    if config.irr.rank:
+        out.setup = _fit_fusion(clf, ctx.k, scorer)
+    for part in chunks(len(test)):
+        texts = [ex.text for ex in test[part]]
+        preds = clf.predict_vectors(
+            queries[part], ctx.k, scorer=scorer, texts=texts, confidence=ctx.confidence
+        )
+        for pred in preds:
+            out.decisions.append(Decision.from_prediction(pred))
+            out.cost.count_prediction(pred)
+        ctx.progress(len(texts))
+    return out
+
+
 def run_method(
     spec: Any,
     ctx: StageContext,
@@ -353,6 +408,8 @@ def run_method(
         return run_inca(spec, ctx, config, test, queries)
     if spec.kind == "zero_shot":
         return run_zero_shot(spec, ctx, config, test, queries)
+    if spec.kind == "irr":
+        return run_irr(spec, ctx, config, test, queries)
     from icl_cl.evaluation.rag_icl import run_rag_icl
 
     return run_rag_icl(spec, ctx, view(ctx, config), test, queries)

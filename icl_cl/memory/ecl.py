@@ -38,6 +38,7 @@ class ExternalContinualLearner:
         self._row_labels: list[np.ndarray] | None = None
         self._row_cardinality: np.ndarray | None = None
         self._scorers: dict[str, Scorer] = {}
+        self._label_index: ExampleIndex | None = None
         self.multi_label: bool | None = store.meta("multi_label")
 
     # ---- introspection ---------------------------------------------------------------------
@@ -118,6 +119,8 @@ class ExternalContinualLearner:
         self._labels.extend(ordered)
         if ordered:
             self._label_vector_chunks.append(ordered_vectors)
+            if self._label_index is not None:  # new labels are retrievable at once
+                self._label_index.add(ordered_vectors)
         self.index.add(vectors)
         if self._row_labels is not None and self._row_cardinality is not None:
             col = self.stats.col
@@ -194,6 +197,25 @@ class ExternalContinualLearner:
         """Scores of every label for each query, ``(n, n_labels)`` in column order."""
         self.require_examples()
         return self.scorer(scorer).scores(np.ascontiguousarray(queries, np.float32))
+
+    def retrieve_labels(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Labels whose text (name and description) is nearest to each query vector:
+        ``(cosines, label columns)``; missing slots have column -1. Labels need no examples.
+
+        The index over label vectors is built on first use from the stored vectors (no label is
+        embedded again) and grows with every session; it is exact up to
+        ``label_exact_search_max`` labels, HNSW above.
+        """
+        if not self._labels:
+            raise DataError(f"{self.store.path}: the store has no labels yet")
+        if self._label_index is None:
+            self._label_index = ExampleIndex(self.dim, self.config.label_exact_search_max)
+            self._label_index.add(self.label_vectors)
+        return self._label_index.search(queries, n)
+
+    def label_prior(self) -> np.ndarray:
+        """Share of stored examples that carry each label, in column order."""
+        return self.stats.counts / max(self.stats.n_examples, 1)
 
     def neighbours(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Nearest stored examples: ``(similarities, rows)``."""

@@ -1,4 +1,5 @@
-"""FAISS index over stored example vectors, for demonstrations and kNN."""
+"""FAISS index over stored unit vectors: example vectors (demonstrations, kNN) and label vectors
+(label retrieval)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class ExampleIndex:
 
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if self.size + len(vectors) > self._exact_max and isinstance(self._index, faiss.IndexFlat):
-            logger.info("example index passes %d vectors: switching to HNSW", self._exact_max)
+            logger.info("index passes %d vectors: switching to HNSW", self._exact_max)
             old = self._index.reconstruct_n(0, self.size) if self.size else vectors[:0]
             hnsw = faiss.IndexHNSWFlat(self.dim, _HNSW_M, faiss.METRIC_INNER_PRODUCT)
             hnsw.hnsw.efSearch = _HNSW_EF_SEARCH

@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,11 @@ from icl_cl.embedding.base import ProgressCallback
 from icl_cl.errors import BackendError, ConfigError, DataError
 from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.memory.store import MANIFEST, Store
+from icl_cl.pipelines.decision import LabelSetRule
 from icl_cl.pipelines.fusion import FusionWeights, fit_fusion
+from icl_cl.pipelines.infer_retrieve_rank import Inferred, InferRetrieveRank
 from icl_cl.pipelines.reader import LLMReader, Reading
-from icl_cl.prompting import load_template
+from icl_cl.prompting import load_template, render_instruction
 from icl_cl.types import Candidate, Example, Label, Prediction
 
 logger = logging.getLogger(__name__)
@@ -32,10 +34,14 @@ logger = logging.getLogger(__name__)
 # Held-out stored examples are scored in folds of at most this many (see _heldout).
 _HELDOUT_FOLD = 200
 # Part of every fitted-parameter key: bump it when what is fitted changes form.
-_FITTED_VERSION = 5
+_FITTED_VERSION = 6
 
-# Held-out items' ECL scores, LLM scores and gold candidate columns.
-_Readings = tuple[list[np.ndarray], list[np.ndarray], list[list[int]]]
+# Held-out items' candidate labels and gold labels.
+_Labelled = tuple[list[list[str]], list[set[str]]]
+# Held-out items' ECL scores, LLM scores, gold candidate columns and labels.
+_Readings = tuple[list[np.ndarray], list[np.ndarray], list[list[int]], _Labelled]
+# Held-out items' decision scores, gold candidate columns and labels.
+_Decisions = tuple[list[np.ndarray], list[list[int]], _Labelled]
 
 
 @dataclass(frozen=True)
@@ -63,8 +69,11 @@ class ContinualClassifier:
         self.embedder = embedder
         self.config = config
         self._backend: LLMBackend | None = None
+        self._owns_backend = True
         # Held-out readings of the last refit: the fusion and the calibration fit on the same ones.
         self._readings: tuple[str, _Readings] | None = None
+        # The ECL's held-out items of the last fit, shared by the calibration and the label sets.
+        self._ecl_heldout: tuple[str, _Decisions] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -111,6 +120,8 @@ class ContinualClassifier:
                             "prompt",
                             "fusion",
                             "calibration",
+                            "decision",
+                            "irr",
                             "max_text_chars",
                         )
                     }
@@ -130,12 +141,13 @@ class ContinualClassifier:
         embedder = embedder or load_embedder(config.embedder)
         clf = cls(ExternalContinualLearner(store, config.memory), embedder, config)
         clf._backend = backend
+        clf._owns_backend = backend is None  # a backend the caller passed in stays open
         return clf
 
     def close(self) -> None:
-        if self._backend is not None:
+        if self._backend is not None and self._owns_backend:
             self._backend.close()
-            self._backend = None
+        self._backend = None
         self.memory.store.close()
 
     def __enter__(self) -> ContinualClassifier:
@@ -158,7 +170,9 @@ class ContinualClassifier:
         """Learn one session. All-or-nothing: on any error, the store is unchanged.
 
         Args:
-            examples: The session's examples. Ids must be new to the store.
+            examples: The session's examples. Ids must be new to the store. May be empty when
+                ``labels`` defines new labels (labels known by name alone, which label retrieval
+                finds at once; the ECL scores them once they have examples).
             labels: Label definitions (names, descriptions). Labels used by examples but not
                 defined here or earlier are created with their identifier as name.
             progress: Called with the number of texts embedded so far, chunk by chunk.
@@ -167,11 +181,13 @@ class ContinualClassifier:
         """
         start = time.perf_counter()
         examples = list(examples)
-        if not examples:
-            raise DataError("a session needs at least one example")
+        if not examples and not labels:
+            raise DataError("a session needs at least one example or one label definition")
         validate_examples(examples, max_chars=self.config.max_text_chars, locations=locations)
         self._check_new_ids(examples, locations)
         new_labels = self._new_labels(examples, labels, label_locations)
+        if not examples and not new_labels:
+            raise DataError("nothing to learn: no examples, and every label given is already known")
         multi_label = self._multi_label_after(examples, locations)
 
         embed_start = time.perf_counter()
@@ -319,6 +335,22 @@ class ContinualClassifier:
             abstain_below=abstain_below,
         )
 
+    def candidates(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        texts: Sequence[str] | None = None,
+        scorer: str | None = None,
+    ) -> list[list[tuple[str, float]]]:
+        """The candidate stage alone: each input's top-``k`` ``(label, score)`` from the ECL, or
+        from Infer-Retrieve-Rank's infer (given ``texts``) and retrieve steps when configured."""
+        scorer_name = self.memory.resolve_scorer(scorer)
+        ranked, _ = self._candidates(
+            texts, queries, k, lambda v: self.memory.candidates(v, k, scorer_name)
+        )
+        return ranked
+
     def predict_vectors(
         self,
         queries: np.ndarray,
@@ -339,13 +371,15 @@ class ContinualClassifier:
         if abstain_below is not None and not 0 <= abstain_below <= 1:
             raise DataError(f"abstain_below must be in [0, 1], got {abstain_below!r}")
         scorer_name = self.memory.resolve_scorer(scorer)
-        ranked = self.memory.candidates(queries, k, scorer_name)
+        ranked, inferred = self._candidates(
+            texts, queries, k, lambda v: self.memory.candidates(v, k, scorer_name)
+        )
         multi = bool(self.memory.multi_label)
         cardinality = self.memory.expected_cardinality(queries) if multi else np.ones(len(queries))
         weights: FusionWeights | None = None
         readings: list[Reading] | None = None
         skipped: str | None = None
-        if texts is not None and self.config.llm is not None:
+        if texts is not None and self.config.llm is not None and self._reads():
             try:
                 weights = self.fusion_weights(k, scorer_name)
             except BackendError as exc:
@@ -361,6 +395,7 @@ class ContinualClassifier:
                     f"({weights.heldout_ecl:.3f}) was at least as good as fused ({weights.heldout_fused:.3f})"
                 )
         calibrator = self.calibrator(k, scorer_name, weights)
+        rule = self.label_set_rule(k, scorer_name, weights, calibrator) if multi else None
         predictions = []
         for i, (cands, card) in enumerate(zip(ranked, cardinality, strict=True)):
             labels = [label for label, _ in cands]
@@ -370,29 +405,42 @@ class ContinualClassifier:
             fused = weights.combine(ecl, llm) if weights is not None else ecl
             prob = calibrator.probabilities(fused[None, :])[0]
             order = np.lexsort((-fused, -prob))  # probability first; raw score breaks ties
-            n_chosen = max(1, min(len(cands), round(float(card)))) if multi else 1
-            chosen = tuple(labels[j] for j in order[:n_chosen])
+            top = rule.choose([labels[j] for j in order], prob[order], card) if rule else (0,)
+            chosen = tuple(labels[order[j]] for j in top)
             abstained = abstain_below is not None and float(prob[order[0]]) < abstain_below
             conformal = None
             if confidence is not None:
                 conformal = tuple(labels[j] for j in calibrator.sets(prob[None, :], confidence)[0])
             evidence: dict[str, Any] = {"expected_cardinality": float(card)} if multi else {}
+            if rule is not None:
+                evidence["decision"] = rule.evidence(chosen)
             if not multi:
                 evidence["p_outside_candidates"] = max(0.0, 1.0 - float(prob.sum()))
             llm_info = None
-            if weights is not None:
-                evidence["fusion"] = weights.to_dict()
+            if weights is not None or inferred is not None:
                 llm_info = {
                     "calls": 0,
                     "prompt_tokens": 0,
                     "completion_tokens": 0,
                     "fallback": skipped,
                 }
+            if inferred is not None:
+                assert llm_info is not None
+                evidence["irr"] = {
+                    "queries": inferred.queries[i],
+                    "infer_tokens": inferred.prompt_tokens[i],
+                }
+                llm_info["calls"] += inferred.calls[i]
+                llm_info["prompt_tokens"] += inferred.prompt_tokens[i]
+                llm_info["completion_tokens"] += inferred.completion_tokens[i]
+            if weights is not None:
+                assert llm_info is not None
+                evidence["fusion"] = weights.to_dict()
                 if reading is not None:
                     llm_info["fallback"] = reading.fallback
                     if reading.prompt is not None:
-                        llm_info["calls"] = reading.calls
-                        llm_info["prompt_tokens"] = (
+                        llm_info["calls"] += reading.calls
+                        llm_info["prompt_tokens"] += (
                             reading.prompt.tokens + reading.calibration_tokens
                         )
                         evidence["demonstrations"] = reading.prompt.demonstrations
@@ -458,6 +506,7 @@ class ContinualClassifier:
                 llm,
                 self.config.prompt.model_dump(mode="json"),
                 self.config.fusion.model_dump(mode="json"),
+                self.config.irr.model_dump(mode="json") if self.config.irr else None,
                 reading,
                 k,
                 scorer,
@@ -473,10 +522,10 @@ class ContinualClassifier:
         subtracted exactly) and asks the LLM about them."""
         scorer = self.memory.resolve_scorer(scorer)
         key = self._fitted_key("fusion", k, scorer)
-        stored = self.memory.store.fitted(key)
-        if stored is not None and stored[1] == self.memory.n_examples:
-            return FusionWeights(**stored[0])
-        ecl, llm, gold = self._heldout_readings(k, scorer)
+        stored = self._fresh_fitted(key)
+        if stored is not None:
+            return FusionWeights(**stored)
+        ecl, llm, gold, _ = self._heldout_readings(k, scorer, self.config.fusion.heldout)
         weights = fit_fusion(ecl, llm, [{j for j in g if j >= 0} for g in gold])
         self.memory.store.save_fitted(key, weights.to_dict(), self.memory.n_examples)
         logger.info("fusion weights: %s", weights)
@@ -493,29 +542,96 @@ class ContinualClassifier:
         with their own statistics subtracted.
         """
         scorer = self.memory.resolve_scorer(scorer)
-        uses_llm = weights is not None and weights.uses_llm
-        settings = self.config.calibration
-        key = self._fitted_key(
-            "calibration", k, scorer, uses_llm, settings.probability, settings.heldout
-        )
-        stored = self.memory.store.fitted(key)
-        if stored is not None and stored[1] == self.memory.n_examples:
-            return ScoreCalibrator.from_dict(stored[0])
-        if uses_llm:
-            assert weights is not None
-            ecl, llm, gold = self._heldout_readings(k, scorer)
-            scores = [weights.combine(e, m) for e, m in zip(ecl, llm, strict=True)]
-        else:
-            scale = weights.ecl if weights is not None else 1.0
-            examples, _, ranked, _ = self._heldout(settings.heldout, scorer, k)
-            kept = [i for i, c in enumerate(ranked) if c]
-            scores = [scale * np.array([s for _, s in ranked[i]]) for i in kept]
-            gold = _gold_columns([ranked[i] for i in kept], [examples[i] for i in kept])
+        key = self._heldout_fit_key("calibration", k, scorer, weights)
+        stored = self._fresh_fitted(key)
+        if stored is not None:
+            return ScoreCalibrator.from_dict(stored)
+        scores, gold, _ = self._heldout_decisions(k, scorer, weights)
         calibrator = ScoreCalibrator.fit(
-            scores, gold, bool(self.memory.multi_label), settings.probability
+            scores, gold, bool(self.memory.multi_label), self.config.calibration.probability
         )
         self.memory.store.save_fitted(key, calibrator.to_dict(), self.memory.n_examples)
         return calibrator
+
+    def label_set_rule(
+        self,
+        k: int,
+        scorer: str | None = None,
+        weights: FusionWeights | None = None,
+        calibrator: ScoreCalibrator | None = None,
+    ) -> LabelSetRule:
+        """The configured rule choosing a multi-label prediction's labels (``config.decision``).
+
+        ``label_thresholds`` are fitted on the calibration's held-out items, through the
+        probabilities of ``calibrator`` (default: :meth:`calibrator` with these arguments),
+        stored, and refitted when the store has grown.
+        """
+        decision = self.config.decision
+        if decision.rule != "label_thresholds":
+            return LabelSetRule(decision.rule, decision.threshold)
+        scorer = self.memory.resolve_scorer(scorer)
+        key = self._heldout_fit_key("decision", k, scorer, weights, decision.threshold)
+        stored = self._fresh_fitted(key)
+        if stored is not None:
+            return LabelSetRule.from_dict(stored)
+        if calibrator is None:
+            calibrator = self.calibrator(k, scorer, weights)
+        scores, _, (labels, gold) = self._heldout_decisions(k, scorer, weights)
+        probabilities = [calibrator.probabilities(s[None, :])[0] for s in scores]
+        rule = LabelSetRule.fit(probabilities, labels, gold, default=decision.threshold)
+        self.memory.store.save_fitted(key, rule.to_dict(), self.memory.n_examples)
+        logger.info("label thresholds fitted on %d held-out items", rule.heldout_items)
+        return rule
+
+    def _heldout_fit_key(
+        self, kind: str, k: int, scorer: str, weights: FusionWeights | None, *extra: object
+    ) -> str:
+        """Key of parameters fitted on :meth:`_heldout_decisions` for these ``weights``."""
+        uses_llm = weights is not None and weights.uses_llm
+        settings = self.config.calibration
+        return self._fitted_key(
+            kind,
+            k,
+            scorer,
+            uses_llm,
+            settings.probability,
+            settings.heldout_llm if uses_llm else settings.heldout,
+            *extra,
+        )
+
+    def _fresh_fitted(self, key: str) -> dict[str, Any] | None:
+        """Parameters stored under ``key``, if they were fitted at the store's current size."""
+        stored = self.memory.store.fitted(key)
+        return stored[0] if stored is not None and stored[1] == self.memory.n_examples else None
+
+    def _heldout_decisions(self, k: int, scorer: str, weights: FusionWeights | None) -> _Decisions:
+        """Held-out items' decision scores under fusion ``weights`` (``None``: the ECL alone),
+        gold columns and labels: what the calibration and the label-set rule are fitted on.
+
+        With the LLM in use, the fusion's held-out items (their readings are cached); otherwise
+        ``calibration.heldout`` items scored by the ECL with their own statistics subtracted
+        (kept for the next fit at this store size).
+        """
+        if weights is not None and weights.uses_llm:
+            # More items than the fusion's two weights need: a calibration fitted on a hundred
+            # read items missed ECE 0.05 on Debian sections (see README).
+            n = max(self.config.fusion.heldout, self.config.calibration.heldout_llm)
+            ecl, llm, gold, labelled = self._heldout_readings(k, scorer, n)
+            return [weights.combine(e, m) for e, m in zip(ecl, llm, strict=True)], gold, labelled
+        n = self.config.calibration.heldout
+        if self._infers():  # every held-out item costs an LLM generation
+            n = min(n, self.config.fusion.heldout)
+        key = f"{self._fitted_key('heldout', k, scorer, n)}:{self.memory.n_examples}"
+        if self._ecl_heldout is None or self._ecl_heldout[0] != key:
+            examples, _, ranked, _ = self._heldout(n, scorer, k)
+            kept = [i for i, c in enumerate(ranked) if c]
+            ranked, examples = [ranked[i] for i in kept], [examples[i] for i in kept]
+            ecl = [np.array([s for _, s in c]) for c in ranked]
+            found = (ecl, _gold_columns(ranked, examples), _labelled(ranked, examples))
+            self._ecl_heldout = (key, found)
+        ecl, gold, labelled = self._ecl_heldout[1]
+        scale = weights.ecl if weights is not None else 1.0
+        return [scale * s for s in ecl], gold, labelled
 
     def _heldout(
         self, n: int, scorer: str, k: int
@@ -531,7 +647,9 @@ class ContinualClassifier:
         """
         rng = np.random.default_rng(self.config.fusion.seed)
         total = self.memory.n_examples
-        rows = np.sort(rng.choice(total, size=min(n, total), replace=False)).tolist()
+        # A prefix of one seeded permutation: a larger held-out set contains the smaller ones,
+        # so the calibration's extra LLM reads reuse the fusion's (cached) ones.
+        rows = np.sort(rng.permutation(total)[: min(n, total)]).tolist()
         groups = self._copies(rows) if self.memory.multi_label else [[r] for r in rows]
         firsts = [g[0] for g in groups]
         stored = self.memory.store.examples([r for g in groups for r in g])
@@ -547,12 +665,41 @@ class ContinualClassifier:
         ids = [frozenset(by_row[r].id for r in g) for g in groups]
         vectors = self.memory.index.vectors(firsts)
         fold = max(1, min(_HELDOUT_FOLD, total // 10))
-        ranked: list[list[tuple[str, float]]] = []
-        for lo in range(0, len(groups), fold):
-            part = [r for g in groups[lo : lo + fold] for r in g]
-            scores = self.memory.heldout_scorer(part, scorer).scores(vectors[lo : lo + fold])
-            ranked += self.memory.ranked(scores, k)
+
+        def rank_ecl(queries: np.ndarray) -> list[list[tuple[str, float]]]:
+            ranked: list[list[tuple[str, float]]] = []
+            for lo in range(0, len(groups), fold):
+                part = [r for g in groups[lo : lo + fold] for r in g]
+                scores = self.memory.heldout_scorer(part, scorer).scores(queries[lo : lo + fold])
+                ranked += self.memory.ranked(scores, k)
+            return ranked
+
+        texts = [ex.text for ex in examples]
+        ranked, _ = self._candidates(texts, vectors, k, rank_ecl, exclude=ids)
         return examples, vectors, ranked, ids
+
+    def _candidates(
+        self,
+        texts: Sequence[str] | None,
+        vectors: np.ndarray,
+        k: int,
+        rank_ecl: Callable[[np.ndarray], list[list[tuple[str, float]]]],
+        exclude: Sequence[frozenset[str]] | None = None,
+    ) -> tuple[list[list[tuple[str, float]]], Inferred | None]:
+        """Each input's top-``k`` candidates: the ECL's (``rank_ecl``), or with Infer-Retrieve-Rank
+        configured, its infer and retrieve steps (infer needs ``texts`` and the LLM)."""
+        if self.config.irr is None:
+            return rank_ecl(vectors), None
+        irr = InferRetrieveRank(self, self.config.irr)
+        return irr.candidates(texts if self._infers() else None, vectors, k, rank_ecl, exclude)
+
+    def _infers(self) -> bool:
+        """Whether candidates come with an LLM infer step (Infer-Retrieve-Rank)."""
+        return self.config.irr is not None and self.config.irr.infer and self.config.llm is not None
+
+    def _reads(self) -> bool:
+        """Whether the LLM reads the candidates (InCA, or Infer-Retrieve-Rank's rank step)."""
+        return self.config.irr is None or self.config.irr.rank
 
     def _copies(self, rows: list[int]) -> list[list[int]]:
         """For each row, every stored row with the same text (one group per distinct text)."""
@@ -562,18 +709,19 @@ class ContinualClassifier:
             by_text.setdefault(text, []).append(row)
         return [by_text[t] for t in dict.fromkeys(texts[r] for r in rows)]
 
-    def _heldout_readings(self, k: int, scorer: str) -> _Readings:
-        """ECL and LLM scores of the fusion's held-out items, and their gold columns (read once
-        per store size and setting, then reused by the calibration fit)."""
-        key = f"{self._fitted_key('readings', k, scorer)}:{self.memory.n_examples}"
+    def _heldout_readings(self, k: int, scorer: str, n: int) -> _Readings:
+        """ECL and LLM scores of ``n`` held-out items, and their gold columns (read once per store
+        size, setting and ``n``; the LLM calls are cached, so the fusion's items are not read
+        again when the calibration asks for more)."""
+        key = f"{self._fitted_key('readings', k, scorer, n)}:{self.memory.n_examples}"
         if self._readings is not None and self._readings[0] == key:
             return self._readings[1]
-        result = self._read_heldout(k, scorer)
+        result = self._read_heldout(k, scorer, n)
         self._readings = (key, result)
         return result
 
-    def _read_heldout(self, k: int, scorer: str) -> _Readings:
-        examples, vectors, ranked, ids = self._heldout(self.config.fusion.heldout, scorer, k)
+    def _read_heldout(self, k: int, scorer: str, n: int) -> _Readings:
+        examples, vectors, ranked, ids = self._heldout(n, scorer, k)
         cand_labels = [[label for label, _ in c] for c in ranked]
         logger.info("reading %d held-out stored examples with the LLM", len(examples))
         readings = (
@@ -596,7 +744,7 @@ class ContinualClassifier:
             r.scores if r.scores is not None else np.full(len(c), -np.inf)
             for r, c in zip(readings, ranked, strict=True)
         ]
-        return ecl, llm, _gold_columns(ranked, examples)
+        return ecl, llm, _gold_columns(ranked, examples), _labelled(ranked, examples)
 
     def write_summaries(
         self, labels: Sequence[str] | None = None, n_examples: int = 5
@@ -617,12 +765,11 @@ class ContinualClassifier:
             demos = self.memory.demonstrations(
                 mean / max(float(np.linalg.norm(mean)), 1e-12), [lab.label], n_examples
             )
-            body = template.render(label=lab, demonstrations=[{"text": d.text} for d in demos])
-            messages = [
-                {"role": "system", "content": template.system},
-                {"role": "user", "content": body},
-            ]
-            prompts.append(backend.render_chat(messages) + template.answer_prefix)
+            prompts.append(
+                render_instruction(
+                    backend, template, label=lab, demonstrations=[{"text": d.text} for d in demos]
+                )
+            )
         if not prompts:
             return {}
         generations = backend.generate(prompts, GenerationParams(max_tokens=48, stop=("\n",)))
@@ -685,3 +832,10 @@ def _gold_columns(
         position = {label: j for j, (label, _) in enumerate(cands)}
         out.append([position.get(label, -1) for label in ex.labels])
     return out
+
+
+def _labelled(
+    ranked: Sequence[Sequence[tuple[str, float]]], examples: Sequence[Example]
+) -> _Labelled:
+    """Per held-out item, its candidate labels and its gold labels."""
+    return [[label for label, _ in c] for c in ranked], [set(ex.labels) for ex in examples]

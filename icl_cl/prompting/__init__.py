@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from icl_cl.prompting.demonstrations import DemoStrategy, select_demonstrations
-from icl_cl.prompting.render import LabelPresentation, RenderedPrompt, render_prompt
+from icl_cl.prompting.render import (
+    LabelPresentation,
+    RenderedPrompt,
+    render_instruction,
+    render_prompt,
+)
 from icl_cl.prompting.templates import PromptTemplate, load_template
 
 __all__ = [
@@ -12,6 +17,7 @@ __all__ = [
     "PromptTemplate",
     "RenderedPrompt",
     "load_template",
+    "render_instruction",
     "render_prompt",
     "select_demonstrations",
 ]

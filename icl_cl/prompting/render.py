@@ -35,6 +35,14 @@ class RenderedPrompt:
     shortened: str | None = None
 
 
+def render_instruction(backend: LLMBackend, template: PromptTemplate, **context: object) -> str:
+    """A generation prompt: the template's system and user messages in the model's chat
+    format, ending with the answer prefix the model continues from."""
+    messages = [{"role": "system", "content": template.system}] if template.system else []
+    messages.append({"role": "user", "content": template.render(**context)})
+    return backend.render_chat(messages) + template.answer_prefix
+
+
 def option_names(candidates: Sequence[Label]) -> list[str]:
     """Names to score: the label's name, or its id where two candidates share a name."""
     names = [c.name for c in candidates]
@@ -73,7 +81,9 @@ def render_prompt(
     dropped_demos = dropped_cands = 0
     while True:
         names = option_names(cands)
-        body = template.render(
+        prompt = render_instruction(
+            backend,
+            template,
             text=text,
             candidates=[
                 {"label": c.label, "name": n, "detail": _detail(c, presentation, summaries)}
@@ -84,9 +94,6 @@ def render_prompt(
                 for d in demos
             ],
         )
-        messages = [{"role": "system", "content": template.system}] if template.system else []
-        messages.append({"role": "user", "content": body})
-        prompt = backend.render_chat(messages) + template.answer_prefix
         options = [template.format_option(n) for n in names]
         longest_option = max(backend.count_tokens(o) for o in options)
         tokens = backend.count_tokens(prompt)
