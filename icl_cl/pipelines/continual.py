@@ -537,9 +537,7 @@ class ContinualClassifier:
         """Scores-to-probabilities calibration and conformal scores for decisions made with
         these fusion ``weights`` (``None``: the ECL alone), refitted when the store has grown.
 
-        Fitted on held-out stored examples: with the LLM in use, the fusion's held-out items
-        (their readings are cached); otherwise ``calibration.heldout`` items scored by the ECL
-        with their own statistics subtracted.
+        Fitted on the held-out items of :meth:`_heldout_decisions`.
         """
         scorer = self.memory.resolve_scorer(scorer)
         key = self._heldout_fit_key("calibration", k, scorer, weights)
@@ -608,7 +606,8 @@ class ContinualClassifier:
         """Held-out items' decision scores under fusion ``weights`` (``None``: the ECL alone),
         gold columns and labels: what the calibration and the label-set rule are fitted on.
 
-        With the LLM in use, the fusion's held-out items (their readings are cached); otherwise
+        With the LLM in use, ``calibration.heldout_llm`` items read by the LLM (at least the
+        fusion's, whose readings are cached and reused); otherwise
         ``calibration.heldout`` items scored by the ECL with their own statistics subtracted
         (kept for the next fit at this store size).
         """

@@ -29,6 +29,7 @@ import numpy as np
 from icl_cl.backends.base import GenerationParams
 from icl_cl.config import IRRConfig
 from icl_cl.prompting import load_template, render_instruction, select_demonstrations
+from icl_cl.prompting.render import demonstration_context
 
 if TYPE_CHECKING:
     from icl_cl.pipelines.continual import ContinualClassifier
@@ -109,7 +110,7 @@ class InferRetrieveRank:
                 self.config.n_demonstrations,
                 exclude=exclude[i] if exclude else frozenset(),
             )
-            shown = [{"text": d.text, "labels": [names.get(x, x) for x in d.labels]} for d in demos]
+            shown = demonstration_context(demos, names)
             prompts.append(render_instruction(backend, template, text=text, demonstrations=shown))
         generations = backend.generate(
             prompts, GenerationParams(max_tokens=self.config.max_query_tokens, stop=("\n",))

@@ -43,6 +43,16 @@ def render_instruction(backend: LLMBackend, template: PromptTemplate, **context:
     return backend.render_chat(messages) + template.answer_prefix
 
 
+def demonstration_context(
+    demonstrations: Sequence[Example], label_names: Mapping[str, str]
+) -> list[dict[str, object]]:
+    """Demonstrations as templates see them: text, and label names (not identifiers)."""
+    return [
+        {"text": d.text, "labels": [label_names.get(lab, lab) for lab in d.labels]}
+        for d in demonstrations
+    ]
+
+
 def option_names(candidates: Sequence[Label]) -> list[str]:
     """Names to score: the label's name, or its id where two candidates share a name."""
     names = [c.name for c in candidates]
@@ -89,10 +99,7 @@ def render_prompt(
                 {"label": c.label, "name": n, "detail": _detail(c, presentation, summaries)}
                 for c, n in zip(cands, names, strict=True)
             ],
-            demonstrations=[
-                {"text": d.text, "labels": [label_names.get(lab, lab) for lab in d.labels]}
-                for d in demos
-            ],
+            demonstrations=demonstration_context(demos, label_names),
         )
         options = [template.format_option(n) for n in names]
         longest_option = max(backend.count_tokens(o) for o in options)
