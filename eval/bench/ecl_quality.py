@@ -4,7 +4,8 @@ Learn the store with the CLI first, then:
     python eval/bench/ecl_quality.py --store STORE --gold dev.jsonl [--k 10] [--out table.json]
 Prints one row per scorer (single-label: accuracy, recall@5, recall@10; multi-label: RP@5, RP@10,
 mAP, micro-F1 of the chosen sets, recall@50), and the time spent embedding next to the time spent
-in the ECL.
+in the ECL, measured in the same run: ``overhead`` is (embedding + ECL) / embedding, the cost of
+evaluating the ECL on the whole file relative to embedding it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import time
 from icl_cl import ContinualClassifier
 from icl_cl.config import SCORERS
 from icl_cl.data import read_examples
-from icl_cl.evaluation.protocol import score_predictions
+from icl_cl.evaluation.methods import Decision
+from icl_cl.evaluation.protocol import score_decisions
 
 
 def main() -> None:
@@ -42,7 +44,8 @@ def main() -> None:
         preds = clf.predict_vectors(queries, args.k, scorer=name)
         ecl_s = time.perf_counter() - t
         full = clf.memory.score_matrix(queries, name) if multi else None
-        quality = score_predictions(gold, preds, multi, args.k, full, clf.memory.stats.labels)
+        decisions = [Decision.from_prediction(p) for p in preds]
+        quality = score_decisions(gold, decisions, multi, args.k, full, clf.memory.stats.labels)
         if not multi:
             rankings = [[c.label for c in p.candidates] for p in preds]
             from icl_cl import metrics
@@ -51,7 +54,12 @@ def main() -> None:
                 quality[f"recall@{k}"] = metrics.top_k_accuracy(
                     [ex.labels[0] for ex in gold], rankings, k
                 )
-        rows[name] = {**quality, "ecl_seconds": ecl_s, "ecl_ms_per_item": 1000 * ecl_s / len(gold)}
+        rows[name] = {
+            **quality,
+            "ecl_seconds": ecl_s,
+            "ecl_ms_per_item": 1000 * ecl_s / len(gold),
+            "overhead": (embed_s + ecl_s) / embed_s,
+        }
         print(json.dumps({"scorer": name, **{k: round(v, 4) for k, v in rows[name].items()}}))
     result = {
         "store": args.store,
