@@ -9,6 +9,7 @@ Multi-label sets cover each gold label at the stated rate (a tagger's view); see
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,8 @@ from icl_cl.calibration.conformal import SplitConformal
 from icl_cl.calibration.probability import PlattScaling, TemperatureScaling, softmax
 
 # Held-out items needed before the temperature model also fits its gap exponent.
+logger = logging.getLogger(__name__)
+
 MIN_ITEMS_FOR_EXPONENT = 500
 
 
@@ -53,6 +56,13 @@ class ScoreCalibrator:
         s = _stack(scores)
         if method == "auto":
             method = "platt" if multi_label else "temperature"
+        if method != "none" and not any(j >= 0 for g in gold for j in g):
+            # Nothing to fit on (e.g. a handful of stored examples the ECL cannot yet tell apart).
+            logger.warning(
+                "no held-out item has a gold label among its candidates: probabilities are the "
+                "uncalibrated softmax of the scores"
+            )
+            method = "none"
         model: TemperatureScaling | PlattScaling | None
         if method == "none":
             model = None
