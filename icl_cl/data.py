@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from icl_cl.errors import DataError
+from icl_cl.images import Image, load_image
 from icl_cl.types import Example, Label
 
 
@@ -83,17 +84,39 @@ def check_text(text: object, *, max_chars: int, field: str = "text", **where: An
     return text
 
 
+def parse_input(
+    obj: dict[str, Any], ident: str, *, max_chars: int, where: dict[str, Any]
+) -> tuple[str, Image | None]:
+    """An object's input: ``text``, or ``image`` (a path relative to the file, or a URL) with an
+    optional ``text`` caption."""
+    if obj.get("image") is None:
+        return check_text(obj.get("text"), max_chars=max_chars, item=ident, **where), None
+    if not isinstance(obj["image"], str):
+        raise DataError(
+            f"must be a path or URL string, got {type(obj['image']).__name__}",
+            field="image",
+            item=ident,
+            **where,
+        )
+    base = Path(where["source"]).parent if where.get("source") else None
+    image = load_image(obj["image"], base=base, item=ident, **where)
+    text = obj.get("text")
+    if text is not None:
+        check_text(text, max_chars=max_chars, item=ident, **where)
+    return text or "", image
+
+
 def parse_example(
     obj: dict[str, Any], *, max_chars: int, source: str | None = None, line: int | None = None
 ) -> Example:
-    """Validate one ``{"id", "text", "labels"}`` object."""
+    """Validate one ``{"id", "text" | "image", "labels"}`` object."""
     where: dict[str, Any] = {"source": source, "line": line}
     ident = obj.get("id")
     if isinstance(ident, (int, float)) and not isinstance(ident, bool):
         ident = str(ident)
     if not isinstance(ident, str) or not ident.strip():
         raise DataError("missing or empty", field="id", **where)
-    check_text(obj.get("text"), max_chars=max_chars, item=ident, **where)
+    text, image = parse_input(obj, ident, max_chars=max_chars, where=where)
     labels = obj.get("labels")
     if not isinstance(labels, list):
         raise DataError(
@@ -109,7 +132,7 @@ def parse_example(
             )
     if len(set(labels)) != len(labels):
         raise DataError("contains a label twice", field="labels", item=ident, **where)
-    return Example(ident, obj["text"], labels)
+    return Example(ident, text, labels, image=image)
 
 
 def validate_examples(
@@ -123,7 +146,8 @@ def validate_examples(
             raise DataError(f"expected an Example, got {type(ex).__name__}", item=str(i), **at)
         if not isinstance(ex.id, str) or not ex.id.strip():
             raise DataError("missing or empty", field="id", item=str(i), **at)
-        check_text(ex.text, max_chars=max_chars, item=ex.id, **at)
+        if ex.image is None or ex.text:
+            check_text(ex.text, max_chars=max_chars, item=ex.id, **at)
         for label in ex.labels:
             if not isinstance(label, str) or not label.strip():
                 raise DataError(f"invalid label {label!r}", field="labels", item=ex.id, **at)
@@ -147,10 +171,11 @@ def read_examples(path: str | Path, *, max_chars: int) -> tuple[list[Example], l
     return examples, locations
 
 
-def read_inputs(path: str | Path, *, max_chars: int) -> tuple[list[str], list[str]]:
-    """Read prediction inputs: JSONL with ``text`` and optional ``id`` (default: line number)."""
+def read_inputs(path: str | Path, *, max_chars: int) -> tuple[list[str], list[str | Image]]:
+    """Read prediction inputs: JSONL with ``text`` (or ``image``: a path relative to the file, or
+    a URL) and optional ``id`` (default: line number)."""
     ids: list[str] = []
-    texts: list[str] = []
+    texts: list[str | Image] = []
     for number, obj in iter_jsonl(path):
         ident = obj.get("id", str(number))
         ident = (
@@ -160,11 +185,9 @@ def read_inputs(path: str | Path, *, max_chars: int) -> tuple[list[str], list[st
             raise DataError(
                 "must be a string or integer", source=str(path), line=number, field="id"
             )
-        texts.append(
-            check_text(
-                obj.get("text"), max_chars=max_chars, source=str(path), line=number, item=ident
-            )
-        )
+        where = {"source": str(path), "line": number}
+        text, image = parse_input(obj, ident, max_chars=max_chars, where=where)
+        texts.append(image if image is not None else text)
         ids.append(ident)
     if not texts:
         raise DataError("no inputs", source=str(path))

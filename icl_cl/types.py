@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from icl_cl.images import Image
 
 
 @dataclass(frozen=True)
@@ -35,16 +38,33 @@ class Label:
 
 @dataclass(frozen=True)
 class Example:
-    """A labelled item to learn from. ``labels`` may hold one label or many."""
+    """A labelled item to learn from. ``labels`` may hold one label or many.
+
+    The input is ``text``, or ``image`` (a path, URL, bytes, PIL image or
+    :class:`~icl_cl.images.Image`, checked and loaded here) with ``text`` as an optional caption.
+    """
 
     id: str
     text: str
     labels: tuple[str, ...] = ()
+    image: Image | None = None
 
-    def __init__(self, id: str, text: str, labels: Iterable[str] = ()) -> None:
+    def __init__(
+        self, id: str, text: str = "", labels: Iterable[str] = (), image: object = None
+    ) -> None:
         object.__setattr__(self, "id", id)
         object.__setattr__(self, "text", text)
         object.__setattr__(self, "labels", tuple(labels))
+        if image is not None:
+            from icl_cl.images import load_image
+
+            image = load_image(image, item=str(id))
+        object.__setattr__(self, "image", image)
+
+    @property
+    def item(self) -> str | Image:
+        """What is embedded and read: the image when there is one, the text otherwise."""
+        return self.image if self.image is not None else self.text
 
 
 @dataclass(frozen=True)

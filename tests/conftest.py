@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import sys
+import types
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,3 +46,26 @@ def debtags() -> tuple[list[Example], list[Example], list[Label]]:
     test, _ = read_examples(SAMPLES / "debtags-sample" / "test.jsonl", max_chars=10_000)
     labels, _ = read_labels(SAMPLES / "debtags-sample" / "labels.jsonl")
     return train, test, labels
+
+
+@pytest.fixture
+def stand_in_vllm(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """Just the names the backend takes from vllm: SamplingParams and StructuredOutputsParams."""
+
+    class SamplingParams:
+        def __init__(self, **kwargs: Any) -> None:
+            self.__dict__.update(kwargs)
+
+    @dataclasses.dataclass
+    class StructuredOutputsParams:
+        choice: list[str] | None = None
+        regex: str | None = None
+
+    vllm = types.ModuleType("vllm")
+    submodule = types.ModuleType("vllm.sampling_params")
+    submodule.StructuredOutputsParams = StructuredOutputsParams  # type: ignore[attr-defined]
+    vllm.SamplingParams = SamplingParams  # type: ignore[attr-defined]
+    vllm.sampling_params = submodule  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", submodule)
+    return vllm

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import shutil
 import sys
 import types
 from pathlib import Path
@@ -27,7 +26,6 @@ from icl_cl.backends.base import (
     LLMBackend,
     plain_chat,
 )
-from icl_cl.backends.packaged import packaged_gguf
 from icl_cl.backends.vllm import (
     INSTALL_HINT,
     VLLMBackend,
@@ -39,6 +37,7 @@ from icl_cl.backends.vllm import (
     sampling_kwargs,
 )
 from icl_cl.errors import BackendError, ConfigError, ContextLengthError
+from tests.tiny_vlm import smollm2_tokenizer
 
 # ---- vLLM-shaped output structures (vllm.logprobs.Logprob, vllm.outputs.*) --------------------
 
@@ -75,29 +74,10 @@ class RequestOutput:
 
 @pytest.fixture(scope="session")
 def tokenizer(request: pytest.FixtureRequest) -> Any:
-    """SmolLM2-135M-Instruct's tokenizer, read from the packaged GGUF file (no download).
-
-    Converting it from GGUF takes seconds, so a converted copy is kept in pytest's cache.
-    """
-    from transformers import AutoTokenizer
-
-    directory, file = packaged_gguf()
-    stat = (directory / file).stat()
-    cache = getattr(request.config, "cache", None)
-    if cache is None:  # -p no:cacheprovider
-        return AutoTokenizer.from_pretrained(directory, gguf_file=file)
-    target = Path(cache.mkdir("icl-cl-smollm2-tokenizer")) / f"{stat.st_size}-{int(stat.st_mtime)}"
-    if (target / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(target)
-    tok = AutoTokenizer.from_pretrained(directory, gguf_file=file)
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok.save_pretrained(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another run got there first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return tok
+    """SmolLM2-135M-Instruct's tokenizer, read from the packaged GGUF file (no download); the
+    converted copy is kept in pytest's cache."""
+    cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
+    return smollm2_tokenizer(Path(cache.mkdir("icl-cl-smollm2-tokenizer")) if cache else None)
 
 
 @pytest.fixture(scope="session")
@@ -297,29 +277,6 @@ class StandInLLM:
             completion = CompletionOutput(0, text, out_ids, None, logprobs)
             outputs.append(RequestOutput(str(r), None, ids, prompt_logprobs, [completion]))
         return outputs
-
-
-@pytest.fixture
-def stand_in_vllm(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
-    """Just the names the backend takes from vllm: SamplingParams and StructuredOutputsParams."""
-
-    class SamplingParams:
-        def __init__(self, **kwargs: Any) -> None:
-            self.__dict__.update(kwargs)
-
-    @dataclasses.dataclass
-    class StructuredOutputsParams:
-        choice: list[str] | None = None
-        regex: str | None = None
-
-    vllm = types.ModuleType("vllm")
-    submodule = types.ModuleType("vllm.sampling_params")
-    submodule.StructuredOutputsParams = StructuredOutputsParams  # type: ignore[attr-defined]
-    vllm.SamplingParams = SamplingParams  # type: ignore[attr-defined]
-    vllm.sampling_params = submodule  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "vllm", vllm)
-    monkeypatch.setitem(sys.modules, "vllm.sampling_params", submodule)
-    return vllm
 
 
 def test_backend_needs_vllm(monkeypatch: pytest.MonkeyPatch) -> None:

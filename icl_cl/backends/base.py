@@ -2,14 +2,64 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Union, runtime_checkable
 
 import numpy as np
 
-Message = dict[str, str]
-"""A chat message: ``{"role": "system" | "user" | "assistant", "content": str}``."""
+if TYPE_CHECKING:
+    from icl_cl.images import Image
+
+Message = dict[str, Any]
+"""A chat message: ``{"role": "system" | "user" | "assistant", "content": ...}``. The content is
+a string, or (for images) a list of parts ``{"type": "text", "text": str}`` and
+``{"type": "image", "image": Image}`` in reading order."""
+
+
+@dataclass(frozen=True)
+class ImagePrompt:
+    """A prompt with images in it, as a backend that reads images renders it.
+
+    Attributes:
+        text: The prompt in the model's format, with the model's image placeholder where each
+            image goes (in-process engines tokenise this; their processor expands each
+            placeholder into the image's tokens). Chat-only backends may leave their own layout.
+        images: The images, in placeholder order.
+        messages: The chat messages it was rendered from (chat-completion servers send these).
+        suffix: Text the answer continues from, after the assistant turn opens (the template's
+            answer prefix): part of ``text`` already; kept apart for chat servers.
+    """
+
+    text: str
+    images: tuple[Image, ...]
+    messages: tuple[Message, ...] = ()
+    suffix: str = ""
+
+    @property
+    def key(self) -> str:
+        """A string that identifies the prompt, images included (call caches key on it)."""
+        return "\n".join([self.text, *(image.key for image in self.images)])
+
+    def __add__(self, suffix: str) -> ImagePrompt:
+        return ImagePrompt(self.text + suffix, self.images, self.messages, self.suffix + suffix)
+
+
+Prompt = Union[str, ImagePrompt]  # noqa: UP007 - a runtime alias, evaluated on Python 3.10
+"""What ``score`` and ``generate`` take: prompt text, or a prompt with images."""
+
+
+def prompt_key(prompt: Prompt) -> str:
+    """The string a cache keys ``prompt`` by."""
+    return prompt if isinstance(prompt, str) else prompt.key
+
+
+def has_images(messages: Sequence[Message]) -> bool:
+    """Whether any message carries an image part."""
+    return any(
+        isinstance(m["content"], list) and any(p.get("type") == "image" for p in m["content"])
+        for m in messages
+    )
 
 
 @dataclass(frozen=True)
@@ -114,23 +164,26 @@ class LLMBackend(Protocol):
     @property
     def capabilities(self) -> Capabilities: ...
 
-    def render_chat(self, messages: Sequence[Message]) -> str:
-        """Turn chat messages into the model's prompt text, ending where the assistant answers
-        (the model's chat template when it has one, a plain layout otherwise)."""
+    def render_chat(self, messages: Sequence[Message]) -> Prompt:
+        """Turn chat messages into the model's prompt, ending where the assistant answers (the
+        model's chat template when it has one, a plain layout otherwise). Messages with image
+        parts give an :class:`ImagePrompt`; a backend without ``capabilities.images`` refuses
+        them with a :class:`~icl_cl.errors.DataError`."""
         ...
 
-    def count_tokens(self, text: str) -> int:
-        """Tokens of ``text`` for this model (used to fit prompts into the context window)."""
+    def count_tokens(self, prompt: Prompt) -> int:
+        """Tokens of ``prompt`` for this model, image tokens included (used to fit prompts into
+        the context window)."""
         ...
 
-    def score(self, prompts: Sequence[str], options: Sequence[Sequence[str]]) -> OptionScores:
+    def score(self, prompts: Sequence[Prompt], options: Sequence[Sequence[str]]) -> OptionScores:
         """Exact log-probability of each option as the continuation of its prompt.
 
         ``options[i]`` are the options for ``prompts[i]``; every prompt has the same number.
         """
         ...
 
-    def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[Generation]:
+    def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]:
         """Generate one completion per prompt."""
         ...
 
@@ -139,7 +192,7 @@ class LLMBackend(Protocol):
         ...
 
 
-def check_options(prompts: Sequence[str], options: Sequence[Sequence[str]]) -> int:
+def check_options(prompts: Sequence[Prompt], options: Sequence[Sequence[str]]) -> int:
     """Validate the shape of a ``score`` request; returns the number of options per prompt."""
     if len(prompts) != len(options):
         raise ValueError(f"{len(prompts)} prompts but {len(options)} option lists")
@@ -153,17 +206,30 @@ def check_options(prompts: Sequence[str], options: Sequence[Sequence[str]]) -> i
     return k
 
 
-def plain_chat(messages: Sequence[Message]) -> str:
-    """A template-free chat layout for base models and servers without a template."""
+IMAGE_PLACEHOLDER = "<image>"
+"""Where an image goes in a prompt's text when the model names no placeholder of its own."""
+
+
+def content_text(content: str | Sequence[Mapping[str, Any]], image: str = IMAGE_PLACEHOLDER) -> str:
+    """A message's content as text: text parts in order, ``image`` for each image part."""
+    if isinstance(content, str):
+        return content
+    return "".join(image if p.get("type") == "image" else str(p.get("text", "")) for p in content)
+
+
+def plain_chat(messages: Sequence[Message], image: str = IMAGE_PLACEHOLDER) -> str:
+    """A template-free chat layout for base models and servers without a template (an image part
+    becomes ``image``)."""
     parts = []
     for m in messages:
         role = m["role"]
+        text = content_text(m["content"], image)
         if role == "system":
-            parts.append(m["content"].strip() + "\n")
+            parts.append(text.strip() + "\n")
         elif role == "user":
-            parts.append(m["content"].strip() + "\n")
+            parts.append(text.strip() + "\n")
         else:
-            parts.append(m["content"])
+            parts.append(text)
     return "\n".join(parts)
 
 
@@ -180,11 +246,11 @@ class BackendWrapper:
     def capabilities(self) -> Capabilities:
         return self.inner.capabilities
 
-    def render_chat(self, messages: Sequence[Message]) -> str:
+    def render_chat(self, messages: Sequence[Message]) -> Prompt:
         return self.inner.render_chat(messages)
 
-    def count_tokens(self, text: str) -> int:
-        return self.inner.count_tokens(text)
+    def count_tokens(self, prompt: Prompt) -> int:
+        return self.inner.count_tokens(prompt)
 
     def close(self) -> None:
         self.inner.close()

@@ -18,8 +18,10 @@ from icl_cl.backends.base import (
     GenerationParams,
     LLMBackend,
     OptionScores,
+    Prompt,
     Usage,
     check_options,
+    prompt_key,
 )
 
 
@@ -31,7 +33,11 @@ def _key(*parts: object) -> str:
 
 class CachedBackend(BackendWrapper):
     """Wraps a backend; ``score`` and deterministic ``generate`` results are kept in SQLite,
-    keyed by backend, model, prompt and parameters. Sampled generations are never cached."""
+    keyed by backend, model, prompt and parameters. Sampled generations are never cached.
+
+    A prompt is keyed by :func:`~icl_cl.backends.base.prompt_key`: its text, plus the digest of
+    every image of an image prompt, so that equal text with other images is another call.
+    """
 
     def __init__(self, inner: LLMBackend, path: str | Path) -> None:
         super().__init__(inner)
@@ -66,10 +72,10 @@ class CachedBackend(BackendWrapper):
             self._conn.executemany("INSERT OR REPLACE INTO calls(key, value) VALUES (?, ?)", rows)
             self._conn.execute("COMMIT")
 
-    def score(self, prompts: Sequence[str], options: Sequence[Sequence[str]]) -> OptionScores:
+    def score(self, prompts: Sequence[Prompt], options: Sequence[Sequence[str]]) -> OptionScores:
         k = check_options(prompts, options)
         keys = [
-            _key("score", self.name, self.model, p, list(o))
+            _key("score", self.name, self.model, prompt_key(p), list(o))
             for p, o in zip(prompts, options, strict=True)
         ]
         cached = self._get(keys)
@@ -108,10 +114,12 @@ class CachedBackend(BackendWrapper):
             cached=np.array([i not in fresh_rows for i in range(len(keys))]),
         )
 
-    def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[Generation]:
+    def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]:
         if params.temperature > 0:
             return self.inner.generate(prompts, params)
-        keys = [_key("generate", self.name, self.model, p, asdict(params)) for p in prompts]
+        keys = [
+            _key("generate", self.name, self.model, prompt_key(p), asdict(params)) for p in prompts
+        ]
         cached = self._get(keys)
         misses = [i for i, key in enumerate(keys) if key not in cached]
         usage = Usage(cached_calls=len(prompts) - len(misses))

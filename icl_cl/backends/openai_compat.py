@@ -28,6 +28,15 @@ Scoring paths (``OptionScores.method`` names the one used):
 log-probabilities, else ``grammar`` on llama.cpp, else ``first_token`` when top log-probabilities
 come back, else ``generate``.
 
+Image prompts (``images=True``; servers do not advertise whether they read images) go to
+``/v1/chat/completions`` as the prompt's chat messages, each image an ``image_url`` part holding
+a ``data:`` URL. The chat endpoint echoes no prompt, so they are scored approximately
+(``exact=False``): ``first_token`` from the chat response's ``logprobs.content[0].top_logprobs``,
+or ``generate`` when ``scoring="generate"`` or the server returns no top log-probabilities. The
+prompt's answer prefix (``ImagePrompt.suffix``) is continued as the assistant's message on vLLM
+(``continue_final_message``); other servers cannot continue a message, so it is left out and
+options are matched without their leading whitespace.
+
 What llama.cpp returned (llama-cpp-python 0.3.36, SmolLM2-135M-Instruct Q4_1, a model that adds
 no BOS token), and why ``auto`` never takes ``echo`` there:
 
@@ -70,13 +79,17 @@ from typing import Any, TypeVar
 import numpy as np
 
 from icl_cl.backends.base import (
+    IMAGE_PLACEHOLDER,
     Capabilities,
     Generation,
     GenerationParams,
+    ImagePrompt,
     Message,
     OptionScores,
+    Prompt,
     Usage,
     check_options,
+    has_images,
     plain_chat,
 )
 from icl_cl.backends.registry import register_backend
@@ -85,6 +98,7 @@ from icl_cl.errors import (
     BackendTimeoutError,
     ConfigError,
     ContextLengthError,
+    DataError,
     ParseError,
     RateLimitError,
 )
@@ -98,6 +112,8 @@ FIRST_TOKEN_FLOOR = -30.0
 the options not generated on the ``generate`` path): far below any real top-20 value."""
 
 SCORING_MODES = ("auto", "echo", "grammar", "first_token", "generate")
+# From most to least exact: a call that used several reports the least exact one.
+_METHOD_ORDER = SCORING_MODES[1:]
 SERVER_KINDS = ("auto", "vllm", "sglang", "llamacpp", "openai")
 
 # A counting sequence: any language model predicts most of it with near certainty, so aligned
@@ -357,6 +373,145 @@ def token_grammar(sequences: Sequence[Sequence[int]]) -> str:
     return "root ::= " + " | ".join(alts)
 
 
+# --------------------------------------------------------------------------------------------
+# Pure helpers: chat requests with images, and their answers
+# --------------------------------------------------------------------------------------------
+
+
+def _checked_image(image: Any, n: int) -> Any:
+    from icl_cl.images import Image
+
+    if not isinstance(image, Image):
+        raise DataError(
+            f"message {n}: an image part needs an icl_cl.images.Image "
+            f"(see icl_cl.images.load_image), not {type(image).__name__}",
+            field="image",
+        )
+    return image
+
+
+def _message_images(messages: Sequence[Message]) -> tuple[Any, ...]:
+    """The images of ``messages`` in reading order, each checked to be an ``Image``."""
+    return tuple(
+        _checked_image(part.get("image"), n)
+        for n, m in enumerate(messages)
+        if not isinstance(m["content"], str)
+        for part in m["content"]
+        if part.get("type") == "image"
+    )
+
+
+def chat_messages(prompt: ImagePrompt) -> list[dict[str, Any]]:
+    """The OpenAI chat messages of an image prompt.
+
+    String contents stay strings; in a list content, a text part stays a text part and an image
+    part becomes ``{"type": "image_url", "image_url": {"url": "data:image/...;base64,..."}}``,
+    in the same order. A prompt without messages is one user message: its text split at each
+    :data:`~icl_cl.backends.base.IMAGE_PLACEHOLDER`, with its images there (or all first when
+    the placeholders and images do not pair up). The answer prefix is not included (see
+    :func:`chat_body`).
+
+    Raises:
+        DataError: An image part without an :class:`~icl_cl.images.Image`, or an unknown part.
+    """
+    messages: Sequence[Message] = prompt.messages
+    if not messages:
+        pieces = prompt.text.split(IMAGE_PLACEHOLDER)
+        parts: list[dict[str, Any]] = []
+        if len(pieces) == len(prompt.images) + 1:
+            for i, piece in enumerate(pieces):
+                if piece:
+                    parts.append({"type": "text", "text": piece})
+                if i < len(prompt.images):
+                    parts.append({"type": "image", "image": prompt.images[i]})
+        else:
+            parts = [{"type": "image", "image": image} for image in prompt.images]
+            parts.append({"type": "text", "text": prompt.text})
+        messages = [{"role": "user", "content": parts}]
+    out: list[dict[str, Any]] = []
+    for n, message in enumerate(messages):
+        content = message["content"]
+        if isinstance(content, str):
+            out.append({"role": message["role"], "content": content})
+            continue
+        converted: list[dict[str, Any]] = []
+        for part in content:
+            kind = part.get("type")
+            if kind == "text":
+                converted.append({"type": "text", "text": str(part["text"])})
+            elif kind == "image":
+                url = _checked_image(part.get("image"), n).data_url()
+                converted.append({"type": "image_url", "image_url": {"url": url}})
+            else:
+                raise DataError(f"message {n}: unknown content part type {kind!r}", field="content")
+        out.append({"role": message["role"], "content": converted})
+    return out
+
+
+def continues_answer(prompt: ImagePrompt, server_kind: str) -> bool:
+    """Whether the chat request continues the prompt's answer prefix (vLLM's
+    ``continue_final_message``; other servers open a new assistant message)."""
+    return bool(prompt.suffix) and server_kind == "vllm"
+
+
+def chat_body(prompt: ImagePrompt, server_kind: str) -> dict[str, Any]:
+    """The ``messages`` of a ``/v1/chat/completions`` request for ``prompt``.
+
+    On vLLM the answer prefix becomes a final assistant message that the model continues
+    (``continue_final_message: true``, ``add_generation_prompt: false``); other servers get no
+    answer prefix.
+    """
+    body: dict[str, Any] = {"messages": chat_messages(prompt)}
+    if continues_answer(prompt, server_kind):
+        body["messages"].append({"role": "assistant", "content": prompt.suffix})
+        body["continue_final_message"] = True
+        body["add_generation_prompt"] = False
+    return body
+
+
+def chat_top_logprobs(choice: Mapping[str, Any]) -> dict[str, float] | None:
+    """Token text to log-probability for the first generated token of a chat completion choice
+    (``logprobs.content[0]``: its ``top_logprobs`` and the token itself); None when absent."""
+    lp = choice.get("logprobs")
+    content = lp.get("content") if isinstance(lp, Mapping) else None
+    if not content or not isinstance(content[0], Mapping):
+        return None
+    first = content[0]
+    top: dict[str, float] = {}
+    for alt in first.get("top_logprobs") or []:
+        if isinstance(alt, Mapping) and alt.get("logprob") is not None:
+            top[str(alt.get("token", ""))] = float(alt["logprob"])
+    if not top:
+        return None  # the sampled token alone says nothing about the options
+    if first.get("logprob") is not None:
+        top.setdefault(str(first.get("token", "")), float(first["logprob"]))
+    return top
+
+
+def chat_generation(response: Mapping[str, Any]) -> Generation:
+    """A :class:`Generation` from a chat completion: the message text, the generated tokens'
+    log-probabilities (``logprobs.content``) and the token usage."""
+    choices = response.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
+        raise ParseError(f"chat completion without choices: {str(response)[:200]}")
+    choice = choices[0]
+    message = choice.get("message") or {}
+    lp = choice.get("logprobs")
+    content = (lp.get("content") if isinstance(lp, Mapping) else None) or []
+    values = tuple(
+        float(t["logprob"])
+        for t in content
+        if isinstance(t, Mapping) and t.get("logprob") is not None
+    )
+    tokens = response.get("usage") or {}
+    return Generation(
+        text=str(message.get("content") or ""),
+        token_logprobs=values,
+        prompt_tokens=int(tokens.get("prompt_tokens") or 0),
+        completion_tokens=int(tokens.get("completion_tokens") or 0),
+    )
+
+
 def _error_message(raw: bytes) -> str:
     """The human message inside an error body (OpenAI, FastAPI or plain text layouts)."""
     text = raw.decode("utf-8", errors="replace").strip()
@@ -399,7 +554,8 @@ def _looks_like_context_error(message: str) -> bool:
 
 @register_backend("openai")
 class OpenAICompatBackend:
-    """An LLM behind an OpenAI-compatible ``/v1/completions`` endpoint.
+    """An LLM behind an OpenAI-compatible ``/v1/completions`` endpoint (``/v1/chat/completions``
+    for prompts with images).
 
     Capabilities are detected lazily by one probe (see :attr:`capabilities`). All requests are
     retried on rate limits (HTTP 429, honouring ``Retry-After``), timeouts, connection errors
@@ -426,6 +582,10 @@ class OpenAICompatBackend:
         server_kind: ``auto`` (detected from ``/v1/models``), ``vllm``, ``sglang``,
             ``llamacpp`` or ``openai``. Decides list batching and constrained generation.
         top_logprobs: Alternatives asked for on the ``first_token`` path (OpenAI allows 5).
+        images: Whether the server's model reads images (servers do not advertise it). When
+            False, messages with images are refused with a :class:`DataError`.
+        image_tokens: What one image counts in :meth:`count_tokens` (a server says only after
+            the request; LLaVA-1.5 takes 576 tokens, tiling models up to a few thousand).
     """
 
     name = "openai"
@@ -446,6 +606,8 @@ class OpenAICompatBackend:
         scoring: str = "auto",
         server_kind: str = "auto",
         top_logprobs: int = 20,
+        images: bool = False,
+        image_tokens: int = 1024,
     ) -> None:
         if scoring not in SCORING_MODES:
             raise ConfigError(f"scoring must be one of {', '.join(SCORING_MODES)}, not {scoring!r}")
@@ -455,6 +617,8 @@ class OpenAICompatBackend:
             )
         if max_retries < 0 or concurrency < 1 or timeout <= 0:
             raise ConfigError("max_retries >= 0, concurrency >= 1 and timeout > 0 are required")
+        if image_tokens < 0:
+            raise ConfigError("image_tokens must be >= 0")
         self.model = model
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
@@ -468,6 +632,8 @@ class OpenAICompatBackend:
         self.scoring = scoring
         self.server_kind = server_kind
         self.top_logprobs = int(top_logprobs)
+        self.images = bool(images)
+        self.image_tokens = int(image_tokens)
         self.usage = Usage()
         self._lock = threading.Lock()
         self._probe_lock = threading.Lock()
@@ -479,6 +645,8 @@ class OpenAICompatBackend:
         self._token_cache: dict[str, list[int]] = {}
         self._bos_ids: list[int] | None = None
         self._warned_echo = False
+        # Whether the chat endpoint returns top log-probabilities (None: not asked yet).
+        self._chat_logprobs: bool | None = None
         host = urllib.parse.urlsplit(self.base_url).hostname or ""
         # Env proxies must not capture loopback traffic (local servers, tests).
         handlers: list[urllib.request.BaseHandler] = (
@@ -606,6 +774,15 @@ class OpenAICompatBackend:
             raise ParseError(f"completion without choices: {str(result)[:200]}")
         return result
 
+    def _chat(
+        self, body: Mapping[str, Any], usage: Usage, *, retries: int | None = None
+    ) -> dict[str, Any]:
+        payload = {"model": self.model, **self.extra_body, **body}
+        result = self._request("POST", "/chat/completions", payload, usage, retries=retries)
+        if not isinstance(result.get("choices"), list) or not result["choices"]:
+            raise ParseError(f"chat completion without choices: {str(result)[:200]}")
+        return result
+
     def _map(self, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
         """``fn`` over ``items`` on the thread pool (in order); inline for a single item.
 
@@ -646,7 +823,7 @@ class OpenAICompatBackend:
             return self._detect(retries=0)
         except BackendError as e:
             logger.warning("cannot probe %s (%s); assuming no capabilities", self.base_url, e)
-            return Capabilities()
+            return Capabilities(images=self.images)
 
     def _detect(self, retries: int | None = None) -> Capabilities:
         """The probed capabilities; raises the probe's error when the server fails."""
@@ -675,7 +852,7 @@ class OpenAICompatBackend:
             top_logprobs=top_n,
             constrained_choice=self.server_kind in ("vllm", "llamacpp"),
             constrained_regex=self.server_kind == "vllm",
-            images=False,
+            images=self.images,
             prefix_caching=self.server_kind in ("vllm", "sglang", "llamacpp"),
             max_context=max_context,
         )
@@ -778,13 +955,18 @@ class OpenAICompatBackend:
                 raise ConfigError(f"cannot load tokenizer {self.tokenizer_path!r}: {e}") from e
         return self._tokenizer
 
-    def render_chat(self, messages: Sequence[Message]) -> str:
-        """Chat messages as prompt text.
+    def render_chat(self, messages: Sequence[Message]) -> Prompt:
+        """Chat messages as prompt text, or as an :class:`ImagePrompt` when they hold images.
 
         Uses the local tokenizer's chat template when ``tokenizer`` is set and has one (ending
         with the assistant header), else :func:`plain_chat`. The server's own template is not
-        used: ``/v1/completions`` takes the rendered text.
+        used: ``/v1/completions`` takes the rendered text. Messages with images are sent to the
+        chat endpoint as they are (the server applies its template); their prompt's text is a
+        plain layout with an ``<image>`` placeholder per image, for keys and token counts.
         """
+        if has_images(messages):
+            self._require_images()
+            return ImagePrompt(plain_chat(messages), _message_images(messages), tuple(messages))
         tok = self._load_tokenizer()
         if tok is not None and getattr(tok, "chat_template", None):
             return str(
@@ -792,14 +974,19 @@ class OpenAICompatBackend:
             )
         return plain_chat(messages)
 
-    def count_tokens(self, text: str) -> int:
-        """Tokens in ``text``, from the best source available.
+    def count_tokens(self, prompt: Prompt) -> int:
+        """Tokens in ``prompt``, from the best source available.
 
         In order: the local ``tokenizer`` (no special tokens); the server's tokenizer
         (llama-cpp-python's ``POST /extras/tokenize/count``, vLLM's ``POST /tokenize``), which
         may count a BOS token; otherwise an estimate of one token per 4 characters, rounded up.
-        A server without a tokenize route is asked once.
+        A server without a tokenize route is asked once. An image counts ``image_tokens``.
         """
+        if isinstance(prompt, ImagePrompt):
+            self._require_images()
+            text_tokens = self.count_tokens(prompt.text.replace(IMAGE_PLACEHOLDER, ""))
+            return text_tokens + self.image_tokens * len(prompt.images)
+        text = prompt
         tok = self._load_tokenizer()
         if tok is not None:
             return len(tok(text, add_special_tokens=False)["input_ids"])
@@ -819,6 +1006,16 @@ class OpenAICompatBackend:
                 self._server_tokenize = False
         return (len(text) + 3) // 4
 
+    def _require_images(self, prompts: Sequence[Prompt] = ()) -> None:
+        if prompts and not any(isinstance(p, ImagePrompt) for p in prompts):
+            return
+        if not self.images:
+            raise DataError(
+                f"the openai backend was not told that {self.model!r} at {self.base_url} reads "
+                "images, so it treats it as text-only; pass images=True if the server takes them",
+                field="image",
+            )
+
     def _server_count(self, text: str) -> int | None:
         """Token count from the server's tokenize route; None when the kind has none."""
         self._detect()  # the server kind decides the route
@@ -837,11 +1034,12 @@ class OpenAICompatBackend:
 
     # ---------------------------------------------------------------- scoring
 
-    def score(self, prompts: Sequence[str], options: Sequence[Sequence[str]]) -> OptionScores:
+    def score(self, prompts: Sequence[Prompt], options: Sequence[Sequence[str]]) -> OptionScores:
         """Log-probability of each option as the continuation of its prompt.
 
         The path follows ``scoring`` (see the module docstring); ``method`` and ``exact`` in the
-        result say which one ran. Prompts are scored concurrently.
+        result say which one ran (the least exact one when image prompts took another path).
+        Prompts are scored concurrently.
         """
         usage = Usage()
         started = time.perf_counter()
@@ -855,7 +1053,7 @@ class OpenAICompatBackend:
         )
 
     def _score_into(
-        self, prompts: Sequence[str], options: Sequence[Sequence[str]], usage: Usage
+        self, prompts: Sequence[Prompt], options: Sequence[Sequence[str]], usage: Usage
     ) -> tuple[np.ndarray, np.ndarray, str]:
         """Scores, token counts and the method used; the cost goes into ``usage``."""
         k = check_options(prompts, options)
@@ -864,6 +1062,9 @@ class OpenAICompatBackend:
         counts = np.zeros((n, k), dtype=np.int64)
         if not n:
             return lp, counts, self.scoring if self.scoring != "auto" else "echo"
+        self._require_images(prompts)
+        if any(isinstance(p, ImagePrompt) for p in prompts):
+            return self._score_with_images(prompts, options, usage, lp, counts)
         self._detect()  # the server kind decides batching and request details
         method = self.scoring_method()
         if method == "echo" and self._echo_ok is False and not self._warned_echo:
@@ -880,6 +1081,73 @@ class OpenAICompatBackend:
             lp[i] = row_lp
             counts[i] = row_n
         return lp, counts, method
+
+    def _score_with_images(
+        self,
+        prompts: Sequence[Prompt],
+        options: Sequence[Sequence[str]],
+        usage: Usage,
+        lp: np.ndarray,
+        counts: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, str]:
+        """A batch with image prompts: text prompts as usual, image prompts through the chat
+        endpoint; the method reported is the least exact one used."""
+        self._detect()
+        text_rows = [i for i, p in enumerate(prompts) if not isinstance(p, ImagePrompt)]
+        methods = set()
+        if text_rows:
+            sub_lp, sub_counts, method = self._score_into(
+                [prompts[i] for i in text_rows], [options[i] for i in text_rows], usage
+            )
+            lp[text_rows], counts[text_rows] = sub_lp, sub_counts
+            methods.add(method)
+        image_rows = [i for i, p in enumerate(prompts) if isinstance(p, ImagePrompt)]
+
+        def one(i: int) -> tuple[list[float], list[int], str]:
+            prompt = prompts[i]
+            assert isinstance(prompt, ImagePrompt)
+            return self._score_image(prompt, list(options[i]), usage)
+
+        for i, (row_lp, row_n, method) in zip(image_rows, self._map(one, image_rows), strict=True):
+            lp[i], counts[i] = row_lp, row_n
+            methods.add(method)
+        return lp, counts, max(methods, key=_METHOD_ORDER.index)
+
+    def _score_image(
+        self, prompt: ImagePrompt, opts: list[str], usage: Usage
+    ) -> tuple[list[float], list[int], str]:
+        """``first_token`` from the chat endpoint's top log-probabilities, else ``generate``."""
+        if self.scoring != "generate" and self._chat_logprobs is not False:
+            body = {
+                **chat_body(prompt, self.server_kind),
+                "max_tokens": 1,
+                "temperature": 0.0,
+                "logprobs": True,
+                "top_logprobs": self.top_logprobs,
+            }
+            try:
+                top = chat_top_logprobs(self._chat(body, usage)["choices"][0])
+            except _ClientError as e:
+                if self.scoring != "auto":
+                    raise
+                logger.warning("chat log-probabilities refused (%s); scoring by generation", e)
+                top = None
+            if top is not None:
+                self._chat_logprobs = True
+                # Without the answer prefix the reply starts afresh: no leading space.
+                keys = (
+                    opts
+                    if continues_answer(prompt, self.server_kind)
+                    else [o.lstrip() or o for o in opts]
+                )
+                firsts = self._first_tokens(keys)
+                values = [first_token_logprob(top, o, f) for o, f in zip(keys, firsts, strict=True)]
+                return values, [1] * len(opts), "first_token"
+            if self.scoring != "auto":
+                raise ParseError("chat completion has no top_logprobs for the first token")
+            self._chat_logprobs = False
+        values, n = self._score_generate(prompt, opts, usage)
+        return values, n, "generate"
 
     def _score_echo(
         self, prompt: str, opts: list[str], usage: Usage
@@ -996,13 +1264,13 @@ class OpenAICompatBackend:
         return values, [1] * len(opts)
 
     def _score_generate(
-        self, prompt: str, opts: list[str], usage: Usage
+        self, prompt: Prompt, opts: list[str], usage: Usage
     ) -> tuple[list[float], list[int]]:
         text = self._generate_one(
             prompt,
             GenerationParams(max_tokens=max(len(o) for o in opts) + 4, choices=None),
             usage,
-            constrain=tuple(opts) if self._can_constrain() else None,
+            constrain=tuple(opts) if self._can_constrain(prompt) else None,
         ).text
         hit = _match_choice(text, opts, prefix=True)
         if hit is None:
@@ -1012,11 +1280,16 @@ class OpenAICompatBackend:
 
     # ---------------------------------------------------------------- generation
 
-    def _can_constrain(self) -> bool:
+    def _can_constrain(self, *prompts: Prompt) -> bool:
+        """Whether the server constrains generation to choices (for ``prompts``: the chat
+        endpoint takes vLLM's ``structured_outputs``; llama.cpp's token grammars are for
+        completions only)."""
         self._detect()
+        if any(isinstance(p, ImagePrompt) for p in prompts):
+            return self.server_kind == "vllm"
         return self.server_kind in ("vllm", "llamacpp")
 
-    def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[Generation]:
+    def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]:
         """One completion per prompt (prompts run concurrently).
 
         With ``params.choices`` the answer is always one of the choices: vLLM constrains with
@@ -1030,12 +1303,13 @@ class OpenAICompatBackend:
         usage = Usage()
         started = time.perf_counter()
         try:
+            self._require_images(prompts)
             self._detect()
             if params.regex is not None and self.server_kind != "vllm":
                 raise BackendError(
                     f"regex-constrained generation needs a vLLM server (this is {self.server_kind})"
                 )
-            if params.choices is not None and not self._can_constrain():
+            if params.choices is not None and not self._can_constrain(*prompts):
                 return self._generate_by_scoring(prompts, params, usage)
             return self._map(
                 lambda p: self._generate_one(p, params, usage, constrain=params.choices),
@@ -1045,7 +1319,7 @@ class OpenAICompatBackend:
             self._finish(usage, started)
 
     def _generate_by_scoring(
-        self, prompts: Sequence[str], params: GenerationParams, usage: Usage
+        self, prompts: Sequence[Prompt], params: GenerationParams, usage: Usage
     ) -> list[Generation]:
         assert params.choices is not None
         choices = list(params.choices)
@@ -1067,12 +1341,14 @@ class OpenAICompatBackend:
 
     def _generate_one(
         self,
-        prompt: str,
+        prompt: Prompt,
         params: GenerationParams,
         usage: Usage,
         *,
         constrain: Sequence[str] | None,
     ) -> Generation:
+        if isinstance(prompt, ImagePrompt):
+            return self._generate_chat(prompt, params, usage, constrain=constrain)
         body: dict[str, Any] = {
             "prompt": prompt,
             "max_tokens": params.max_tokens,
@@ -1117,6 +1393,43 @@ class OpenAICompatBackend:
             prompt_tokens=int(tokens.get("prompt_tokens") or 0),
             completion_tokens=int(tokens.get("completion_tokens") or 0),
         )
+
+    def _generate_chat(
+        self,
+        prompt: ImagePrompt,
+        params: GenerationParams,
+        usage: Usage,
+        *,
+        constrain: Sequence[str] | None,
+    ) -> Generation:
+        """One chat completion for an image prompt (constraints through vLLM only)."""
+        body: dict[str, Any] = {
+            **chat_body(prompt, self.server_kind),
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+        }
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.logprobs:
+            body["logprobs"] = True
+            body["top_logprobs"] = params.logprobs
+        wanted = {"choice": list(constrain)} if constrain is not None else {}
+        if params.regex is not None and constrain is None:
+            wanted = {"regex": params.regex}
+        if wanted:
+            body["structured_outputs"] = {
+                **dict(self.extra_body.get("structured_outputs") or {}),
+                **wanted,
+            }
+        gen = chat_generation(self._chat(body, usage))
+        if constrain is not None:
+            hit = _match_choice(gen.text, list(constrain))
+            if hit is None:
+                raise ParseError(
+                    f"constrained generation returned {gen.text!r}, not one of the choices"
+                )
+            gen = Generation(hit, gen.token_logprobs, gen.prompt_tokens, gen.completion_tokens)
+        return gen
 
     def close(self) -> None:
         """Shut the thread pool down (the backend can still be used; a new pool starts)."""

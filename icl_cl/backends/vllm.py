@@ -20,6 +20,14 @@ vLLM structures relied on (checked against vLLM's source, ``vllm>=0.12``):
 - ``SamplingParams(structured_outputs=StructuredOutputsParams(choice=[...] | regex=...))`` with
   ``StructuredOutputsParams`` in ``vllm.sampling_params``; the old ``guided_*`` fields were
   removed in v0.12.
+- Images: a ``TokensPrompt`` takes ``multi_modal_data`` too (``{"image": [PIL, ...]}``, one
+  image per placeholder, in order). Its token ids hold the model's *input* placeholder (one
+  ``<image>`` token per image, as the model's Hugging Face chat template writes it); vLLM's
+  multimodal processor applies the prompt updates itself (each placeholder becomes the image's
+  feature tokens; vLLM's design notes, "Multi-Modal Data Processing: tokenized prompt inputs"),
+  and ``RequestOutput.prompt_token_ids`` are the expanded ids. Image prompts are sent as token
+  ids, like text prompts, so that an option's tokens are exactly its own tokens appended: they
+  stay the last tokens after the expansion, which locates them in the prompt logprobs.
 """
 
 from __future__ import annotations
@@ -37,14 +45,18 @@ from icl_cl.backends.base import (
     Capabilities,
     Generation,
     GenerationParams,
+    ImagePrompt,
     Message,
     OptionScores,
+    Prompt,
     Usage,
     check_options,
+    has_images,
     plain_chat,
 )
 from icl_cl.backends.registry import register_backend
-from icl_cl.errors import BackendError, ConfigError, ContextLengthError
+from icl_cl.backends.transformers import process_image_prompt, render_processor_chat
+from icl_cl.errors import BackendError, ConfigError, ContextLengthError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -87,23 +99,32 @@ def encode_option(tokenizer: TokenizerLike, option: str) -> list[int]:
     return ids
 
 
+def image_data(prompt: ImagePrompt) -> dict[str, Any]:
+    """vLLM's ``multi_modal_data`` for an image prompt: its images as RGB PIL images, in
+    placeholder order."""
+    return {"image": [image.pil() for image in prompt.images]}
+
+
 def build_score_requests(
-    tokenizer: TokenizerLike, prompts: Sequence[str], options: Sequence[Sequence[str]]
-) -> tuple[list[dict[str, list[int]]], list[tuple[int, int]]]:
+    tokenizer: TokenizerLike, prompts: Sequence[Prompt], options: Sequence[Sequence[str]]
+) -> tuple[list[dict[str, Any]], list[tuple[int, int]]]:
     """One token-ids request per (prompt, option), row-major (``i * k + j``).
 
     Prompt and option are tokenised separately and their ids concatenated, so the option's tokens
-    (and so its span) are known exactly rather than recovered from a joint tokenisation.
+    (and so its span) are known exactly rather than recovered from a joint tokenisation. An
+    image prompt's requests also carry its images (``multi_modal_data``; the k requests of a
+    prompt share the same image objects).
 
     Args:
         tokenizer: The engine's tokenizer.
-        prompts: ``n`` prompt texts.
+        prompts: ``n`` prompt texts or image prompts.
         options: ``n`` lists of ``k`` options each.
 
     Returns:
         ``(requests, spans)``: ``requests[r]`` is a vLLM ``TokensPrompt`` dict
-        ``{"prompt_token_ids": [...]}``; ``spans[r] = (start, end)`` are the positions of the
-        option's tokens in it.
+        ``{"prompt_token_ids": [...]}`` (plus ``"multi_modal_data"`` for an image prompt);
+        ``spans[r] = (start, end)`` are the positions of the option's tokens in it, before vLLM
+        expands any image placeholder (see :func:`resolve_span`).
 
     Raises:
         ValueError: Malformed options (see :func:`check_options`).
@@ -111,20 +132,56 @@ def build_score_requests(
     """
     check_options(prompts, options)
     option_ids: dict[str, list[int]] = {}  # options repeat across prompts; encode each once
-    requests: list[dict[str, list[int]]] = []
+    requests: list[dict[str, Any]] = []
     spans: list[tuple[int, int]] = []
     for i, (prompt, opts) in enumerate(zip(prompts, options, strict=True)):
-        prompt_ids = encode_prompt(tokenizer, prompt)
+        text = prompt.text if isinstance(prompt, ImagePrompt) else prompt
+        prompt_ids = encode_prompt(tokenizer, text)
         if not prompt_ids:
             # Position 0 has no log-probability: an option needs at least one token before it.
             raise BackendError(f"prompt {i} encodes to no tokens and the model adds no BOS")
+        images = image_data(prompt) if isinstance(prompt, ImagePrompt) else None
         for option in opts:
             if option not in option_ids:
                 option_ids[option] = encode_option(tokenizer, option)
             ids = option_ids[option]
-            requests.append({"prompt_token_ids": prompt_ids + ids})
+            request: dict[str, Any] = {"prompt_token_ids": prompt_ids + ids}
+            if images is not None:
+                request["multi_modal_data"] = images
+            requests.append(request)
             spans.append((len(prompt_ids), len(prompt_ids) + len(ids)))
     return requests, spans
+
+
+def resolve_span(
+    request: Mapping[str, Any], span: tuple[int, int], seen: Sequence[int] | None
+) -> tuple[list[int], tuple[int, int]]:
+    """The prompt token ids vLLM ran and the option's span in them.
+
+    A text request runs as submitted. An image request comes back with each image placeholder
+    expanded into the image's tokens; the option's tokens are still the last ones.
+
+    Args:
+        request: The submitted request (from :func:`build_score_requests`).
+        span: The option's span in the submitted ids.
+        seen: ``RequestOutput.prompt_token_ids``.
+
+    Raises:
+        BackendError: vLLM ran other tokens than submitted (or, for an image request, did not
+            say which).
+    """
+    submitted = [int(t) for t in request["prompt_token_ids"]]
+    if "multi_modal_data" not in request:
+        if seen is not None and [int(t) for t in seen] != submitted:
+            raise BackendError("vLLM changed the token ids of a scoring request")
+        return submitted, span
+    if seen is None:
+        raise BackendError("vLLM returned no prompt token ids for an image request")
+    ran = [int(t) for t in seen]
+    n = span[1] - span[0]
+    if len(ran) < len(submitted) or ran[len(ran) - n :] != submitted[span[0] : span[1]]:
+        raise BackendError("vLLM changed the option tokens of an image scoring request")
+    return ran, (len(ran) - n, len(ran))
 
 
 def parse_prompt_logprobs(
@@ -228,6 +285,15 @@ def parse_generation(output: Any) -> Generation:
     )
 
 
+def engine_prompt(tokenizer: TokenizerLike, prompt: Prompt) -> dict[str, Any]:
+    """A generation request: the prompt's token ids (as scoring sends them), with the images of
+    an image prompt as ``multi_modal_data``."""
+    if isinstance(prompt, ImagePrompt):
+        ids = encode_prompt(tokenizer, prompt.text)
+        return {"prompt_token_ids": ids, "multi_modal_data": image_data(prompt)}
+    return {"prompt_token_ids": encode_prompt(tokenizer, prompt)}
+
+
 def render_chat_text(tokenizer: TokenizerLike, messages: Sequence[Message]) -> str:
     """The tokenizer's chat template with the assistant's turn opened, else :func:`plain_chat`."""
     if getattr(tokenizer, "chat_template", None):
@@ -264,8 +330,14 @@ class VLLMBackend:
         enable_prefix_caching: Reuse KV blocks of shared prompt prefixes (generation only; see
             :meth:`score`).
         seed: Engine seed, for reproducible sampling.
+        limit_mm_per_prompt: Most multimodal items per prompt, e.g. ``{"image": 5}`` (vLLM's
+            default for many vision-language models is one image: too few for image
+            demonstrations).
         llm: An already built ``vllm.LLM`` to use (shared between backends, or in tests); the
             options above that configure the engine are then ignored.
+        processor: The model's Hugging Face processor, for :meth:`render_chat` and
+            :meth:`count_tokens` of prompts with images (their chat template and image token
+            counts); loaded from ``model`` when first needed if not given.
 
     Raises:
         ConfigError: vLLM is not installed.
@@ -284,7 +356,9 @@ class VLLMBackend:
         gpu_memory_utilization: float = 0.85,
         enable_prefix_caching: bool = True,
         seed: int = 0,
+        limit_mm_per_prompt: dict[str, int] | None = None,
         llm: Any = None,
+        processor: Any = None,
     ) -> None:
         try:
             import vllm
@@ -297,6 +371,9 @@ class VLLMBackend:
             logger.info(
                 "starting vLLM for %s (tp=%d, dtype=%s)", model, tensor_parallel_size, dtype
             )
+            # Many vision-language models take one image per prompt unless told otherwise; image
+            # demonstrations need more (e.g. {"image": 5} for four demonstrations and the input).
+            extra = {"limit_mm_per_prompt": limit_mm_per_prompt} if limit_mm_per_prompt else {}
             try:
                 llm = vllm.LLM(
                     model=model,
@@ -306,10 +383,12 @@ class VLLMBackend:
                     gpu_memory_utilization=gpu_memory_utilization,
                     enable_prefix_caching=enable_prefix_caching,
                     seed=seed,
+                    **extra,
                 )
             except Exception as exc:
                 raise BackendError(f"vLLM could not start {model!r}: {exc}") from exc
         self._llm: Any = llm
+        self._processor = processor
         self._tokenizer = llm.get_tokenizer()
         engine = llm.llm_engine
         model_config = engine.model_config
@@ -333,12 +412,42 @@ class VLLMBackend:
     def capabilities(self) -> Capabilities:
         return self._capabilities
 
-    def render_chat(self, messages: Sequence[Message]) -> str:
+    def render_chat(self, messages: Sequence[Message]) -> Prompt:
+        """The chat template's prompt; messages with images give an :class:`ImagePrompt`
+        rendered by the model's processor template (its placeholders are what vLLM expands)."""
+        if has_images(messages):
+            self._require_images()
+            return render_processor_chat(self._hf_processor(), messages)
         return render_chat_text(self._tokenizer, messages)
 
-    def count_tokens(self, text: str) -> int:
-        """Tokens of ``text`` as a prompt (special tokens included, as submitted)."""
-        return len(encode_prompt(self._tokenizer, text))
+    def count_tokens(self, prompt: Prompt) -> int:
+        """Tokens of ``prompt`` as submitted (special tokens included); each image counts the
+        tokens the model's processor expands it into."""
+        if isinstance(prompt, ImagePrompt):
+            self._require_images()
+            return len(process_image_prompt(self._hf_processor(), prompt)["input_ids"][0])
+        return len(encode_prompt(self._tokenizer, prompt))
+
+    def _require_images(self, prompts: Sequence[Prompt] = ()) -> None:
+        if prompts and not any(isinstance(p, ImagePrompt) for p in prompts):
+            return
+        if not self._capabilities.images:
+            raise DataError(
+                f"the vllm backend's model {self.model!r} is text-only and cannot read images",
+                field="image",
+            )
+
+    def _hf_processor(self) -> Any:
+        if self._processor is None:
+            try:
+                from transformers import AutoProcessor
+
+                self._processor = AutoProcessor.from_pretrained(self.model)
+            except (ImportError, OSError, ValueError) as exc:
+                raise ConfigError(
+                    f"prompts with images need the Hugging Face processor of {self.model!r}: {exc}"
+                ) from exc
+        return self._processor
 
     def close(self) -> None:
         """Drop the engine; GPU memory is freed once no one else holds it."""
@@ -356,8 +465,10 @@ class VLLMBackend:
 
     # ---- calls -------------------------------------------------------------------------------
 
-    def score(self, prompts: Sequence[str], options: Sequence[Sequence[str]]) -> OptionScores:
+    def score(self, prompts: Sequence[Prompt], options: Sequence[Sequence[str]]) -> OptionScores:
         """Exact ``sum_t log P(o_t | p, o_<t)`` for every option, from prompt log-probabilities.
+
+        Image prompts are scored the same way, each request carrying the prompt's images.
 
         Trap (vLLM V1): a request that asks for ``prompt_logprobs`` skips the prefix cache
         (``SamplingParams.skip_reading_prefix_cache`` defaults to True for it, since cached
@@ -373,6 +484,7 @@ class VLLMBackend:
         usage = Usage()
         if n == 0:
             return OptionScores(logprobs, counts, exact=True, method="prompt_logprobs", usage=usage)
+        self._require_images(prompts)
         requests, spans = build_score_requests(self._tokenizer, prompts, options)
         for r, request in enumerate(requests):
             # One token is generated per request (vLLM needs max_tokens >= 1), so leave room.
@@ -384,27 +496,28 @@ class VLLMBackend:
         )
         outputs = self._run(requests, sampling, usage)
         for r, (request, output, span) in enumerate(zip(requests, outputs, spans, strict=True)):
-            submitted = request["prompt_token_ids"]
-            seen = output.prompt_token_ids
-            if seen is not None and [int(t) for t in seen] != submitted:
-                raise BackendError(f"vLLM changed the token ids of scoring request {r}")
-            total, count = parse_prompt_logprobs(output.prompt_logprobs, submitted, span)
+            try:
+                ran, at = resolve_span(request, span, output.prompt_token_ids)
+            except BackendError as exc:
+                raise BackendError(f"scoring request {r}: {exc}") from exc
+            total, count = parse_prompt_logprobs(output.prompt_logprobs, ran, at)
             logprobs[r // k, r % k] = total
             counts[r // k, r % k] = count
-            usage.prompt_tokens += len(submitted)
+            usage.prompt_tokens += len(ran)
             usage.completion_tokens += len(output.outputs[0].token_ids) if output.outputs else 0
         usage.seconds = time.perf_counter() - start
         self.usage.add(usage)
         return OptionScores(logprobs, counts, exact=True, method="prompt_logprobs", usage=usage)
 
-    def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[Generation]:
+    def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]:
         """One completion per prompt; ``choices`` / ``regex`` constrain it via structured outputs.
 
-        A prompt may also be a vLLM prompt dict, e.g.
-        ``{"prompt": text, "multi_modal_data": {"image": PIL.Image}}`` for a multimodal model;
+        An image prompt is sent with its images (see :func:`engine_prompt`). A prompt may also
+        be a vLLM prompt dict, e.g. ``{"prompt": text, "multi_modal_data": {"image": PIL.Image}}``;
         it is passed through as is.
         """
         start = time.perf_counter()
+        self._require_images(prompts)
         kwargs = sampling_kwargs(params)
         if "structured_outputs" in kwargs:
             module = importlib.import_module("vllm.sampling_params")
@@ -428,9 +541,10 @@ class VLLMBackend:
                 engine_prompts.append(dict(prompt))
                 continue
             # Token ids, so that generation sees exactly the tokens that scoring sees.
-            ids = encode_prompt(self._tokenizer, prompt)
-            self._check_length(len(ids) + 1, f"prompt {i}")
-            engine_prompts.append({"prompt_token_ids": ids})
+            request = engine_prompt(self._tokenizer, prompt)
+            # An image prompt grows when vLLM expands its images; vLLM checks that length.
+            self._check_length(len(request["prompt_token_ids"]) + 1, f"prompt {i}")
+            engine_prompts.append(request)
         usage = Usage()
         outputs = self._run(engine_prompts, sampling, usage) if engine_prompts else []
         results = [parse_generation(output) for output in outputs]
@@ -458,6 +572,8 @@ class VLLMBackend:
         try:
             outputs = list(self._llm.generate(prompts, sampling, use_tqdm=False))
         except Exception as exc:
+            if "maximum model length" in str(exc):  # vLLM's check of a prompt's length
+                raise ContextLengthError(f"vLLM refused a prompt: {exc}") from exc
             raise BackendError(f"vLLM failed: {exc}") from exc
         usage.forward_seconds += time.perf_counter() - t
         # Each request is a model call in the sense of the other backends (one HTTP request or

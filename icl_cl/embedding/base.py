@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from icl_cl.images import Image
 
 ProgressCallback = Callable[[int], None]
 """Called with the number of items just finished; the CLI turns it into a progress bar."""
@@ -13,7 +16,13 @@ ProgressCallback = Callable[[int], None]
 
 @runtime_checkable
 class Embedder(Protocol):
-    """Maps items to L2-normalised ``float32`` vectors of shape ``(n, dim)``."""
+    """Maps items (texts, and images for a multimodal embedder) to L2-normalised ``float32``
+    vectors of shape ``(n, dim)``.
+
+    A text-only embedder given an :class:`~icl_cl.images.Image` raises
+    :class:`~icl_cl.errors.DataError`; it never embeds something else in its place. Embedders
+    that take images say so with a ``reads_images = True`` attribute (absent means text only).
+    """
 
     @property
     def name(self) -> str:
@@ -25,6 +34,9 @@ class Embedder(Protocol):
         """Vector dimension."""
         ...
 
-    def encode(self, items: Sequence[str], progress: ProgressCallback | None = None) -> np.ndarray:
-        """Embed ``items``; returns an array of shape ``(len(items), dim)``, dtype float32, unit rows."""
+    def encode(
+        self, items: Sequence[str | Image], progress: ProgressCallback | None = None
+    ) -> np.ndarray:
+        """Embed ``items``; returns an array of shape ``(len(items), dim)``, dtype float32, unit
+        rows, in the order of ``items``."""
         ...

@@ -1,4 +1,7 @@
-"""sentence-transformers embedder, with the packaged all-MiniLM-L6-v2 as the offline default."""
+"""sentence-transformers embedder, with the packaged all-MiniLM-L6-v2 as the offline default.
+
+:func:`load_embedder` hands CLIP models to :class:`~icl_cl.embedding.clip.ClipEmbedder`, which
+also embeds images; :class:`SentenceTransformerEmbedder` is text-only."""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from icl_cl.embedding.base import ProgressCallback
-from icl_cl.errors import ConfigError
+from icl_cl.errors import ConfigError, DataError
+from icl_cl.images import Image
 
 if TYPE_CHECKING:
     from icl_cl.config import EmbedderConfig
@@ -39,11 +43,16 @@ def resolve_model_path(model: str) -> str:
 class SentenceTransformerEmbedder:
     """Wraps a ``sentence_transformers.SentenceTransformer``; loads lazily on first use.
 
+    Text-only: an :class:`~icl_cl.images.Image` among the items raises
+    :class:`~icl_cl.errors.DataError`.
+
     Args:
         model: A sentence-transformers model name or a local directory.
         device: Torch device, e.g. ``"cpu"`` or ``"cuda"``.
         batch_size: Encoding batch size.
     """
+
+    reads_images = False
 
     def __init__(self, model: str, device: str = "cpu", batch_size: int = 64) -> None:
         self._name = model
@@ -56,6 +65,9 @@ class SentenceTransformerEmbedder:
 
     @cached_property
     def _model(self) -> Any:
+        return self._load()
+
+    def _load(self) -> Any:
         from sentence_transformers import SentenceTransformer
 
         path = resolve_model_path(self._name)
@@ -72,28 +84,50 @@ class SentenceTransformerEmbedder:
             dim = int(self._model.encode(["x"], convert_to_numpy=True).shape[1])
         return int(dim)
 
-    def encode(self, items: Sequence[str], progress: ProgressCallback | None = None) -> np.ndarray:
+    def encode(
+        self, items: Sequence[str | Image], progress: ProgressCallback | None = None
+    ) -> np.ndarray:
         """Embed texts as unit vectors (float32)."""
+        for i, item in enumerate(items):
+            if isinstance(item, Image):
+                raise DataError(
+                    f"{item.source}: embedder {self._name!r} is text-only and cannot embed "
+                    "images; configure a CLIP model (e.g. clip-ViT-B-32) to embed images",
+                    item=f"#{i}",
+                    field="image",
+                )
         if len(items) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         parts = []
         for start in range(0, len(items), _CHUNK):
             chunk = list(items[start : start + _CHUNK])
-            vectors = self._model.encode(
-                chunk,
-                batch_size=self._batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
-            parts.append(np.asarray(vectors, dtype=np.float32))
+            parts.append(self._encode_chunk(chunk))
             if progress is not None:
                 progress(len(chunk))
         return np.ascontiguousarray(np.concatenate(parts, axis=0))
 
+    def _encode_chunk(self, inputs: list[Any]) -> np.ndarray:
+        """Unit vectors (float32) of one chunk of model inputs."""
+        vectors = self._model.encode(
+            inputs,
+            batch_size=self._batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return np.asarray(vectors, dtype=np.float32)
+
 
 def load_embedder(config: EmbedderConfig) -> SentenceTransformerEmbedder:
-    """Build the embedder a config names."""
-    return SentenceTransformerEmbedder(
-        config.model, device=config.device, batch_size=config.batch_size
+    """Build the embedder a config names: a :class:`~icl_cl.embedding.clip.ClipEmbedder` (texts
+    and images) when ``config.model`` is a CLIP model, else a text-only
+    :class:`SentenceTransformerEmbedder`."""
+    # Imported here: clip.py builds on this module.
+    from icl_cl.embedding.clip import ClipEmbedder, is_clip_model
+
+    cls = (
+        ClipEmbedder
+        if is_clip_model(resolve_model_path(config.model))
+        else SentenceTransformerEmbedder
     )
+    return cls(config.model, device=config.device, batch_size=config.batch_size)

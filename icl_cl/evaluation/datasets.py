@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from icl_cl.data import read_examples, read_labels
 from icl_cl.errors import ConfigError, DataError
+from icl_cl.images import load_image
 from icl_cl.types import Example, Label
 
 
@@ -25,7 +26,8 @@ class HFSource(BaseModel):
         "test", description="null: hold out test_fraction of the train split (seeded)"
     )
     test_fraction: float = Field(0.2, gt=0, lt=1)
-    text: str = "text"
+    text: str | None = Field("text", description="field holding the text (null for image sets)")
+    image: str | None = Field(None, description="field holding an image (HF Image feature)")
     label: str = Field("label", description="field holding a class id, a name, or a list of them")
     id: str | None = None
 
@@ -119,7 +121,9 @@ def _load_hf(
         have = list(data.keys()) if hasattr(data, "keys") else "a single split"
         raise ConfigError(f"dataset {src.name!r}: no split {src.train_split!r} (has {have})")
     columns = data[src.train_split].column_names
-    for field in (src.text, src.label, src.id):
+    if src.text is None and src.image is None:
+        raise ConfigError(f"dataset {src.name!r}: set the text field, the image field, or both")
+    for field in (src.text, src.image, src.label, src.id):
         if field is not None and field not in columns:
             raise ConfigError(f"dataset {src.name!r}: no field {field!r} (fields: {columns})")
     names: list[str] | None = None
@@ -134,7 +138,10 @@ def _load_hf(
         table = data[split]
         ids = list(table[src.id]) if src.id else None
         out = []
-        for i, (text, raw) in enumerate(zip(table[src.text], table[src.label], strict=True)):
+        n = len(table)
+        texts = table[src.text] if src.text else [""] * n
+        images = table[src.image] if src.image else [None] * n
+        for i, (text, image, raw) in enumerate(zip(texts, images, table[src.label], strict=True)):
             values = raw if isinstance(raw, list) else [raw]
             # ClassLabel ids map to their names; -1 marks an unlabelled row in HF datasets.
             labels = [
@@ -142,11 +149,15 @@ def _load_hf(
                 for v in values
                 if not (isinstance(v, int) and v < 0)
             ]
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(
-                    "empty text", source=f"{src.name}[{split}]", line=i + 1, field=src.text
-                )
-            out.append(Example(str(ids[i]) if ids else f"{split}-{i}", text, labels))
+            where = {"source": f"{src.name}[{split}]", "line": i + 1}
+            if image is None and (not isinstance(text, str) or not text.strip()):
+                raise DataError("empty text", field=src.text, **where)
+            if isinstance(image, dict):  # an Image feature read without decoding
+                image = image.get("bytes") or image.get("path")
+            ident = str(ids[i]) if ids else f"{split}-{i}"
+            if image is not None:
+                image = load_image(image, item=ident, **where)
+            out.append(Example(ident, text or "", labels, image=image))
         return out
 
     labels = [Label(n) for n in names] if names else []

@@ -322,7 +322,7 @@ def run_inca(
     )
     reader = clf.reader()
     for part in chunks(len(test)):
-        texts, q = [ex.text for ex in test[part]], queries[part]
+        texts, q = [ex.item for ex in test[part]], queries[part]
         preds = clf.predict_vectors(q, ctx.k, scorer=scorer, texts=texts, confidence=ctx.confidence)
         ranked = clf.memory.candidates(q, ctx.k, scorer)
         # The same prompts the fused prediction sent (a cache hit then), or the LLM's reading
@@ -357,7 +357,7 @@ def run_zero_shot(
     reader = clf.reader()
     out = MethodOutput(decisions=[])
     for part in chunks(len(test)):
-        texts = [ex.text for ex in test[part]]
+        texts = [ex.item for ex in test[part]]
         for reading in reader.read(texts, queries[part], [labels] * len(texts)).readings:
             if reading.scores is None:
                 out.cost.fallbacks += 1
@@ -383,7 +383,7 @@ def run_irr(
     if config.irr.rank:
         out.setup = _fit_fusion(clf, ctx.k, scorer)
     for part in chunks(len(test)):
-        texts = [ex.text for ex in test[part]]
+        texts = [ex.item for ex in test[part]]
         preds = clf.predict_vectors(
             queries[part], ctx.k, scorer=scorer, texts=texts, confidence=ctx.confidence
         )

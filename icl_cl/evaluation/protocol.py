@@ -132,7 +132,7 @@ def _restrict(test: Sequence[Example], labels: set[str]) -> list[Example]:
     for ex in test:
         gold = [lab for lab in ex.labels if lab in labels]
         if gold:
-            out.append(Example(ex.id, ex.text, gold))
+            out.append(Example(ex.id, ex.text, gold, image=ex.image))
     return out
 
 
@@ -314,8 +314,8 @@ def run_protocol(
     # Label texts too: learning embeds them, and a resumed run should embed nothing.
     texts = list(
         dict.fromkeys(
-            [ex.text for ex in data.train]
-            + [ex.text for ex in data.test]
+            [ex.item for ex in data.train]
+            + [ex.item for ex in data.test]
             + [lab.text for lab in data.labels]
         )
     )
@@ -480,7 +480,7 @@ def _evaluate_cell(
 ) -> dict[str, Any]:
     # The same seeded sample at a stage for every method with the same budget: comparable cells.
     items = sample_items(test, config.budget(method), config.dataset.seed + t)
-    queries = embedder.encode([ex.text for ex in items])
+    queries = embedder.encode([ex.item for ex in items])
     k = config.method_k(method)
     bar = f"{method.name} after session {t + 1}"
     done = 0
@@ -577,7 +577,7 @@ def _joint_check(
     )
     try:
         joint.learn([ex for stream in streams for ex in stream], data.labels)
-        queries = embedder.encode([ex.text for ex in data.test])
+        queries = embedder.encode([ex.item for ex in data.test])
         agreement = {}
         for m in config.methods:
             if not hasattr(m, "scorer"):

@@ -62,5 +62,5 @@ def session_examples(
         labels = [lab for lab in ex.labels if lab in keep]
         if labels:
             ident = ex.id if len(labels) == len(ex.labels) else f"{ex.id}#s{session}"
-            out.append(Example(ident, ex.text, labels))
+            out.append(Example(ident, ex.text, labels, image=ex.image))
     return out

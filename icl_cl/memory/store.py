@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from icl_cl.errors import StoreError
+from icl_cl.images import Image
 from icl_cl.memory.statistics import RunningStatistics, StatisticsDelta
 from icl_cl.types import Example, Label
 
@@ -58,6 +59,13 @@ CREATE TABLE statistics (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE fitted (key TEXT PRIMARY KEY, value TEXT NOT NULL, n_examples INTEGER NOT NULL);
 CREATE TABLE summaries (label TEXT PRIMARY KEY, summary TEXT NOT NULL, model TEXT NOT NULL,
     created_at TEXT NOT NULL);
+"""
+
+# Image examples: the encoded bytes live in the store (demonstrations show them to the LLM, and a
+# store must not depend on files elsewhere); an example row names its image by key. Added to a
+# store, in the session's transaction, the first time it learns an image.
+_IMAGE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (key TEXT PRIMARY KEY, data BLOB NOT NULL, source TEXT NOT NULL);
 """
 
 
@@ -107,6 +115,7 @@ class Store:
         self._conn = conn
         self.manifest = manifest
         self.dim = int(manifest["dim"])
+        self._images: dict[str, Image] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -242,13 +251,32 @@ class Store:
     def examples(self, rows: Sequence[int]) -> list[Example]:
         """Stored examples by row number, in the order asked."""
         found: dict[int, Example] = {}
+        image = "image" if self._has_images() else "NULL"
         for start in range(0, len(rows), 500):
             chunk = [int(r) for r in rows[start : start + 500]]
             marks = ",".join("?" * len(chunk))
-            query = f"SELECT row, id, text, labels FROM examples WHERE row IN ({marks})"
-            for row, id_, text, labels in self._conn.execute(query, chunk):
-                found[row] = Example(id_, text, json.loads(labels))
+            query = f"SELECT row, id, text, labels, {image} FROM examples WHERE row IN ({marks})"
+            for row, id_, text, labels, key in self._conn.execute(query, chunk):
+                found[row] = Example(id_, text, json.loads(labels), image=self._image(key))
         return [found[int(r)] for r in rows]
+
+    def input_keys(self) -> list[str]:
+        """Per row, what identifies its input: the image key, or the text."""
+        column = "COALESCE(image, text)" if self._has_images() else "text"
+        return [v for (v,) in self._conn.execute(f"SELECT {column} FROM examples ORDER BY row")]
+
+    def _has_images(self) -> bool:
+        columns = self._conn.execute("PRAGMA table_info(examples)").fetchall()
+        return any(c[1] == "image" for c in columns)
+
+    def _image(self, key: str | None) -> Image | None:
+        if key is None:
+            return None
+        if key not in self._images:
+            row = self._conn.execute("SELECT data, source FROM images WHERE key = ?", (key,))
+            data, source = row.fetchone()
+            self._images[key] = Image.from_bytes(data, source)
+        return self._images[key]
 
     def existing_ids(self, ids: Sequence[str]) -> list[str]:
         """Which of ``ids`` are already stored."""
@@ -352,6 +380,7 @@ class Store:
                     for i, ex in enumerate(examples)
                 ],
             )
+            self._insert_images(examples, n_before)
             self._conn.executemany(
                 "INSERT OR REPLACE INTO statistics(key, value) VALUES (?, ?)",
                 [
@@ -374,6 +403,25 @@ class Store:
                 ),
             )
         return session
+
+    def _insert_images(self, examples: Sequence[Example], n_before: int) -> None:
+        """Store the images of ``examples`` (rows from ``n_before``); inside the session's
+        transaction, so the images and their rows commit together."""
+        with_images = [(n_before + i, ex.image) for i, ex in enumerate(examples) if ex.image]
+        if not with_images:
+            return
+        if not self._has_images():
+            # Transactional DDL: rolled back with the session if anything fails.
+            self._conn.execute(_IMAGE_SCHEMA)
+            self._conn.execute("ALTER TABLE examples ADD COLUMN image TEXT")
+        self._conn.executemany(
+            "INSERT OR IGNORE INTO images(key, data, source) VALUES (?, ?, ?)",
+            [(img.key, img.data, img.source) for _, img in with_images],
+        )
+        self._conn.executemany(
+            "UPDATE examples SET image = ? WHERE row = ?",
+            [(img.key, row) for row, img in with_images],
+        )
 
     def _append_vectors(self, n_committed: int, vectors: np.ndarray) -> None:
         """Append after the last committed row (dropping leftovers of a crashed session), fsync."""

@@ -20,6 +20,7 @@ from icl_cl.data import Located, check_text, location_of, validate_examples
 from icl_cl.embedding import Embedder, load_embedder
 from icl_cl.embedding.base import ProgressCallback
 from icl_cl.errors import BackendError, ConfigError, DataError
+from icl_cl.images import Image, load_image
 from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.memory.store import MANIFEST, Store
 from icl_cl.pipelines.decision import LabelSetRule
@@ -191,7 +192,8 @@ class ContinualClassifier:
         multi_label = self._multi_label_after(examples, locations)
 
         embed_start = time.perf_counter()
-        vectors = self.embedder.encode([ex.text for ex in examples], progress=progress)
+        self._check_images([ex.item for ex in examples], [ex.id for ex in examples], locations)
+        vectors = self.embedder.encode([ex.item for ex in examples], progress=progress)
         label_vectors = self.embedder.encode([lab.text for lab in new_labels])
         embed_seconds = time.perf_counter() - embed_start
         session = self.memory.learn(
@@ -299,7 +301,7 @@ class ContinualClassifier:
 
     def predict(
         self,
-        texts: Sequence[str],
+        texts: Sequence[str | Image | Any],
         k: int = 10,
         *,
         scorer: str | None = None,
@@ -311,7 +313,8 @@ class ContinualClassifier:
         """Predict labels for each text.
 
         Args:
-            texts: Inputs to classify.
+            texts: Inputs to classify: texts, or images (:class:`~icl_cl.images.Image`, PIL
+                images, bytes, or :class:`pathlib.Path` paths).
             k: Number of candidate labels to return (and, with an LLM, to read in context).
             scorer: ECL scorer to rank candidates with; default from the config.
             use_llm: Let the configured LLM read the candidates (no effect without an LLM).
@@ -322,25 +325,72 @@ class ContinualClassifier:
         """
         if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
             raise DataError(f"k must be a positive integer, got {k!r}")
-        for i, text in enumerate(texts):
-            check_text(text, max_chars=self.config.max_text_chars, item=str(i))
+        items = [self._input(text, i) for i, text in enumerate(texts)]
         self.memory.require_examples()
-        queries = self.embedder.encode(list(texts), progress=progress)
+        self._check_images(items, [str(i) for i in range(len(items))], None)
+        if use_llm and self.config.llm is not None and self._reads():
+            self._check_reader_images(items)
+        queries = self.embedder.encode(items, progress=progress)
         return self.predict_vectors(
             queries,
             k,
             scorer=scorer,
-            texts=list(texts) if use_llm else None,
+            texts=items if use_llm else None,
             confidence=confidence,
             abstain_below=abstain_below,
         )
+
+    def _input(self, value: object, i: int) -> str | Image:
+        """A prediction input checked: a text, or an image loaded from what was given."""
+        if isinstance(value, str):
+            return check_text(value, max_chars=self.config.max_text_chars, item=str(i))
+        return load_image(value, item=str(i))
+
+    def _check_images(
+        self,
+        items: Sequence[str | Image],
+        ids: Sequence[str],
+        locations: Sequence[Located] | None,
+    ) -> None:
+        """Refuse images, naming the first, when the embedder reads text only."""
+        if getattr(self.embedder, "reads_images", False):
+            return
+        for i, item in enumerate(items):
+            if isinstance(item, Image):
+                raise DataError(
+                    f"the embedder {self.embedder.name} reads text only; configure a CLIP-style "
+                    "embedder (embedder.model, e.g. clip-ViT-B-32) to learn or classify images",
+                    field="image",
+                    item=ids[i],
+                    **location_of(locations, i),
+                )
+
+    def _check_reader_images(self, items: Sequence[str | Image]) -> None:
+        """Refuse images, naming the first, when the LLM cannot read them (before any work)."""
+        first = next((i for i, item in enumerate(items) if isinstance(item, Image)), None)
+        if first is None:
+            return
+        if self._infers():
+            raise DataError(
+                "Infer-Retrieve-Rank's infer step writes queries from text; image inputs need "
+                "irr.infer off",
+                field="image",
+                item=str(first),
+            )
+        if not self.backend().capabilities.images:
+            raise DataError(
+                f"the LLM backend {self.config.llm.backend} ({self.config.llm.model}) reads text "
+                "only; use a vision-language model, or predict with use_llm=False",
+                field="image",
+                item=str(first),
+            )
 
     def candidates(
         self,
         queries: np.ndarray,
         k: int,
         *,
-        texts: Sequence[str] | None = None,
+        texts: Sequence[str | Image] | None = None,
         scorer: str | None = None,
     ) -> list[list[tuple[str, float]]]:
         """The candidate stage alone: each input's top-``k`` ``(label, score)`` from the ECL, or
@@ -357,7 +407,7 @@ class ContinualClassifier:
         k: int = 10,
         *,
         scorer: str | None = None,
-        texts: Sequence[str] | None = None,
+        texts: Sequence[str | Image] | None = None,
         confidence: float | None = None,
         abstain_below: float | None = None,
     ) -> list[Prediction]:
@@ -658,6 +708,7 @@ class ContinualClassifier:
                 by_row[g[0]].id,
                 by_row[g[0]].text,
                 dict.fromkeys(lab for r in g for lab in by_row[r].labels),
+                image=by_row[g[0]].image,
             )
             for g in groups
         ]
@@ -673,13 +724,14 @@ class ContinualClassifier:
                 ranked += self.memory.ranked(scores, k)
             return ranked
 
-        texts = [ex.text for ex in examples]
-        ranked, _ = self._candidates(texts, vectors, k, rank_ecl, exclude=ids)
+        ranked, _ = self._candidates(
+            [ex.item for ex in examples], vectors, k, rank_ecl, exclude=ids
+        )
         return examples, vectors, ranked, ids
 
     def _candidates(
         self,
-        texts: Sequence[str] | None,
+        texts: Sequence[str | Image] | None,
         vectors: np.ndarray,
         k: int,
         rank_ecl: Callable[[np.ndarray], list[list[tuple[str, float]]]],
@@ -701,8 +753,9 @@ class ContinualClassifier:
         return self.config.irr is None or self.config.irr.rank
 
     def _copies(self, rows: list[int]) -> list[list[int]]:
-        """For each row, every stored row with the same text (one group per distinct text)."""
-        texts = [ex.text for ex in self.memory.store.examples(range(self.memory.n_examples))]
+        """For each row, every stored row with the same input (one group per distinct text or
+        image)."""
+        texts = self.memory.store.input_keys()
         by_text: dict[str, list[int]] = {}
         for row, text in enumerate(texts):
             by_text.setdefault(text, []).append(row)
@@ -726,7 +779,7 @@ class ContinualClassifier:
         readings = (
             self.reader()
             .read(
-                [ex.text for ex in examples],
+                [ex.item for ex in examples],
                 vectors,
                 cand_labels,
                 exclude=ids,

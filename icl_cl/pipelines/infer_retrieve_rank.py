@@ -28,6 +28,7 @@ import numpy as np
 
 from icl_cl.backends.base import GenerationParams
 from icl_cl.config import IRRConfig
+from icl_cl.errors import DataError
 from icl_cl.prompting import load_template, render_instruction, select_demonstrations
 from icl_cl.prompting.render import demonstration_context
 
@@ -97,6 +98,10 @@ class InferRetrieveRank:
         """The LLM's label-like queries for each text (none when the step is off)."""
         if not self.config.infer:
             return Inferred.nothing(len(texts))
+        if any(not isinstance(text, str) for text in texts):
+            raise DataError(
+                "the infer step writes queries from text; image inputs need irr.infer off"
+            )
         backend = self.classifier.backend()
         template = load_template("tags")
         names = {lab.label: lab.name for lab in self.memory.labels}

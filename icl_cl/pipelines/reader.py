@@ -14,6 +14,7 @@ from icl_cl.backends.base import LLMBackend, Usage
 from icl_cl.calibration.in_context import OptionBias, domain_strings
 from icl_cl.config import CalibrationConfig, PromptConfig
 from icl_cl.errors import BackendError, ContextLengthError
+from icl_cl.images import Image
 from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.prompting import RenderedPrompt, load_template, render_prompt, select_demonstrations
 
@@ -73,10 +74,12 @@ class LLMReader:
         self.config = prompt
         self.calibration = calibration or CalibrationConfig()
 
-    def template_name(self) -> str:
+    def template_name(self, image: bool = False) -> str:
+        """The configured template, or by default the one for this store and input kind."""
         if self.config.template != "auto":
             return self.config.template
-        return "classify_multi" if self.memory.multi_label else "classify"
+        name = "classify_image" if image else "classify"
+        return f"{name}_multi" if self.memory.multi_label else name
 
     def budget(self) -> int:
         if self.config.max_prompt_tokens is not None:
@@ -86,13 +89,17 @@ class LLMReader:
 
     def read(
         self,
-        texts: Sequence[str],
+        texts: Sequence[str | Image],
         queries: np.ndarray,
         candidates: Sequence[Sequence[str]],
         exclude: Sequence[frozenset[str]] | None = None,
     ) -> ReadBatch:
-        """Score every input's candidates with the LLM."""
-        template = load_template(self.template_name())
+        """Score every input's candidates with the LLM (texts, or images for a backend that
+        reads them)."""
+        templates = {
+            image: load_template(self.template_name(image))
+            for image in {isinstance(t, Image) for t in texts}
+        }
         labels = {lab.label: lab for lab in self.memory.labels}
         names = {lab.label: lab.name for lab in self.memory.labels}
         summaries = (
@@ -100,10 +107,10 @@ class LLMReader:
         )
         fillers = self._fillers()
 
-        def render(text: str, cands: list[str], demos: list[Any]) -> RenderedPrompt:
+        def render(text: str | Image, cands: list[str], demos: list[Any]) -> RenderedPrompt:
             return render_prompt(
                 self.backend,
-                template,
+                templates[isinstance(text, Image)],
                 text,
                 [labels[c] for c in cands],
                 demos,
@@ -131,7 +138,8 @@ class LLMReader:
                 readings.append(Reading(None, fallback=f"context too small: {exc}"))
                 continue
             reading = Reading(None, prompt=rendered)
-            for filler in fillers:
+            # Content-free stand-ins are texts: in-context calibration applies to text inputs.
+            for filler in fillers if isinstance(text, str) else ():
                 # The same prompt with the input replaced; kept only if it shows the same options.
                 try:
                     shown = set(rendered.demonstrations)

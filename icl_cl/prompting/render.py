@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
-from icl_cl.backends.base import LLMBackend
+from icl_cl.backends.base import LLMBackend, Message, Prompt
 from icl_cl.errors import ContextLengthError
+from icl_cl.images import Image
 from icl_cl.prompting.templates import PromptTemplate
 from icl_cl.types import Example, Label
 
@@ -27,7 +29,7 @@ class RenderedPrompt:
         shortened: What the context policy removed to fit, or ``None``.
     """
 
-    text: str
+    text: Prompt
     options: list[str]
     labels: list[str]
     demonstrations: list[str]
@@ -35,20 +37,68 @@ class RenderedPrompt:
     shortened: str | None = None
 
 
-def render_instruction(backend: LLMBackend, template: PromptTemplate, **context: object) -> str:
+# What a template prints where an image goes; the rendered message is split at these marks into
+# text and image parts, which the backend turns into its own image placeholders.
+_SLOT = "\x00image{}\x00"
+_SLOT_PATTERN = re.compile("\x00image(\\d+)\x00")
+
+
+@dataclass
+class ImageSlots:
+    """Collects the images a template shows, in the order they are handed out."""
+
+    images: list[Image] = field(default_factory=list)
+
+    def __call__(self, image: Image) -> str:
+        self.images.append(image)
+        return _SLOT.format(len(self.images) - 1)
+
+    def content(self, text: str) -> str | list[dict[str, object]]:
+        """The user message content: ``text``, or its text and image parts in reading order."""
+        if not _SLOT_PATTERN.search(text):  # the template showed no image
+            return text
+        parts: list[dict[str, object]] = []
+        at = 0
+        for mark in _SLOT_PATTERN.finditer(text):
+            if text[at : mark.start()]:
+                parts.append({"type": "text", "text": text[at : mark.start()]})
+            parts.append({"type": "image", "image": self.images[int(mark.group(1))]})
+            at = mark.end()
+        if text[at:]:
+            parts.append({"type": "text", "text": text[at:]})
+        return parts
+
+
+def render_instruction(
+    backend: LLMBackend,
+    template: PromptTemplate,
+    slots: ImageSlots | None = None,
+    **context: object,
+) -> Prompt:
     """A generation prompt: the template's system and user messages in the model's chat
-    format, ending with the answer prefix the model continues from."""
-    messages = [{"role": "system", "content": template.system}] if template.system else []
-    messages.append({"role": "user", "content": template.render(**context)})
+    format, ending with the answer prefix the model continues from. Images the context placed
+    through ``slots`` become image parts of the user message."""
+    messages: list[Message] = (
+        [{"role": "system", "content": template.system}] if template.system else []
+    )
+    user = template.render(**context)
+    messages.append({"role": "user", "content": slots.content(user) if slots else user})
     return backend.render_chat(messages) + template.answer_prefix
 
 
 def demonstration_context(
-    demonstrations: Sequence[Example], label_names: Mapping[str, str]
+    demonstrations: Sequence[Example],
+    label_names: Mapping[str, str],
+    slots: Callable[[Image], str] | None = None,
 ) -> list[dict[str, object]]:
-    """Demonstrations as templates see them: text, and label names (not identifiers)."""
+    """Demonstrations as templates see them: text, image (where ``slots`` places images), and
+    label names (not identifiers)."""
     return [
-        {"text": d.text, "labels": [label_names.get(lab, lab) for lab in d.labels]}
+        {
+            "text": d.text,
+            "image": slots(d.image) if slots is not None and d.image is not None else None,
+            "labels": [label_names.get(lab, lab) for lab in d.labels],
+        }
         for d in demonstrations
     ]
 
@@ -70,7 +120,7 @@ def _detail(label: Label, presentation: LabelPresentation, summaries: Mapping[st
 def render_prompt(
     backend: LLMBackend,
     template: PromptTemplate,
-    text: str,
+    text: str | Image,
     candidates: Sequence[Label],
     demonstrations: Sequence[Example],
     *,
@@ -84,22 +134,26 @@ def render_prompt(
 
     Policy: drop demonstrations (the least similar first), then candidates (the lowest ranked
     first, keeping at least ``min_candidates``). The input text itself is never cut here; inputs
-    longer than the configured limit were refused on entry.
+    longer than the configured limit were refused on entry. An image input (and image
+    demonstrations) go in as image parts; their tokens count against the budget.
     """
     demos = list(demonstrations)
     cands = list(candidates)
     dropped_demos = dropped_cands = 0
     while True:
         names = option_names(cands)
+        slots = ImageSlots()
         prompt = render_instruction(
             backend,
             template,
-            text=text,
+            slots,
+            text=text if isinstance(text, str) else "",
+            image=slots(text) if isinstance(text, Image) else None,
             candidates=[
                 {"label": c.label, "name": n, "detail": _detail(c, presentation, summaries)}
                 for c, n in zip(cands, names, strict=True)
             ],
-            demonstrations=demonstration_context(demos, label_names),
+            demonstrations=demonstration_context(demos, label_names, slots),
         )
         options = [template.format_option(n) for n in names]
         longest_option = max(backend.count_tokens(o) for o in options)
