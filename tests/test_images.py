@@ -77,6 +77,10 @@ def test_images_learned_in_two_sessions_are_stored_and_predicted(tmp_path, confi
     asked = [ex.image for ex in learned[::3]]
     preds = clf.predict(asked, k=3, scorer="knn")
     assert [p.labels[0] for p in preds] == [ex.labels[0] for ex in learned[::3]]
+    # Texts and pictures share the store when the embedder reads both.
+    clf.learn([Example("caption", "a leather shoulder bag", ["Bag"])])
+    assert clf.memory.store.input_keys()[-1] == "a leather shoulder bag"
+    assert clf.memory.store.input_keys()[0] == learned[0].image.key
     # Unseen pictures get three known candidates; a PIL image, bytes and a path give the same.
     unseen = pictures["Bag"][3]
     path = tmp_path / "bag.png"
@@ -293,6 +297,19 @@ def test_a_vision_language_model_reads_each_image_with_image_demonstrations(
         ]
         assert prompt.tokens > clf.backend().count_tokens(prompt.text.text)  # image tokens count
         assert np.isfinite(reading.scores).all() and len(reading.scores) == 3
+
+    # Image tokens count against the budget: with room for one demonstration, the less similar
+    # picture is dropped and the prompt says so.
+    one_demo = batch.readings[0].prompt
+    budget = one_demo.tokens - 1
+    tight = clf.reader()
+    tight.config = tight.config.model_copy(update={"max_prompt_tokens": budget})
+    again = tight.read(asked[:1], vectors[:1], [[lab for lab, _ in ranked[0]]]).readings[0]
+    assert again.prompt.demonstrations == one_demo.demonstrations[:1]
+    assert (
+        len(again.prompt.text.images) == 2 and "dropped 1 demonstrations" in again.prompt.shortened
+    )
+    assert again.prompt.tokens <= budget
 
     # The whole path: fusion weights fitted on held-out pictures read by the model (every label
     # a candidate, so each held-out picture counts), then a decision for each picture.
