@@ -178,7 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
         "if missing). All-or-nothing: invalid input changes nothing.",
     )
     p.add_argument("--store", required=True, help="store directory (created if it does not exist)")
-    p.add_argument("--data", help='JSONL of {"id", "text", "labels": [...]}')
+    p.add_argument(
+        "--data",
+        help='JSONL of {"id", "text", "labels": [...]}; "image" (a path relative to the file, '
+        "or a URL) in place of text for pictures",
+    )
     p.add_argument(
         "--labels",
         help='JSONL of {"label", "name", "description", "group"}; alone (no --data), it adds '
@@ -196,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
         "being the chance the label is none of them; multi-label: per label).",
     )
     p.add_argument("--store", required=True, help="store directory")
-    p.add_argument("--input", required=True, help='JSONL of {"id", "text"}')
+    p.add_argument(
+        "--input", required=True, help='JSONL of {"id", "text"} or {"id", "image"} (path or URL)'
+    )
     p.add_argument("--output", required=True, help="output JSONL (written atomically)")
     p.add_argument("--k", type=int, default=10, help="candidate labels per input (default 10)")
     p.add_argument("--scorer", choices=[*SCORERS, "auto"], help="ECL scorer (default: the store's)")
