@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         help="predict labels for a JSONL of texts",
         description="Predict labels for each line of a JSONL file of "
-        '{"id", "text"}; writes {"id", "labels", "scores"} per line. Scores are probabilities, '
+        '{"id", "text"} (or "image"); writes {"id", "labels", "scores"} per line. Scores are probabilities, '
         "calibrated on held-out stored examples (single-label: over the candidates, the rest "
         "being the chance the label is none of them; multi-label: per label).",
     )
