@@ -15,7 +15,7 @@ from icl_cl import ClassifierConfig, ContinualClassifier
 from icl_cl.backends.openai_compat import OpenAICompatBackend
 from icl_cl.calibration.in_context import OptionBias
 from icl_cl.config import CalibrationConfig, FusionConfig, LLMConfig, PromptConfig
-from icl_cl.pipelines.fusion import fit_fusion
+from icl_cl.pipelines.fusion import FusionWeights, fit_fusion
 from icl_cl.types import Example
 from tests.tiny_models import tiny_backend
 
@@ -316,7 +316,7 @@ def test_calibration_is_stored_and_refitted_when_a_session_is_added(tmp_path, em
     rest = [ex for ex in train if ex not in first]
     clf = ContinualClassifier.open(tmp_path / "s", ClassifierConfig(), embedder=embedder)
     clf.learn(first, labels[:4])
-    key = clf._fitted_key("calibration", 3, "mahalanobis", False, "auto", 3000)
+    key = clf._fitted_key("calibration", 3, "mahalanobis", False, None, "auto", 3000)
     preds = clf.predict([ex.text for ex in test[:5]], k=3, confidence=0.9)
     assert clf.memory.store.fitted(key)[1] == len(first)
     assert all(p.set and sum(p.scores.values()) <= 1 + 1e-9 for p in preds)
@@ -324,6 +324,24 @@ def test_calibration_is_stored_and_refitted_when_a_session_is_added(tmp_path, em
     clf.predict([ex.text for ex in test[:5]], k=3)
     stored, n = clf.memory.store.fitted(key)
     assert n == len(train) and stored["heldout_items"] == len(train)
+
+
+def test_the_fused_classifier_is_calibrated_on_its_own_scores(tmp_path, embedder, wordnet):
+    """Fusion scales the ECL's scores even when the LLM's weight is 0: the calibration of the
+    ECL alone must not be reused for them (it would flatten every probability)."""
+    train, test, labels = wordnet
+    config = ClassifierConfig(llm=LLMConfig(model="never-loaded"))  # no LLM call is made here
+    clf = ContinualClassifier.open(tmp_path / "s", config, embedder=embedder)
+    clf.learn(train, labels)
+    alone = clf.calibrator(5, "mahalanobis", None)
+    weights = FusionWeights(0.05, 0.0, 100, 0.7, 0.5, 0.7)
+    fused = clf.calibrator(5, "mahalanobis", weights)
+    queries = embedder.encode([ex.text for ex in test[:20]])
+    scores = np.array([[s for _, s in c] for c in clf.memory.candidates(queries, 5, "mahalanobis")])
+    np.testing.assert_allclose(
+        fused.probabilities(weights.combine(scores, None)), alone.probabilities(scores), atol=1e-3
+    )
+    clf.close()
 
 
 def test_an_item_learned_in_two_sessions_is_held_out_whole(tmp_path, embedder, debtags):

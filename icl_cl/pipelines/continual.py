@@ -642,6 +642,9 @@ class ContinualClassifier:
             k,
             scorer,
             uses_llm,
+            # The decision scores are the weights times the ECL's (and the LLM's): a fit for the
+            # ECL alone does not hold for the fused classifier, even when its LLM weight is 0.
+            None if weights is None else [round(weights.ecl, 12), round(weights.llm, 12)],
             settings.probability,
             settings.heldout_llm if uses_llm else settings.heldout,
             *extra,
