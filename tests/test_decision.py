@@ -152,7 +152,7 @@ def test_label_thresholds_are_fitted_stored_reused_and_refitted(store, embedder,
     _, test, _ = debtags
     texts = [ex.text for ex in test[:12]]
     clf = _open(store, embedder, rule="label_thresholds")
-    key = clf._fitted_key("decision", 10, "knn", False, "auto", 3000, 0.5)
+    key = clf._fitted_key("decision", 10, "knn", False, None, "auto", 3000, 0.5)
     preds = clf.predict(texts, k=10)
     value, n = clf.memory.store.fitted(key)
     rule = LabelSetRule.from_dict(value)
