@@ -768,19 +768,22 @@ class OpenAICompatBackend:
     def _completion(
         self, body: Mapping[str, Any], usage: Usage, *, retries: int | None = None
     ) -> dict[str, Any]:
-        payload = {"model": self.model, **self.extra_body, **body}
-        result = self._request("POST", "/completions", payload, usage, retries=retries)
-        if not isinstance(result.get("choices"), list) or not result["choices"]:
-            raise ParseError(f"completion without choices: {str(result)[:200]}")
-        return result
+        return self._choices("/completions", "completion", body, usage, retries)
 
     def _chat(
         self, body: Mapping[str, Any], usage: Usage, *, retries: int | None = None
     ) -> dict[str, Any]:
+        return self._choices("/chat/completions", "chat completion", body, usage, retries)
+
+    def _choices(
+        self, path: str, what: str, body: Mapping[str, Any], usage: Usage, retries: int | None
+    ) -> dict[str, Any]:
+        """POST ``body`` (with the model and extra fields) to ``path``; the answer must have
+        choices."""
         payload = {"model": self.model, **self.extra_body, **body}
-        result = self._request("POST", "/chat/completions", payload, usage, retries=retries)
+        result = self._request("POST", path, payload, usage, retries=retries)
         if not isinstance(result.get("choices"), list) or not result["choices"]:
-            raise ParseError(f"chat completion without choices: {str(result)[:200]}")
+            raise ParseError(f"{what} without choices: {str(result)[:200]}")
         return result
 
     def _map(self, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
