@@ -30,6 +30,7 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check icl_cl tests eval
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
