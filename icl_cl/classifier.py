@@ -16,7 +16,7 @@ from icl_cl.backends.base import LLMBackend
 from icl_cl.config import ClassifierConfig, MemoryConfig
 from icl_cl.describe import label_table, store_info
 from icl_cl.embedding import Embedder, load_embedder
-from icl_cl.errors import BackendError, ConfigError
+from icl_cl.errors import BackendError, ConfigError, DataError
 from icl_cl.heads import FittedHeads, KeptHeads
 from icl_cl.images import Image
 from icl_cl.inputs import checks
@@ -165,7 +165,7 @@ class ContinualClassifier:
             fit_start = time.perf_counter()
             try:
                 self.fit(k, progress=progress)
-            except BackendError as exc:
+            except (BackendError, DataError) as exc:  # e.g. images for a text-only LLM
                 logger.warning("session %d is stored, but fitting failed: %s", session, exc)
             report = dataclasses.replace(report, fit_seconds=time.perf_counter() - fit_start)
         return report
