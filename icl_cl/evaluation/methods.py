@@ -39,17 +39,17 @@ def view(ctx: StageContext, config: ClassifierConfig) -> ContinualClassifier:
 # ---- the methods -------------------------------------------------------------------------
 
 
-def _fit(clf: ContinualClassifier, k: int, scorer: str) -> dict[str, float]:
+def _fit(clf: ContinualClassifier, ctx: StageContext, scorer: str) -> dict[str, float]:
     """Fit (or load) the heads on held-out stored examples; what it cost."""
     backend = clf.backend()
     assert isinstance(backend, SharedBackend)
     before, start = backend.requests, time.perf_counter()
-    heads = clf.fit(k, scorer=scorer)
+    heads = clf.fit(ctx.k, scorer=scorer, progress=ctx.fit_progress)
     return {
         "fit_llm_calls": float(backend.requests - before),
         "fit_seconds": time.perf_counter() - start,
         "fusion_llm_weight": heads.llm_weight,
-        "fusion_heldout_items": float(heads.fusion.heldout_items if heads.fusion else 0),
+        "fusion_heldout_items": heads.fusion.heldout_items if heads.fusion else 0,
     }
 
 
@@ -75,9 +75,7 @@ def run_inca(
 ) -> MethodOutput:
     clf = view(ctx, config)
     scorer = clf.memory.resolve_scorer(spec.scorer)
-    out = MethodOutput(
-        decisions=[], variants={"llm": [], "ecl": []}, setup=_fit(clf, ctx.k, scorer)
-    )
+    out = MethodOutput(decisions=[], variants={"llm": [], "ecl": []}, setup=_fit(clf, ctx, scorer))
     reader = clf.reader()
     for part in chunks(len(test)):
         texts, q = [ex.item for ex in test[part]], queries[part]
@@ -138,7 +136,7 @@ def run_irr(
     assert config.irr is not None
     scorer = clf.memory.resolve_scorer(spec.scorer)
     out = MethodOutput(decisions=[])
-    setup = _fit(clf, ctx.k, scorer)
+    setup = _fit(clf, ctx, scorer)
     if config.irr.rank:  # without the rank step the LLM has no fusion weight to report
         out.setup = setup
     for part in chunks(len(test)):

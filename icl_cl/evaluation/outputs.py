@@ -10,7 +10,7 @@ import numpy as np
 from icl_cl.classifier import ContinualClassifier
 from icl_cl.evaluation.llm_pool import BackendPool
 from icl_cl.reading import Reading
-from icl_cl.types import Prediction
+from icl_cl.types import Prediction, Progress
 
 # Items read per LLM batch: small enough for a smooth progress bar, large enough to batch.
 CHUNK = 32
@@ -107,6 +107,7 @@ class StageContext:
     k: int
     progress: Callable[[int], None] = lambda n: None
     confidence: float | None = None
+    fit_progress: Progress | None = None
 
 
 def chunks(n: int) -> list[slice]:

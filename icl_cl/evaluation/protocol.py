@@ -526,6 +526,9 @@ def _evaluate_cell(
         if method.kind in LLM_KINDS:
             tick(bar, done, len(items))
 
+    def fitting(stage: str, done: int, total: int) -> None:
+        tick(f"{method.name} {stage}", done, total)
+
     stage_ctx = StageContext(
         ctx.classifier,
         ctx.pool,
@@ -534,6 +537,7 @@ def _evaluate_cell(
         k,
         items_done,
         config.confidence,
+        fitting if method.kind in LLM_KINDS else None,
     )
     start = time.perf_counter()
     output = run_method(method, stage_ctx, method_cfg, items, queries)
