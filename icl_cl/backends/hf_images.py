@@ -7,7 +7,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from icl_cl.backends.base import IMAGE_PLACEHOLDER, ImagePrompt, Message, plain_chat
+from icl_cl.backends.base import (
+    IMAGE_PLACEHOLDER,
+    ImagePrompt,
+    Message,
+    part_image,
+    plain_chat,
+    unknown_part,
+)
 from icl_cl.errors import DataError
 
 
@@ -20,10 +27,8 @@ def processor_messages(messages: Sequence[Message]) -> tuple[list[Message], list
     Raises:
         DataError: An image part without an :class:`~icl_cl.images.Image`, or an unknown part.
     """
-    from icl_cl.images import Image
-
     out: list[Message] = []
-    images: list[Image] = []
+    images: list[Any] = []
     for n, message in enumerate(messages):
         content = message["content"]
         if isinstance(content, str):
@@ -35,17 +40,10 @@ def processor_messages(messages: Sequence[Message]) -> tuple[list[Message], list
             if kind == "text":
                 parts.append({"type": "text", "text": str(part["text"])})
             elif kind == "image":
-                image = part.get("image")
-                if not isinstance(image, Image):
-                    raise DataError(
-                        f"message {n}: an image part needs an icl_cl.images.Image "
-                        f"(see icl_cl.images.load_image), not {type(image).__name__}",
-                        field="image",
-                    )
-                images.append(image)
+                images.append(part_image(part, n))
                 parts.append({"type": "image"})
             else:
-                raise DataError(f"message {n}: unknown content part type {kind!r}", field="content")
+                raise unknown_part(part, n)
         out.append({**message, "content": parts})
     return out, images
 

@@ -12,27 +12,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from icl_cl.backends.base import IMAGE_PLACEHOLDER, Generation, ImagePrompt, Message
+from icl_cl.backends.base import (
+    IMAGE_PLACEHOLDER,
+    Generation,
+    ImagePrompt,
+    Message,
+    part_image,
+    unknown_part,
+)
 from icl_cl.backends.openai.models import ChatChoice, ChatResponse, read
-from icl_cl.errors import DataError
-
-
-def _checked_image(image: Any, n: int) -> Any:
-    from icl_cl.images import Image
-
-    if not isinstance(image, Image):
-        raise DataError(
-            f"message {n}: an image part needs an icl_cl.images.Image "
-            f"(see icl_cl.images.load_image), not {type(image).__name__}",
-            field="image",
-        )
-    return image
 
 
 def message_images(messages: Sequence[Message]) -> tuple[Any, ...]:
     """The images of ``messages`` in reading order, each checked to be an ``Image``."""
     return tuple(
-        _checked_image(part.get("image"), n)
+        part_image(part, n)
         for n, m in enumerate(messages)
         if not isinstance(m["content"], str)
         for part in m["content"]
@@ -59,14 +53,14 @@ def _prompt_as_message(prompt: ImagePrompt) -> Message:
 
 
 def _openai_part(part: Mapping[str, Any], n: int) -> dict[str, Any]:
-    """A content part as OpenAI's chat API takes it (an image as a ``data:`` URL)."""
+    """A content part of message ``n`` as OpenAI's chat API takes it (an image as a ``data:``
+    URL)."""
     kind = part.get("type")
     if kind == "text":
         return {"type": "text", "text": str(part["text"])}
     if kind == "image":
-        url = _checked_image(part.get("image"), n).data_url()
-        return {"type": "image_url", "image_url": {"url": url}}
-    raise DataError(f"message {n}: unknown content part type {kind!r}", field="content")
+        return {"type": "image_url", "image_url": {"url": part_image(part, n).data_url()}}
+    raise unknown_part(part, n)
 
 
 def chat_messages(prompt: ImagePrompt) -> list[dict[str, Any]]:
