@@ -24,25 +24,12 @@ from icl_cl.backends.base import (
     plain_chat,
 )
 from icl_cl.backends.openai.chat import message_images
-from icl_cl.backends.openai.dialect import SERVER_KINDS, Dialect
+from icl_cl.backends.openai.dialect import Dialect
 from icl_cl.backends.openai.generation import Generator
-from icl_cl.backends.openai.scoring import EXACT_METHODS, SCORING_MODES, Scorer
+from icl_cl.backends.openai.scoring import EXACT_METHODS, Scorer
 from icl_cl.backends.openai.tokens import Tokens
 from icl_cl.backends.openai.transport import Transport
 from icl_cl.errors import BackendError, ConfigError
-
-
-def _check_options(scoring: str, server_kind: str, numbers: Mapping[str, float]) -> None:
-    if scoring not in SCORING_MODES:
-        raise ConfigError(f"scoring must be one of {', '.join(SCORING_MODES)}, not {scoring!r}")
-    if server_kind not in SERVER_KINDS:
-        raise ConfigError(
-            f"server_kind must be one of {', '.join(SERVER_KINDS)}, not {server_kind!r}"
-        )
-    if numbers["max_retries"] < 0 or numbers["concurrency"] < 1 or numbers["timeout"] <= 0:
-        raise ConfigError("max_retries >= 0, concurrency >= 1 and timeout > 0 are required")
-    if numbers["image_tokens"] < 0:
-        raise ConfigError("image_tokens must be >= 0")
 
 
 class OpenAICompatBackend:
@@ -101,13 +88,8 @@ class OpenAICompatBackend:
         images: bool = False,
         image_tokens: int = 1024,
     ) -> None:
-        numbers = {
-            "max_retries": max_retries,
-            "concurrency": concurrency,
-            "timeout": timeout,
-            "image_tokens": image_tokens,
-        }
-        _check_options(scoring, server_kind, numbers)
+        if image_tokens < 0:
+            raise ConfigError("image_tokens must be >= 0")
         self.model = model
         self.scoring = scoring
         self.image_tokens = int(image_tokens)

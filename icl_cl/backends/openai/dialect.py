@@ -46,7 +46,7 @@ from icl_cl.backends.openai.models import (
     read,
 )
 from icl_cl.backends.openai.transport import ClientError, Transport
-from icl_cl.errors import BackendError, DataError
+from icl_cl.errors import BackendError, ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,9 @@ class Dialect:
         top_logprobs: Alternatives to ask for per token (lowered to OpenAI's limit there).
         images: Whether the server's model reads images (servers do not advertise it).
 
+    Raises:
+        ConfigError: An unknown ``kind``.
+
     Attributes:
         kind: The server kind (``unknown`` when ``auto`` found none).
         caps: The probed capabilities; None until probed.
@@ -91,6 +94,8 @@ class Dialect:
     """
 
     def __init__(self, transport: Transport, *, kind: str, top_logprobs: int, images: bool):
+        if kind not in SERVER_KINDS:
+            raise ConfigError(f"server_kind must be one of {', '.join(SERVER_KINDS)}, not {kind!r}")
         self.transport = transport
         self.kind = kind
         self.top_logprobs = int(top_logprobs)

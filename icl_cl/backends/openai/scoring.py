@@ -54,7 +54,7 @@ from icl_cl.backends.openai.models import (
 )
 from icl_cl.backends.openai.tokens import Tokens
 from icl_cl.backends.openai.transport import ClientError, Transport
-from icl_cl.errors import ParseError
+from icl_cl.errors import ConfigError, ParseError
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +106,9 @@ class Scorer:
         tokens: Token ids and first tokens of options.
         generator: Generation, for the ``generate`` strategy.
         scoring: One of :data:`SCORING_MODES`.
+
+    Raises:
+        ConfigError: An unknown ``scoring``.
     """
 
     def __init__(
@@ -117,6 +120,8 @@ class Scorer:
         *,
         scoring: str,
     ) -> None:
+        if scoring not in SCORING_MODES:
+            raise ConfigError(f"scoring must be one of {', '.join(SCORING_MODES)}, not {scoring!r}")
         self.transport = transport
         self.dialect = dialect
         self.tokens = tokens

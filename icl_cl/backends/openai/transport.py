@@ -25,6 +25,7 @@ from icl_cl.backends.base import Usage
 from icl_cl.errors import (
     BackendError,
     BackendTimeoutError,
+    ConfigError,
     ContextLengthError,
     ParseError,
     RateLimitError,
@@ -138,6 +139,10 @@ class Transport:
         concurrency: Threads sending requests for several prompts at once.
         extra_body: Merged into every completion request body.
 
+    Raises:
+        ConfigError: A negative ``max_retries``, ``concurrency`` below 1 or a ``timeout`` that
+            is not positive.
+
     Attributes:
         usage: Cost of every request so far, failed ones included.
         lock: Guards ``usage`` and the other shared counters of the backend.
@@ -155,6 +160,8 @@ class Transport:
         concurrency: int,
         extra_body: Mapping[str, Any],
     ) -> None:
+        if max_retries < 0 or concurrency < 1 or timeout <= 0:
+            raise ConfigError("max_retries >= 0, concurrency >= 1 and timeout > 0 are required")
         self.model = model
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
