@@ -98,13 +98,16 @@ class SentenceTransformerEmbedder:
                 )
         if len(items) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        parts = []
+        # Longest first across the whole call (sentence-transformers sorts only within one call),
+        # so every batch pads to texts of similar length; rows go back in the order of the items.
+        order = np.argsort([-len(item) for item in items], kind="stable")
+        out = np.empty((len(items), self.dim), dtype=np.float32)
         for start in range(0, len(items), _CHUNK):
-            chunk = list(items[start : start + _CHUNK])
-            parts.append(self._encode_chunk(chunk))
+            rows = order[start : start + _CHUNK]
+            out[rows] = self._encode_chunk([items[i] for i in rows])
             if progress is not None:
-                progress(len(chunk))
-        return np.ascontiguousarray(np.concatenate(parts, axis=0))
+                progress(len(rows))
+        return out
 
     def _encode_chunk(self, inputs: list[Any]) -> np.ndarray:
         """Unit vectors (float32) of one chunk of model inputs."""
@@ -120,14 +123,21 @@ class SentenceTransformerEmbedder:
 
 def load_embedder(config: EmbedderConfig) -> SentenceTransformerEmbedder:
     """Build the embedder a config names: a :class:`~icl_cl.embedding.clip.ClipEmbedder` (texts
-    and images) when ``config.model`` is a CLIP model, else a text-only
-    :class:`SentenceTransformerEmbedder`."""
-    # Imported here: clip.py builds on this module.
+    and images) when ``config.model`` is a CLIP model, an
+    :class:`~icl_cl.embedding.onnx.OnnxSentenceEmbedder` with ``backend: onnx``, else a
+    text-only :class:`SentenceTransformerEmbedder`."""
+    # Imported here: clip.py and onnx.py build on this module.
     from icl_cl.embedding.clip import ClipEmbedder, is_clip_model
+    from icl_cl.embedding.onnx import OnnxSentenceEmbedder
 
-    cls = (
-        ClipEmbedder
-        if is_clip_model(resolve_model_path(config.model))
-        else SentenceTransformerEmbedder
-    )
+    clip = is_clip_model(resolve_model_path(config.model))
+    if config.backend == "onnx":
+        if clip:
+            raise ConfigError(
+                f"embedder backend 'onnx' takes text models; {config.model!r} is CLIP"
+            )
+        return OnnxSentenceEmbedder(
+            config.model, batch_size=config.batch_size, quantize=config.quantize
+        )
+    cls = ClipEmbedder if clip else SentenceTransformerEmbedder
     return cls(config.model, device=config.device, batch_size=config.batch_size)
