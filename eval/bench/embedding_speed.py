@@ -1,10 +1,11 @@
 """Embedding speed and accuracy: plain torch against the ONNX backend (fp32 and dynamic int8).
 
 Speed, every backend on the same items in one run, rounds interleaved so they share the
-machine's load; ``torch-chunked`` is the encoding loop before the length sort (512 items per call
-in input order, sentence-transformers sorting within each call):
+machine's load; a ``-chunked`` arm is the encoding loop before the length sort (512 items per
+call in input order, sentence-transformers sorting within each call):
     python eval/bench/embedding_speed.py speed --data dev.jsonl [--data other.jsonl] \
-        [--n 1024] [--rounds 3] [--out speed.json]
+        [--n 1024] [--rounds 3] [--arms torch-chunked,torch,onnx-fp32,onnx-int8] \
+        [--out speed.json]
 
 Accuracy on dev after learning all of train (the product's ECL, every scorer), with the torch
 vectors and the int8 vectors of the same items:
@@ -55,13 +56,13 @@ def speed(args: argparse.Namespace) -> dict:
     embedders = {name: load_embedder(config) for name, config in BACKENDS.items()}
     for embedder in embedders.values():  # load (and export, once) before any timing
         embedder.encode(["warm up"])
-    torch = embedders["torch"]
-    arms: dict[str, Callable[[list[str]], np.ndarray]] = {
-        "torch-chunked": lambda items: np.concatenate(
-            [torch.encode(items[i : i + OLD_CHUNK]) for i in range(0, len(items), OLD_CHUNK)]
-        ),
-        **{name: embedder.encode for name, embedder in embedders.items()},
-    }
+    arms: dict[str, Callable[[list[str]], np.ndarray]] = {}
+    for name in args.arms.split(","):
+        backend = name.removesuffix("-chunked")
+        encode = embedders[backend].encode
+        arms[name] = encode if backend == name else _chunked(encode)
+    if "torch" not in arms:
+        raise SystemExit("--arms must include torch, the reference")
     result = {}
     for path in args.data:
         items = _texts(path, args.n)
@@ -87,6 +88,13 @@ def speed(args: argparse.Namespace) -> dict:
         result[path] = row
         print(json.dumps({"data": path, **{k: row[k] for k in row if k != "seconds"}}))
     return result
+
+
+def _chunked(encode: Callable[[list[str]], np.ndarray]) -> Callable[[list[str]], np.ndarray]:
+    """The loop before the length sort: one call per 512 items, in input order."""
+    return lambda items: np.concatenate(
+        [encode(items[i : i + OLD_CHUNK]) for i in range(0, len(items), OLD_CHUNK)]
+    )
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
@@ -221,6 +229,11 @@ def main() -> None:
     p.add_argument("--data", action="append", required=True)
     p.add_argument("--n", type=int, default=1024)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--arms",
+        default="torch-chunked,torch,onnx-fp32,onnx-int8",
+        help="backends to time (torch, onnx-fp32, onnx-int8), each optionally with -chunked",
+    )
     p.add_argument("--out")
     p = sub.add_parser("accuracy")
     p.add_argument("--dataset", required=True)
