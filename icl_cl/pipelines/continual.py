@@ -104,11 +104,17 @@ class ContinualClassifier:
         if (path / MANIFEST).exists():
             store = Store.open(path)
             stored = ClassifierConfig.from_dict(store.meta("config"), source=str(path))
-            if config is not None and config.embedder.model != stored.embedder.model:
+            # The name says model, backend and quantisation: vectors of two never mix in a store.
+            built_with = store.manifest["embedder"]
+            try:
+                wanted = (embedder or load_embedder((config or stored).embedder)).name
+            except BaseException:
+                store.close()
+                raise
+            if wanted != built_with:
                 store.close()
                 raise ConfigError(
-                    f"{path}: store was built with embedder {stored.embedder.model!r}, "
-                    f"not {config.embedder.model!r}"
+                    f"{path}: store was built with embedder {built_with!r}, not {wanted!r}"
                 )
             if config is not None:
                 # Everything but the embedder and the label mode is a query-time setting.
