@@ -80,11 +80,17 @@ class ContinualClassifier:
         if (path / MANIFEST).exists():
             store = Store.open(path)
             stored = ClassifierConfig.from_dict(store.meta("config"), source=str(path))
-            if config is not None and config.embedder.model != stored.embedder.model:
+            try:
+                embedder = embedder or load_embedder((config or stored).embedder)
+            except BaseException:
+                store.close()
+                raise
+            # The name says model, backend and quantisation: vectors of two never mix in a store.
+            if embedder.name != store.manifest["embedder"]:
                 store.close()
                 raise ConfigError(
-                    f"{path}: store was built with embedder {stored.embedder.model!r}, "
-                    f"not {config.embedder.model!r}"
+                    f"{path}: store was built with embedder {store.manifest['embedder']!r}, "
+                    f"not {embedder.name!r}"
                 )
             config = stored.with_query_settings(config) if config is not None else stored
         else:

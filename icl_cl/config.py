@@ -41,6 +41,22 @@ class EmbedderConfig(_Strict):
     )
     device: str = "cpu"
     batch_size: int = Field(64, gt=0)
+    backend: Literal["torch", "onnx"] = Field(
+        "torch",
+        description="'onnx': run an ONNX export of the model with onnxruntime on the CPU "
+        "(exported once, cached; needs the [onnx] extra)",
+    )
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="'int8': dynamic int8 quantisation of the ONNX export (backend 'onnx')"
+    )
+
+    @model_validator(mode="after")
+    def _onnx_settings_agree(self) -> EmbedderConfig:
+        if self.quantize != "none" and self.backend != "onnx":
+            raise ValueError(f"quantize={self.quantize!r} needs backend 'onnx'")
+        if self.backend == "onnx" and self.device != "cpu":
+            raise ValueError("backend 'onnx' runs on the CPU (onnxruntime); set device 'cpu'")
+        return self
 
 
 class MemoryConfig(_Strict):

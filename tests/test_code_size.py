@@ -9,16 +9,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "icl_cl"
 MAX_FUNCTION_LINES = 60
 MAX_CLASS_LINES = 400
 
-# Over the limits today, each being split by its own change (the OpenAI-compatible backend and
-# the transformers backend by concern; the store and the ECL with the new scorers). Remove an
-# entry once it fits: the test says when an entry is no longer needed.
+# Over the limits today, in the memory package (the store's session commit and the ECL's learn),
+# which is being extended with new scorers. Remove an entry once it fits: the test says when an
+# entry is no longer needed.
 KNOWN = {
-    "backends/openai_compat.py:OpenAICompatBackend",
-    "backends/openai_compat.py:OpenAICompatBackend.__init__",
-    "backends/openai_compat.py:parse_echo_choice",
-    "backends/transformers.py:TransformersBackend",
-    "backends/transformers.py:TransformersBackend._score_rest",
-    "backends/vllm.py:VLLMBackend.__init__",
     "memory/ecl.py:ExternalContinualLearner.learn",
     "memory/store.py:Store.commit_session",
 }

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from icl_cl import ClassifierConfig, ContinualClassifier, FallbackReason
-from icl_cl.backends.openai_compat import OpenAICompatBackend
+from icl_cl.backends.openai import OpenAICompatBackend
 from icl_cl.config import CalibrationConfig, FusionConfig, LLMConfig, PromptConfig
 from icl_cl.heads import FittedHeads, FusionWeights, HeadSpec, HeldOutItems, fit_fusion
 from icl_cl.reading.in_context import OptionBias

@@ -1,23 +1,21 @@
 """sentence-transformers embedder, with the packaged all-MiniLM-L6-v2 as the offline default.
 
-:func:`load_embedder` hands CLIP models to :class:`~icl_cl.embedding.clip.ClipEmbedder`, which
-also embeds images; :class:`SentenceTransformerEmbedder` is text-only."""
+:func:`~icl_cl.embedding.factory.load_embedder` hands CLIP models to
+:class:`~icl_cl.embedding.clip.ClipEmbedder`, which also embeds images;
+:class:`SentenceTransformerEmbedder` is text-only."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from icl_cl.embedding.base import ProgressCallback
 from icl_cl.errors import ConfigError, DataError
 from icl_cl.images import Image
-
-if TYPE_CHECKING:
-    from icl_cl.config import EmbedderConfig
 
 logger = logging.getLogger(__name__)
 
@@ -98,13 +96,16 @@ class SentenceTransformerEmbedder:
                 )
         if len(items) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        parts = []
+        # Longest first across the whole call (sentence-transformers sorts only within one call),
+        # so every batch pads to texts of similar length; rows go back in the order of the items.
+        order = np.argsort([-len(item) for item in items], kind="stable")
+        out = np.empty((len(items), self.dim), dtype=np.float32)
         for start in range(0, len(items), _CHUNK):
-            chunk = list(items[start : start + _CHUNK])
-            parts.append(self._encode_chunk(chunk))
+            rows = order[start : start + _CHUNK]
+            out[rows] = self._encode_chunk([items[i] for i in rows])
             if progress is not None:
-                progress(len(chunk))
-        return np.ascontiguousarray(np.concatenate(parts, axis=0))
+                progress(len(rows))
+        return out
 
     def _encode_chunk(self, inputs: list[Any]) -> np.ndarray:
         """Unit vectors (float32) of one chunk of model inputs."""
@@ -116,18 +117,3 @@ class SentenceTransformerEmbedder:
             show_progress_bar=False,
         )
         return np.asarray(vectors, dtype=np.float32)
-
-
-def load_embedder(config: EmbedderConfig) -> SentenceTransformerEmbedder:
-    """Build the embedder a config names: a :class:`~icl_cl.embedding.clip.ClipEmbedder` (texts
-    and images) when ``config.model`` is a CLIP model, else a text-only
-    :class:`SentenceTransformerEmbedder`."""
-    # Imported here: clip.py builds on this module.
-    from icl_cl.embedding.clip import ClipEmbedder, is_clip_model
-
-    cls = (
-        ClipEmbedder
-        if is_clip_model(resolve_model_path(config.model))
-        else SentenceTransformerEmbedder
-    )
-    return cls(config.model, device=config.device, batch_size=config.batch_size)
