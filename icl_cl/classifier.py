@@ -1,5 +1,4 @@
-"""ContinualClassifier: the public entry point. Learns sessions into a store, fits the heads on
-held-out stored examples, and predicts labels (reading the store only)."""
+"""ContinualClassifier, the public entry point: learns sessions, fits heads, predicts labels."""
 
 from __future__ import annotations
 
@@ -21,6 +20,7 @@ from icl_cl.heads import FittedHeads, KeptHeads
 from icl_cl.images import Image
 from icl_cl.inputs import checks
 from icl_cl.memory.ecl import ExternalContinualLearner
+from icl_cl.memory.statistics import StatisticsDelta
 from icl_cl.memory.store import MANIFEST, Store
 from icl_cl.reading import LLMHandle, LLMReader, write_summaries
 from icl_cl.steps import Steps
@@ -74,8 +74,7 @@ class ContinualClassifier:
         ``config`` is a new store's config; an existing store keeps its embedder (``config``
         must agree) and takes the rest of ``config`` (scorer, LLM, prompt, fusion, ...).
         ``memory`` overrides the memory settings, ``embedder`` and ``backend`` are instances to
-        use instead of building the configured ones.
-        """
+        use instead of building the configured ones."""
         path = Path(path)
         if (path / MANIFEST).exists():
             store = Store.open(path)
@@ -125,13 +124,14 @@ class ContinualClassifier:
         progress: Progress | None = None,
         locations: Sequence[checks.Located] | None = None,
         label_locations: Sequence[checks.Located] | None = None,
+        embedded: tuple[np.ndarray, StatisticsDelta | None] | None = None,
     ) -> LearnReport:
         """Learn one session (all-or-nothing: bad input changes nothing), then (``fit``)
         :meth:`fit` the heads for ``k`` candidates; once the session is stored, a failing LLM is
         only logged. Ids must be new; labels used but never defined are named by their id; a
-        session of label definitions alone adds labels that retrieval finds at once.
-        ``progress`` is told how far embedding and fitting got; ``locations`` and
-        ``label_locations`` say where each item came from, for error messages."""
+        session of label definitions alone adds labels that retrieval finds at once. ``progress``
+        is told how far embedding and fitting got; ``locations`` and ``label_locations`` say where
+        each item came from, for error messages; ``embedded``: vectors and statistics by workers."""
         start, examples = time.perf_counter(), list(examples)
         if fit:
             checks.check_prediction_options(k)
@@ -150,16 +150,17 @@ class ContinualClassifier:
         )
         embed_start = time.perf_counter()
         items = [ex.item for ex in examples]
-        vectors = self.embedder.encode(items, progress=counter(progress, "embedding", len(items)))
+        done = counter(progress, "embedding", len(items))
+        vectors, delta = embedded or (self.embedder.encode(items, progress=done), None)
         label_vectors = self.embedder.encode([lab.text for lab in new])
-        embedded = time.perf_counter()
+        seconds = (embed_end := time.perf_counter()) - start
         session = self.memory.learn(
-            examples, vectors, new, label_vectors, multi_label=multi, seconds=embedded - start
+            examples, vectors, new, label_vectors, multi_label=multi, seconds=seconds, delta=delta
         )
         self.heads.forget()
         names = tuple(lab.label for lab in new)
         report = LearnReport(
-            session, len(examples), names, time.perf_counter() - start, embedded - embed_start
+            session, len(examples), names, time.perf_counter() - start, embed_end - embed_start
         )
         logger.info("learned session %d: %d examples, %d new labels", session, len(items), len(new))
         if self.config.llm is not None and self.config.prompt.label_presentation == "summaries":

@@ -44,6 +44,10 @@ class StoreError(IclClError):
     """The store cannot be opened or written: incompatible version, corruption, or a concurrent writer."""
 
 
+class WorkerError(IclClError):
+    """A distributed worker died or failed (Ray); a session it was learning is not committed."""
+
+
 class BackendError(IclClError):
     """An LLM backend failed."""
 

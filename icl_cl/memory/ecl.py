@@ -13,6 +13,7 @@ from icl_cl.config import AUTO_SCORER, SCORERS, MemoryConfig
 from icl_cl.errors import ConfigError, DataError
 from icl_cl.memory.example_index import ExampleIndex
 from icl_cl.memory.scorers import Scorer, build_scorer, top_k
+from icl_cl.memory.statistics import StatisticsDelta
 from icl_cl.memory.store import SessionRecord, Store
 from icl_cl.types import Example, Label
 
@@ -81,10 +82,13 @@ class ExternalContinualLearner:
         *,
         multi_label: bool | None,
         seconds: float = 0.0,
+        delta: StatisticsDelta | None = None,
     ) -> int:
         """Add one session. Inputs must already be validated; returns the session number.
 
-        The store commits first; memory changes only after the commit succeeded.
+        ``delta`` is the session's statistics when they were computed elsewhere (merged from
+        partial sums of shards); by default they are computed here from ``vectors``. The store
+        commits first; memory changes only after the commit succeeded.
         """
         known = self.stats.col
         given = {lab.label: i for i, lab in enumerate(new_labels)}
@@ -93,7 +97,10 @@ class ExternalContinualLearner:
         }
         if missing:
             raise DataError(f"labels without a Label entry: {sorted(missing)[:5]}")
-        delta = self.stats.delta(vectors, [ex.labels for ex in examples])
+        if delta is None:
+            delta = self.stats.delta(vectors, [ex.labels for ex in examples])
+        elif delta.n_examples != len(examples):
+            raise ValueError(f"delta of {delta.n_examples} examples for {len(examples)} examples")
         # New columns: labels in order of first use (as the delta numbers them), then labels that
         # were declared but have no example yet.
         used = set(delta.new_labels)

@@ -1,0 +1,68 @@
+"""Partial statistics of one shard, and their merge into one session's delta.
+
+The ECL's statistics are sums, so a session split into shards is learned exactly by summing what
+each shard adds. A worker computes its shard's :class:`~icl_cl.memory.statistics.StatisticsDelta`
+against an empty state (so its columns are its own labels, in first-use order); the driver maps
+those columns to the store's and adds the sums.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from icl_cl.memory.statistics import RunningStatistics, StatisticsDelta
+
+# Fields of StatisticsDelta that are indexed by label column; every other array field is a sum
+# over all examples (Gram matrices) and is added as it is.
+_PER_LABEL = ("new_labels", "cols", "counts", "sums", "n_examples")
+
+
+def shard_statistics(
+    dim: int, vectors: np.ndarray, label_lists: Sequence[Sequence[str]]
+) -> StatisticsDelta:
+    """What a shard adds, with columns numbered by first use within the shard."""
+    return RunningStatistics(dim).delta(vectors, label_lists)
+
+
+def merge(parts: Sequence[StatisticsDelta], base: RunningStatistics) -> StatisticsDelta:
+    """The delta of all ``parts`` learned in order on top of ``base``.
+
+    Labels new to ``base`` get columns in order of first use over the shards in order, which is
+    the order learning their concatenation would give them.
+    """
+    if not parts:
+        raise ValueError("nothing to merge")
+    new_labels: list[str] = []
+    col_of = dict(base.col)
+    for part in parts:
+        for label in part.new_labels:
+            if label not in col_of:
+                col_of[label] = len(base.labels) + len(new_labels)
+                new_labels.append(label)
+    # Each part's columns in the store's numbering; sized by the labels touched, not all labels.
+    mapped = [
+        np.asarray([col_of[part.new_labels[c]] for c in part.cols], np.int64) for part in parts
+    ]
+    touched = np.unique(np.concatenate(mapped))
+    counts = np.zeros(len(touched), np.int64)
+    sums = np.zeros((len(touched), base.dim), np.float64)
+    for part, cols in zip(parts, mapped, strict=True):
+        at = np.searchsorted(touched, cols)
+        counts[at] += part.counts
+        sums[at] += part.sums
+    summed = {
+        f.name: np.sum([getattr(p, f.name) for p in parts], axis=0)
+        for f in dataclasses.fields(StatisticsDelta)
+        if f.name not in _PER_LABEL
+    }
+    return StatisticsDelta(
+        new_labels=tuple(new_labels),
+        cols=touched,
+        counts=counts,
+        sums=sums,
+        n_examples=sum(p.n_examples for p in parts),
+        **summed,
+    )
