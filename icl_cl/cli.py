@@ -38,10 +38,14 @@ def cmd_learn(args: argparse.Namespace) -> int:
     # Read and validate everything before touching the store.
     if not args.data and not args.labels:
         raise IclClError("give --data (labelled examples), --labels (label definitions), or both")
-    examples, locations = read_examples(args.data, max_chars=max_chars) if args.data else ([], None)
-    labels, label_locations = read_labels(args.labels) if args.labels else ([], None)
     if args.k <= 0:
         raise IclClError(f"--k must be a positive integer, got {args.k}")
+    labels, label_locations = read_labels(args.labels) if args.labels else ([], None)
+    if args.engine == "ray":
+        report = _learn_on_ray(args, labels, label_locations)
+        _print_report(report)
+        return 0
+    examples, locations = read_examples(args.data, max_chars=max_chars) if args.data else ([], None)
     with _open(args, must_exist=False) as clf:
         report = clf.learn(
             examples,
@@ -52,6 +56,33 @@ def cmd_learn(args: argparse.Namespace) -> int:
             locations=locations,
             label_locations=label_locations,
         )
+    _print_report(report)
+    return 0
+
+
+def _learn_on_ray(args: argparse.Namespace, labels: list[Any], label_locations: Any) -> Any:
+    """``learn --engine ray``: shards embedded on Ray workers, one session committed here."""
+    from icl_cl import distributed
+
+    if not args.data:
+        raise IclClError("--engine ray learns examples: give --data")
+    if args.actors <= 0:
+        raise IclClError(f"--actors must be a positive integer, got {args.actors}")
+    distributed.connect(args.ray_address)
+    return distributed.learn(
+        args.data,
+        args.store,
+        labels=labels,
+        label_locations=label_locations,
+        config=ClassifierConfig.from_yaml(args.config) if args.config else None,
+        actors=args.actors,
+        fit=not args.no_fit,
+        k=args.k,
+        progress=progress_bars(args.quiet),
+    )
+
+
+def _print_report(report: Any) -> None:
     print(
         json.dumps(
             {
@@ -64,7 +95,6 @@ def cmd_learn(args: argparse.Namespace) -> int:
             }
         )
     )
-    return 0
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -79,6 +109,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from icl_cl.distributed.predict import prediction_record
     from icl_cl.inputs import read_inputs
 
     if args.k <= 0:
@@ -94,6 +125,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             f"--threshold applies to --decision threshold only, not {args.decision} "
             "(label_thresholds fits its thresholds on held-out stored examples)"
         )
+    if args.engine == "ray":
+        if args.actors <= 0:
+            raise IclClError(f"--actors must be a positive integer, got {args.actors}")
+        return _predict_on_ray(args)
     clf = _open(args)
     with clf:
         if args.decision is not None or args.threshold is not None:
@@ -116,27 +151,67 @@ def cmd_predict(args: argparse.Namespace) -> int:
             confidence=args.confidence,
             abstain_below=args.abstain_below,
         )
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for ident, pred in zip(ids, predictions, strict=True):
-            row: dict[str, Any] = {"id": ident, "labels": list(pred.labels), "scores": pred.scores}
-            if pred.set is not None:
-                row["set"] = list(pred.set)
-            if args.abstain_below is not None:
-                row["abstained"] = pred.abstained
-            if pred.cost is not None:
-                row["llm"] = {
-                    "calls": pred.cost.calls,
-                    "prompt_tokens": pred.cost.prompt_tokens,
-                    "completion_tokens": pred.cost.completion_tokens,
-                    "fallback": str(pred.fallback) if pred.fallback is not None else None,
-                }
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
-    logger.info("wrote %d predictions to %s", len(predictions), out)
+    abstain = args.abstain_below is not None
+    records = (
+        json.dumps(prediction_record(ident, pred, abstain=abstain), ensure_ascii=False)
+        for ident, pred in zip(ids, predictions, strict=True)
+    )
+    n = _write_lines(Path(args.output), records)
+    logger.info("wrote %d predictions to %s", n, args.output)
     return 0
+
+
+def _predict_on_ray(args: argparse.Namespace) -> int:
+    """``predict --engine ray``: Ray Data over an actor pool; ``--output`` ending in ``.jsonl``
+    is one file in input order, anything else a folder of ``part-NNNNN.jsonl`` files."""
+    from icl_cl import distributed
+    from icl_cl.distributed.runtime import ray_module
+
+    if args.decision is not None or args.threshold is not None:
+        raise IclClError("with --engine ray, set the decision in --config (decision section)")
+    if args.batch_size <= 0:
+        raise IclClError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    distributed.connect(args.ray_address)
+    context = ray_module().data.DataContext.get_current()
+    context.enable_progress_bars = not args.quiet
+    out = Path(args.output)
+    single = out.suffix == ".jsonl"
+    context.execution_options.preserve_order = single
+    predictions = distributed.predict(
+        distributed.read_inputs(args.input),
+        store=args.store,
+        config=ClassifierConfig.from_yaml(args.config) if args.config else None,
+        actors=args.actors,
+        batch_size=args.batch_size,
+        k=args.k,
+        scorer=args.scorer,
+        use_llm=not args.no_llm,
+        confidence=args.confidence,
+        abstain_below=args.abstain_below,
+    )
+    batches = predictions.iter_batches(batch_size=args.batch_size, batch_format="numpy")
+    if single:
+        n = _write_lines(out, (line for b in batches for line in b["prediction"]))
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        n = sum(
+            _write_lines(out / f"part-{i:05d}.jsonl", b["prediction"])
+            for i, b in enumerate(batches)
+        )
+    logger.info("wrote %d predictions to %s", n, out)
+    return 0
+
+
+def _write_lines(path: Path, lines: Any) -> int:
+    """Write ``lines`` as a file that appears whole or not at all; returns how many."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, n = path.with_name(f".{path.name}.tmp"), 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(f"{line}\n")
+            n += 1
+    os.replace(tmp, path)
+    return n
 
 
 def cmd_labels(args: argparse.Namespace) -> int:
@@ -202,6 +277,7 @@ def _add_learn(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML ClassifierConfig, used when the store is created")
     p.add_argument("--no-fit", action="store_true", help="do not fit the heads after learning")
     p.add_argument("--k", type=int, default=10, help="candidates per input to fit for (default 10)")
+    _engine_flags(p, batch=False)
     p.set_defaults(func=cmd_learn)
 
 
@@ -277,7 +353,29 @@ def _add_predict(sub: Any, common: argparse.ArgumentParser) -> None:
         help="YAML config whose query-time settings (llm, prompt, fusion, calibration, decision, "
         "memory) apply",
     )
+    _engine_flags(p, batch=True)
     p.set_defaults(func=cmd_predict)
+
+
+def _engine_flags(p: argparse.ArgumentParser, batch: bool) -> None:
+    """``--engine`` and the Ray options of learn and predict."""
+    p.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: this process (default); ray: Ray workers (pip install icl-cl[ray]); the "
+        "input may then be a JSONL or Parquet file or a folder of them (learn: one shard a file)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="Ray cluster to join (default: $RAY_ADDRESS; without it, Ray starts locally)",
+    )
+    p.add_argument("--actors", type=int, default=2, help="Ray workers (default 2)")
+    if batch:
+        p.add_argument(
+            "--batch-size", type=int, default=256, help="inputs per Ray worker call (default 256)"
+        )
 
 
 def _add_store_commands(sub: Any, common: argparse.ArgumentParser) -> None:

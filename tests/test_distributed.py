@@ -285,3 +285,42 @@ def test_a_learn_worker_killed_leaves_the_store_at_its_last_session(
     assert _state(learned_once / "store") == before
     with ContinualClassifier.open(learned_once / "store") as clf:  # still readable
         assert clf.memory.n_examples == 20
+
+
+def test_cli_learns_and_predicts_with_the_ray_engine(
+    local_ray: None, learned_once: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--engine ray`` from a folder of shards, then from Parquet into one file and a folder;
+    the same labels as the local engine."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from icl_cl.cli import main
+
+    store, shards = str(learned_once / "store"), str(learned_once / "shards")
+    assert main(["learn", "-q", "--engine", "ray", "--store", store, "--data", shards]) == 0
+    assert json.loads(capsys.readouterr().out)["session"] == 2
+    items = _test_items()
+    pq.write_table(pa.Table.from_pylist(items), learned_once / "inputs.parquet")
+    local = learned_once / "local.jsonl"
+    common = ["predict", "-q", "--store", store, "--no-llm", "--k", str(K)]
+    assert main([*common, "--input", str(WORDNET / "test.jsonl"), "--output", str(local)]) == 0
+    for out in ("ray.jsonl", "ray-parts"):
+        args = [
+            "--engine",
+            "ray",
+            "--batch-size",
+            "32",
+            "--input",
+            str(learned_once / "inputs.parquet"),
+        ]
+        assert main([*common, *args, "--output", str(learned_once / out)]) == 0
+    expected = [json.loads(line) for line in local.read_text().splitlines()]
+    single = [json.loads(line) for line in (learned_once / "ray.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in single] == [i["id"] for i in items]  # one file keeps input order
+    parts = sorted((learned_once / "ray-parts").glob("part-*.jsonl"))
+    sharded = [json.loads(line) for p in parts for line in p.read_text().splitlines()]
+    assert len(parts) > 1
+    for rows in (single, sharded):
+        labels = {r["id"]: r["labels"] for r in rows}
+        assert labels == {r["id"]: r["labels"] for r in expected}

@@ -36,6 +36,7 @@ from icl_cl.backends.vllm_requests import (
     build_score_requests,
     encode_option,
     encode_prompt,
+    engine_args,
     engine_capabilities,
     engine_prompt,
     parse_generation,
@@ -61,7 +62,14 @@ class VLLMBackend:
         model: Hugging Face model id or local path.
         dtype: Weights and activations dtype (``auto``, ``bfloat16``, ``float16``, ...).
         max_model_len: Context length; the model's own when ``None``.
-        tensor_parallel_size: GPUs to split the model over.
+        tensor_parallel_size: GPUs each layer is split over (one node, fast interconnect).
+        pipeline_parallel_size: Stages the layers are split into (across nodes).
+        data_parallel_size: Engine replicas. Offline, vLLM runs one replica per process, each
+            started by a launcher (``distributed_executor_backend="external_launcher"`` under
+            torchrun); with ``icl-cl --engine ray`` the actors are the replicas, so keep 1.
+        distributed_executor_backend: ``"ray"`` to place the workers of a model on several
+            nodes of a Ray cluster, ``"mp"`` for one node, ``"external_launcher"`` for torchrun;
+            vLLM's choice when ``None``.
         gpu_memory_utilization: Share of GPU memory vLLM may take (weights + KV cache).
         enable_prefix_caching: Reuse KV blocks of shared prompt prefixes (generation only; see
             :meth:`score`).
@@ -89,6 +97,9 @@ class VLLMBackend:
         dtype: str = "auto",
         max_model_len: int | None = None,
         tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        data_parallel_size: int = 1,
+        distributed_executor_backend: str | None = None,
         gpu_memory_utilization: float = 0.85,
         enable_prefix_caching: bool = True,
         seed: int = 0,
@@ -104,23 +115,22 @@ class VLLMBackend:
         self._vllm = vllm
         self._owns_llm = llm is None
         if llm is None:
-            logger.info(
-                "starting vLLM for %s (tp=%d, dtype=%s)", model, tensor_parallel_size, dtype
+            args = engine_args(
+                model,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                tensor_parallel_size=tensor_parallel_size,
+                pipeline_parallel_size=pipeline_parallel_size,
+                data_parallel_size=data_parallel_size,
+                distributed_executor_backend=distributed_executor_backend,
+                gpu_memory_utilization=gpu_memory_utilization,
+                enable_prefix_caching=enable_prefix_caching,
+                seed=seed,
+                limit_mm_per_prompt=limit_mm_per_prompt,
             )
-            # Many vision-language models take one image per prompt unless told otherwise; image
-            # demonstrations need more (e.g. {"image": 5} for four demonstrations and the input).
-            extra = {"limit_mm_per_prompt": limit_mm_per_prompt} if limit_mm_per_prompt else {}
+            logger.info("starting vLLM for %s (%s)", model, args)
             try:
-                llm = vllm.LLM(
-                    model=model,
-                    dtype=dtype,
-                    max_model_len=max_model_len,
-                    tensor_parallel_size=tensor_parallel_size,
-                    gpu_memory_utilization=gpu_memory_utilization,
-                    enable_prefix_caching=enable_prefix_caching,
-                    seed=seed,
-                    **extra,
-                )
+                llm = vllm.LLM(**args)
             except Exception as exc:
                 raise BackendError(f"vLLM could not start {model!r}: {exc}") from exc
         self._llm: Any = llm

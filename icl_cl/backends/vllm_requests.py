@@ -43,7 +43,7 @@ from icl_cl.backends.base import (
     check_options,
     plain_chat,
 )
-from icl_cl.errors import BackendError
+from icl_cl.errors import BackendError, ConfigError
 
 DEFAULT_MAX_LOGPROBS = 20
 """vLLM's default ``max_logprobs``: the most alternatives a request may ask for per token."""
@@ -58,6 +58,51 @@ TokenizerLike = Any
 
 
 # ---- pure logic (no vLLM needed) --------------------------------------------------------------
+
+
+EXECUTOR_BACKENDS = ("ray", "mp", "uni", "external_launcher")
+"""vLLM's ``distributed_executor_backend`` values: Ray (several nodes), multiprocessing (one
+node), one process, or a launcher such as torchrun that starts each rank itself."""
+
+
+def engine_args(
+    model: str,
+    *,
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    data_parallel_size: int = 1,
+    distributed_executor_backend: str | None = None,
+    limit_mm_per_prompt: dict[str, int] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.LLM(...)`` (its ``EngineArgs``), checked before an engine
+    starts: parallel sizes are positive integers, the executor one vLLM knows. Options left at
+    vLLM's defaults are not passed, so a vLLM that lacks a newer one still starts."""
+    sizes = {
+        "tensor_parallel_size": tensor_parallel_size,
+        "pipeline_parallel_size": pipeline_parallel_size,
+        "data_parallel_size": data_parallel_size,
+    }
+    for name, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigError(f"vllm option {name} must be a positive integer, got {size!r}")
+    if (
+        distributed_executor_backend is not None
+        and distributed_executor_backend not in EXECUTOR_BACKENDS
+    ):
+        raise ConfigError(
+            f"vllm option distributed_executor_backend must be one of "
+            f"{', '.join(EXECUTOR_BACKENDS)}, got {distributed_executor_backend!r}"
+        )
+    args: dict[str, Any] = {"model": model, **options, "tensor_parallel_size": tensor_parallel_size}
+    args.update({name: size for name, size in sizes.items() if size != 1})
+    if distributed_executor_backend is not None:
+        args["distributed_executor_backend"] = distributed_executor_backend
+    # Many vision-language models take one image per prompt unless told otherwise; image
+    # demonstrations need more (e.g. {"image": 5} for four demonstrations and the input).
+    if limit_mm_per_prompt:
+        args["limit_mm_per_prompt"] = limit_mm_per_prompt
+    return args
 
 
 def encode_prompt(tokenizer: TokenizerLike, prompt: str) -> list[int]:

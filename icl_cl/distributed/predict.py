@@ -133,13 +133,15 @@ def predict(
         raise StoreError(f"{store}: no store here (create one with 'icl-cl learn')")
     settings = config.model_dump(mode="json") if config is not None else None
     ray = ray_module()
-    # Ray Data restarts a dead actor and retries its batch (its defaults for actor pools).
+    # Ray Data restarts a dead actor and retries its batch (its defaults for actor pools). The
+    # pool starts with one actor and grows to ``actors``: had they all started at once, they
+    # could hold every CPU of a small cluster while the tasks that list and read the input wait.
     return dataset.map_batches(
         Predictor,
         fn_constructor_kwargs={"store": str(store), "config": settings, "options": options},
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
         num_cpus=num_cpus,
         num_gpus=num_gpus,
     )
