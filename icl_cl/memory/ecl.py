@@ -11,7 +11,7 @@ import numpy as np
 
 from icl_cl.config import AUTO_SCORER, SCORERS, MemoryConfig
 from icl_cl.errors import ConfigError, DataError
-from icl_cl.memory.example_index import ExampleIndex
+from icl_cl.memory.example_index import EXAMPLES_FILE, LABELS_FILE, ExampleIndex
 from icl_cl.memory.scorers import Scorer, build_scorer, top_k
 from icl_cl.memory.statistics import StatisticsDelta
 from icl_cl.memory.store import SessionRecord, Store
@@ -34,8 +34,9 @@ class ExternalContinualLearner:
         self.stats, self._labels, label_vectors = store.load_statistics()
         # Kept as chunks so that a session appends without copying all label vectors.
         self._label_vector_chunks: list[np.ndarray] = [label_vectors]
-        self.index = ExampleIndex(store.dim, config.exact_search_max)
-        self.index.add(store.load_vectors())
+        self.index = ExampleIndex.restore(
+            self._path / EXAMPLES_FILE, store.dim, config.exact_search_max, store.load_vectors()
+        )
         self._row_labels: list[np.ndarray] | None = None
         self._row_cardinality: np.ndarray | None = None
         self._scorers: dict[str, Scorer] = {}
@@ -43,6 +44,10 @@ class ExternalContinualLearner:
         self.multi_label: bool | None = store.meta("multi_label")
 
     # ---- introspection ---------------------------------------------------------------------
+
+    @property
+    def _path(self) -> Path:
+        return Path(self.store.path)
 
     @property
     def dim(self) -> int:
@@ -129,6 +134,10 @@ class ExternalContinualLearner:
             if self._label_index is not None:  # new labels are retrievable at once
                 self._label_index.add(ordered_vectors)
         self.index.add(vectors)
+        # Large indexes are saved (a cache of the committed vectors) so that an open reads them.
+        self.index.save(self._path / EXAMPLES_FILE)
+        if len(self._labels) > self.config.label_exact_search_max:
+            self._labels_index().save(self._path / LABELS_FILE)
         if self._row_labels is not None and self._row_cardinality is not None:
             col = self.stats.col
             self._row_labels.extend(
@@ -211,14 +220,21 @@ class ExternalContinualLearner:
 
         The index over label vectors is built on first use from the stored vectors (no label is
         embedded again) and grows with every session; it is exact up to
-        ``label_exact_search_max`` labels, HNSW above.
+        ``label_exact_search_max`` labels, HNSW above (saved by each session, read on open).
         """
         if not self._labels:
             raise DataError(f"{self.store.path}: the store has no labels yet")
+        return self._labels_index().search(queries, n)
+
+    def _labels_index(self) -> ExampleIndex:
         if self._label_index is None:
-            self._label_index = ExampleIndex(self.dim, self.config.label_exact_search_max)
-            self._label_index.add(self.label_vectors)
-        return self._label_index.search(queries, n)
+            self._label_index = ExampleIndex.restore(
+                self._path / LABELS_FILE,
+                self.dim,
+                self.config.label_exact_search_max,
+                self.label_vectors,
+            )
+        return self._label_index
 
     def label_prior(self) -> np.ndarray:
         """Share of stored examples that carry each label, in column order."""
