@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils import Tags
+from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_consistent_length, check_is_fitted, column_or_1d
 
 from icl_cl.classifier import ContinualClassifier
@@ -200,6 +201,7 @@ class ContinualClassifierEstimator(ClassifierMixin, BaseEstimator):
         """
         texts, labels = _texts(X), column_or_1d(y, warn=True)
         check_consistent_length(texts, labels)
+        check_classification_targets(labels)
         if not texts:
             raise ValueError("nothing to learn: X is empty")
         clf = self._classifier()
