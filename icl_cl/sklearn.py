@@ -28,6 +28,7 @@ from sklearn.utils.validation import check_consistent_length, check_is_fitted, c
 from icl_cl.classifier import ContinualClassifier
 from icl_cl.config import ClassifierConfig, EmbedderConfig, LLMConfig, MemoryConfig
 from icl_cl.embedding import Embedder, load_embedder
+from icl_cl.embedding.cache import CachedEmbedder
 from icl_cl.memory.store import MANIFEST
 from icl_cl.types import Example, Label, Prediction
 
@@ -37,10 +38,12 @@ logger = logging.getLogger(__name__)
 _label_id = str
 
 
-@functools.lru_cache(maxsize=2)
-def _shared_embedder(config: EmbedderConfig) -> Embedder:
-    # Cross-validation and grid searches fit a fresh clone per fold: load each model once.
-    return load_embedder(config)
+@functools.lru_cache(maxsize=4)
+def _shared_embedder(config: EmbedderConfig, cache: str | None) -> Embedder:
+    # Cross-validation and grid searches fit a fresh clone per fold: load each model once, and
+    # with a cache folder, embed each text once across all of them.
+    embedder = load_embedder(config)
+    return CachedEmbedder(embedder, cache) if cache is not None else embedder
 
 
 class _StoreFolder:
@@ -61,9 +64,9 @@ class _StoreFolder:
     def new_temporary(cls) -> _StoreFolder:
         return cls(_temporary_path(), temporary=True)
 
-    def classifier(self, config: ClassifierConfig) -> ContinualClassifier:
+    def classifier(self, config: ClassifierConfig, cache: str | None) -> ContinualClassifier:
         if self._classifier is None:
-            embedder = _shared_embedder(config.embedder)
+            embedder = _shared_embedder(config.embedder, cache)
             self._classifier = ContinualClassifier.open(self.path, config, embedder=embedder)
         return self._classifier
 
@@ -143,6 +146,9 @@ class ContinualClassifierEstimator(ClassifierMixin, BaseEstimator):
         store: Folder of the store. ``None``: a temporary folder, removed with the estimator.
             ``fit`` refuses a folder that already holds a store (it would start from scratch);
             ``partial_fit`` on an unfitted estimator continues an existing store.
+        embedding_cache: A folder where the vectors of the texts are kept (and kept in memory
+            in this process), so that cross-validation and grid searches embed each text once.
+            ``None``: every fit and predict embeds its texts.
 
     Attributes:
         classes_: Every class learned so far, sorted.
@@ -157,12 +163,14 @@ class ContinualClassifierEstimator(ClassifierMixin, BaseEstimator):
         llm: LLMConfig | dict[str, Any] | None = None,
         config: ClassifierConfig | dict[str, Any] | None = None,
         store: str | Path | None = None,
+        embedding_cache: str | Path | None = None,
     ) -> None:
         self.k = k
         self.scorer = scorer
         self.llm = llm
         self.config = config
         self.store = store
+        self.embedding_cache = embedding_cache
 
     def __sklearn_tags__(self) -> Tags:
         tags = super().__sklearn_tags__()
@@ -258,7 +266,8 @@ class ContinualClassifierEstimator(ClassifierMixin, BaseEstimator):
             else:
                 folder = _StoreFolder(Path(self.store), temporary=False)
             self._folder = folder
-        clf = folder.classifier(self._config())
+        cache = None if self.embedding_cache is None else str(Path(self.embedding_cache).resolve())
+        clf = folder.classifier(self._config(), cache)
         if clf.memory.multi_label:
             raise ValueError(f"{folder.path} is a multi-label store; use ContinualClassifier")
         if not hasattr(self, "classes_") and clf.memory.n_examples:

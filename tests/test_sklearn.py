@@ -15,6 +15,8 @@ import gc
 import json
 import pickle
 from collections import Counter
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -145,9 +147,15 @@ def small() -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def fitted(sample) -> ContinualClassifierEstimator:
+def make(tmp_path_factory) -> Callable[..., ContinualClassifierEstimator]:
+    """Estimators that share one embedding cache: each sample text is embedded once."""
+    return partial(ContinualClassifierEstimator, embedding_cache=tmp_path_factory.mktemp("vectors"))
+
+
+@pytest.fixture(scope="module")
+def fitted(sample, make) -> ContinualClassifierEstimator:
     train, y, _, _ = sample
-    return ContinualClassifierEstimator().fit(train, y)
+    return make().fit(train, y)
 
 
 def _where(texts: list[str], keep: np.ndarray) -> list[str]:
@@ -180,9 +188,9 @@ def test_fit_predict_on_the_sample(sample, fitted):
     np.testing.assert_allclose(fitted.predict_proba(subset), proba[order], atol=1e-6)
 
 
-def test_probabilities_outside_the_candidates_are_shared_by_the_other_classes(small):
+def test_probabilities_outside_the_candidates_are_shared_by_the_other_classes(small, make):
     train, y, test, _ = small
-    few = ContinualClassifierEstimator(k=3).fit(train, y)
+    few = make(k=3).fit(train, y)
     proba = few.predict_proba(test[:8])
     for row, prediction in zip(proba, few.predictions(test[:8]), strict=True):
         assert len(prediction.scores) == 3
@@ -192,30 +200,30 @@ def test_probabilities_outside_the_candidates_are_shared_by_the_other_classes(sm
     np.testing.assert_allclose(proba.sum(axis=1), 1.0)
 
 
-def test_sessions_add_classes_and_end_where_one_fit_ends(small):
+def test_sessions_add_classes_and_end_where_one_fit_ends(small, make):
     train, y, test, _ = small
     classes = np.unique(y)
     first = np.isin(y, classes[:4])
-    est = ContinualClassifierEstimator().partial_fit(_where(train, first), y[first])
+    est = make().partial_fit(_where(train, first), y[first])
     np.testing.assert_array_equal(est.classes_, classes[:4])
     assert set(est.predict(test)) <= set(classes[:4])
     est.partial_fit(_where(train, ~first), y[~first])
     np.testing.assert_array_equal(est.classes_, classes)
     # Nothing is forgotten or retrained: two sessions decide as one fit on their union.
-    at_once = ContinualClassifierEstimator().fit(train, y)
+    at_once = make().fit(train, y)
     np.testing.assert_array_equal(est.predict(test), at_once.predict(test))
 
 
-def test_classes_can_be_defined_before_their_examples(small):
+def test_classes_can_be_defined_before_their_examples(small, make):
     train, y, _, _ = small
-    est = ContinualClassifierEstimator().partial_fit(train[:5], y[:5], classes=["noun.zzz"])
+    est = make().partial_fit(train[:5], y[:5], classes=["noun.zzz"])
     assert "noun.zzz" in est.classes_
     assert est.predict_proba(train[:2]).shape == (2, len(est.classes_))
 
 
-def test_fit_again_starts_over(small):
+def test_fit_again_starts_over(small, make):
     train, y, test, _ = small
-    est = ContinualClassifierEstimator().fit(train, y)
+    est = make().fit(train, y)
     store = est.classifier_.memory.store.path
     first = est.predict(test)
     est.fit(train[:25], y[:25])
@@ -224,10 +232,10 @@ def test_fit_again_starts_over(small):
     np.testing.assert_array_equal(est.fit(train, y).predict(test), first)
 
 
-def test_fit_leaves_parameters_alone(small):
+def test_fit_leaves_parameters_alone(small, make):
     train, y, test, _ = small
     config = {"fusion": {"heldout": 50}}
-    est = ContinualClassifierEstimator(k=5, scorer="knn", config=config)
+    est = make(k=5, scorer="knn", config=config)
     before = est.get_params()
     est.fit(train, y)
     assert est.get_params() == before and config == {"fusion": {"heldout": 50}}
@@ -244,15 +252,15 @@ def test_in_a_pipeline(small):
     assert pipeline.predict_proba(test[:3]).shape == (3, len(np.unique(y)))
 
 
-def test_cross_val_score(small):
+def test_cross_val_score(small, make):
     train, y, test, gold = small
-    scores = cross_val_score(ContinualClassifierEstimator(), train + test, [*y, *gold], cv=3)
+    scores = cross_val_score(make(), train + test, [*y, *gold], cv=3)
     assert scores.shape == (3,) and scores.min() > 0.5
 
 
-def test_pickled_estimator_predicts_the_same(small):
+def test_pickled_estimator_predicts_the_same(small, make):
     train, y, test, _ = small
-    est = ContinualClassifierEstimator().fit(train, y)
+    est = make().fit(train, y)
     proba = est.predict_proba(test)
     folder = Path(est.classifier_.memory.store.path).parent
     copy = pickle.loads(pickle.dumps(est))
@@ -263,14 +271,14 @@ def test_pickled_estimator_predicts_the_same(small):
     assert pickle.loads(pickle.dumps(ContinualClassifierEstimator(k=4))).k == 4
 
 
-def test_a_given_store_is_kept_and_continued(tmp_path, small):
+def test_a_given_store_is_kept_and_continued(tmp_path, small, make):
     train, y, _, _ = small
     store = tmp_path / "store"
     first = np.isin(y, np.unique(y)[:4])
-    ContinualClassifierEstimator(store=store).fit(_where(train, first), y[first])
+    make(store=store).fit(_where(train, first), y[first])
     with pytest.raises(ValueError, match="already holds a store"):
-        ContinualClassifierEstimator(store=store).fit(train, y)
-    est = ContinualClassifierEstimator(store=store)
+        make(store=store).fit(train, y)
+    est = make(store=store)
     est.partial_fit(_where(train, ~first), y[~first])
     np.testing.assert_array_equal(est.classes_, np.unique(y))
     with ContinualClassifier.open(store) as clf:
@@ -299,19 +307,19 @@ def test_bad_inputs_are_refused(small):
         ContinualClassifierEstimator(scorer="nearest").fit(train[:3], y[:3])
 
 
-def test_integer_classes_keep_their_type(small):
+def test_integer_classes_keep_their_type(small, make):
     train, y, test, _ = small
     codes = np.unique(y, return_inverse=True)[1]
-    est = ContinualClassifierEstimator().fit(train, codes)
+    est = make().fit(train, codes)
     assert est.classes_.tolist() == list(range(len(np.unique(y))))
     assert est.predict(test[:4]).dtype == codes.dtype
 
 
-def test_with_an_llm(small):
+def test_with_an_llm(small, make):
     """SmolLM2 reads the candidates; fusion weighs it on 10 held-out stored examples."""
     train, y, test, _ = small
     keep = np.isin(y, np.unique(y)[:3])
-    est = ContinualClassifierEstimator(
+    est = make(
         k=3,
         llm={"backend": "transformers", "model": "smollm2-135m-instruct"},
         config={"fusion": {"heldout": 10}, "calibration": {"heldout_llm": 10}},
