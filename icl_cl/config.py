@@ -10,8 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from icl_cl.errors import ConfigError
 
-ScorerName = Literal["ncm", "mahalanobis", "knn", "ridge"]
-SCORERS: tuple[str, ...] = ("ncm", "mahalanobis", "knn", "ridge")
+ScorerName = Literal["ncm", "mahalanobis", "knn", "ridge", "ranpac", "klda"]
+SCORERS: tuple[str, ...] = ("ncm", "mahalanobis", "knn", "ridge", "ranpac", "klda")
 # What "auto" resolves to: the scorer that measured best on the development corpora
 # (single-label: WordNet supersenses, Debian sections; multi-label: debtags). See README.
 AUTO_SCORER = {False: "mahalanobis", True: "knn"}
@@ -47,6 +47,19 @@ class MemoryConfig(_Strict):
         "'auto' estimates it from the data (Oracle Approximating Shrinkage)",
     )
     knn_neighbors: int = Field(20, gt=0, description="neighbours that vote in the kNN scorer")
+    ranpac_features: int = Field(
+        4096, gt=0, description="width M of RanPAC's random ReLU feature map (ranpac scorer)"
+    )
+    ranpac_lambda: float = Field(
+        1.0, gt=0, description="ridge regularisation of the ranpac scorer, per unit of mean feature power"
+    )
+    klda_features: int = Field(
+        4096, gt=0, description="random Fourier features of the kernel LDA scorer (klda)"
+    )
+    klda_bandwidth: float = Field(
+        1.0, gt=0, description="Gaussian kernel width of klda's random Fourier features"
+    )
+    feature_seed: int = Field(0, description="seed of the random feature maps (fixed per store)")
     exact_search_max: int = Field(
         50_000,
         gt=0,
