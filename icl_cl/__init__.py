@@ -6,8 +6,7 @@ demonstrations; a language model that is never fine-tuned reads them in context.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from icl_cl._version import __version__
 from icl_cl.config import ClassifierConfig, EmbedderConfig, MemoryConfig
 from icl_cl.errors import ConfigError, DataError, IclClError, StoreError
 from icl_cl.pipelines.continual import ContinualClassifier, LearnReport

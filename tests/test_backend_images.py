@@ -30,16 +30,16 @@ from icl_cl.backends.base import (  # noqa: E402
     prompt_key,
 )
 from icl_cl.backends.cache import CachedBackend  # noqa: E402
-from icl_cl.backends.openai_compat import (  # noqa: E402
-    OpenAICompatBackend,
+from icl_cl.backends.openai import OpenAICompatBackend  # noqa: E402
+from icl_cl.backends.openai.chat import (  # noqa: E402
     chat_body,
     chat_generation,
     chat_messages,
     chat_top_logprobs,
 )
 from icl_cl.backends.transformers import TransformersBackend  # noqa: E402
-from icl_cl.backends.vllm import (  # noqa: E402
-    VLLMBackend,
+from icl_cl.backends.vllm import VLLMBackend  # noqa: E402
+from icl_cl.backends.vllm_requests import (  # noqa: E402
     build_score_requests,
     encode_prompt,
     engine_prompt,

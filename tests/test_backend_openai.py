@@ -28,16 +28,12 @@ from icl_cl.backends.base import (
     LLMBackend,
     OptionScores,
 )
-from icl_cl.backends.openai_compat import (
-    FIRST_TOKEN_FLOOR,
-    OpenAICompatBackend,
-    _looks_like_context_error,
-    choice_grammar,
-    echo_is_plausible,
-    first_token_logprob,
-    gbnf_literal,
-    option_span,
-    parse_echo_choice,
+from icl_cl.backends.openai import OpenAICompatBackend
+from icl_cl.backends.openai.echo import echo_is_plausible, option_span, parse_echo_choice
+from icl_cl.backends.openai.grammar import choice_grammar, gbnf_literal
+from icl_cl.backends.openai.scoring import FIRST_TOKEN_FLOOR, first_token_logprob
+from icl_cl.backends.openai.transport import (
+    looks_like_context_error as _looks_like_context_error,
 )
 from icl_cl.errors import (
     BackendError,

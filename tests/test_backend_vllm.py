@@ -26,9 +26,8 @@ from icl_cl.backends.base import (
     LLMBackend,
     plain_chat,
 )
-from icl_cl.backends.vllm import (
-    INSTALL_HINT,
-    VLLMBackend,
+from icl_cl.backends.vllm import INSTALL_HINT, VLLMBackend
+from icl_cl.backends.vllm_requests import (
     build_score_requests,
     encode_prompt,
     parse_generation,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from icl_cl import ClassifierConfig, ContinualClassifier
-from icl_cl.backends.openai_compat import OpenAICompatBackend
+from icl_cl.backends.openai import OpenAICompatBackend
 from icl_cl.calibration.in_context import OptionBias
 from icl_cl.config import CalibrationConfig, FusionConfig, LLMConfig, PromptConfig
 from icl_cl.pipelines.fusion import FusionWeights, fit_fusion

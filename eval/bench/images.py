@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the tiny-model builders and the Fashion-MNIST reader live in tests/
 
 from icl_cl import ContinualClassifier  # noqa: E402
-from icl_cl.backends.transformers import process_image_prompt  # noqa: E402
+from icl_cl.backends.hf_images import process_image_prompt  # noqa: E402
 from icl_cl.config import ClassifierConfig, EmbedderConfig, LLMConfig, PromptConfig  # noqa: E402
 from icl_cl.images import load_image  # noqa: E402
 from icl_cl.types import Example  # noqa: E402

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, Protocol, Union, runtime_checkable
 
 import numpy as np
 
+from icl_cl.errors import DataError
+
 if TYPE_CHECKING:
     from icl_cl.images import Image
 
@@ -52,6 +54,30 @@ Prompt = Union[str, ImagePrompt]  # noqa: UP007 - a runtime alias, evaluated on 
 def prompt_key(prompt: Prompt) -> str:
     """The string a cache keys ``prompt`` by."""
     return prompt if isinstance(prompt, str) else prompt.key
+
+
+def part_image(part: Mapping[str, Any], message: int) -> Image:
+    """The image of an image content part of message number ``message``.
+
+    Raises:
+        DataError: The part holds no :class:`~icl_cl.images.Image`.
+    """
+    from icl_cl.images import Image
+
+    image = part.get("image")
+    if not isinstance(image, Image):
+        raise DataError(
+            f"message {message}: an image part needs an icl_cl.images.Image "
+            f"(see icl_cl.images.load_image), not {type(image).__name__}",
+            field="image",
+        )
+    return image
+
+
+def unknown_part(part: Mapping[str, Any], message: int) -> DataError:
+    """The error for a content part that is neither text nor an image."""
+    kind = part.get("type")
+    return DataError(f"message {message}: unknown content part type {kind!r}", field="content")
 
 
 def has_images(messages: Sequence[Message]) -> bool:

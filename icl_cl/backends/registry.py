@@ -1,43 +1,45 @@
-"""Backends register under a name; configs pick them by that name."""
+"""Backends by name: each name maps to ``"module:Class"``, imported only when asked for.
+
+Heavy libraries (torch, vLLM) load only with the backend that needs them, and no backend module
+imports this one, so naming a backend has no side effects.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
 from typing import Any
 
 from icl_cl.backends.base import LLMBackend
 from icl_cl.errors import ConfigError
 
-_FACTORIES: dict[str, Callable[..., LLMBackend]] = {}
-
-
-def register_backend(name: str) -> Callable[[Callable[..., LLMBackend]], Callable[..., LLMBackend]]:
-    """Class decorator: make a backend constructible by ``name``."""
-
-    def wrap(factory: Callable[..., LLMBackend]) -> Callable[..., LLMBackend]:
-        _FACTORIES[name] = factory
-        return factory
-
-    return wrap
-
-
-def _load_builtin() -> None:
-    # Imported here so that heavy libraries load only when a backend is asked for.
-    import icl_cl.backends.openai_compat
-    import icl_cl.backends.transformers
-    import icl_cl.backends.vllm  # noqa: F401
+BACKENDS: dict[str, str] = {
+    "openai": "icl_cl.backends.openai:OpenAICompatBackend",
+    "transformers": "icl_cl.backends.transformers:TransformersBackend",
+    "vllm": "icl_cl.backends.vllm:VLLMBackend",
+}
+"""Backend name -> ``"module:Class"`` of its implementation."""
 
 
 def available_backends() -> list[str]:
-    _load_builtin()
-    return sorted(_FACTORIES)
+    """The names :func:`create_backend` accepts."""
+    return sorted(BACKENDS)
+
+
+def backend_class(name: str) -> type[LLMBackend]:
+    """The class registered as ``name``, imported now.
+
+    Raises:
+        ConfigError: ``name`` is not a registered backend.
+    """
+    if name not in BACKENDS:
+        raise ConfigError(
+            f"unknown LLM backend {name!r}; available: {', '.join(available_backends())}"
+        )
+    module, _, attribute = BACKENDS[name].partition(":")
+    cls: type[LLMBackend] = getattr(importlib.import_module(module), attribute)
+    return cls
 
 
 def create_backend(name: str, **options: Any) -> LLMBackend:
     """Build the backend registered as ``name`` with its options (model, ...)."""
-    _load_builtin()
-    if name not in _FACTORIES:
-        raise ConfigError(
-            f"unknown LLM backend {name!r}; available: {', '.join(sorted(_FACTORIES))}"
-        )
-    return _FACTORIES[name](**options)
+    return backend_class(name)(**options)

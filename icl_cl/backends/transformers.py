@@ -16,18 +16,13 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
-import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from icl_cl.backends.base import (
-    IMAGE_PLACEHOLDER,
     Capabilities,
     Generation,
     GenerationParams,
@@ -40,241 +35,19 @@ from icl_cl.backends.base import (
     has_images,
     plain_chat,
 )
-from icl_cl.backends.packaged import DEFAULT_LLM, PACKAGED_GGUF, packaged_gguf
-from icl_cl.backends.registry import register_backend
+from icl_cl.backends.hf_images import (
+    VisionInputs,
+    process_image_prompt,
+    render_processor_chat,
+)
+from icl_cl.backends.hf_loading import load_model
+from icl_cl.backends.kv_scoring import PrefixCacheScorer
+from icl_cl.backends.packaged import DEFAULT_LLM
 from icl_cl.errors import BackendError, ConfigError, ContextLengthError, DataError
 
 logger = logging.getLogger(__name__)
 
 
-def cache_dir() -> Path:
-    """Where converted models are kept: ``$ICL_CL_CACHE`` or ``~/.cache/icl_cl``."""
-    return Path(os.environ.get("ICL_CL_CACHE", Path.home() / ".cache" / "icl_cl"))
-
-
-def is_vision_language(source: str) -> bool:
-    """Whether the model at ``source`` (a hub id or a directory) reads images: its model type has
-    an image-text-to-text head in transformers."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError):
-        return False  # the text loader names the problem
-    return config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
-
-def _load_vision(source: str, dtype: Any) -> tuple[Any, Any, Any]:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    try:
-        processor = AutoProcessor.from_pretrained(source)
-        lm = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load vision-language model {source!r}: {exc}") from exc
-    if getattr(processor, "image_processor", None) is None:
-        raise ConfigError(f"{source!r}: its processor has no image processor")
-    return lm, processor.tokenizer, processor
-
-
-def _load(
-    model: str, gguf_file: str | None, dtype: str, device: str, convert_cache: bool
-) -> tuple[Any, Any, Any]:
-    """``(model, tokenizer, processor)``; the processor is None for a text-only model."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch_dtype = getattr(torch, dtype)
-    if model in PACKAGED_GGUF:
-        directory, gguf_file = packaged_gguf(model)
-        source = str(directory)
-    else:
-        source = model
-    if not gguf_file and is_vision_language(source):
-        lm, tokenizer, processor = _load_vision(source, torch_dtype)
-        return lm.to(device).eval(), tokenizer, processor
-    converted = (
-        cache_dir() / "converted" / f"{Path(source).name}-{gguf_file}-{dtype}"
-        if gguf_file
-        else None
-    )
-    try:
-        if converted is not None and convert_cache and (converted / "config.json").exists():
-            tokenizer = AutoTokenizer.from_pretrained(converted)
-            lm = AutoModelForCausalLM.from_pretrained(converted, dtype=torch_dtype)
-        else:
-            kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
-            if converted is not None and convert_cache:
-                _save_converted(lm, tokenizer, converted)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load model {model!r}: {exc}") from exc
-    return lm.to(device).eval(), tokenizer, None
-
-
-def _save_converted(lm: Any, tokenizer: Any, target: Path) -> None:
-    """Save dequantised weights atomically (a half-written copy must never be loaded).
-
-    ``save_pretrained`` refuses GGUF-loaded models, so the plain config (without its GGUF
-    quantisation entry) and the weights are written directly.
-    """
-    import copy
-
-    import safetensors.torch
-
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        config = copy.deepcopy(lm.config)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        safetensors.torch.save_model(lm, str(tmp / "model.safetensors"))
-        tmp.rename(target)
-    except OSError as exc:  # a read-only cache only costs load time
-        logger.warning("could not cache the converted model at %s: %s", target, exc)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def processor_messages(messages: Sequence[Message]) -> tuple[list[Message], list[Any]]:
-    """Chat messages for a Hugging Face processor's chat template, and their images in order.
-
-    Every content becomes a list of parts (processor templates iterate over parts); an image
-    part becomes ``{"type": "image"}``, which the template writes as the model's placeholder.
-
-    Raises:
-        DataError: An image part without an :class:`~icl_cl.images.Image`, or an unknown part.
-    """
-    from icl_cl.images import Image
-
-    out: list[Message] = []
-    images: list[Image] = []
-    for n, message in enumerate(messages):
-        content = message["content"]
-        if isinstance(content, str):
-            out.append({**message, "content": [{"type": "text", "text": content}]})
-            continue
-        parts: list[dict[str, Any]] = []
-        for part in content:
-            kind = part.get("type")
-            if kind == "text":
-                parts.append({"type": "text", "text": str(part["text"])})
-            elif kind == "image":
-                image = part.get("image")
-                if not isinstance(image, Image):
-                    raise DataError(
-                        f"message {n}: an image part needs an icl_cl.images.Image "
-                        f"(see icl_cl.images.load_image), not {type(image).__name__}",
-                        field="image",
-                    )
-                images.append(image)
-                parts.append({"type": "image"})
-            else:
-                raise DataError(f"message {n}: unknown content part type {kind!r}", field="content")
-        out.append({**message, "content": parts})
-    return out, images
-
-
-def render_processor_chat(processor: Any, messages: Sequence[Message]) -> ImagePrompt:
-    """Messages with images as the model's prompt: the processor's chat template, with the
-    assistant's turn opened (a plain layout with the processor's image token when it has no
-    template)."""
-    converted, images = processor_messages(messages)
-    if getattr(processor, "chat_template", None):
-        text = str(
-            processor.apply_chat_template(converted, tokenize=False, add_generation_prompt=True)
-        )
-    else:
-        text = plain_chat(messages, image=getattr(processor, "image_token", IMAGE_PLACEHOLDER))
-    return ImagePrompt(text, tuple(images), tuple(messages))
-
-
-def process_image_prompt(processor: Any, prompt: ImagePrompt) -> Any:
-    """The processor's tensors for one image prompt (``input_ids`` with every image placeholder
-    expanded into the image's tokens, ``pixel_values``, ...), a batch of one.
-
-    Raises:
-        DataError: The processor refused the prompt (e.g. placeholders and images differ).
-    """
-    bos = getattr(processor.tokenizer, "bos_token", None)
-    try:
-        return processor(
-            text=[prompt.text],
-            images=[[image.pil() for image in prompt.images]] if prompt.images else None,
-            return_tensors="pt",
-            # As the processor's own chat flow does: a template that writes BOS gets no second.
-            add_special_tokens=not (bos and prompt.text.startswith(bos)),
-        )
-    except (ValueError, TypeError) as exc:
-        raise DataError(f"the model's processor refused the image prompt: {exc}") from exc
-
-
-@dataclass
-class _Vision:
-    """What a batch of image prompts feeds the model besides token ids.
-
-    Attributes:
-        batch: Tensors stacked over the batch's prompts along dim 0 (pixel values, image sizes);
-            their order matches the order of the image tokens in the row-major token ids.
-        per_token: Per prompt, tensors with one value per prompt token (token type ids).
-        first_image: Earliest position of an image token in any row: every image has the same
-            placeholder ids, so a prefix shared by the rows must end before it.
-    """
-
-    batch: dict[str, Any]
-    per_token: dict[str, list[Any]]
-    first_image: int
-
-    @staticmethod
-    def merge(encoded: list[tuple[list[int], dict[str, Any]]], image_token: int | None) -> Any:
-        """One :class:`_Vision` for the prompts, or None when their tensors do not stack."""
-        import torch
-
-        keys = set(encoded[0][1])
-        if any(set(features) != keys for _, features in encoded):
-            return None
-        batch: dict[str, Any] = {}
-        per_token: dict[str, list[Any]] = {}
-        for key in keys:
-            values = [features[key] for _, features in encoded]
-            if not all(isinstance(v, torch.Tensor) for v in values):
-                if len(values) > 1:
-                    return None
-                batch[key] = values[0]
-            elif all(
-                v.dim() == 2 and v.shape == (1, len(ids))
-                for v, (ids, _) in zip(values, encoded, strict=True)
-            ):
-                per_token[key] = [v[0] for v in values]
-            elif len({tuple(v.shape[1:]) for v in values}) == 1:
-                batch[key] = torch.cat(values)
-            else:
-                return None
-        first = [ids.index(image_token) for ids, _ in encoded if image_token in ids]
-        first_image = min(first) if first and image_token is not None else 0
-        return _Vision(batch, per_token, first_image)
-
-    def inputs(self, start: int, width: int, device: str, dtype: Any) -> dict[str, Any]:
-        """Model inputs for the rows' tokens from ``start`` on, left-padded to ``width``."""
-        import torch
-
-        out = {
-            key: value.to(device, dtype) if value.is_floating_point() else value.to(device)
-            for key, value in self.batch.items()
-        }
-        for key, rows in self.per_token.items():
-            padded = torch.zeros((len(rows), width), dtype=rows[0].dtype)
-            for i, row in enumerate(rows):
-                tail = row[start:]
-                padded[i, width - len(tail) :] = tail
-            out[key] = padded.to(device)
-        return out
-
-
-@register_backend("transformers")
 class TransformersBackend:
     """A causal LM run in-process with transformers.
 
@@ -313,9 +86,8 @@ class TransformersBackend:
         if (lm is None) != (tokenizer is None):
             raise ConfigError("pass both lm and tokenizer, or neither")
         if lm is None:
-            lm, tokenizer, processor = _load(model, gguf_file, dtype, device, convert_cache)
+            lm, tokenizer, processor = load_model(model, gguf_file, dtype, device, convert_cache)
         self.model = model
-        self._lm = lm
         self._tok = tokenizer
         # Only a processor with an image processor reads images.
         self._processor = (
@@ -332,11 +104,14 @@ class TransformersBackend:
         self._device = device
         self.batch_size = batch_size
         self.usage = Usage()
-        # transformers renamed the cache argument of forward() from past_key_values to cache.
-        params = inspect.signature(lm.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         pad = tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
+        # transformers renamed the cache argument of forward() from past_key_values to cache.
+        params = inspect.signature(lm.forward).parameters
+        cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._scorer = PrefixCacheScorer(
+            lm, device=device, pad_id=self._pad_id, cache_arg=cache_arg
+        )
 
     @property
     def capabilities(self) -> Capabilities:
@@ -384,8 +159,12 @@ class TransformersBackend:
                 field="image",
             )
 
+    @property
+    def _lm(self) -> Any:
+        return self._scorer.lm
+
     def close(self) -> None:
-        self._lm = None
+        self._scorer.lm = None  # the model's memory is freed once nothing else holds it
 
     # ---- scoring ---------------------------------------------------------------------------
 
@@ -415,7 +194,7 @@ class TransformersBackend:
 
     def _groups(
         self, prompts: Sequence[Prompt]
-    ) -> list[tuple[list[int], list[list[int]], _Vision | None]]:
+    ) -> list[tuple[list[int], list[list[int]], VisionInputs | None]]:
         """A batch with image prompts split into runs of the model: ``(rows, token ids, vision)``.
 
         The text prompts run together as usual; the image prompts together when their
@@ -423,16 +202,16 @@ class TransformersBackend:
         """
         text = [i for i, p in enumerate(prompts) if isinstance(p, str)]
         image = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-        groups: list[tuple[list[int], list[list[int]], _Vision | None]] = []
+        groups: list[tuple[list[int], list[list[int]], VisionInputs | None]] = []
         if text:
             groups.append((text, [self._encode_prompt(str(prompts[i])) for i in text], None))
         encoded = [self._encode_image(prompts[i]) for i in image]
-        merged = _Vision.merge(encoded, self._image_token) if encoded else None
+        merged = VisionInputs.merge(encoded, self._image_token) if encoded else None
         if merged is not None:
             groups.append((image, [ids for ids, _ in encoded], merged))
         else:
             for i, one in zip(image, encoded, strict=True):
-                groups.append(([i], [one[0]], _Vision.merge([one], self._image_token)))
+                groups.append(([i], [one[0]], VisionInputs.merge([one], self._image_token)))
         return groups
 
     def _encode_option(self, option: str) -> list[int]:
@@ -462,7 +241,7 @@ class TransformersBackend:
                     continue
                 prompt_ids = [self._encode_prompt(p) for p in prompts[lo:hi]]
                 option_ids = [[self._encode_option(o) for o in opts] for opts in options[lo:hi]]
-                lp, cnt = self._score_batch(prompt_ids, option_ids, usage)
+                lp, cnt = self._scorer.score_batch(prompt_ids, option_ids, usage)
                 logprobs[lo:hi], counts[lo:hi] = lp, cnt
         usage.seconds = time.perf_counter() - start
         self.usage.add(usage)
@@ -486,141 +265,11 @@ class TransformersBackend:
             )
         option_ids = [[self._encode_option(o) for o in opts] for opts in options]
         for rows, prompt_ids, vision in self._groups(prompts):
-            lp, cnt = self._score_batch(prompt_ids, [option_ids[r] for r in rows], usage, vision)
+            lp, cnt = self._scorer.score_batch(
+                prompt_ids, [option_ids[r] for r in rows], usage, vision
+            )
             at = [offset + r for r in rows]
             logprobs[at], counts[at] = lp, cnt
-
-    def _forward(self, usage: Usage, **inputs: Any) -> Any:
-        t = time.perf_counter()
-        out = self._lm(**inputs, use_cache=True)
-        usage.forward_seconds += time.perf_counter() - t
-        usage.calls += 1
-        return out
-
-    def _score_batch(
-        self,
-        prompt_ids: list[list[int]],
-        option_ids: list[list[list[int]]],
-        usage: Usage,
-        vision: _Vision | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
-        b, k = len(prompt_ids), len(option_ids[0])
-        # The batch's common token prefix (system prompt; or, for the content-free variants of one
-        # prompt, all but the input) is prefilled once and its cache shared by every row.
-        shared = _common_prefix(prompt_ids) if b > 1 else 0
-        if vision is not None:
-            shared = min(shared, vision.first_image)
-        cache = None
-        if shared >= _MIN_SHARED_PREFIX:
-            head = self._forward(
-                usage,
-                input_ids=torch.tensor([prompt_ids[0][:shared]]).to(self._device),
-                logits_to_keep=1,
-            )
-            usage.prompt_tokens += shared
-            cache = getattr(head, "cache", None) or head.past_key_values
-            cache.batch_repeat_interleave(b)
-        else:
-            shared = 0
-        tails = [p[shared:] for p in prompt_ids]
-        width = max(len(t) for t in tails)
-        # Left padding keeps every prompt's last token in the last column.
-        ids = torch.full((b, width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((b, shared + width), dtype=torch.long)
-        mask[:, :shared] = 1
-        for i, t in enumerate(tails):
-            ids[i, width - len(t) :] = torch.tensor(t)
-            mask[i, shared + width - len(t) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-        # Only the last position's logits are needed; the LM head over the vocabulary is a fifth
-        # of this model's per-token compute, so skipping it for the other positions matters.
-        extra = {self._cache_arg: cache} if cache is not None else {}
-        if vision is not None:
-            extra.update(vision.inputs(shared, width, self._device, self._lm.dtype))
-        out = self._forward(
-            usage,
-            input_ids=ids.to(self._device),
-            attention_mask=mask.to(self._device),
-            position_ids=positions.to(self._device),
-            logits_to_keep=1,
-            **extra,
-        )
-        usage.prompt_tokens += int(mask[:, shared:].sum())
-        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (b, V): P(o_1 | prompt)
-        flat = [o for opts in option_ids for o in opts]  # row r = prompt r // k, option r % k
-        scores = np.array([float(first[r // k, o[0]]) for r, o in enumerate(flat)])
-        longest = max(len(o) for o in flat)
-        if longest > 1:
-            cache = getattr(out, "cache", None) or out.past_key_values
-            scores += self._score_rest(cache, mask, flat, k, longest, usage)
-        counts = np.array([len(o) for o in flat])
-        return scores.reshape(b, k), counts.reshape(b, k)
-
-    def _score_rest(
-        self, cache: Any, mask: Any, flat: list[list[int]], k: int, longest: int, usage: Usage
-    ) -> np.ndarray:
-        """Log-probabilities of option tokens 2.. from the prompts' cache, in one forward pass.
-
-        The options of each prompt are merged into a prefix trie, and every trie node that has a
-        continuation is fed once, packed after the prompt: a node attends to its prompt and its
-        own ancestors only (a 4D mask), at the position it would have in a plain sequence. So
-        shared prefixes are computed once, nothing is padded per option, and the cache is never
-        copied. Only the positions whose next token is scored go through the LM head.
-        """
-        import torch
-
-        b, width = mask.shape
-        prompt_len = mask.sum(-1)
-        tries = [_OptionTrie([flat[i * k + j] for j in range(k)]) for i in range(b)]
-        length = max(len(t.tokens) for t in tries)
-        if length == 0:
-            return np.zeros(len(flat))
-        inp = torch.full((b, length), self._pad_id, dtype=torch.long)
-        positions = torch.zeros((b, length), dtype=torch.long)
-        attend = torch.zeros((b, 1, length, width + length), dtype=torch.bool)
-        for i, trie in enumerate(tries):
-            n = len(trie.tokens)
-            attend[i, 0, :, :width] = mask[i].bool()
-            for q in range(length):
-                if q < n:
-                    inp[i, q] = trie.tokens[q]
-                    positions[i, q] = int(prompt_len[i]) + trie.depth[q]
-                    for a in trie.ancestors(q):
-                        attend[i, 0, q, width + a] = True
-                else:
-                    attend[i, 0, q, width + q] = True  # padding: attends to itself, never read
-        t = time.perf_counter()
-        hidden = self._lm.model(
-            input_ids=inp.to(self._device),
-            attention_mask=attend.to(self._device),
-            position_ids=positions.to(self._device),
-            use_cache=True,
-            **{self._cache_arg: cache},
-        ).last_hidden_state
-        usage.forward_seconds += time.perf_counter() - t
-        usage.calls += 1
-        usage.prompt_tokens += sum(len(t.tokens) for t in tries)
-        total = np.zeros(len(flat))
-        # (row, trie node, next token, option) for every scored token, through the LM head in chunks.
-        wanted = [
-            (i, node, token, i * k + j)
-            for i, trie in enumerate(tries)
-            for j, steps in enumerate(trie.steps)
-            for node, token in steps
-        ]
-        for lo in range(0, len(wanted), 512):
-            part = wanted[lo : lo + 512]
-            rows = torch.tensor([w[0] for w in part])
-            nodes = torch.tensor([w[1] for w in part])
-            logits = self._lm.lm_head(hidden[rows, nodes]).float()
-            logp = torch.log_softmax(logits, dim=-1)[
-                torch.arange(len(part)), torch.tensor([w[2] for w in part])
-            ]
-            for (_, _, _, option), value in zip(part, logp.tolist(), strict=True):
-                total[option] += value
-        return total
 
     # ---- generation ------------------------------------------------------------------------
 
@@ -659,7 +308,7 @@ class TransformersBackend:
         encoded: list[list[int]],
         params: GenerationParams,
         usage: Usage,
-        vision: _Vision | None = None,
+        vision: VisionInputs | None = None,
     ) -> list[Generation]:
         import torch
 
@@ -745,57 +394,3 @@ def _max_context(config: Any) -> int | None:
     if value is None and hasattr(config, "get_text_config"):
         value = getattr(config.get_text_config(), "max_position_embeddings", None)
     return int(value or 0) or None
-
-
-# Below this many shared tokens a separate prefix pass costs more than it saves.
-_MIN_SHARED_PREFIX = 16
-
-
-def _common_prefix(sequences: list[list[int]]) -> int:
-    """Length of the longest common prefix, leaving every sequence at least one token of its own
-    (its last token must be fed to predict the first option token)."""
-    limit = min(len(s) for s in sequences) - 1
-    first = sequences[0]
-    n = 0
-    while n < limit and all(s[n] == first[n] for s in sequences):
-        n += 1
-    return n
-
-
-class _OptionTrie:
-    """The options of one prompt as a prefix trie over tokens ``0 .. len-2`` (the tokens that are
-    fed to predict the next one).
-
-    Attributes:
-        tokens: Token fed at each node, in insertion order (parents before children).
-        depth: Offset of each node after the prompt.
-        parent: Parent node, or -1 for nodes right after the prompt.
-        steps: Per option, ``(node, next_token)`` pairs: the node whose output predicts that token.
-    """
-
-    def __init__(self, options: list[list[int]]) -> None:
-        self.tokens: list[int] = []
-        self.depth: list[int] = []
-        self.parent: list[int] = []
-        self.steps: list[list[tuple[int, int]]] = []
-        children: dict[tuple[int, int], int] = {}
-        for option in options:
-            node, steps = -1, []
-            for t in range(len(option) - 1):
-                key = (node, option[t])
-                if key not in children:
-                    children[key] = len(self.tokens)
-                    self.tokens.append(option[t])
-                    self.depth.append(t)
-                    self.parent.append(node)
-                node = children[key]
-                steps.append((node, option[t + 1]))
-            self.steps.append(steps)
-
-    def ancestors(self, node: int) -> list[int]:
-        """The node and all its ancestors."""
-        out = []
-        while node >= 0:
-            out.append(node)
-            node = self.parent[node]
-        return out

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from icl_cl.embedding.base import Embedder
 from icl_cl.embedding.clip import ClipEmbedder, is_clip_model
-from icl_cl.embedding.sentence_transformers import SentenceTransformerEmbedder, load_embedder
+from icl_cl.embedding.factory import load_embedder
+from icl_cl.embedding.sentence_transformers import SentenceTransformerEmbedder
 
 __all__ = [
     "ClipEmbedder",

@@ -1,23 +1,21 @@
 """sentence-transformers embedder, with the packaged all-MiniLM-L6-v2 as the offline default.
 
-:func:`load_embedder` hands CLIP models to :class:`~icl_cl.embedding.clip.ClipEmbedder`, which
-also embeds images; :class:`SentenceTransformerEmbedder` is text-only."""
+:func:`~icl_cl.embedding.factory.load_embedder` hands CLIP models to
+:class:`~icl_cl.embedding.clip.ClipEmbedder`, which also embeds images;
+:class:`SentenceTransformerEmbedder` is text-only."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from icl_cl.embedding.base import ProgressCallback
 from icl_cl.errors import ConfigError, DataError
 from icl_cl.images import Image
-
-if TYPE_CHECKING:
-    from icl_cl.config import EmbedderConfig
 
 logger = logging.getLogger(__name__)
 
@@ -116,18 +114,3 @@ class SentenceTransformerEmbedder:
             show_progress_bar=False,
         )
         return np.asarray(vectors, dtype=np.float32)
-
-
-def load_embedder(config: EmbedderConfig) -> SentenceTransformerEmbedder:
-    """Build the embedder a config names: a :class:`~icl_cl.embedding.clip.ClipEmbedder` (texts
-    and images) when ``config.model`` is a CLIP model, else a text-only
-    :class:`SentenceTransformerEmbedder`."""
-    # Imported here: clip.py builds on this module.
-    from icl_cl.embedding.clip import ClipEmbedder, is_clip_model
-
-    cls = (
-        ClipEmbedder
-        if is_clip_model(resolve_model_path(config.model))
-        else SentenceTransformerEmbedder
-    )
-    return cls(config.model, device=config.device, batch_size=config.batch_size)

@@ -126,7 +126,7 @@ class Store:
         The store is built in a sibling temporary directory and renamed into place, so a crash
         never leaves a half-created store behind.
         """
-        from icl_cl import __version__
+        from icl_cl._version import __version__
 
         path = Path(path)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):

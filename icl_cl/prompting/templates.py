@@ -3,24 +3,38 @@
 from __future__ import annotations
 
 import functools
+import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from icl_cl.errors import ConfigError
 
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
 _HEADER_KEYS = {"name", "description", "system", "answer_prefix", "option"}
 
 
-def prompts_dir() -> Path:
-    """The template folder: ``prompts/`` beside the package (source checkout or installed data)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parents[1] / "prompts", here.parent / "prompts"):
-        if candidate.is_dir():
-            return candidate
-    raise ConfigError("prompt templates not found (expected a prompts/ folder beside icl_cl)")
+def prompts_dir() -> Traversable:
+    """The template folder.
+
+    An installed package carries the templates as package data (``icl_cl/prompts/``, mapped
+    from the top-level ``prompts/`` when the package is built); a source checkout, installed in
+    editable mode or not installed, has them in ``prompts/`` beside the package.
+    """
+    packaged = importlib.resources.files("icl_cl") / "prompts"
+    if packaged.is_dir():
+        return packaged
+    checkout = Path(__file__).resolve().parents[2] / "prompts"
+    if checkout.is_dir():
+        return checkout
+    raise ConfigError(
+        "prompt templates not found (neither package data icl_cl/prompts nor a prompts/ folder "
+        "beside the package)"
+    )
 
 
 @dataclass(frozen=True)
@@ -92,10 +106,15 @@ def parse_template(text: str, name: str) -> PromptTemplate:
 @functools.lru_cache(maxsize=64)
 def load_template(name_or_path: str) -> PromptTemplate:
     """Load a template by name (``classify``) from ``prompts/``, or from a ``.j2`` file path."""
-    path = Path(name_or_path)
-    if path.suffix != ".j2":
-        path = prompts_dir() / f"{name_or_path}.j2"
-    if not path.is_file():
-        available = sorted(p.stem for p in prompts_dir().glob("*.j2"))
+    source: Traversable = Path(name_or_path)
+    if Path(name_or_path).suffix != ".j2":
+        source = prompts_dir() / f"{name_or_path}.j2"
+    if not source.is_file():
+        available = sorted(_stem(p.name) for p in prompts_dir().iterdir() if _stem(p.name))
         raise ConfigError(f"no prompt template {name_or_path!r}; available: {', '.join(available)}")
-    return parse_template(path.read_text(encoding="utf-8"), path.stem)
+    return parse_template(source.read_text(encoding="utf-8"), _stem(source.name))
+
+
+def _stem(file_name: str) -> str:
+    """The template name of a ``.j2`` file name ("" for other files)."""
+    return file_name[: -len(".j2")] if file_name.endswith(".j2") else ""
