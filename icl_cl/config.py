@@ -48,13 +48,22 @@ class MemoryConfig(_Strict):
     )
     knn_neighbors: int = Field(20, gt=0, description="neighbours that vote in the kNN scorer")
     ranpac_features: int = Field(
-        4096, gt=0, description="width M of RanPAC's random ReLU feature map (ranpac scorer)"
+        8192,
+        ge=256,
+        description="the most random ReLU features of the ranpac scorer (RanPAC); the width is "
+        "the smallest power of two >= the stored examples, from 256 up to this",
     )
     ranpac_lambda: float = Field(
-        1.0, gt=0, description="ridge regularisation of the ranpac scorer, per unit of mean feature power"
+        1e-3,
+        gt=0,
+        description="ranpac's ridge strength relative to the mean eigenvalue of its Gram matrix "
+        "(the fit step chooses it on held-out stored examples)",
     )
     klda_features: int = Field(
-        4096, gt=0, description="random Fourier features of the kernel LDA scorer (klda)"
+        8192,
+        ge=256,
+        description="the most random Fourier features of the kernel LDA scorer (klda); sized "
+        "like ranpac's",
     )
     klda_bandwidth: float = Field(
         1.0, gt=0, description="Gaussian kernel width of klda's random Fourier features"

@@ -205,3 +205,23 @@ def test_auto_shrinkage_is_large_with_few_examples_and_small_with_many():
     few = _stats(*_data(5, n=12, d=16))
     many = _stats(*_data(5, n=4000, d=16))
     assert Mahalanobis(few, "auto").shrinkage > Mahalanobis(many, "auto").shrinkage
+
+
+def test_ridge_path_equals_ridge_learned_without_each_fold():
+    from icl_cl.memory.ridge_path import heldout_ridge_scores, relative_to_absolute
+
+    x, labels = _data(9, n=120)
+    features = RandomFeatures("relu", x.shape[1], 40, seed=0)
+    st = RunningStatistics(40, weighted=False)
+    st.apply(st.delta(x, labels, transform=features.transform))
+    folds = [np.arange(0, 30), np.arange(30, 45)]
+    rhos = (1e-3, 0.1)
+    path = heldout_ridge_scores(
+        st, [(features.transform(x[f]), [labels[i] for i in f]) for f in folds], rhos
+    )
+    for rho in rhos:
+        for fold, got in zip(folds, path[rho], strict=True):
+            held = st.without(st.delta(x[fold], [labels[i] for i in fold], features.transform))
+            lam = relative_to_absolute(st, rho)  # the strength is relative to the full store
+            expected = Ridge(held, lam).scores(features.transform(x[fold]).astype(np.float32))
+            np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)

@@ -14,7 +14,7 @@ from icl_cl.errors import ConfigError, DataError
 from icl_cl.memory.example_index import ExampleIndex
 from icl_cl.memory.feature_space import FeatureSpace
 from icl_cl.memory.item_groups import ItemGroups
-from icl_cl.memory.features import RandomFeatures
+from icl_cl.memory.features import RandomFeatures, feature_width
 from icl_cl.memory.scorers import FEATURE_SCORERS, Scorer, build_scorer, top_k
 from icl_cl.memory.statistics import RunningStatistics
 from icl_cl.memory.store import SessionRecord, Store
@@ -100,7 +100,10 @@ class ExternalContinualLearner:
             raise DataError(f"labels without a Label entry: {sorted(missing)[:5]}")
         label_lists = [ex.labels for ex in examples]
         delta = self.stats.delta(vectors, label_lists)
-        space_deltas = {name: sp.delta(vectors, label_lists) for name, sp in self._spaces.items()}
+        n_after = self.stats.n_examples + len(examples)
+        # Spaces whose width stays the same are updated; a wider one is rebuilt on first use.
+        kept = {n: sp for n, sp in self._spaces.items() if sp.features == self.features_of(n, n_after)}
+        space_deltas = {name: sp.delta(vectors, label_lists) for name, sp in kept.items()}
         # New columns: labels in order of first use (as the delta numbers them), then labels that
         # were declared but have no example yet.
         used = set(delta.new_labels)
@@ -123,7 +126,8 @@ class ExternalContinualLearner:
         self.stats.apply(delta)
         for lab in ordered[len(delta.new_labels) :]:
             self.stats.add_label(lab.label)
-        for name, space in self._spaces.items():
+        self._spaces = kept
+        for name, space in kept.items():
             space.apply(space_deltas[name])
             for lab in ordered[len(delta.new_labels) :]:
                 space.stats.add_label(lab.label)
@@ -191,12 +195,16 @@ class ExternalContinualLearner:
             self._spaces[name].save_if_behind(self._checkpoint(features))
         return self._spaces[name]
 
-    def features_of(self, name: str) -> RandomFeatures:
-        """The fixed random feature map of a feature scorer, as this store's config defines it."""
+    def features_of(self, name: str, n_examples: int | None = None) -> RandomFeatures:
+        """The random feature map of a feature scorer for a store of ``n_examples`` (default:
+        this one's): its seed and kind are fixed by the config, its width by the size."""
         c = self.config
+        n = self.stats.n_examples if n_examples is None else n_examples
         if name == "ranpac":
-            return RandomFeatures("relu", self.dim, c.ranpac_features, c.feature_seed)
-        return RandomFeatures("rff", self.dim, c.klda_features, c.feature_seed, c.klda_bandwidth)
+            width = feature_width(n, c.ranpac_features)
+            return RandomFeatures("relu", self.dim, width, c.feature_seed)
+        width = feature_width(n, c.klda_features)
+        return RandomFeatures("rff", self.dim, width, c.feature_seed, c.klda_bandwidth)
 
     def _checkpoint(self, features: RandomFeatures) -> Path:
         return Path(self.store.path) / f"features-{features.name}.npz"

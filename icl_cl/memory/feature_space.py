@@ -88,6 +88,10 @@ class FeatureSpace:
             return True
         try:
             self._write(checkpoint)
+            # Checkpoints of this kind at another width are obsolete once the store has grown.
+            for old in checkpoint.parent.glob(f"features-{self.features.kind}-*.npz"):
+                if old != checkpoint:
+                    old.unlink()
         except OSError as exc:
             logger.warning("cannot write %s (%s): it will be caught up on open", checkpoint, exc)
             return False

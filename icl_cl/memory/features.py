@@ -25,6 +25,24 @@ FeatureKind = Literal["relu", "rff"]
 
 # Rows transformed per block: bounds the float64 temporary at a few tens of MB.
 _BLOCK = 2048
+# The narrowest map: below it, random features are not worth their cost.
+MIN_WIDTH = 256
+
+
+def feature_width(n_examples: int, max_width: int) -> int:
+    """Width of the feature map for a store of ``n_examples``: the smallest power of two at least
+    that large, within ``[MIN_WIDTH, max_width]``.
+
+    A ridge on ``M`` features of ``n`` examples has rank at most ``n``, so features beyond the
+    example count buy little while the ``M x M`` statistics cost ``M^2`` memory and their solve
+    ``M^3``; a small store stays cheap, and a large one gets the full width. The width depends
+    only on the example count, so learning sessions one by one or all at once still gives the
+    same map and the same predictions.
+    """
+    width = MIN_WIDTH
+    while width < n_examples and width < max_width:
+        width *= 2
+    return min(width, max_width)
 
 
 @dataclass(frozen=True)

@@ -210,8 +210,10 @@ def build_scorer(
     if name in FEATURE_SCORERS:
         if features is None:
             raise ValueError(f"the {name} scorer needs its random feature map")
+        from icl_cl.memory.ridge_path import relative_to_absolute
+
         inner: Scorer = (
-            Ridge(stats, config.ranpac_lambda)
+            Ridge(stats, relative_to_absolute(stats, config.ranpac_lambda))
             if name == "ranpac"
             else Mahalanobis(stats, config.shrinkage)
         )
