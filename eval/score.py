@@ -11,7 +11,7 @@ import argparse
 import json
 
 from icl_cl import metrics
-from icl_cl.data import iter_jsonl
+from icl_cl.inputs import iter_jsonl
 
 
 def score(gold_path: str, pred_path: str) -> dict[str, float]:

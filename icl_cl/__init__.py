@@ -7,21 +7,40 @@ demonstrations; a language model that is never fine-tuned reads them in context.
 from __future__ import annotations
 
 from icl_cl._version import __version__
+from icl_cl.classifier import ContinualClassifier
 from icl_cl.config import ClassifierConfig, EmbedderConfig, MemoryConfig
 from icl_cl.errors import ConfigError, DataError, IclClError, StoreError
-from icl_cl.pipelines.continual import ContinualClassifier, LearnReport
-from icl_cl.types import Candidate, Example, Label, Prediction
+from icl_cl.heads import FittedHeads, HeadSpec
+from icl_cl.types import (
+    Candidate,
+    Cost,
+    Evidence,
+    Example,
+    Fallback,
+    FallbackReason,
+    Label,
+    LabelSetEvidence,
+    LearnReport,
+    Prediction,
+)
 
 __all__ = [
     "Candidate",
     "ClassifierConfig",
     "ConfigError",
     "ContinualClassifier",
+    "Cost",
     "DataError",
     "EmbedderConfig",
+    "Evidence",
     "Example",
+    "Fallback",
+    "FallbackReason",
+    "FittedHeads",
+    "HeadSpec",
     "IclClError",
     "Label",
+    "LabelSetEvidence",
     "LearnReport",
     "MemoryConfig",
     "Prediction",

@@ -7,31 +7,20 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from icl_cl.config import SCORERS, ClassifierConfig, DecisionConfig
+from icl_cl.config import LABEL_SET_RULES, SCORERS, ClassifierConfig, DecisionConfig
 from icl_cl.errors import IclClError
+from icl_cl.evaluation.cli import progress_bars
 
 logger = logging.getLogger("icl_cl.cli")
 
 
-@contextmanager
-def _progress(total: int, desc: str, enabled: bool) -> Iterator[Callable[[int], None] | None]:
-    if not enabled:
-        yield None
-        return
-    from tqdm import tqdm
-
-    with tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True, file=sys.stderr) as bar:
-        yield bar.update
-
-
 def _open(args: argparse.Namespace, must_exist: bool = True) -> Any:
+    from icl_cl.classifier import ContinualClassifier
     from icl_cl.memory.store import MANIFEST
-    from icl_cl.pipelines.continual import ContinualClassifier
 
     store = Path(args.store)
     if must_exist and not (store / MANIFEST).exists():
@@ -41,7 +30,7 @@ def _open(args: argparse.Namespace, must_exist: bool = True) -> Any:
 
 
 def cmd_learn(args: argparse.Namespace) -> int:
-    from icl_cl.data import read_examples, read_labels
+    from icl_cl.inputs import read_examples, read_labels
 
     max_chars = ClassifierConfig().max_text_chars
     if args.config:
@@ -51,12 +40,15 @@ def cmd_learn(args: argparse.Namespace) -> int:
         raise IclClError("give --data (labelled examples), --labels (label definitions), or both")
     examples, locations = read_examples(args.data, max_chars=max_chars) if args.data else ([], None)
     labels, label_locations = read_labels(args.labels) if args.labels else ([], None)
-    clf = _open(args, must_exist=False)
-    with clf, _progress(len(examples), "embedding", not args.quiet) as progress:
+    if args.k <= 0:
+        raise IclClError(f"--k must be a positive integer, got {args.k}")
+    with _open(args, must_exist=False) as clf:
         report = clf.learn(
             examples,
             labels,
-            progress=progress,
+            fit=not args.no_fit,
+            k=args.k,
+            progress=progress_bars(args.quiet),
             locations=locations,
             label_locations=label_locations,
         )
@@ -68,14 +60,26 @@ def cmd_learn(args: argparse.Namespace) -> int:
                 "new_labels": len(report.new_labels),
                 "seconds": round(report.seconds, 3),
                 "embed_seconds": round(report.embed_seconds, 3),
+                "fit_seconds": round(report.fit_seconds, 3),
             }
         )
     )
     return 0
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    if args.k <= 0:
+        raise IclClError(f"--k must be a positive integer, got {args.k}")
+    with _open(args) as clf:
+        heads = clf.fit(
+            args.k, scorer=args.scorer, use_llm=not args.no_llm, progress=progress_bars(args.quiet)
+        )
+        print(json.dumps(heads.summary(clf.memory.n_examples)))
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    from icl_cl.data import read_inputs
+    from icl_cl.inputs import read_inputs
 
     if args.k <= 0:
         raise IclClError(f"--k must be a positive integer, got {args.k}")
@@ -103,16 +107,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 }
             )
         ids, texts = read_inputs(args.input, max_chars=clf.config.max_text_chars)
-        with _progress(len(texts), "embedding", not args.quiet) as progress:
-            predictions = clf.predict(
-                texts,
-                k=args.k,
-                scorer=args.scorer,
-                use_llm=not args.no_llm,
-                progress=progress,
-                confidence=args.confidence,
-                abstain_below=args.abstain_below,
-            )
+        predictions = clf.predict(
+            texts,
+            k=args.k,
+            scorer=args.scorer,
+            use_llm=not args.no_llm,
+            progress=progress_bars(args.quiet),
+            confidence=args.confidence,
+            abstain_below=args.abstain_below,
+        )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -123,8 +126,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 row["set"] = list(pred.set)
             if args.abstain_below is not None:
                 row["abstained"] = pred.abstained
-            if pred.llm is not None:
-                row["llm"] = pred.llm
+            if pred.cost is not None:
+                row["llm"] = {
+                    "calls": pred.cost.calls,
+                    "prompt_tokens": pred.cost.prompt_tokens,
+                    "completion_tokens": pred.cost.completion_tokens,
+                    "fallback": str(pred.fallback) if pred.fallback is not None else None,
+                }
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, out)
     logger.info("wrote %d predictions to %s", len(predictions), out)
@@ -159,23 +167,26 @@ def cmd_summarize(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="icl-cl",
-        description="In-context continual classification: learn labelled sessions into a store "
-        "(no training, no forgetting) and predict one or many labels for new texts.",
+def _global_flags(parser: argparse.ArgumentParser, default: Any) -> None:
+    """``-v`` and ``-q``: on the main parser with their defaults, and on every command with
+    ``SUPPRESS``, so that either place works and a command leaves the other's value alone."""
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=default, help="more log output (-vv: debug)"
     )
     parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)"
+        "-q", "--quiet", action="store_true", default=default, help="no progress bars"
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+
+def _add_learn(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "learn",
-        help="append one session of labelled examples to a store",
-        description="Append one session of labelled examples to a store (created "
-        "if missing). All-or-nothing: invalid input changes nothing.",
+        parents=[common],
+        help="append one session of labelled examples to a store, then fit the heads",
+        description="Append one session of labelled examples to a store (created if missing). "
+        "All-or-nothing: invalid input changes nothing. Then fit the heads (fusion weights, "
+        "calibration, label-set rule) on held-out stored examples, reading them with the LLM "
+        "when one is configured; --no-fit skips that (icl-cl fit runs it later).",
     )
     p.add_argument("--store", required=True, help="store directory (created if it does not exist)")
     p.add_argument(
@@ -189,15 +200,40 @@ def build_parser() -> argparse.ArgumentParser:
         "labels known by name only, which label retrieval (Infer-Retrieve-Rank) finds at once",
     )
     p.add_argument("--config", help="YAML ClassifierConfig, used when the store is created")
+    p.add_argument("--no-fit", action="store_true", help="do not fit the heads after learning")
+    p.add_argument("--k", type=int, default=10, help="candidates per input to fit for (default 10)")
     p.set_defaults(func=cmd_learn)
 
+
+def _add_fit(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "fit",
+        parents=[common],
+        help="fit the heads of a store on held-out stored examples, and store them",
+        description="Fit the fusion weights, the probability calibration and the label-set rule "
+        "for predictions with --k candidates on held-out stored examples (read by the LLM when "
+        "one is configured), and store them; predict then uses them. A fit made at the store's "
+        "current size is reused.",
+    )
+    p.add_argument("--store", required=True, help="store directory")
+    p.add_argument("--k", type=int, default=10, help="candidates per input (default 10)")
+    p.add_argument("--scorer", choices=[*SCORERS, "auto"], help="ECL scorer (default: the store's)")
+    p.add_argument("--no-llm", action="store_true", help="fit for predictions with --no-llm")
+    p.add_argument("--config", help="YAML config whose query-time settings apply (as predict's)")
+    p.set_defaults(func=cmd_fit)
+
+
+def _add_predict(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "predict",
+        parents=[common],
         help="predict labels for a JSONL of texts",
         description="Predict labels for each line of a JSONL file of "
-        '{"id", "text"} (or "image"); writes {"id", "labels", "scores"} per line. Scores are probabilities, '
-        "calibrated on held-out stored examples (single-label: over the candidates, the rest "
-        "being the chance the label is none of them; multi-label: per label).",
+        '{"id", "text"} (or "image"); writes {"id", "labels", "scores"} per line. Scores are '
+        "probabilities, calibrated on held-out stored examples (single-label: over the "
+        "candidates, the rest being the chance the label is none of them; multi-label: per "
+        "label). Reads the store only: without heads fitted for these settings it fits them in "
+        "memory (icl-cl fit stores them).",
     )
     p.add_argument("--store", required=True, help="store directory")
     p.add_argument(
@@ -222,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--decision",
-        choices=["cardinality", "threshold", "label_thresholds"],
+        choices=LABEL_SET_RULES,
         help="how a multi-label store chooses each label set (single-label stores take the top "
         "label): cardinality = as many top labels as the nearest stored examples have (the "
         "default); threshold = every label with probability >= --threshold; label_thresholds "
@@ -243,13 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("labels", help="list labels with counts and sessions")
+
+def _add_store_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("labels", parents=[common], help="list labels with counts and sessions")
     p.add_argument("--store", required=True, help="store directory")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_labels)
 
     p = sub.add_parser(
         "summarize",
+        parents=[common],
         help="have the LLM write (or refresh) class summaries from stored examples",
         description="InCA class summaries: the configured LLM describes each label from a few of "
         "its stored examples; used when prompt.label_presentation is 'summaries'.",
@@ -260,13 +299,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=int, default=5, help="examples shown per label (default 5)")
     p.set_defaults(func=cmd_summarize)
 
-    p = sub.add_parser("info", help="show config, models, sizes and sessions of a store")
+    p = sub.add_parser(
+        "info",
+        parents=[common],
+        help="show config, models, sizes, sessions and fitted heads of a store",
+    )
     p.add_argument("--store", required=True, help="store directory")
     p.set_defaults(func=cmd_info)
 
+
+def build_parser() -> argparse.ArgumentParser:
     from icl_cl.evaluation.cli import add_eval_commands
 
-    add_eval_commands(sub)
+    parser = argparse.ArgumentParser(
+        prog="icl-cl",
+        description="In-context continual classification: learn labelled sessions into a store "
+        "(no training, no forgetting) and predict one or many labels for new texts.",
+    )
+    _global_flags(parser, None)
+    parser.set_defaults(verbose=0, quiet=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_flags(common, argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_learn(sub, common)
+    _add_fit(sub, common)
+    _add_predict(sub, common)
+    _add_store_commands(sub, common)
+    add_eval_commands(sub, [common])
     return parser
 
 

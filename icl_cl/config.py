@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from icl_cl.errors import ConfigError
 
+# Every option list is defined once, here: a Literal (what pydantic validates and modules type
+# with) and, where code lists the options, the tuple of its values.
 ScorerName = Literal["ncm", "mahalanobis", "knn", "ridge", "ranpac", "klda"]
-SCORERS: tuple[str, ...] = ("ncm", "mahalanobis", "knn", "ridge", "ranpac", "klda")
+SCORERS: tuple[str, ...] = get_args(ScorerName)
+DemoStrategy = Literal["none", "knn", "per_label", "mmr", "random"]
+LabelPresentation = Literal["names", "descriptions", "summaries"]
+InContextMethod = Literal["none", "contextual", "domain", "batch"]
+IN_CONTEXT_METHODS: tuple[str, ...] = get_args(InContextMethod)
+ProbabilityMethod = Literal["auto", "temperature", "platt", "none"]
+PROBABILITY_METHODS: tuple[str, ...] = get_args(ProbabilityMethod)
+LabelSetRuleName = Literal["cardinality", "threshold", "label_thresholds"]
+LABEL_SET_RULES: tuple[str, ...] = get_args(LabelSetRuleName)
+CONTENT_FREE: tuple[str, ...] = ("N/A", "", "[MASK]")
 # What "auto" resolves to: the scorer that measured best on the development corpora
 # (single-label: WordNet supersenses, Debian sections; multi-label: debtags). See README.
 AUTO_SCORER = {False: "mahalanobis", True: "knn"}
@@ -30,6 +41,22 @@ class EmbedderConfig(_Strict):
     )
     device: str = "cpu"
     batch_size: int = Field(64, gt=0)
+    backend: Literal["torch", "onnx"] = Field(
+        "torch",
+        description="'onnx': run an ONNX export of the model with onnxruntime on the CPU "
+        "(exported once, cached; needs the [onnx] extra)",
+    )
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="'int8': dynamic int8 quantisation of the ONNX export (backend 'onnx')"
+    )
+
+    @model_validator(mode="after")
+    def _onnx_settings_agree(self) -> EmbedderConfig:
+        if self.quantize != "none" and self.backend != "onnx":
+            raise ValueError(f"quantize={self.quantize!r} needs backend 'onnx'")
+        if self.backend == "onnx" and self.device != "cpu":
+            raise ValueError("backend 'onnx' runs on the CPU (onnxruntime); set device 'cpu'")
+        return self
 
 
 class MemoryConfig(_Strict):
@@ -101,9 +128,9 @@ class PromptConfig(_Strict):
     template: str = Field(
         "auto", description="template name in prompts/ or a .j2 path; auto by store kind"
     )
-    demonstrations: Literal["none", "knn", "per_label", "mmr", "random"] = "knn"
+    demonstrations: DemoStrategy = "knn"
     n_demonstrations: int = Field(4, ge=0)
-    label_presentation: Literal["names", "descriptions", "summaries"] = "descriptions"
+    label_presentation: LabelPresentation = "descriptions"
     length_normalization: Literal["sum", "mean"] = Field(
         "mean",
         description="summed option log-probabilities favour short labels, means favour long ones",
@@ -125,18 +152,18 @@ class FusionConfig(_Strict):
 class CalibrationConfig(_Strict):
     """How LLM option scores are de-biased, and how decision scores become probabilities."""
 
-    in_context: Literal["none", "contextual", "domain", "batch"] = Field(
+    in_context: InContextMethod = Field(
         "none",
         description="de-bias LLM option scores: contextual (content-free inputs), domain "
         "(random in-domain words), batch (the inputs of the predict call)",
     )
     content_free: tuple[str, ...] = Field(
-        ("N/A", "", "[MASK]"), min_length=1, description="content-free inputs (contextual)"
+        CONTENT_FREE, min_length=1, description="content-free inputs (contextual)"
     )
     domain_samples: int = Field(
         3, gt=0, description="random in-domain word strings per input (domain)"
     )
-    probability: Literal["auto", "temperature", "platt", "none"] = Field(
+    probability: ProbabilityMethod = Field(
         "auto",
         description="scores to probabilities: auto = temperature (single-label) or platt "
         "(multi-label); none = softmax/sigmoid of the raw scores",
@@ -161,7 +188,7 @@ class DecisionConfig(_Strict):
     probabilities (single-label stores always choose the top one). Every rule chooses at least
     the most probable candidate unless the prediction abstains."""
 
-    rule: Literal["cardinality", "threshold", "label_thresholds"] = Field(
+    rule: LabelSetRuleName = Field(
         "cardinality",
         description="cardinality: the top n, n the label count of the nearest stored examples; "
         "threshold: every candidate whose probability is >= threshold; label_thresholds: a "
@@ -205,6 +232,20 @@ class IRRConfig(_Strict):
     )
 
 
+# What a reopened store takes from the config it is opened with: all but the embedder and the
+# label mode, which the stored examples depend on.
+QUERY_TIME_FIELDS = (
+    "memory",
+    "llm",
+    "prompt",
+    "fusion",
+    "calibration",
+    "decision",
+    "irr",
+    "max_text_chars",
+)
+
+
 class ClassifierConfig(_Strict):
     """Everything a store is created with. Saved in the store and reused when it is reopened."""
 
@@ -231,6 +272,10 @@ class ClassifierConfig(_Strict):
                 "or switch them off (irr: {infer: false, rank: false})"
             )
         return self
+
+    def with_query_settings(self, other: ClassifierConfig) -> ClassifierConfig:
+        """This (stored) config with the query-time settings of ``other``."""
+        return self.model_copy(update={field: getattr(other, field) for field in QUERY_TIME_FIELDS})
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClassifierConfig:

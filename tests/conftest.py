@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from icl_cl.config import EmbedderConfig
-from icl_cl.data import read_examples, read_labels
 from icl_cl.embedding import load_embedder
 from icl_cl.embedding.cache import CachedEmbedder
+from icl_cl.inputs import read_examples, read_labels
 from icl_cl.types import Example, Label
 
 ROOT = Path(__file__).resolve().parents[1]

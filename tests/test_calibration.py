@@ -7,9 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from icl_cl.calibration import PlattScaling, SplitConformal, TemperatureScaling
-from icl_cl.calibration.calibrator import ScoreCalibrator
-from icl_cl.calibration.in_context import OptionBias, domain_strings
+from icl_cl.heads import PlattScaling, ScoreCalibrator, SplitConformal, TemperatureScaling
+from icl_cl.reading.in_context import OptionBias, domain_strings
 
 
 def test_temperature_recovers_a_known_temperature():
@@ -170,7 +169,7 @@ def test_multilabel_conformal_can_cover_each_gold_label_by_hand():
 def test_gap_exponent_is_fitted_only_on_enough_heldout_items():
     # True probabilities follow a gap exponent of 0.5: with plenty of items the fit finds it;
     # with few, the calibrator keeps the exponent at 1 (plain temperature) instead of overfitting.
-    from icl_cl.calibration.calibrator import MIN_ITEMS_FOR_EXPONENT
+    from icl_cl.heads.calibrator import MIN_ITEMS_FOR_EXPONENT
 
     rng = np.random.default_rng(2)
     scores = rng.normal(scale=2.0, size=(3000, 5))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -9,12 +10,12 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from icl_cl.classifier import ContinualClassifier
 from icl_cl.cli import main
 from icl_cl.config import ClassifierConfig, DecisionConfig
 from icl_cl.errors import ConfigError
-from icl_cl.pipelines.continual import ContinualClassifier
-from icl_cl.pipelines.decision import LabelSetRule
-from icl_cl.types import Example
+from icl_cl.heads import LabelSetRule
+from icl_cl.types import Example, LabelSetEvidence
 
 # A tiny held-out set, candidates a and b on every item.
 #   label a: (0.9 gold) (0.7 gold) (0.4) (0.35 gold): F1 of the top 1..4 = 2/4, 4/5, 4/6, 6/7,
@@ -35,7 +36,7 @@ def test_cardinality_takes_the_top_n_and_at_least_one():
     assert rule.choose("abcd", p, 2.4) == (1, 3)
     assert rule.choose("abcd", p, 0.2) == (1,)
     assert rule.choose("abcd", p, 9.0) == (1, 3, 2, 0)
-    assert rule.evidence(["b", "d"]) == {"rule": "cardinality"}
+    assert rule.evidence(["b", "d"]) == LabelSetEvidence("cardinality")
 
 
 def test_threshold_takes_every_candidate_above_it_or_else_the_top_one():
@@ -43,7 +44,7 @@ def test_threshold_takes_every_candidate_above_it_or_else_the_top_one():
     assert LabelSetRule("threshold", 0.5).choose("abcd", p) == (1, 2)
     assert LabelSetRule("threshold", 0.55).choose("abcd", p) == (1, 2)  # >= threshold
     assert LabelSetRule("threshold", 0.9).choose("abcd", p) == (1,)  # none passes: the top one
-    assert LabelSetRule("threshold", 0.5).evidence(["b"]) == {"rule": "threshold", "threshold": 0.5}
+    assert LabelSetRule("threshold", 0.5).evidence(["b"]) == LabelSetEvidence("threshold", 0.5)
 
 
 def test_label_thresholds_are_best_f1_shrunk_towards_the_best_micro_f1():
@@ -59,10 +60,9 @@ def test_label_thresholds_are_best_f1_shrunk_towards_the_best_micro_f1():
     assert rule.choose(["a", "b"], np.array([0.34, 0.346])) == (1, 0)
     assert rule.choose(["a", "b"], np.array([0.34, 0.34])) == (0,)  # b's 0.3458 not reached
     assert rule.choose(["a", "b"], np.array([0.3, 0.2])) == (0,)  # none passes: the top one
-    assert rule.evidence(["a"]) == {
-        "rule": "label_thresholds",
-        "thresholds": {"a": pytest.approx(0.334375)},
-    }
+    assert rule.evidence(["a"]) == LabelSetEvidence(
+        "label_thresholds", thresholds={"a": pytest.approx(0.334375)}
+    )
 
 
 def test_gold_labels_outside_the_candidates_count_as_misses():
@@ -138,42 +138,49 @@ def test_thresholds_decide_label_sets_in_a_store(store, embedder, debtags):
     with _open(store, embedder, rule="threshold", threshold=1 - 1e-9) as clf:
         preds = clf.predict(texts, k=10)
     assert all(len(p.labels) == 1 and p.labels[0] == p.candidates[0].label for p in preds)
-    assert preds[0].evidence["decision"] == {"rule": "threshold", "threshold": 1 - 1e-9}
+    assert preds[0].evidence.decision == LabelSetEvidence("threshold", 1 - 1e-9)
     with _open(store, embedder, rule="threshold", threshold=1e-9) as clf:
         preds = clf.predict(texts, k=10)
     assert all(p.labels == tuple(c.label for c in p.candidates) for p in preds)
     with _open(store, embedder) as clf:  # the default: cardinality
         preds = clf.predict(texts, k=10)
     assert max(len(p.labels) for p in preds) > 1
-    assert all(p.evidence["decision"] == {"rule": "cardinality"} for p in preds)
+    assert all(p.evidence.decision == LabelSetEvidence("cardinality") for p in preds)
 
 
 def test_label_thresholds_are_fitted_stored_reused_and_refitted(store, embedder, debtags):
     _, test, _ = debtags
     texts = [ex.text for ex in test[:12]]
     clf = _open(store, embedder, rule="label_thresholds")
-    key = clf._fitted_key("decision", 10, "knn", False, None, "auto", 3000, 0.5)
+    heads = clf.fit(10)
+    rule = heads.rule
+    assert heads.n_examples == clf.memory.n_examples
+    assert rule.rule == "label_thresholds" and rule.heldout_items > 0 and rule.label_thresholds
     preds = clf.predict(texts, k=10)
-    value, n = clf.memory.store.fitted(key)
-    rule = LabelSetRule.from_dict(value)
-    assert n == clf.memory.n_examples and rule.heldout_items > 0 and rule.label_thresholds
     for p in preds:
-        used = p.evidence["decision"]["thresholds"]
-        assert p.evidence["decision"]["rule"] == "label_thresholds" and set(used) == set(p.labels)
+        used = p.evidence.decision.thresholds
+        assert p.evidence.decision.rule == "label_thresholds" and set(used) == set(p.labels)
         passing = [lab for lab in p.scores if p.scores[lab] >= rule.threshold_for(lab)]
         assert list(p.labels) == (passing or [p.candidates[0].label])
+        assert not p.evidence.stale_fit
     # Reopened, the stored thresholds are used as they are: doctor them to see it.
-    clf.memory.store.save_fitted(key, {**value, "threshold": 1e-9, "label_thresholds": {}}, n)
+    doctored = LabelSetRule("label_thresholds", 1e-9, {}, rule.heldout_items)
+    clf.heads.save(dataclasses.replace(heads, rule=doctored))
     clf.close()
     with _open(store, embedder, rule="label_thresholds") as clf:
         preds = clf.predict(texts, k=10)
         assert all(p.labels == tuple(c.label for c in p.candidates) for p in preds)
-        # A new session makes them stale: refitted at the new size.
+        # A new session makes them stale: predict says so and still uses them ...
         extra = [Example(f"{ex.id}#new", ex.text, ex.labels) for ex in test[:5]]
-        clf.learn(extra)
-        clf.predict(texts[:2], k=10)
-        value, n = clf.memory.store.fitted(key)
-        assert n == clf.memory.n_examples and value["threshold"] > 1e-9
+        clf.learn(extra, fit=False)
+        preds = clf.predict(texts[:2], k=10)
+        assert all(p.evidence.stale_fit for p in preds)
+        assert all(p.labels == tuple(c.label for c in p.candidates) for p in preds)
+        assert clf.info()["heads"][0]["stale"]
+        # ... until they are fitted again at the new size.
+        heads = clf.fit(10)
+        assert heads.n_examples == clf.memory.n_examples and heads.rule.threshold > 1e-9
+        assert not any(p.evidence.stale_fit for p in clf.predict(texts[:2], k=10))
 
 
 def test_cli_threshold_options(store, tmp_path, capsys, debtags):

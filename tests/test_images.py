@@ -20,9 +20,9 @@ import yaml
 from icl_cl import ContinualClassifier
 from icl_cl.cli import main
 from icl_cl.config import ClassifierConfig, EmbedderConfig, MemoryConfig
-from icl_cl.data import read_examples
 from icl_cl.errors import DataError
 from icl_cl.images import Image, load_image
+from icl_cl.inputs import read_examples
 from icl_cl.types import Example, Label
 from tests.fashion_mnist import CLASSES, load_pictures
 from tests.tiny_clip import build_tiny_clip
@@ -276,8 +276,8 @@ def test_a_vision_language_model_reads_each_image_with_image_demonstrations(
     )
     clf = ContinualClassifier.open(tmp_path / "store", cfg)
     sessions = [_session(pictures, CLASSES[:5]), _session(pictures, CLASSES[5:])]
-    for session in sessions:
-        clf.learn(session)
+    for i, session in enumerate(sessions):  # fitted once, after the last session
+        clf.learn(session, fit=i == len(sessions) - 1)
     learned = {ex.id: ex for session in sessions for ex in session}
     assert clf.backend().capabilities.images
 
@@ -311,10 +311,10 @@ def test_a_vision_language_model_reads_each_image_with_image_demonstrations(
     )
     assert again.prompt.tokens <= budget
 
-    # The whole path: fusion weights fitted on held-out pictures read by the model (every label
-    # a candidate, so each held-out picture counts), then a decision for each picture.
-    weights = clf.fusion_weights(10, clf.memory.resolve_scorer())
-    assert weights.heldout_items >= 10 and np.isfinite(weights.heldout_llm)
+    # The whole path: fusion weights fitted by learn on held-out pictures read by the model
+    # (every label a candidate, so each held-out picture counts), then a decision for each.
+    weights = clf.fit(10).fusion
+    assert weights.heldout_items >= 10 and np.isfinite(weights.heldout_accuracy["llm"])
     preds = clf.predict(asked, k=10)
     assert all(p.labels[0] in [c.label for c in p.candidates] for p in preds)
     clf.close()

@@ -15,11 +15,12 @@ def _learn_both(tmp_path, embedder, train, labels, n_sessions):
     streams = [session_examples(train, labs, t + 1) for t, labs in enumerate(sessions)]
     inc = ContinualClassifier.open(tmp_path / "inc", embedder=embedder)
     for labs, stream in zip(sessions, streams, strict=True):
-        inc.learn(stream, [lab for lab in labels if lab.label in set(labs)])
+        inc.learn(stream, [lab for lab in labels if lab.label in set(labs)], fit=False)
     joint = ContinualClassifier.open(tmp_path / "joint", embedder=embedder)
     joint.learn(
         [ex for s in streams for ex in s],
         [lab for labs in sessions for lab in labels if lab.label in set(labs)],
+        fit=False,
     )
     return inc, joint
 
@@ -67,11 +68,11 @@ def test_learning_a_session_leaves_earlier_sessions_untouched(tmp_path, embedder
     clf = ContinualClassifier.open(tmp_path / "s", embedder=embedder)
     first = [ex for ex in train if ex.labels[0] in {"noun.animal", "noun.plant"}]
     second = [ex for ex in train if ex.labels[0] == "noun.food"]
-    clf.learn(first)
+    clf.learn(first, fit=False)
     before_rows = clf.memory.store.examples(list(range(len(first))))
     sums_before = clf.memory.stats.sums.copy()
     vectors_before = clf.memory.store.load_vectors().copy()
-    clf.learn(second)
+    clf.learn(second, fit=False)
     # Earlier labels' statistics, stored examples and vectors are byte-identical.
     np.testing.assert_array_equal(clf.memory.stats.sums[: len(sums_before)], sums_before)
     assert clf.memory.store.examples(list(range(len(first)))) == before_rows
@@ -82,7 +83,7 @@ def test_learning_a_session_leaves_earlier_sessions_untouched(tmp_path, embedder
 def test_predicts_sensible_labels(tmp_path, embedder, wordnet):
     train, test, labels = wordnet
     clf = ContinualClassifier.open(tmp_path / "s", embedder=embedder)
-    clf.learn(train, labels)
+    clf.learn(train, labels, k=3)
     preds = clf.predict([ex.text for ex in test], k=3)
     acc = np.mean([p.labels[0] == ex.labels[0] for p, ex in zip(preds, test, strict=True)])
     assert acc > 0.6  # 8 classes: chance is 0.125

@@ -10,13 +10,9 @@ import numpy as np
 import pytest
 
 from icl_cl import ClassifierConfig, ContinualClassifier
+from icl_cl.candidates import InferRetrieveRank, parse_queries, reciprocal_rank_fusion
 from icl_cl.config import FusionConfig, IRRConfig, LLMConfig, MemoryConfig
 from icl_cl.errors import ConfigError, DataError
-from icl_cl.pipelines.infer_retrieve_rank import (
-    InferRetrieveRank,
-    parse_queries,
-    reciprocal_rank_fusion,
-)
 from icl_cl.types import Label
 from tests.tiny_models import tiny_backend
 
@@ -106,7 +102,7 @@ def tag_store(tmp_path_factory, embedder, debtags):
     train, _, labels = debtags
     path = tmp_path_factory.mktemp("irr") / "s"
     with ContinualClassifier.open(path, ClassifierConfig(), embedder=embedder) as clf:
-        clf.learn(train, labels)
+        clf.learn(train, labels, fit=False)  # each test fits for its Infer-Retrieve-Rank steps
     return path
 
 
@@ -128,9 +124,9 @@ def test_every_combination_of_steps_runs(
         assert 1 <= len(p.candidates) <= 6 and p.labels
         assert {c.label for c in p.candidates} <= known and set(p.labels) <= known
         assert all(0 <= v <= 1 for v in p.scores.values())
-        steps = p.evidence["irr"]
-        assert (len(steps["queries"]) > 0) <= infer  # no queries without the infer step
-        assert steps["infer_tokens"] > 0 if infer else steps["infer_tokens"] == 0
+        queries, tokens = p.evidence.irr_queries, p.evidence.irr_infer_tokens
+        assert (len(queries) > 0) <= infer  # no queries without the infer step
+        assert tokens > 0 if infer else tokens == 0
         if not rank:
             assert all(c.llm_score is None for c in p.candidates)
     clf.close()
@@ -142,9 +138,12 @@ def test_rank_scores_only_the_retrieved_labels(tag_store, embedder, debtags, tin
         llm=LLMConfig(), irr=IRRConfig(max_query_tokens=8), fusion=FusionConfig(heldout=12)
     )
     clf = ContinualClassifier.open(tag_store, config, embedder=embedder, backend=tiny_llm)
-    irr = InferRetrieveRank(clf, config.irr)
+    irr = InferRetrieveRank(
+        clf.memory, embedder, config.irr, lambda vectors, k: [], backend=clf.backend()
+    )
     vectors = embedder.encode([test[0].text])
-    ranked, inferred = irr.candidates([test[0].text], vectors, 5, lambda v: [])
+    found = irr.candidates([test[0].text], vectors, 5)
+    ranked, inferred = found.ranked, found.inferred
     reading = clf.reader().read([test[0].text], vectors, [[lab for lab, _ in ranked[0]]])
     assert reading.readings[0].prompt.labels == [lab for lab, _ in ranked[0]]
     assert len(inferred.queries[0]) <= config.irr.max_queries

@@ -11,11 +11,11 @@ import json
 import numpy as np
 import pytest
 
-from icl_cl import ClassifierConfig, ContinualClassifier
+from icl_cl import ClassifierConfig, ContinualClassifier, FallbackReason
 from icl_cl.backends.openai import OpenAICompatBackend
-from icl_cl.calibration.in_context import OptionBias
 from icl_cl.config import CalibrationConfig, FusionConfig, LLMConfig, PromptConfig
-from icl_cl.pipelines.fusion import FusionWeights, fit_fusion
+from icl_cl.heads import FittedHeads, FusionWeights, HeadSpec, HeldOutItems, fit_fusion
+from icl_cl.reading.in_context import OptionBias
 from icl_cl.types import Example
 from tests.tiny_models import tiny_backend
 
@@ -30,7 +30,7 @@ def _classifier(tmp_path, embedder, wordnet, backend, prompt=None, heldout=20):
         fusion=FusionConfig(heldout=heldout),
     )
     clf = ContinualClassifier.open(tmp_path / "s", config, embedder=embedder, backend=backend)
-    clf.learn(train, labels)
+    clf.learn(train, labels, fit=False)  # each test fits what it needs
     return clf
 
 
@@ -43,20 +43,21 @@ def test_weak_llm_gets_weight_zero_and_never_hurts(tmp_path, embedder, wordnet, 
     _, test, _ = wordnet
     clf = _classifier(tmp_path, embedder, wordnet, weak_llm)
     texts = [ex.text for ex in test[:24]]
+    weights = clf.fit(4).fusion
     fused = clf.predict(texts, k=4)
     alone = clf.predict(texts, k=4, use_llm=False)
-    weights = clf.fusion_weights(4)
     assert weights.heldout_items > 0
-    if not weights.uses_llm:
+    if not weights.uses("llm"):
         assert [p.labels for p in fused] == [p.labels for p in alone]
-        assert all(p.fallback and p.fallback.startswith("LLM weight 0") for p in fused)
+        assert all(p.fallback.reason is FallbackReason.LLM_WEIGHT_ZERO for p in fused)
+        assert all(p.evidence.fusion_weights["llm"] == 0 for p in fused)
     # Either way the fused choice was at least as good as the ECL on the held-out items.
-    assert weights.heldout_fused >= weights.heldout_ecl or not weights.uses_llm
+    accuracy = weights.heldout_accuracy
+    assert accuracy["fused"] >= accuracy["ecl"] or not weights.uses("llm")
     # Fitted once, stored, and reused until the store grows.
-    assert (
-        clf.memory.store.fitted(clf._fitted_key("fusion", 4, clf.memory.resolve_scorer()))[1]
-        == clf.memory.n_examples
-    )
+    (stored,) = [h for h in clf.info()["heads"] if h["spec"].startswith("k=4,")]
+    assert stored["fitted_at_examples"] == clf.memory.n_examples and not stored["stale"]
+    assert stored["llm_earned_weight"] == weights.uses("llm")
 
 
 def test_llm_scores_reach_the_prediction_and_costs_are_counted(
@@ -102,7 +103,7 @@ def test_prompt_too_long_drops_demonstrations_then_candidates(tmp_path, embedder
         tmp_path / "b", embedder, wordnet, small, prompt=PromptConfig(max_prompt_tokens=5)
     )
     reading = tiny.reader().read([test[0].text], queries, cands).readings[0]
-    assert reading.scores is None and reading.fallback.startswith("context too small")
+    assert reading.scores is None and reading.fallback.reason is FallbackReason.CONTEXT_TOO_SMALL
 
 
 def test_dead_server_falls_back_to_the_ecl_and_says_why(tmp_path, embedder, wordnet):
@@ -120,8 +121,8 @@ def test_dead_server_falls_back_to_the_ecl_and_says_why(tmp_path, embedder, word
     preds = clf.predict([ex.text for ex in test[:3]], k=4)
     alone = clf.predict([ex.text for ex in test[:3]], k=4, use_llm=False)
     assert [p.labels for p in preds] == [p.labels for p in alone]
-    assert all(p.fallback and p.fallback.startswith("backend error") for p in preds)
-    assert all(p.llm is not None and p.llm["calls"] == 0 for p in preds)
+    assert all(p.fallback.reason is FallbackReason.BACKEND_ERROR for p in preds)
+    assert all(p.cost is not None and p.cost.calls == 0 for p in preds)
 
 
 def test_repeated_prediction_makes_zero_model_calls(tmp_path, embedder, wordnet, weak_llm):
@@ -159,11 +160,11 @@ def test_fusion_trusts_an_informative_llm_and_ignores_noise():
     informative[np.arange(n), gold_pos] += 2.5  # a strong LLM
     noise = rng.normal(size=(n, k))
     gold = [{int(g)} for g in gold_pos]
-    strong = fit_fusion(list(ecl), list(informative), gold)
-    weak = fit_fusion(list(ecl), list(noise), gold)
-    assert strong.uses_llm and strong.heldout_fused > strong.heldout_ecl
-    assert not weak.uses_llm and weak.llm == 0.0
-    assert np.argmax(weak.combine(ecl[0], noise[0])) == np.argmax(ecl[0])
+    strong = fit_fusion({"ecl": list(ecl), "llm": list(informative)}, gold)
+    weak = fit_fusion({"ecl": list(ecl), "llm": list(noise)}, gold)
+    assert strong.uses("llm") and strong.heldout_accuracy["fused"] > strong.heldout_accuracy["ecl"]
+    assert not weak.uses("llm") and weak.weights["llm"] == 0.0
+    assert np.argmax(weak.combine({"ecl": ecl[0], "llm": noise[0]})) == np.argmax(ecl[0])
 
 
 def test_cli_predict_reports_llm_cost(tmp_path, capsys):
@@ -315,15 +316,17 @@ def test_calibration_is_stored_and_refitted_when_a_session_is_added(tmp_path, em
     first = [ex for ex in train if ex.labels[0] in {lab.label for lab in labels[:4]}]
     rest = [ex for ex in train if ex not in first]
     clf = ContinualClassifier.open(tmp_path / "s", ClassifierConfig(), embedder=embedder)
-    clf.learn(first, labels[:4])
-    key = clf._fitted_key("calibration", 3, "mahalanobis", False, None, "auto", 3000)
+    clf.learn(first, labels[:4], k=3)
+    (stored,) = clf.info()["heads"]
+    assert stored["spec"] == "k=3, scorer=mahalanobis, ECL"
+    assert stored["fitted_at_examples"] == len(first)
     preds = clf.predict([ex.text for ex in test[:5]], k=3, confidence=0.9)
-    assert clf.memory.store.fitted(key)[1] == len(first)
     assert all(p.set and sum(p.scores.values()) <= 1 + 1e-9 for p in preds)
-    clf.learn(rest, labels[4:])
-    clf.predict([ex.text for ex in test[:5]], k=3)
-    stored, n = clf.memory.store.fitted(key)
-    assert n == len(train) and stored["heldout_items"] == len(train)
+    assert not any(p.evidence.stale_fit for p in preds)
+    clf.learn(rest, labels[4:], k=3)
+    heads = clf.fit(3)
+    assert heads.n_examples == len(train) and heads.calibrator.heldout_items == len(train)
+    assert [h["fitted_at_examples"] for h in clf.info()["heads"]] == [len(train)]
 
 
 def test_the_fused_classifier_is_calibrated_on_its_own_scores(tmp_path, embedder, wordnet):
@@ -332,14 +335,25 @@ def test_the_fused_classifier_is_calibrated_on_its_own_scores(tmp_path, embedder
     train, test, labels = wordnet
     config = ClassifierConfig(llm=LLMConfig(model="never-loaded"))  # no LLM call is made here
     clf = ContinualClassifier.open(tmp_path / "s", config, embedder=embedder)
-    clf.learn(train, labels)
-    alone = clf.calibrator(5, "mahalanobis", None)
-    weights = FusionWeights(0.05, 0.0, 100, 0.7, 0.5, 0.7)
-    fused = clf.calibrator(5, "mahalanobis", weights)
+    clf.learn(train, labels, fit=False)
+    alone = clf.fit(5, scorer="mahalanobis", use_llm=False)
+    weights = FusionWeights({"ecl": 0.05, "llm": 0.0}, 100, {"ecl": 0.7, "llm": 0.5, "fused": 0.7})
+    spec = HeadSpec.of(clf.config, 5, "mahalanobis", use_llm=True)
+    assert spec != alone.spec and spec.digest != alone.spec.digest
+    heldout = HeldOutItems(
+        clf.memory,
+        scorer="mahalanobis",
+        seed=0,
+        candidates=lambda items, vectors, rank, exclude: rank(vectors, 5),
+    )
+    n = clf.memory.n_examples
+    fused = FittedHeads.fit(spec, heldout, multi_label=False, n_examples=n, fusion=weights)
     queries = embedder.encode([ex.text for ex in test[:20]])
     scores = np.array([[s for _, s in c] for c in clf.memory.candidates(queries, 5, "mahalanobis")])
     np.testing.assert_allclose(
-        fused.probabilities(weights.combine(scores, None)), alone.probabilities(scores), atol=1e-3
+        fused.calibrator.probabilities(weights.combine({"ecl": scores, "llm": None})),
+        alone.calibrator.probabilities(scores),
+        atol=1e-3,
     )
     clf.close()
 
@@ -356,9 +370,13 @@ def test_an_item_learned_in_two_sessions_is_held_out_whole(tmp_path, embedder, d
             for ex in train
             if set(ex.labels) & keep
         ]
-        clf.learn(shown, labels)
+        clf.learn(shown, labels, fit=False)
     full = {ex.text: set(ex.labels) for ex in train}
-    examples, _, _, ids = clf._heldout(60, "knn", 10)
+    heldout = HeldOutItems(
+        clf.memory, scorer="knn", seed=0, candidates=lambda items, vectors, rank, ids: []
+    )
+    sample = heldout.sample(60)
+    examples, ids = sample.examples, sample.ids
     assert len({ex.text for ex in examples}) == len(examples)
     for ex, copies in zip(examples, ids, strict=True):
         assert set(ex.labels) == full[ex.text]  # the gold is every session's labels

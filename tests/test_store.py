@@ -31,7 +31,7 @@ CHILD = textwrap.dedent(
                     [f"label-{(session + j) % 5}"])
             for j in range(60)
         ]
-        clf.learn(examples)
+        clf.learn(examples, fit=False)
         print(f"ACK {session}", flush=True)
         session += 1
     """

@@ -37,12 +37,11 @@ from typing import Any
 import numpy as np
 
 from icl_cl import ClassifierConfig, ContinualClassifier
-from icl_cl.calibration.in_context import IN_CONTEXT_METHODS
-from icl_cl.config import CalibrationConfig, FusionConfig, LLMConfig
-from icl_cl.data import read_examples
-from icl_cl.evaluation.methods import Decision
+from icl_cl.config import IN_CONTEXT_METHODS, CalibrationConfig, FusionConfig, LLMConfig
+from icl_cl.evaluation.outputs import Decision
 from icl_cl.evaluation.protocol import calibration_metrics
 from icl_cl.evaluation.sessions import SessionSpec, split_sessions
+from icl_cl.inputs import read_examples
 from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.memory.store import Store
 from icl_cl.metrics import expected_calibration_error, multilabel_ece
@@ -79,7 +78,7 @@ def ecl_rows(
     rows = []
     for k in args.k:
         t = time.perf_counter()
-        clf.calibrator(k)
+        clf.fit(k)
         fit_s = time.perf_counter() - t
         preds = clf.predict_vectors(queries, k, confidence=args.confidence)
         row = {
@@ -108,9 +107,12 @@ def fused_rows(
     clf = ContinualClassifier.open(args.store, config)
     rows = []
     for k in args.k:
-        weights = clf.fusion_weights(k)
-        if weights.uses_llm:
-            print(f"k={k}: the LLM has weight {weights.llm:.3f}; measure it with --llm", flush=True)
+        weights = clf.fit(k).fusion
+        if weights.uses("llm"):
+            print(
+                f"k={k}: the LLM has weight {weights.weights['llm']:.3f}; measure it with --llm",
+                flush=True,
+            )
             continue
         preds = clf.predict_vectors(
             queries, k, texts=[ex.text for ex in gold], confidence=args.confidence
@@ -212,7 +214,7 @@ def llm_rows(args: argparse.Namespace, gold: list[Example]) -> list[dict[str, An
             queries = clf.embedder.encode(texts)
         for k in args.k:
             t = time.perf_counter()
-            weights = clf.fusion_weights(k)
+            weights = clf.fit(k).fusion
             fit_s = time.perf_counter() - t
             ranked = clf.memory.candidates(queries, k)
             cands = [[lab for lab, _ in c] for c in ranked]

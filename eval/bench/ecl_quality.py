@@ -16,9 +16,9 @@ import time
 
 from icl_cl import ContinualClassifier
 from icl_cl.config import SCORERS
-from icl_cl.data import read_examples
-from icl_cl.evaluation.methods import Decision
+from icl_cl.evaluation.outputs import Decision
 from icl_cl.evaluation.protocol import score_decisions
+from icl_cl.inputs import read_examples
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Calibration of the fused classifier with given fusion weights (e.g. those of a fit where the
 LLM earned weight), so that it can be measured whatever the current held-out draw decides.
 
-The calibration is fitted as predict fits it (``calibration.heldout_llm`` held-out stored items
+The calibration is fitted as ``fit`` fits it (``calibration.heldout_llm`` held-out stored items
 read by the default LLM), then the fused scores of ``--n`` dev items (a seeded sample) give
 accuracy, ECE of the top probability, and coverage and size of the conformal sets.
 
@@ -14,14 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 
 from icl_cl import ClassifierConfig, ContinualClassifier
 from icl_cl.config import LLMConfig
-from icl_cl.data import read_examples
+from icl_cl.heads import FittedHeads, FusionWeights
+from icl_cl.inputs import read_examples
 from icl_cl.metrics import expected_calibration_error
-from icl_cl.pipelines.fusion import FusionWeights
+from icl_cl.reading import LLMHandle
+from icl_cl.steps import Steps
 
 
 def main() -> None:
@@ -40,18 +43,25 @@ def main() -> None:
 
     gold, _ = read_examples(args.gold, max_chars=10**6)
     gold = random.Random(args.seed).sample(gold, min(args.n, len(gold)))
-    nan = float("nan")
-    weights = FusionWeights(args.ecl, args.llm, 0, nan, nan, nan)
+    weights = FusionWeights({"ecl": args.ecl, "llm": args.llm}, 0, {})
+    llm = LLMHandle(Path(args.store) / "llm_cache.sqlite")
     with ContinualClassifier.open(args.store, ClassifierConfig(llm=LLMConfig())) as clf:
-        calibrator = clf.calibrator(args.k, None, weights)
+        steps = Steps(clf.memory, clf.embedder, clf.config, llm, writing=True)
+        spec = steps.spec(args.k, None, use_llm=True)
+        n = clf.memory.n_examples
+        heads = FittedHeads.fit(
+            spec, steps.heldout(spec), multi_label=False, n_examples=n, fusion=weights
+        )
+        calibrator = heads.calibrator
         texts = [ex.text for ex in gold]
         queries = clf.embedder.encode(texts)
         ranked = clf.memory.candidates(queries, args.k)
         cands = [[label for label, _ in c] for c in ranked]
-        readings = clf.reader().read(texts, queries, cands).readings
+        readings = steps.reader().read(texts, queries, cands).readings
+    llm.close()
     top, correct, covered, sizes = [], [], [], []
     for c, reading, ex in zip(ranked, readings, gold, strict=True):
-        fused = weights.combine(np.array([s for _, s in c]), reading.scores)
+        fused = weights.combine({"ecl": np.array([s for _, s in c]), "llm": reading.scores})
         p = calibrator.probabilities(fused[None, :])[0]
         best = int(np.argmax(p))
         top.append(float(p[best]))

@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 
 from icl_cl import ClassifierConfig, ContinualClassifier
+from icl_cl.candidates import InferRetrieveRank
 from icl_cl.config import IRRConfig, LLMConfig, MemoryConfig
-from icl_cl.data import read_examples
-from icl_cl.pipelines.infer_retrieve_rank import InferRetrieveRank
+from icl_cl.inputs import read_examples
 from icl_cl.types import Label
 
 POS_FILES = [("n", "data.noun"), ("v", "data.verb"), ("a", "data.adj"), ("r", "data.adv")]
@@ -67,7 +67,10 @@ def retrieval(
     clf: ContinualClassifier, vectors: np.ndarray, queries: list[list[str]], k: int
 ) -> tuple[dict[str, float], list[list[str]]]:
     """Per-input retrieval time (queries already embedded) and the retrieved labels."""
-    irr = InferRetrieveRank(clf, IRRConfig(infer=False, rank=False))
+    # Retrieval alone: the ECL is never asked (irr.ecl is off), so it ranks nothing here.
+    irr = InferRetrieveRank(
+        clf.memory, clf.embedder, IRRConfig(infer=False, rank=False), lambda v, k: []
+    )
     embedded = irr.embed_queries(queries)  # the embedder is not timed
     irr.retrieve(vectors[:1], embedded[:1], k)  # builds the label index once
     times, out = [], []

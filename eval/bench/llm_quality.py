@@ -18,7 +18,7 @@ import numpy as np
 
 from icl_cl import ClassifierConfig, ContinualClassifier
 from icl_cl.config import FusionConfig, LLMConfig, PromptConfig
-from icl_cl.data import read_examples
+from icl_cl.inputs import read_examples
 
 STRATEGIES = {
     "knn4-descriptions": PromptConfig(
@@ -62,7 +62,7 @@ def main() -> None:
             embed_s = time.perf_counter() - t
         for k in args.k:
             t = time.perf_counter()
-            weights = clf.fusion_weights(k)
+            weights = clf.fit(k).fusion
             fit_s = time.perf_counter() - t
             t = time.perf_counter()
             ranked = clf.memory.candidates(queries, k)
@@ -78,7 +78,8 @@ def main() -> None:
                 ecl_ok.append(c[int(np.argmax(ecl))] == truth)
                 llm = reading.scores
                 llm_ok.append(llm is not None and c[int(np.argmax(llm))] == truth)
-                fused_ok.append(c[int(np.argmax(weights.combine(ecl, llm)))] == truth)
+                fused = weights.combine({"ecl": ecl, "llm": llm})
+                fused_ok.append(c[int(np.argmax(fused))] == truth)
                 tokens.append(reading.prompt.tokens if reading.prompt else 0)
             row = {
                 "strategy": strategy,
@@ -95,7 +96,7 @@ def main() -> None:
                 "llm_items_per_second": len(gold) / llm_s,
                 "ecl_items_per_second": len(gold) / ecl_s,
                 "fused_items_per_second": len(gold)
-                / (ecl_s + (llm_s if weights.uses_llm else 0.0)),
+                / (ecl_s + (llm_s if weights.uses("llm") else 0.0)),
                 "forward_share_of_llm_time": batch.usage.forward_seconds / llm_s if llm_s else 0.0,
                 "fit_seconds": fit_s,
                 "llm_calls": batch.usage.calls,

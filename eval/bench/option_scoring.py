@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from icl_cl.backends.transformers import TransformersBackend
-from icl_cl.data import read_examples, read_labels
+from icl_cl.inputs import read_examples, read_labels
 
 
 def main() -> None:

@@ -29,10 +29,12 @@ import numpy as np
 from tqdm import tqdm
 
 from icl_cl import ClassifierConfig, ContinualClassifier
+from icl_cl.backends.cache import CachedBackend
+from icl_cl.backends.registry import create_backend
 from icl_cl.config import DecisionConfig, FusionConfig, IRRConfig, LLMConfig
-from icl_cl.data import read_examples
-from icl_cl.evaluation.methods import Decision
+from icl_cl.evaluation.outputs import Decision
 from icl_cl.evaluation.protocol import score_decisions
+from icl_cl.inputs import read_examples
 from icl_cl.metrics import micro_f1, recall_at_k
 from icl_cl.types import Example
 
@@ -59,10 +61,15 @@ def run_path(
     name: str, store: Path, gold: list[Example], args: argparse.Namespace
 ) -> dict[str, Any]:
     texts = [ex.text for ex in gold]
-    with ContinualClassifier.open(store, path_config(name, args)) as clf:
+    config = path_config(name, args)
+    backend = None
+    if config.llm is not None:  # every LLM call of the path through the copy's call cache
+        model = create_backend(config.llm.backend, model=config.llm.model, **config.llm.options)
+        backend = CachedBackend(model, store / "llm_cache.sqlite")
+    with ContinualClassifier.open(store, config, backend=backend) as clf:
         queries = clf.embedder.encode(texts)
         start = time.perf_counter()
-        clf.predict_vectors(queries[:1], args.k, texts=texts[:1])  # fits fusion and calibration
+        clf.fit(args.k)
         fit_seconds = time.perf_counter() - start
         preds, start = [], time.perf_counter()
         for lo in tqdm(range(0, len(texts), CHUNK), desc=name, unit="chunk"):
@@ -72,6 +79,8 @@ def run_path(
         seconds = time.perf_counter() - start
         # The candidate stage alone at the recall depth (the infer step's calls are cached).
         stage = clf.candidates(queries, args.recall_k, texts=texts)
+    if backend is not None:
+        backend.close()
     decisions = [Decision.from_prediction(p) for p in preds]
     gold_sets = [set(ex.labels) for ex in gold]
     row: dict[str, Any] = {
@@ -84,15 +93,15 @@ def run_path(
             gold_sets, [[lab for lab, _ in c] for c in stage], args.recall_k
         ),
         "prompt_tokens_per_item": float(
-            np.mean([p.llm["prompt_tokens"] if p.llm else 0 for p in preds])
+            np.mean([p.cost.prompt_tokens if p.cost else 0 for p in preds])
         ),
-        "llm_calls_per_item": float(np.mean([p.llm["calls"] if p.llm else 0 for p in preds])),
+        "llm_calls_per_item": float(np.mean([p.cost.calls if p.cost else 0 for p in preds])),
         "seconds_per_item": seconds / len(gold),
         "fit_seconds": fit_seconds,
     }
-    fusion = next((p.evidence.get("fusion") for p in preds if p.evidence.get("fusion")), None)
+    fusion = next((p.evidence.fusion_weights for p in preds if p.evidence.fusion_weights), None)
     if fusion:
-        row["fusion"] = fusion
+        row["fusion"] = dict(fusion)
     return row
 
 

@@ -6,19 +6,27 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from icl_cl.embedding.clip import ClipEmbedder, is_clip_model
+from icl_cl.embedding.onnx import OnnxSentenceEmbedder
 from icl_cl.embedding.sentence_transformers import SentenceTransformerEmbedder, resolve_model_path
+from icl_cl.errors import ConfigError
 
 if TYPE_CHECKING:
     from icl_cl.config import EmbedderConfig
 
 
-def load_embedder(config: EmbedderConfig) -> SentenceTransformerEmbedder:
+def load_embedder(config: EmbedderConfig) -> SentenceTransformerEmbedder | OnnxSentenceEmbedder:
     """Build the embedder a config names: a :class:`~icl_cl.embedding.clip.ClipEmbedder` (texts
-    and images) when ``config.model`` is a CLIP model, else a text-only
-    :class:`~icl_cl.embedding.sentence_transformers.SentenceTransformerEmbedder`."""
-    cls = (
-        ClipEmbedder
-        if is_clip_model(resolve_model_path(config.model))
-        else SentenceTransformerEmbedder
-    )
+    and images) when ``config.model`` is a CLIP model, an
+    :class:`~icl_cl.embedding.onnx.OnnxSentenceEmbedder` with ``backend: onnx``, else a
+    text-only :class:`~icl_cl.embedding.sentence_transformers.SentenceTransformerEmbedder`."""
+    clip = is_clip_model(resolve_model_path(config.model))
+    if config.backend == "onnx":
+        if clip:
+            raise ConfigError(
+                f"embedder backend 'onnx' takes text models; {config.model!r} is CLIP"
+            )
+        return OnnxSentenceEmbedder(
+            config.model, batch_size=config.batch_size, quantize=config.quantize
+        )
+    cls = ClipEmbedder if clip else SentenceTransformerEmbedder
     return cls(config.model, device=config.device, batch_size=config.batch_size)

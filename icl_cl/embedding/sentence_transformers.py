@@ -96,13 +96,16 @@ class SentenceTransformerEmbedder:
                 )
         if len(items) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        parts = []
+        # Longest first across the whole call (sentence-transformers sorts only within one call),
+        # so every batch pads to texts of similar length; rows go back in the order of the items.
+        order = np.argsort([-len(item) for item in items], kind="stable")
+        out = np.empty((len(items), self.dim), dtype=np.float32)
         for start in range(0, len(items), _CHUNK):
-            chunk = list(items[start : start + _CHUNK])
-            parts.append(self._encode_chunk(chunk))
+            rows = order[start : start + _CHUNK]
+            out[rows] = self._encode_chunk([items[i] for i in rows])
             if progress is not None:
-                progress(len(chunk))
-        return np.ascontiguousarray(np.concatenate(parts, axis=0))
+                progress(len(rows))
+        return out
 
     def _encode_chunk(self, inputs: list[Any]) -> np.ndarray:
         """Unit vectors (float32) of one chunk of model inputs."""

@@ -20,9 +20,10 @@ from icl_cl.config import ClassifierConfig
 from icl_cl.embedding import Embedder
 from icl_cl.errors import ConfigError
 from icl_cl.evaluation.llm_pool import BackendFactory
-from icl_cl.evaluation.methods import deep_merge
-from icl_cl.evaluation.protocol import EvalConfig, Progress, run_protocol
+from icl_cl.evaluation.protocol import EvalConfig, run_protocol
 from icl_cl.evaluation.report import columns, markdown_table, quality_cost_plot, write_report
+from icl_cl.evaluation.specs import deep_merge
+from icl_cl.types import Progress
 
 # Where each axis goes in a method spec: (section, key); section None is the method itself.
 AXES: dict[str, tuple[str | None, str]] = {

@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from icl_cl.evaluation.protocol import EvalConfig, Progress, run_protocol
+from icl_cl.evaluation.protocol import EvalConfig, run_protocol
 from icl_cl.evaluation.report import session_tables, summary_table, write_report
+from icl_cl.types import Progress
 
 
 def _positive(text: str) -> int:
@@ -27,9 +28,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-test", type=_positive, help="use at most N test items (smoke runs)")
 
 
-def add_eval_commands(sub: Any) -> None:
+def add_eval_commands(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """Add ``eval`` and ``ablate`` to the subcommands ``sub``, with the ``parents``' flags."""
     p = sub.add_parser(
         "eval",
+        parents=parents,
         help="run the class-incremental protocol from a YAML config",
         description="Learn the sessions a config describes one by one, test after each on all "
         "labels seen so far, and write results.json, report.md and plots to a run folder. "
@@ -40,6 +43,7 @@ def add_eval_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser(
         "ablate",
+        parents=parents,
         help="compare prompt strategies (a grid of axes) over one protocol run",
         description="Cross the axes of a grid file (demonstrations, label_presentation, k, "
         "model, backend, calibration) over one protocol run of its base eval config and write "
@@ -50,7 +54,8 @@ def add_eval_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_ablate)
 
 
-def _progress(quiet: bool) -> Progress:
+def progress_bars(quiet: bool) -> Progress:
+    """A progress callback that draws one bar per stage on stderr (none when ``quiet``)."""
     bars: dict[str, Any] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
@@ -60,7 +65,9 @@ def _progress(quiet: bool) -> Progress:
 
         bar = bars.get(stage)
         if bar is None:
-            bar = bars[stage] = tqdm(total=total, desc=stage, file=sys.stderr, dynamic_ncols=True)
+            bar = bars[stage] = tqdm(
+                total=total, desc=stage, unit="item", file=sys.stderr, dynamic_ncols=True
+            )
         bar.update(done - bar.n)
         if done >= total:
             bar.close()
@@ -77,7 +84,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = EvalConfig.from_yaml(config_path).with_limits(args.max_train, args.max_test)
     out = _out(args, config.name)
     results = run_protocol(
-        config, out, base=config_path.parent, progress=_progress(args.quiet), fresh=args.fresh
+        config, out, base=config_path.parent, progress=progress_bars(args.quiet), fresh=args.fresh
     )
     files = write_report(results, out)
     print(session_tables(results))
@@ -96,7 +103,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     run_ablation(
         grid_path,
         out,
-        _progress(args.quiet),
+        progress_bars(args.quiet),
         max_train=args.max_train,
         max_test=args.max_test,
         fresh=args.fresh,

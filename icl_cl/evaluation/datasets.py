@@ -9,9 +9,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from icl_cl.data import read_examples, read_labels
 from icl_cl.errors import ConfigError, DataError
 from icl_cl.images import load_image
+from icl_cl.inputs import read_examples, read_labels
 from icl_cl.types import Example, Label
 
 
@@ -103,6 +103,49 @@ def load_dataset(spec: DatasetSpec, base: Path | None = None) -> Dataset:
     )
 
 
+def _check_hf_fields(data: Any, src: HFSource) -> None:
+    """Refuse a dataset without the train split or the fields the spec names."""
+    if not hasattr(data, "keys") or src.train_split not in data:
+        have = list(data.keys()) if hasattr(data, "keys") else "a single split"
+        raise ConfigError(f"dataset {src.name!r}: no split {src.train_split!r} (has {have})")
+    columns = data[src.train_split].column_names
+    if src.text is None and src.image is None:
+        raise ConfigError(f"dataset {src.name!r}: set the text field, the image field, or both")
+    for field in (src.text, src.image, src.label, src.id):
+        if field is not None and field not in columns:
+            raise ConfigError(f"dataset {src.name!r}: no field {field!r} (fields: {columns})")
+
+
+def _hf_examples(data: Any, src: HFSource, split: str, names: list[str] | None) -> list[Example]:
+    """The examples of one split (ClassLabel ids named by ``names``)."""
+    if split not in data:
+        raise ConfigError(f"dataset {src.name!r} has no split {split!r} (has {list(data)})")
+    table = data[split]
+    ids = list(table[src.id]) if src.id else None
+    out = []
+    n = len(table)
+    texts = table[src.text] if src.text else [""] * n
+    images = table[src.image] if src.image else [None] * n
+    for i, (text, image, raw) in enumerate(zip(texts, images, table[src.label], strict=True)):
+        values = raw if isinstance(raw, list) else [raw]
+        # ClassLabel ids map to their names; -1 marks an unlabelled row in HF datasets.
+        labels = [
+            names[v] if names is not None and isinstance(v, int) else str(v)
+            for v in values
+            if not (isinstance(v, int) and v < 0)
+        ]
+        where = {"source": f"{src.name}[{split}]", "line": i + 1}
+        if image is None and (not isinstance(text, str) or not text.strip()):
+            raise DataError("empty text", field=src.text, **where)
+        if isinstance(image, dict):  # an Image feature read without decoding
+            image = image.get("bytes") or image.get("path")
+        ident = str(ids[i]) if ids else f"{split}-{i}"
+        if image is not None:
+            image = load_image(image, item=ident, **where)
+        out.append(Example(ident, text or "", labels, image=image))
+    return out
+
+
 def _load_hf(
     src: HFSource, base: Path | None, seed: int
 ) -> tuple[str, list[Example], list[Example], list[Label]]:
@@ -117,53 +160,17 @@ def _load_hf(
         data: Any = datasets.load_from_disk(str(local))
     else:
         data = datasets.load_dataset(src.name, src.config)
-    if not hasattr(data, "keys") or src.train_split not in data:
-        have = list(data.keys()) if hasattr(data, "keys") else "a single split"
-        raise ConfigError(f"dataset {src.name!r}: no split {src.train_split!r} (has {have})")
-    columns = data[src.train_split].column_names
-    if src.text is None and src.image is None:
-        raise ConfigError(f"dataset {src.name!r}: set the text field, the image field, or both")
-    for field in (src.text, src.image, src.label, src.id):
-        if field is not None and field not in columns:
-            raise ConfigError(f"dataset {src.name!r}: no field {field!r} (fields: {columns})")
+    _check_hf_fields(data, src)
     names: list[str] | None = None
     feature = data[src.train_split].features[src.label]
     inner = getattr(feature, "feature", feature)  # List/Sequence(ClassLabel) for multi-label sets
     if hasattr(inner, "names"):
         names = list(inner.names)
 
-    def convert(split: str) -> list[Example]:
-        if split not in data:
-            raise ConfigError(f"dataset {src.name!r} has no split {split!r} (has {list(data)})")
-        table = data[split]
-        ids = list(table[src.id]) if src.id else None
-        out = []
-        n = len(table)
-        texts = table[src.text] if src.text else [""] * n
-        images = table[src.image] if src.image else [None] * n
-        for i, (text, image, raw) in enumerate(zip(texts, images, table[src.label], strict=True)):
-            values = raw if isinstance(raw, list) else [raw]
-            # ClassLabel ids map to their names; -1 marks an unlabelled row in HF datasets.
-            labels = [
-                names[v] if names is not None and isinstance(v, int) else str(v)
-                for v in values
-                if not (isinstance(v, int) and v < 0)
-            ]
-            where = {"source": f"{src.name}[{split}]", "line": i + 1}
-            if image is None and (not isinstance(text, str) or not text.strip()):
-                raise DataError("empty text", field=src.text, **where)
-            if isinstance(image, dict):  # an Image feature read without decoding
-                image = image.get("bytes") or image.get("path")
-            ident = str(ids[i]) if ids else f"{split}-{i}"
-            if image is not None:
-                image = load_image(image, item=ident, **where)
-            out.append(Example(ident, text or "", labels, image=image))
-        return out
-
     labels = [Label(n) for n in names] if names else []
-    train = convert(src.train_split)
+    train = _hf_examples(data, src, src.train_split, names)
     if src.test_split is not None:
-        return Path(src.name).name, train, convert(src.test_split), labels
+        return Path(src.name).name, train, _hf_examples(data, src, src.test_split, names), labels
     # No test split (e.g. HWU64): hold out a seeded share of train.
     order = list(range(len(train)))
     random.Random(seed).shuffle(order)

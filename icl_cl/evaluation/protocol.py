@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from icl_cl import metrics
+from icl_cl.classifier import ContinualClassifier
 from icl_cl.config import ClassifierConfig
 from icl_cl.embedding import Embedder, load_embedder
 from icl_cl.embedding.cache import CachedEmbedder
@@ -27,23 +29,13 @@ from icl_cl.errors import ConfigError
 from icl_cl.evaluation.checkpoint import Checkpoint, fingerprint
 from icl_cl.evaluation.datasets import Dataset, DatasetSpec, load_dataset, sample_items
 from icl_cl.evaluation.llm_pool import BackendFactory, BackendPool
-from icl_cl.evaluation.methods import (
-    LLM_KINDS,
-    Decision,
-    MethodOutput,
-    MethodSpec,
-    StageContext,
-    method_config,
-    run_method,
-)
+from icl_cl.evaluation.methods import run_method
+from icl_cl.evaluation.outputs import Decision, MethodOutput, StageContext
 from icl_cl.evaluation.sessions import SessionSpec, session_examples, split_sessions
-from icl_cl.pipelines.continual import ContinualClassifier
-from icl_cl.types import Example
+from icl_cl.evaluation.specs import LLM_KINDS, MethodSpec, method_config
+from icl_cl.types import Example, Progress
 
 logger = logging.getLogger(__name__)
-
-Progress = Callable[[str, int, int], None]
-"""Called as ``progress(stage, done, total)``; the CLI draws bars from it."""
 
 STORES = "stores"
 EMBEDDINGS = "embeddings"
@@ -264,6 +256,58 @@ def _run_fingerprint(config: EvalConfig, data: Dataset) -> str:
     )
 
 
+@dataclass
+class _Plan:
+    """What a run does: its sessions, what each shows and tests, and its cells (one per method
+    and session), with the checkpoint that keeps the finished ones."""
+
+    config: EvalConfig
+    data: Dataset
+    sessions: list[list[str]]
+    streams: list[list[Example]]
+    seen_by_stage: list[set[str]]
+    tests: list[list[Example]]
+    configs: dict[str, ClassifierConfig]
+    cell_fp: dict[str, str]
+    checkpoint: Checkpoint
+
+    @classmethod
+    def make(cls, config: EvalConfig, data: Dataset, checkpoint: Checkpoint) -> _Plan:
+        sessions = split_sessions(config.sessions, data.labels, data.train)
+        streams = [session_examples(data.train, labs, t + 1) for t, labs in enumerate(sessions)]
+        configs = {m.name: method_config(config.classifier, m) for m in config.methods}
+        seen_by_stage, seen = [], set()
+        for labs in sessions:
+            seen |= set(labs)
+            seen_by_stage.append(set(seen))
+        cell_fp = {
+            m.name: fingerprint(
+                [
+                    m.model_dump(mode="json"),
+                    configs[m.name].model_dump(mode="json"),
+                    config.method_k(m),
+                    config.budget(m),
+                    config.dataset.seed,
+                ]
+            )
+            for m in config.methods
+        }
+        tests = [_restrict(data.test, s) for s in seen_by_stage]
+        return cls(
+            config, data, sessions, streams, seen_by_stage, tests, configs, cell_fp, checkpoint
+        )
+
+    def planned(self, m: Any, t: int) -> bool:
+        last = len(self.sessions) - 1
+        return bool(self.tests[t]) and (m.evaluate_at == "every_session" or t == last)
+
+    def finished(self, m: Any, t: int) -> dict[str, Any] | None:
+        return self.checkpoint.get(m.name, t + 1, self.cell_fp[m.name])
+
+    def missing(self, t: int) -> bool:
+        return any(self.planned(m, t) and self.finished(m, t) is None for m in self.config.methods)
+
+
 def run_protocol(
     config: EvalConfig,
     out_dir: Path,
@@ -288,29 +332,55 @@ def run_protocol(
     """
     tick: Progress = progress or (lambda stage, done, total: None)
     data = load_dataset(config.dataset, base)
-    multi = data.multi_label
-    sessions = split_sessions(config.sessions, data.labels, data.train)
-    label_by_name = {lab.label: lab for lab in data.labels}
-    streams = [session_examples(data.train, labs, t + 1) for t, labs in enumerate(sessions)]
-    configs = {m.name: method_config(config.classifier, m) for m in config.methods}
-    logger.info(
-        "%s: %d train, %d test, %d sessions",
-        data.name,
-        len(data.train),
-        len(data.test),
-        len(sessions),
-    )
-
     out_dir.mkdir(parents=True, exist_ok=True)
     stores = out_dir / STORES
     if fresh:
         shutil.rmtree(stores, ignore_errors=True)
     run_fp = _run_fingerprint(config, data)
-    checkpoint = Checkpoint(out_dir, run_fp, fresh=fresh)
-
+    plan = _Plan.make(config, data, Checkpoint(out_dir, run_fp, fresh=fresh))
+    sizes = (data.name, len(data.train), len(data.test), len(plan.sessions))
+    logger.info("%s: %d train, %d test, %d sessions", *sizes)
     cached = CachedEmbedder(
         embedder or load_embedder(config.classifier.embedder), out_dir / EMBEDDINGS
     )
+    embed_seconds = _embed_all(cached, data, tick)
+    clf, learned = _open_incremental(plan, stores / "incremental", cached)
+    pool = BackendPool(out_dir, backend_factory)
+    try:
+        reused = _run_sessions(plan, clf, pool, learned, cached, tick)
+        learn_seconds = sum(s.seconds for s in clf.memory.sessions())
+        llm_usage = pool.usage()
+    finally:
+        clf.close()
+        pool.close()
+    joint = _joint(plan, run_fp, stores, cached) if config.joint_check else None
+    return {
+        "name": config.name,
+        "config": config.model_dump(mode="json"),
+        "dataset": _dataset_summary(data),
+        "sessions": plan.sessions,
+        "headline": headline(data.multi_label),
+        "embed_seconds": embed_seconds,
+        "embedded_texts": cached.misses,
+        "learn_seconds_excluding_embedding": learn_seconds,
+        "resumed": {"sessions_already_learned": learned, "cells_reused": reused},
+        "llm_usage": llm_usage,
+        "methods": _methods(plan, joint),
+    }
+
+
+def _dataset_summary(data: Dataset) -> dict[str, Any]:
+    return {
+        "name": data.name,
+        "train": len(data.train),
+        "test": len(data.test),
+        "labels": len(data.labels),
+        "multi_label": data.multi_label,
+    }
+
+
+def _embed_all(cached: CachedEmbedder, data: Dataset, tick: Progress) -> float:
+    """Embed every text of the run (what the cache misses); returns the seconds it took."""
     # Label texts too: learning embeds them, and a resumed run should embed nothing.
     texts = list(
         dict.fromkeys(
@@ -329,141 +399,106 @@ def run_protocol(
 
     start = time.perf_counter()
     cached.encode(texts, progress=embedded)
-    embed_seconds = time.perf_counter() - start
+    return time.perf_counter() - start
 
-    seen_by_stage, seen = [], set()
-    for labs in sessions:
-        seen |= set(labs)
-        seen_by_stage.append(set(seen))
-    tests = [_restrict(data.test, s) for s in seen_by_stage]
-    last = len(sessions) - 1
-    cell_fp = {
-        m.name: fingerprint(
-            [
-                m.model_dump(mode="json"),
-                configs[m.name].model_dump(mode="json"),
-                config.method_k(m),
-                config.budget(m),
-                config.dataset.seed,
-            ]
-        )
-        for m in config.methods
-    }
 
-    def planned(m: Any, t: int) -> bool:
-        return bool(tests[t]) and (m.evaluate_at == "every_session" or t == last)
-
-    def missing(t: int) -> bool:
-        return any(
-            planned(m, t) and checkpoint.get(m.name, t + 1, cell_fp[m.name]) is None
-            for m in config.methods
-        )
-
-    store_path = stores / "incremental"
-    clf = ContinualClassifier.open(store_path, config.classifier, embedder=cached)
+def _open_incremental(
+    plan: _Plan, store_path: Path, embedder: CachedEmbedder
+) -> tuple[ContinualClassifier, int]:
+    """The run's learned store and how many sessions it holds; emptied when a missing cell of
+    an earlier stage needs the store as it was then (learned again from the start, embeddings
+    and LLM calls coming from the caches)."""
+    classifier_config = plan.config.classifier
+    clf = ContinualClassifier.open(store_path, classifier_config, embedder=embedder)
     learned = len(clf.memory.sessions())
-    expected = sum(len(s) for s in streams[:learned])
-    first_missing = next((t for t in range(len(sessions)) if missing(t)), None)
-    # A missing cell of an earlier stage needs the store as it was then: learn again from the
-    # start (embeddings and LLM calls come from the caches).
+    expected = sum(len(s) for s in plan.streams[:learned])
+    first_missing = next((t for t in range(len(plan.sessions)) if plan.missing(t)), None)
     if learned and (
-        learned > len(sessions)
+        learned > len(plan.sessions)
         or clf.memory.n_examples != expected
         or (first_missing is not None and first_missing < learned - 1)
     ):
         logger.warning("%s: relearning the sessions from the start", store_path)
         clf.close()
         shutil.rmtree(store_path)
-        clf = ContinualClassifier.open(store_path, config.classifier, embedder=cached)
+        clf = ContinualClassifier.open(store_path, classifier_config, embedder=embedder)
         learned = 0
-    learned_before = learned
+    return clf, learned
 
-    pool = BackendPool(out_dir, backend_factory)
-    total_cells = sum(planned(m, t) for m in config.methods for t in range(len(sessions)))
-    cells_done = reused = 0
-    n_examples = 0
-    cardinality_sum = 0
-    try:
-        for t, labs in enumerate(sessions):
-            if t >= learned:
-                clf.learn(streams[t], [label_by_name[lab] for lab in labs if lab in label_by_name])
-            n_examples += len(streams[t])
-            cardinality_sum += sum(len(ex.labels) for ex in streams[t])
-            ctx = StageContext(
-                classifier=clf,
-                pool=pool,
-                multi_label=multi,
-                mean_cardinality=cardinality_sum / max(n_examples, 1),
-                k=config.k,
-            )
-            for m in config.methods:
-                if not planned(m, t):
-                    continue
-                if checkpoint.get(m.name, t + 1, cell_fp[m.name]) is not None:
-                    reused += 1
-                else:
-                    result = _evaluate_cell(
-                        config,
-                        m,
-                        configs[m.name],
-                        ctx,
-                        tests[t],
-                        sessions[: t + 1],
-                        cached,
-                        multi,
-                        t,
-                        tick,
-                    )
-                    checkpoint.put(m.name, t + 1, cell_fp[m.name], result)
-                cells_done += 1
-                tick("cells", cells_done, total_cells)
-            tick("sessions", t + 1, len(sessions))
-        learn_seconds = sum(s.seconds for s in clf.memory.sessions())
-        llm_usage = pool.usage()
-    finally:
-        clf.close()
-        pool.close()
 
-    joint = None
-    if config.joint_check:
-        joint_fp = fingerprint(
-            [
-                run_fp,
-                [(m.name, getattr(m, "scorer", None), config.method_k(m)) for m in config.methods],
-            ]
-        )
-        joint = checkpoint.get_extra("joint", joint_fp)
-        if joint is None:
-            joint = _joint_check(config, streams, data, stores, cached)
-            checkpoint.put_extra("joint", joint_fp, joint)
+def _run_sessions(
+    plan: _Plan,
+    clf: ContinualClassifier,
+    pool: BackendPool,
+    learned: int,
+    embedder: CachedEmbedder,
+    tick: Progress,
+) -> int:
+    """Learn the sessions the store lacks and evaluate every unfinished cell after each;
+    returns how many finished cells were reused."""
+    config, multi = plan.config, plan.data.multi_label
+    label_by_name = {lab.label: lab for lab in plan.data.labels}
+    total_cells = sum(plan.planned(m, t) for m in config.methods for t in range(len(plan.sessions)))
+    cells_done = reused = n_examples = cardinality_sum = 0
+    for t, labs in enumerate(plan.sessions):
+        if t >= learned:
+            # Each method fits the heads it uses (run_method), for its own k and scorer.
+            known = [label_by_name[lab] for lab in labs if lab in label_by_name]
+            clf.learn(plan.streams[t], known, fit=False)
+        n_examples += len(plan.streams[t])
+        cardinality_sum += sum(len(ex.labels) for ex in plan.streams[t])
+        ctx = StageContext(clf, pool, multi, cardinality_sum / max(n_examples, 1), config.k)
+        for m in config.methods:
+            if not plan.planned(m, t):
+                continue
+            if plan.finished(m, t) is not None:
+                reused += 1
+            else:
+                result = _evaluate_cell(
+                    config,
+                    m,
+                    plan.configs[m.name],
+                    ctx,
+                    plan.tests[t],
+                    plan.sessions[: t + 1],
+                    embedder,
+                    multi,
+                    t,
+                    tick,
+                )
+                plan.checkpoint.put(m.name, t + 1, plan.cell_fp[m.name], result)
+            cells_done += 1
+            tick("cells", cells_done, total_cells)
+        tick("sessions", t + 1, len(plan.sessions))
+    return reused
 
+
+def _joint(plan: _Plan, run_fp: str, stores: Path, embedder: CachedEmbedder) -> dict[str, float]:
+    """The joint check (see :func:`_joint_check`), kept in the checkpoint."""
+    config = plan.config
+    joint_fp = fingerprint(
+        [
+            run_fp,
+            [(m.name, getattr(m, "scorer", None), config.method_k(m)) for m in config.methods],
+        ]
+    )
+    joint = plan.checkpoint.get_extra("joint", joint_fp)
+    if joint is None:
+        joint = _joint_check(config, plan.streams, plan.data, stores, embedder)
+        plan.checkpoint.put_extra("joint", joint_fp, joint)
+    return joint
+
+
+def _methods(plan: _Plan, joint: dict[str, float] | None) -> dict[str, dict[str, Any]]:
+    """Each method's stages, accuracy matrix and summary."""
     methods: dict[str, dict[str, Any]] = {}
-    for m in config.methods:
-        cells = {
-            t: checkpoint.get(m.name, t + 1, cell_fp[m.name])
-            for t in range(len(sessions))
-            if planned(m, t)
-        }
-        methods[m.name] = _summarise(m, cells, tests, seen_by_stage, len(sessions), multi, joint)
-    return {
-        "name": config.name,
-        "config": config.model_dump(mode="json"),
-        "dataset": {
-            "name": data.name,
-            "train": len(data.train),
-            "test": len(data.test),
-            "labels": len(data.labels),
-            "multi_label": multi,
-        },
-        "sessions": sessions,
-        "headline": headline(multi),
-        "embed_seconds": embed_seconds,
-        "embedded_texts": cached.misses,
-        "learn_seconds_excluding_embedding": learn_seconds,
-        "resumed": {"sessions_already_learned": learned_before, "cells_reused": reused},
-        "llm_usage": llm_usage,
-        "methods": methods,
-    }
+    n = len(plan.sessions)
+    for m in plan.config.methods:
+        cells = {t: plan.finished(m, t) for t in range(n) if plan.planned(m, t)}
+        methods[m.name] = _summarise(
+            m, cells, plan.tests, plan.seen_by_stage, n, plan.data.multi_label, joint
+        )
+    return methods
 
 
 def _evaluate_cell(
@@ -491,6 +526,9 @@ def _evaluate_cell(
         if method.kind in LLM_KINDS:
             tick(bar, done, len(items))
 
+    def fitting(stage: str, done: int, total: int) -> None:
+        tick(f"{method.name} {stage}", done, total)
+
     stage_ctx = StageContext(
         ctx.classifier,
         ctx.pool,
@@ -499,6 +537,7 @@ def _evaluate_cell(
         k,
         items_done,
         config.confidence,
+        fitting if method.kind in LLM_KINDS else None,
     )
     start = time.perf_counter()
     output = run_method(method, stage_ctx, method_cfg, items, queries)
@@ -576,17 +615,17 @@ def _joint_check(
         stores / "incremental", config.classifier, embedder=embedder
     )
     try:
-        joint.learn([ex for stream in streams for ex in stream], data.labels)
+        joint.learn([ex for stream in streams for ex in stream], data.labels, fit=False)
         queries = embedder.encode([ex.item for ex in data.test])
         agreement = {}
         for m in config.methods:
             if not hasattr(m, "scorer"):
                 continue
             k = config.method_k(m)
-            a = joint.predict_vectors(queries, k, scorer=m.scorer)
-            b = incremental.predict_vectors(queries, k, scorer=m.scorer)
+            a = joint.candidates(queries, k, scorer=m.scorer)
+            b = incremental.candidates(queries, k, scorer=m.scorer)
             same = [
-                [c.label for c in x.candidates] == [c.label for c in y.candidates]
+                [label for label, _ in x] == [label for label, _ in y]
                 for x, y in zip(a, b, strict=True)
             ]
             agreement[m.name] = float(np.mean(same))

@@ -9,25 +9,17 @@ part is mapped.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from icl_cl.backends.base import GenerationParams
+from icl_cl.classifier import ContinualClassifier
 from icl_cl.errors import ContextLengthError
-from icl_cl.evaluation.methods import (
-    Decision,
-    MethodOutput,
-    RagIclMethod,
-    StageContext,
-    chunks,
-)
+from icl_cl.evaluation.outputs import Decision, MethodOutput, StageContext, chunks
+from icl_cl.evaluation.specs import RagIclMethod
 from icl_cl.prompting import RenderedPrompt, load_template, render_prompt, select_demonstrations
 from icl_cl.types import Example
-
-if TYPE_CHECKING:
-    from icl_cl.pipelines.continual import ContinualClassifier
 
 # Room for the chat template's end-of-turn tokens beyond the answer itself.
 _MARGIN = 16
@@ -48,43 +40,15 @@ def run_rag_icl(
     queries: np.ndarray,
 ) -> MethodOutput:
     backend = clf.backend()
-    prompt_config = clf.config.prompt
-    template = load_template(
-        prompt_config.template if prompt_config.template != "auto" else "rag_icl"
-    )
-    labels = clf.memory.labels
-    names = {lab.label: lab.name for lab in labels}
-    ids = [lab.label for lab in labels]
+    render = _renderer(spec, clf)
+    ids = [lab.label for lab in clf.memory.labels]
     # The answer is matched against label names, embedded like everything else.
-    name_vectors = clf.embedder.encode([lab.name for lab in labels])
-    context = backend.capabilities.max_context
-    budget = spec.context_budget
-    if context:
-        budget = min(budget, context - spec.max_new_tokens - _MARGIN)
+    name_vectors = clf.embedder.encode([lab.name for lab in clf.memory.labels])
     params = GenerationParams(max_tokens=spec.max_new_tokens, temperature=0.0, stop=("\n",))
     out = MethodOutput(decisions=[])
     for part in chunks(len(test)):
         items = test[part]
-        rendered: list[RenderedPrompt | None] = []
-        for ex, query in zip(items, queries[part], strict=True):
-            demos = select_demonstrations(clf.memory, query, ids, "knn", spec.n_demonstrations)
-            try:
-                rendered.append(
-                    render_prompt(
-                        backend,
-                        template,
-                        ex.text,
-                        labels,
-                        demos,
-                        presentation=prompt_config.label_presentation,
-                        label_names=names,
-                        summaries={},
-                        max_tokens=budget,
-                        min_candidates=len(labels),  # all labels stay listed; demos make room
-                    )
-                )
-            except ContextLengthError:
-                rendered.append(None)
+        rendered = [render(ex.text, query) for ex, query in zip(items, queries[part], strict=True)]
         asked = [r for r in rendered if r is not None]
         generations = iter(backend.generate([r.text for r in asked], params) if asked else [])
         answers: list[list[str] | None] = []
@@ -106,6 +70,45 @@ def run_rag_icl(
             out.decisions.append(_map_answer(parts or [], vectors, ids, name_vectors))
         ctx.progress(len(items))
     return out
+
+
+def _renderer(
+    spec: RagIclMethod, clf: ContinualClassifier
+) -> Callable[[str, np.ndarray], RenderedPrompt | None]:
+    """Renders an input's prompt: every label listed, its nearest stored examples filling the
+    budget (``None`` when the label list alone does not fit)."""
+    backend = clf.backend()
+    prompt_config = clf.config.prompt
+    template = load_template(
+        prompt_config.template if prompt_config.template != "auto" else "rag_icl"
+    )
+    labels = clf.memory.labels
+    names = {lab.label: lab.name for lab in labels}
+    ids = [lab.label for lab in labels]
+    context = backend.capabilities.max_context
+    budget = spec.context_budget
+    if context:
+        budget = min(budget, context - spec.max_new_tokens - _MARGIN)
+
+    def render(text: str, query: np.ndarray) -> RenderedPrompt | None:
+        demos = select_demonstrations(clf.memory, query, ids, "knn", spec.n_demonstrations)
+        try:
+            return render_prompt(
+                backend,
+                template,
+                text,
+                labels,
+                demos,
+                presentation=prompt_config.label_presentation,
+                label_names=names,
+                summaries={},
+                max_tokens=budget,
+                min_candidates=len(labels),  # all labels stay listed; demos make room
+            )
+        except ContextLengthError:
+            return None
+
+    return render
 
 
 def _map_answer(

@@ -22,6 +22,7 @@ COST = (
     "fit_llm_calls",
     "fit_seconds",
     "fusion_llm_weight",
+    "fusion_heldout_items",
 )
 
 
@@ -89,10 +90,11 @@ def write_report(results: dict[str, Any], out_dir: Path) -> list[Path]:
         "",
         "Cost columns are per test item: prompt tokens, generated tokens and LLM calls the method "
         "needs (answers served from the run's call cache count too), and wall seconds (cache hits "
-        "make these smaller). `fit_*` is one-off work per session (fitting fusion weights on "
-        "held-out stored examples). For `inca`, `llm_*` scores the LLM's own choice among the "
-        "same candidates and `ecl_*` the ECL's on the same items; `fusion_llm_weight` 0 means "
-        "the fused decision is the ECL's.",
+        "make these smaller). `fit_*` is one-off work per session (fitting the heads, fusion "
+        "weights and calibration, on held-out stored examples read by the LLM). For `inca`, "
+        "`llm_*` scores the LLM's own choice among the same candidates and `ecl_*` the ECL's on "
+        "the same items; `fusion_llm_weight` is the weight fusion gave the LLM on "
+        "`fusion_heldout_items` held-out stored examples (0: the fused decision is the ECL's).",
         "",
         f"This invocation asked the LLM {usage.get('requests', 0)} prompts, "
         f"{usage.get('model_calls', 0)} of them not in the cache; it found "

@@ -304,6 +304,13 @@ class Store:
         ).fetchone()
         return None if row is None else (json.loads(row[0]), int(row[1]))
 
+    def fitted_keys(self, prefix: str) -> list[str]:
+        """Keys of the stored fitted parameters that start with ``prefix``."""
+        rows = self._conn.execute(
+            "SELECT key FROM fitted WHERE substr(key, 1, ?) = ? ORDER BY key", (len(prefix), prefix)
+        )
+        return [key for (key,) in rows]
+
     def summaries(self) -> dict[str, str]:
         """InCA class summaries written by the LLM, by label."""
         return dict(self._conn.execute("SELECT label, summary FROM summaries"))

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from icl_cl.config import DemoStrategy
 from icl_cl.types import Example
 
 if TYPE_CHECKING:
     from icl_cl.memory.ecl import ExternalContinualLearner
 
-DemoStrategy = Literal["none", "knn", "per_label", "mmr", "random"]
 _POOL = 50  # neighbours considered by MMR and by the per-label filter
 
 

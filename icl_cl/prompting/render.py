@@ -5,15 +5,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 from icl_cl.backends.base import LLMBackend, Message, Prompt
+from icl_cl.config import LabelPresentation
 from icl_cl.errors import ContextLengthError
 from icl_cl.images import Image
 from icl_cl.prompting.templates import PromptTemplate
 from icl_cl.types import Example, Label
-
-LabelPresentation = Literal["names", "descriptions", "summaries"]
 
 
 @dataclass(frozen=True)
@@ -117,6 +115,34 @@ def _detail(label: Label, presentation: LabelPresentation, summaries: Mapping[st
     return " ".join(label.description.split())
 
 
+def _render(
+    backend: LLMBackend,
+    template: PromptTemplate,
+    text: str | Image,
+    cands: Sequence[Label],
+    demos: Sequence[Example],
+    presentation: LabelPresentation,
+    label_names: Mapping[str, str],
+    summaries: Mapping[str, str],
+) -> tuple[Prompt, list[str]]:
+    """The prompt for these candidates and demonstrations, and the options to score after it."""
+    names = option_names(cands)
+    slots = ImageSlots()
+    prompt = render_instruction(
+        backend,
+        template,
+        slots,
+        text=text if isinstance(text, str) else "",
+        image=slots(text) if isinstance(text, Image) else None,
+        candidates=[
+            {"label": c.label, "name": n, "detail": _detail(c, presentation, summaries)}
+            for c, n in zip(cands, names, strict=True)
+        ],
+        demonstrations=demonstration_context(demos, label_names, slots),
+    )
+    return prompt, [template.format_option(n) for n in names]
+
+
 def render_prompt(
     backend: LLMBackend,
     template: PromptTemplate,
@@ -140,22 +166,11 @@ def render_prompt(
     demos = list(demonstrations)
     cands = list(candidates)
     dropped_demos = dropped_cands = 0
+
     while True:
-        names = option_names(cands)
-        slots = ImageSlots()
-        prompt = render_instruction(
-            backend,
-            template,
-            slots,
-            text=text if isinstance(text, str) else "",
-            image=slots(text) if isinstance(text, Image) else None,
-            candidates=[
-                {"label": c.label, "name": n, "detail": _detail(c, presentation, summaries)}
-                for c, n in zip(cands, names, strict=True)
-            ],
-            demonstrations=demonstration_context(demos, label_names, slots),
+        prompt, options = _render(
+            backend, template, text, cands, demos, presentation, label_names, summaries
         )
-        options = [template.format_option(n) for n in names]
         longest_option = max(backend.count_tokens(o) for o in options)
         tokens = backend.count_tokens(prompt)
         if tokens + longest_option <= max_tokens:

@@ -1,31 +1,16 @@
-"""Reading and validating input: JSONL examples and label files. Errors name file, line and field."""
+"""Reading JSONL files of examples, labels and prediction inputs. Errors name file, line and field."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from icl_cl.errors import DataError
 from icl_cl.images import Image, load_image
+from icl_cl.inputs.checks import Located, check_text, validate_examples
 from icl_cl.types import Example, Label
-
-
-@dataclass(frozen=True)
-class Located:
-    """An item together with where it came from, so later errors can point at it."""
-
-    source: str
-    line: int
-
-
-def location_of(locations: Sequence[Located] | None, i: int) -> dict[str, Any]:
-    """``source``/``line`` keyword arguments for a :class:`DataError` about item ``i``."""
-    if locations is None:
-        return {}
-    return {"source": locations[i].source, "line": locations[i].line}
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -65,23 +50,6 @@ def _string_field(obj: dict[str, Any], field: str, where: dict[str, Any], requir
     if not isinstance(value, str):
         raise DataError(f"must be a string, got {type(value).__name__}", field=field, **where)
     return value
-
-
-def check_text(text: object, *, max_chars: int, field: str = "text", **where: Any) -> str:
-    """Return ``text`` if it is a non-empty string of at most ``max_chars`` characters."""
-    if text is None:
-        raise DataError("missing", field=field, **where)
-    if not isinstance(text, str):
-        raise DataError(f"must be a string, got {type(text).__name__}", field=field, **where)
-    if not text.strip():
-        raise DataError("is empty", field=field, **where)
-    if len(text) > max_chars:
-        raise DataError(
-            f"is {len(text)} characters; the limit is {max_chars} (max_text_chars)",
-            field=field,
-            **where,
-        )
-    return text
 
 
 def parse_input(
@@ -133,29 +101,6 @@ def parse_example(
     if len(set(labels)) != len(labels):
         raise DataError("contains a label twice", field="labels", item=ident, **where)
     return Example(ident, text, labels, image=image)
-
-
-def validate_examples(
-    examples: Sequence[Example], *, max_chars: int, locations: Sequence[Located] | None = None
-) -> None:
-    """Check examples given through the API (types, empty text, duplicate ids within the batch)."""
-    seen: dict[str, int] = {}
-    for i, ex in enumerate(examples):
-        at = location_of(locations, i)
-        if not isinstance(ex, Example):
-            raise DataError(f"expected an Example, got {type(ex).__name__}", item=str(i), **at)
-        if not isinstance(ex.id, str) or not ex.id.strip():
-            raise DataError("missing or empty", field="id", item=str(i), **at)
-        if ex.image is None or ex.text:
-            check_text(ex.text, max_chars=max_chars, item=ex.id, **at)
-        for label in ex.labels:
-            if not isinstance(label, str) or not label.strip():
-                raise DataError(f"invalid label {label!r}", field="labels", item=ex.id, **at)
-        if ex.id in seen:
-            first = seen[ex.id]
-            first_where = f"line {locations[first].line}" if locations else f"position {first}"
-            raise DataError(f"duplicate id (first at {first_where})", field="id", item=ex.id, **at)
-        seen[ex.id] = i
 
 
 def read_examples(path: str | Path, *, max_chars: int) -> tuple[list[Example], list[Located]]:

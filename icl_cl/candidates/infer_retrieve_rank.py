@@ -20,20 +20,20 @@ they are learned, and no stored label is embedded again.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import numpy as np
 
-from icl_cl.backends.base import GenerationParams
+from icl_cl.backends.base import GenerationParams, LLMBackend
+from icl_cl.candidates.base import Candidates, Inferred
 from icl_cl.config import IRRConfig
-from icl_cl.errors import DataError
+from icl_cl.embedding import Embedder
+from icl_cl.errors import ConfigError, DataError
+from icl_cl.images import Image
+from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.prompting import load_template, render_instruction, select_demonstrations
 from icl_cl.prompting.render import demonstration_context
-
-if TYPE_CHECKING:
-    from icl_cl.pipelines.continual import ContinualClassifier
+from icl_cl.types import EclRanker, Ranked
 
 # Reciprocal-rank fusion constant (Cormack et al. 2009): merges the label-retrieval and ECL
 # rankings without fitting, whatever the scales of their scores.
@@ -64,30 +64,31 @@ def parse_queries(text: str, max_queries: int) -> list[str]:
     return out
 
 
-@dataclass
-class Inferred:
-    """The infer step's output per input, and its cost."""
-
-    queries: list[list[str]]
-    prompt_tokens: list[int]
-    completion_tokens: list[int]
-    calls: list[int]
-
-    @classmethod
-    def nothing(cls, n: int) -> Inferred:
-        return cls([[] for _ in range(n)], [0] * n, [0] * n, [0] * n)
-
-
-EclRanker = Callable[[np.ndarray], list[list[tuple[str, float]]]]
-
-
 class InferRetrieveRank:
-    """The infer and retrieve steps; the classifier runs rank, fusion and the decision."""
+    """The infer and retrieve steps (a candidate source); the classifier runs rank, fusion and
+    the decision.
 
-    def __init__(self, classifier: ContinualClassifier, config: IRRConfig) -> None:
-        self.classifier = classifier
-        self.memory = classifier.memory
+    Args:
+        memory: The ECL (its label index, its stored examples for the infer step's examples).
+        embedder: Embeds the inferred queries.
+        config: Which steps run.
+        rank_ecl: The ECL's ranking, used when the ECL supplies or joins the candidates.
+        backend: The LLM that writes the queries (needed only by the infer step).
+    """
+
+    def __init__(
+        self,
+        memory: ExternalContinualLearner,
+        embedder: Embedder,
+        config: IRRConfig,
+        rank_ecl: EclRanker,
+        backend: LLMBackend | None = None,
+    ) -> None:
+        self.memory = memory
+        self.embedder = embedder
         self.config = config
+        self.rank_ecl = rank_ecl
+        self.backend = backend
 
     def infer(
         self,
@@ -102,7 +103,9 @@ class InferRetrieveRank:
             raise DataError(
                 "the infer step writes queries from text; image inputs need irr.infer off"
             )
-        backend = self.classifier.backend()
+        backend = self.backend
+        if backend is None:
+            raise ConfigError("Infer-Retrieve-Rank's infer step needs an LLM backend")
         template = load_template("tags")
         names = {lab.label: lab.name for lab in self.memory.labels}
         prompts = []
@@ -129,27 +132,25 @@ class InferRetrieveRank:
 
     def candidates(
         self,
-        texts: Sequence[str] | None,
+        items: Sequence[str | Image] | None,
         vectors: np.ndarray,
         k: int,
-        rank_ecl: EclRanker,
         exclude: Sequence[frozenset[str]] | None = None,
-    ) -> tuple[list[list[tuple[str, float]]], Inferred]:
-        """Infer (when ``texts`` are given and the step is on), then retrieve ``k`` candidates.
+    ) -> Candidates:
+        """Infer (when ``items`` are given and the step is on), then retrieve ``k`` candidates.
 
-        ``rank_ecl`` ranks labels for query vectors with the ECL (the held-out fit passes one
-        that leaves the held-out items out of memory); it is called only when needed.
+        The ECL is asked (``rank_ecl``) only when it supplies or joins the candidates.
         """
         inferred = (
-            self.infer(texts, vectors, exclude)
-            if texts is not None
+            self.infer(items, vectors, exclude)
+            if items is not None
             else Inferred.nothing(len(vectors))
         )
         embedded = self.embed_queries(inferred.queries)
         ecl = None
         if self.config.ecl or not self.config.retrieve:
-            ecl = rank_ecl(self.ecl_queries(vectors, embedded))
-        return self.retrieve(vectors, embedded, k, ecl), inferred
+            ecl = self.rank_ecl(self.ecl_queries(vectors, embedded), k)
+        return Candidates(self.retrieve(vectors, embedded, k, ecl), inferred)
 
     def retrieve(
         self,
@@ -157,7 +158,7 @@ class InferRetrieveRank:
         queries: Sequence[np.ndarray],
         k: int,
         ecl: Sequence[Sequence[tuple[str, float]]] | None = None,
-    ) -> list[list[tuple[str, float]]]:
+    ) -> Ranked:
         """Top-``k`` ``(label, score)`` per input from the label index, the ECL, or both.
 
         Args:
@@ -202,11 +203,7 @@ class InferRetrieveRank:
     def embed_queries(self, queries: Sequence[Sequence[str]]) -> list[np.ndarray]:
         """Each input's queries embedded, ``(m_i, d)``."""
         flat = [q for qs in queries for q in qs]
-        vectors = (
-            self.classifier.embedder.encode(flat)
-            if flat
-            else np.zeros((0, self.memory.dim), np.float32)
-        )
+        vectors = self.embedder.encode(flat) if flat else np.zeros((0, self.memory.dim), np.float32)
         out, at = [], 0
         for qs in queries:
             out.append(vectors[at : at + len(qs)])

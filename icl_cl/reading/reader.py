@@ -2,26 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from icl_cl.backends.base import LLMBackend, Usage
-from icl_cl.calibration.in_context import OptionBias, domain_strings
 from icl_cl.config import CalibrationConfig, PromptConfig
 from icl_cl.errors import BackendError, ContextLengthError
 from icl_cl.images import Image
 from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.prompting import RenderedPrompt, load_template, render_prompt, select_demonstrations
+from icl_cl.reading.in_context import OptionBias, domain_strings
+from icl_cl.types import Cost, Fallback, FallbackReason, Upstream
 
 logger = logging.getLogger(__name__)
 
 # Room left for the option tokens and chat-template slack when the budget is the context window.
 _CONTEXT_MARGIN = 16
+# Prompts per scoring call, so that progress can be told as they are read. A multiple of the
+# transformers backend's default batch (8): its batches, and so its scores, are those of one
+# call; backends that score each prompt on its own are unaffected.
+READ_CHUNK = 16
+
+Done = Callable[[int], None]
+"""Told how many more inputs were read."""
 
 
 @dataclass
@@ -43,13 +52,29 @@ class Reading:
 
     scores: np.ndarray | None
     prompt: RenderedPrompt | None = None
-    fallback: str | None = None
+    fallback: Fallback | None = None
     calls: int = 0
     token_counts: np.ndarray | None = None
     seconds: float = 0.0
     raw_scores: np.ndarray | None = None
     calibration_tokens: int = 0
     variants: list[RenderedPrompt] = field(default_factory=list)
+
+    def cost(self) -> Cost:
+        """The LLM work of this reading (none without a prompt)."""
+        if self.prompt is None:
+            return Cost()
+        tokens = self.prompt.tokens + self.calibration_tokens
+        return Cost(calls=self.calls, prompt_tokens=tokens, seconds=self.seconds)
+
+    def after(self, before: Upstream) -> Upstream:
+        """``before`` (the candidate step's) with this reading's cost, fallback and evidence:
+        the demonstrations the prompt showed, and what was cut from it."""
+        evidence = before.evidence
+        if self.prompt is not None:
+            shown, cut = tuple(self.prompt.demonstrations), self.prompt.shortened or None
+            evidence = dataclasses.replace(evidence, demonstrations=shown, shortened=cut)
+        return Upstream(before.cost + self.cost(), self.fallback, evidence)
 
 
 @dataclass
@@ -93,33 +118,12 @@ class LLMReader:
         queries: np.ndarray,
         candidates: Sequence[Sequence[str]],
         exclude: Sequence[frozenset[str]] | None = None,
+        progress: Done | None = None,
     ) -> ReadBatch:
         """Score every input's candidates with the LLM (texts, or images for a backend that
-        reads them)."""
-        templates = {
-            image: load_template(self.template_name(image))
-            for image in {isinstance(t, Image) for t in texts}
-        }
-        labels = {lab.label: lab for lab in self.memory.labels}
-        names = {lab.label: lab.name for lab in self.memory.labels}
-        summaries = (
-            self.memory.store.summaries() if self.config.label_presentation == "summaries" else {}
-        )
+        reads them); ``progress`` is told as inputs are read."""
+        render = self._renderer({isinstance(t, Image) for t in texts})
         fillers = self._fillers()
-
-        def render(text: str | Image, cands: list[str], demos: list[Any]) -> RenderedPrompt:
-            return render_prompt(
-                self.backend,
-                templates[isinstance(text, Image)],
-                text,
-                [labels[c] for c in cands],
-                demos,
-                presentation=self.config.label_presentation,
-                label_names=names,
-                summaries=summaries,
-                max_tokens=self.budget(),
-            )
-
         readings: list[Reading] = []
         for i, text in enumerate(texts):
             cands = list(candidates[i])
@@ -135,7 +139,8 @@ class LLMReader:
             try:
                 rendered = render(text, cands, demos)
             except ContextLengthError as exc:
-                readings.append(Reading(None, fallback=f"context too small: {exc}"))
+                fallback = Fallback(FallbackReason.CONTEXT_TOO_SMALL, str(exc))
+                readings.append(Reading(None, fallback=fallback))
                 continue
             reading = Reading(None, prompt=rendered)
             # Content-free stand-ins are texts: in-context calibration applies to text inputs.
@@ -149,14 +154,77 @@ class LLMReader:
                 if variant.labels == rendered.labels:
                     reading.variants.append(variant)
             readings.append(reading)
-        batch = ReadBatch(readings)
-        if fillers:
-            self._score_with_variants(batch, candidates)
+        return self._score_all(ReadBatch(readings), candidates, bool(fillers), progress)
+
+    def _renderer(
+        self, kinds: set[bool]
+    ) -> Callable[[str | Image, list[str], list[Any]], RenderedPrompt]:
+        """Renders one input's prompt by the configured strategy; ``kinds``: which inputs come
+        (``True`` for images), whose templates are loaded once."""
+        templates = {image: load_template(self.template_name(image)) for image in kinds}
+        labels = {lab.label: lab for lab in self.memory.labels}
+        names = {lab.label: lab.name for lab in self.memory.labels}
+        presentation = self.config.label_presentation
+        summaries = self.memory.store.summaries() if presentation == "summaries" else {}
+
+        def render(text: str | Image, cands: list[str], demos: list[Any]) -> RenderedPrompt:
+            return render_prompt(
+                self.backend,
+                templates[isinstance(text, Image)],
+                text,
+                [labels[c] for c in cands],
+                demos,
+                presentation=presentation,
+                label_names=names,
+                summaries=summaries,
+                max_tokens=self.budget(),
+            )
+
+        return render
+
+    def _score_all(
+        self,
+        batch: ReadBatch,
+        candidates: Sequence[Sequence[str]],
+        with_variants: bool,
+        progress: Done | None,
+    ) -> ReadBatch:
+        """Score the rendered prompts (with their in-context calibration variants)."""
+        done = progress or (lambda n: None)
+        done(sum(r.prompt is None for r in batch.readings))
+        if with_variants:
+            self._score_with_variants(batch, candidates, done)
         else:
-            self._score(batch, candidates)
+            self._score(batch, candidates, done)
         if self.calibration.in_context == "batch":
             self._batch_calibrate(batch, candidates)
         return batch
+
+    def scores(
+        self,
+        texts: Sequence[str | Image],
+        queries: np.ndarray,
+        candidates: Sequence[Sequence[str]],
+        exclude: Sequence[frozenset[str]] | None = None,
+        progress: Done | None = None,
+    ) -> list[np.ndarray]:
+        """The LLM's score of each candidate (``-inf`` where it gave none), for fitting.
+
+        Raises:
+            BackendError: The backend failed on every input.
+        """
+        readings = self.read(texts, queries, candidates, exclude, progress).readings
+        failed = [
+            r.fallback
+            for r in readings
+            if r.fallback is not None and r.fallback.reason is FallbackReason.BACKEND_ERROR
+        ]
+        if failed and len(failed) == len(readings):
+            raise BackendError(failed[0].detail)
+        return [
+            r.scores if r.scores is not None else np.full(len(c), -np.inf)
+            for r, c in zip(readings, candidates, strict=True)
+        ]
 
     def _fillers(self) -> list[str]:
         """Inputs that stand in for the real one to show the prompt's own bias."""
@@ -170,30 +238,44 @@ class LLMReader:
             return domain_strings(texts, self.calibration.domain_samples, seed=0)
         return []
 
-    def _score(self, batch: ReadBatch, candidates: Sequence[Sequence[str]]) -> None:
+    def _score(self, batch: ReadBatch, candidates: Sequence[Sequence[str]], done: Done) -> None:
         # Prompts whose candidate lists were shortened have fewer options: score by group size.
         groups: dict[int, list[int]] = defaultdict(list)
         for i, r in enumerate(batch.readings):
             if r.prompt is not None:
                 groups[len(r.prompt.options)].append(i)
-        for members in groups.values():
-            prompts = [batch.readings[i].prompt for i in members]
-            result = self._call(batch, [p.text for p in prompts], [p.options for p in prompts])  # type: ignore[union-attr]
+        chunks = [
+            members[lo : lo + READ_CHUNK]
+            for members in groups.values()
+            for lo in range(0, len(members), READ_CHUNK)
+        ]
+        for chunk in chunks:
+            prompts = [batch.readings[i].prompt for i in chunk]
+            # After one failure the rest is not asked: a dead backend costs one round of retries.
+            result = None
+            if batch.error is None:
+                result = self._call(batch, [p.text for p in prompts], [p.options for p in prompts])  # type: ignore[union-attr]
             if result is None:
-                for i in members:
-                    batch.readings[i].fallback = f"backend error: {batch.error}"
+                for i in chunk:
+                    batch.readings[i].fallback = Fallback(
+                        FallbackReason.BACKEND_ERROR, batch.error or ""
+                    )
+                done(len(chunk))
                 continue
             values = self._normalised(result)
-            for row, i in enumerate(members):
+            for row, i in enumerate(chunk):
                 self._assign(
                     batch.readings[i], candidates[i], values[row], result.token_counts[row]
                 )
                 batch.readings[i].calls = (
                     0 if result.cached is not None and result.cached[row] else 1
                 )
-                batch.readings[i].seconds = result.usage.seconds / len(members)
+                batch.readings[i].seconds = result.usage.seconds / len(chunk)
+            done(len(chunk))
 
-    def _score_with_variants(self, batch: ReadBatch, candidates: Sequence[Sequence[str]]) -> None:
+    def _score_with_variants(
+        self, batch: ReadBatch, candidates: Sequence[Sequence[str]], done: Done
+    ) -> None:
         """Each input with its content-free variants in one call (they share all but the input,
         so a backend that shares prefixes computes the prompt once), then the bias divided out."""
         for i, reading in enumerate(batch.readings):
@@ -201,8 +283,9 @@ class LLMReader:
                 continue
             group = [reading.prompt, *reading.variants]
             result = self._call(batch, [p.text for p in group], [p.options for p in group])
+            done(1)
             if result is None:
-                reading.fallback = f"backend error: {batch.error}"
+                reading.fallback = Fallback(FallbackReason.BACKEND_ERROR, batch.error or "")
                 continue
             values = self._normalised(result)
             self._assign(reading, candidates[i], values[0], result.token_counts[0])

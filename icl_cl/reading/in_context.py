@@ -20,9 +20,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-IN_CONTEXT_METHODS = ("none", "contextual", "domain", "batch")
-CONTENT_FREE = ("N/A", "", "[MASK]")
-
 
 def _row_probabilities(scores: np.ndarray) -> np.ndarray:
     """Each row's scores as a distribution over its options (``-inf`` options get 0)."""

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-RULES = ("cardinality", "threshold", "label_thresholds")
+from icl_cl.config import LABEL_SET_RULES
+from icl_cl.types import LabelSetEvidence
 
 # Shrinkage strength, in held-out positives: a label's threshold is the mean of its own best
 # threshold, weighted by its positives n, and the global one, weighted by this. The best-F1
@@ -48,8 +49,10 @@ class LabelSetRule:
     heldout_items: int = 0
 
     def __post_init__(self) -> None:
-        if self.rule not in RULES:
-            raise ValueError(f"unknown label-set rule {self.rule!r} (one of {', '.join(RULES)})")
+        if self.rule not in LABEL_SET_RULES:
+            raise ValueError(
+                f"unknown label-set rule {self.rule!r} (one of {', '.join(LABEL_SET_RULES)})"
+            )
 
     @classmethod
     def fit(
@@ -107,13 +110,15 @@ class LabelSetRule:
         passing = tuple(int(j) for j in order if p[j] >= self.threshold_for(labels[j]))
         return passing or (int(order[0]),)
 
-    def evidence(self, chosen: Sequence[str]) -> dict[str, Any]:
+    def evidence(self, chosen: Sequence[str]) -> LabelSetEvidence:
         """The rule, and the threshold(s) the chosen labels were held to."""
         if self.rule == "cardinality":
-            return {"rule": self.rule}
+            return LabelSetEvidence(self.rule)
         if self.rule == "threshold":
-            return {"rule": self.rule, "threshold": self.threshold}
-        return {"rule": self.rule, "thresholds": {lab: self.threshold_for(lab) for lab in chosen}}
+            return LabelSetEvidence(self.rule, threshold=self.threshold)
+        return LabelSetEvidence(
+            self.rule, thresholds={lab: self.threshold_for(lab) for lab in chosen}
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

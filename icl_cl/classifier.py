@@ -1,0 +1,299 @@
+"""ContinualClassifier: the public entry point. Learns sessions into a store, fits the heads on
+held-out stored examples, and predicts labels (reading the store only)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from icl_cl.backends.base import LLMBackend
+from icl_cl.config import ClassifierConfig, MemoryConfig
+from icl_cl.describe import label_table, store_info
+from icl_cl.embedding import Embedder, load_embedder
+from icl_cl.errors import BackendError, ConfigError, DataError
+from icl_cl.heads import FittedHeads, KeptHeads
+from icl_cl.images import Image
+from icl_cl.inputs import checks
+from icl_cl.memory.ecl import ExternalContinualLearner
+from icl_cl.memory.store import MANIFEST, Store
+from icl_cl.reading import LLMHandle, LLMReader, write_summaries
+from icl_cl.steps import Steps
+from icl_cl.types import Example, Label, LearnReport, Prediction, Progress, Ranked, counter
+
+logger = logging.getLogger(__name__)
+
+
+class ContinualClassifier:
+    """An in-context continual classifier over a persistent store.
+
+    ``learn`` appends a session (no retraining, no forgetting) and ends with ``fit``, which fits
+    the heads (fusion weights, calibration, label-set rule) on held-out stored examples and
+    stores them. ``predict`` ranks candidate labels with the external continual learner, lets
+    the LLM read them when fusion gave it weight, and decides; it only reads the store.
+
+    Args:
+        memory: The ECL over an open store (see :meth:`open`).
+        embedder: The embedder the store was built with.
+        config: The classifier config.
+        backend: An LLM backend to use as it is (its owner closes it) instead of building the
+            configured one; the config's ``llm`` section must still be set.
+    """
+
+    def __init__(
+        self,
+        memory: ExternalContinualLearner,
+        embedder: Embedder,
+        config: ClassifierConfig,
+        *,
+        backend: LLMBackend | None = None,
+    ) -> None:
+        self.memory = memory
+        self.embedder = embedder
+        self.config = config
+        self.heads = KeptHeads(memory)
+        self._llm = LLMHandle(Path(memory.store.path) / "llm_cache.sqlite", backend)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        config: ClassifierConfig | None = None,
+        *,
+        memory: MemoryConfig | None = None,
+        embedder: Embedder | None = None,
+        backend: LLMBackend | None = None,
+    ) -> ContinualClassifier:
+        """Create the store at ``path`` if it does not exist, else reopen it.
+
+        ``config`` is a new store's config; an existing store keeps its embedder (``config``
+        must agree) and takes the rest of ``config`` (scorer, LLM, prompt, fusion, ...).
+        ``memory`` overrides the memory settings, ``embedder`` and ``backend`` are instances to
+        use instead of building the configured ones.
+        """
+        path = Path(path)
+        if (path / MANIFEST).exists():
+            store = Store.open(path)
+            stored = ClassifierConfig.from_dict(store.meta("config"), source=str(path))
+            try:
+                embedder = embedder or load_embedder((config or stored).embedder)
+            except BaseException:
+                store.close()
+                raise
+            # The name says model, backend and quantisation: vectors of two never mix in a store.
+            if embedder.name != store.manifest["embedder"]:
+                store.close()
+                raise ConfigError(
+                    f"{path}: store was built with embedder {store.manifest['embedder']!r}, "
+                    f"not {embedder.name!r}"
+                )
+            config = stored.with_query_settings(config) if config is not None else stored
+        else:
+            config = config or ClassifierConfig()
+            embedder = embedder or load_embedder(config.embedder)
+            dump = config.model_dump(mode="json")
+            store = Store.create(path, dim=embedder.dim, embedder=embedder.name, config=dump)
+        if memory is not None:
+            config = config.model_copy(update={"memory": memory})
+        embedder = embedder or load_embedder(config.embedder)
+        return cls(
+            ExternalContinualLearner(store, config.memory), embedder, config, backend=backend
+        )
+
+    def close(self) -> None:
+        self._llm.close()
+        self.memory.store.close()
+
+    def __enter__(self) -> ContinualClassifier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def learn(
+        self,
+        examples: Sequence[Example],
+        labels: Sequence[Label] = (),
+        *,
+        fit: bool = True,
+        k: int = 10,
+        progress: Progress | None = None,
+        locations: Sequence[checks.Located] | None = None,
+        label_locations: Sequence[checks.Located] | None = None,
+    ) -> LearnReport:
+        """Learn one session (all-or-nothing: bad input changes nothing), then (``fit``)
+        :meth:`fit` the heads for ``k`` candidates; once the session is stored, a failing LLM is
+        only logged. Ids must be new; labels used but never defined are named by their id; a
+        session of label definitions alone adds labels that retrieval finds at once.
+        ``progress`` is told how far embedding and fitting got; ``locations`` and
+        ``label_locations`` say where each item came from, for error messages."""
+        start, examples = time.perf_counter(), list(examples)
+        if fit:
+            checks.check_prediction_options(k)
+        new, multi = checks.check_learn(
+            examples,
+            labels,
+            max_chars=self.config.max_text_chars,
+            existing_ids=self.memory.store.existing_ids,
+            known=self.memory.label,
+            multi_label=self.config.multi_label,
+            stored_multi_label=self.memory.multi_label,
+            reads_images=getattr(self.embedder, "reads_images", False),
+            embedder=self.embedder.name,
+            locations=locations,
+            label_locations=label_locations,
+        )
+        embed_start = time.perf_counter()
+        items = [ex.item for ex in examples]
+        vectors = self.embedder.encode(items, progress=counter(progress, "embedding", len(items)))
+        label_vectors = self.embedder.encode([lab.text for lab in new])
+        embedded = time.perf_counter()
+        session = self.memory.learn(
+            examples, vectors, new, label_vectors, multi_label=multi, seconds=embedded - start
+        )
+        self.heads.forget()
+        names = tuple(lab.label for lab in new)
+        report = LearnReport(
+            session, len(examples), names, time.perf_counter() - start, embedded - embed_start
+        )
+        logger.info("learned session %d: %d examples, %d new labels", session, len(items), len(new))
+        if self.config.llm is not None and self.config.prompt.label_presentation == "summaries":
+            try:
+                self.write_summaries(list(names))
+            except BackendError as exc:
+                logger.warning("could not write class summaries now: %s", exc)
+        if fit and self.memory.n_examples:
+            fit_start = time.perf_counter()
+            try:
+                self.fit(k, progress=progress)
+            except (BackendError, DataError) as exc:  # e.g. images for a text-only LLM
+                logger.warning("session %d is stored, but fitting failed: %s", session, exc)
+            report = dataclasses.replace(report, fit_seconds=time.perf_counter() - fit_start)
+        return report
+
+    def fit(
+        self,
+        k: int = 10,
+        *,
+        scorer: str | None = None,
+        use_llm: bool = True,
+        progress: Progress | None = None,
+    ) -> FittedHeads:
+        """Fit the heads of predictions with ``k`` candidates, ``scorer`` and (``use_llm``) the
+        configured LLM on held-out stored examples, and store them; a current fit is returned
+        as it is. The only step that reads held-out items with the LLM."""
+        self.memory.require_examples()
+        steps = self._steps(writing=True)
+        spec = steps.spec(checks.check_prediction_options(k), scorer, use_llm)
+        return self.heads.fit_and_save(spec, lambda: steps.heldout(spec, progress))
+
+    def predict(
+        self,
+        texts: Sequence[str | Image | Any],
+        k: int = 10,
+        *,
+        scorer: str | None = None,
+        use_llm: bool = True,
+        progress: Progress | None = None,
+        confidence: float | None = None,
+        abstain_below: float | None = None,
+    ) -> list[Prediction]:
+        """Predict labels for each input (a text, or an image: :class:`~icl_cl.images.Image`, a
+        PIL image, bytes or a :class:`pathlib.Path`) from its top-``k`` candidates, ranked by
+        ``scorer`` and, with ``use_llm``, read by the configured LLM. ``confidence`` adds a
+        conformal label set holding the truth at that rate; ``abstain_below`` abstains when the
+        top probability is below it. ``progress`` is told how far embedding and reading got."""
+        checks.check_prediction_options(k, confidence, abstain_below)
+        items = checks.prediction_inputs(
+            texts,
+            max_chars=self.config.max_text_chars,
+            reads_images=getattr(self.embedder, "reads_images", False),
+            embedder=self.embedder.name,
+        )
+        self.memory.require_examples()
+        self._steps().check_reads(self._steps().spec(k, scorer, use_llm), items)
+        queries = self.embedder.encode(items, progress=counter(progress, "embedding", len(items)))
+        return self.predict_vectors(
+            queries,
+            k,
+            scorer=scorer,
+            texts=items if use_llm else None,
+            progress=progress,
+            confidence=confidence,
+            abstain_below=abstain_below,
+        )
+
+    def predict_vectors(
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        *,
+        scorer: str | None = None,
+        texts: Sequence[str | Image] | None = None,
+        progress: Progress | None = None,
+        confidence: float | None = None,
+        abstain_below: float | None = None,
+    ) -> list[Prediction]:
+        """Predict from embedded inputs; the LLM reads ``texts`` (when given) if fusion gave it
+        weight. Uses the stored heads of these settings (stale or not, said in the evidence);
+        without any, fits them in memory."""
+        steps, k = self._steps(), checks.check_prediction_options(k, confidence, abstain_below)
+        spec = steps.spec(k, scorer, use_llm=texts is not None)
+        found = steps.candidates(spec, texts, queries)
+        heads, fallback = self.heads.for_prediction(spec, lambda: steps.heldout(spec, progress))
+        readings = None
+        if texts is not None and heads.fusion is not None and heads.fusion.uses_added:
+            readings = steps.read(texts, queries, found, progress)
+        multi = bool(self.memory.multi_label)
+        return heads.decide(
+            found.ranked,
+            [r.scores for r in readings] if readings is not None else None,
+            cardinality=self.memory.expected_cardinality(queries) if multi else None,
+            upstream=steps.upstream(spec, found, readings, fallback or heads.llm_fallback()),
+            confidence=confidence,
+            abstain_below=abstain_below,
+            stale=not self.heads.current(heads),
+        )
+
+    def candidates(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        texts: Sequence[str | Image] | None = None,
+        scorer: str | None = None,
+    ) -> Ranked:
+        """The candidate stage alone: each input's top-``k`` ``(label, score)``."""
+        steps = self._steps()
+        return steps.candidates(steps.spec(k, scorer, texts is not None), texts, queries).ranked
+
+    def backend(self) -> LLMBackend:
+        """The configured LLM backend (created on first use, or the one given to :meth:`open`)."""
+        return self._llm.get(self.config.llm)
+
+    def reader(self) -> LLMReader:
+        """The LLM reader of the configured prompt strategy."""
+        return self._steps().reader()
+
+    def write_summaries(
+        self, labels: Sequence[str] | None = None, n_examples: int = 5
+    ) -> dict[str, str]:
+        """InCA class summaries, written by the LLM from a few stored examples of each label
+        (``None``: every label with examples) and stored."""
+        return write_summaries(self._steps(True).backend(), self.memory, labels, n_examples)
+
+    def _steps(self, writing: bool = False) -> Steps:
+        return Steps(self.memory, self.embedder, self.config, self._llm, writing=writing)
+
+    def labels(self) -> list[dict[str, Any]]:
+        """Known labels with their example counts and the session that introduced them."""
+        return label_table(self.memory)
+
+    def info(self) -> dict[str, Any]:
+        """Config, model, sizes, sessions and fitted heads of the store."""
+        return store_info(self.memory, self.config, self.heads)

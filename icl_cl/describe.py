@@ -1,0 +1,53 @@
+"""What ``icl-cl info`` and ``icl-cl labels`` show about a classifier's store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from icl_cl.config import ClassifierConfig
+from icl_cl.heads import KeptHeads
+from icl_cl.memory.ecl import ExternalContinualLearner
+
+
+def label_table(memory: ExternalContinualLearner) -> list[dict[str, Any]]:
+    """Known labels with their example counts and the session that introduced them."""
+    sessions = memory.store.label_sessions()
+    counts = memory.stats.counts
+    return [
+        {
+            "label": lab.label,
+            "name": lab.name,
+            "group": lab.group,
+            "count": int(counts[i]),
+            "session": sessions.get(lab.label),
+        }
+        for i, lab in enumerate(memory.labels)
+    ]
+
+
+def store_info(
+    memory: ExternalContinualLearner, config: ClassifierConfig, heads: KeptHeads
+) -> dict[str, Any]:
+    """Config, model, sizes, sessions and fitted heads of the store."""
+    store = memory.store
+    size = sum(f.stat().st_size for f in Path(store.path).iterdir() if f.is_file())
+    return {
+        **memory.info(),
+        "format_version": store.manifest["format_version"],
+        "created_by": store.manifest["created_by"],
+        "embedder": store.manifest["embedder"],
+        "bytes_on_disk": size,
+        "config": config.model_dump(mode="json"),
+        "sessions": [
+            {
+                "session": s.session,
+                "created_at": s.created_at,
+                "examples": s.n_examples,
+                "new_labels": len(s.new_labels),
+                "seconds": round(s.seconds, 3),
+            }
+            for s in memory.sessions()
+        ],
+        "heads": heads.summaries(),
+    }

@@ -1,0 +1,29 @@
+"""What is fitted on held-out stored examples: fusion of score sources, scores to probabilities,
+conformal sets and label-set rules; one fit and one decide, keyed by a typed spec."""
+
+from __future__ import annotations
+
+from icl_cl.heads.calibrator import ScoreCalibrator
+from icl_cl.heads.conformal import SplitConformal
+from icl_cl.heads.fitted import FittedHeads
+from icl_cl.heads.fusion import FusionWeights, fit_fusion
+from icl_cl.heads.heldout import HeldOutItems, HeldOutScores
+from icl_cl.heads.kept import KeptHeads
+from icl_cl.heads.label_sets import LabelSetRule
+from icl_cl.heads.probability import PlattScaling, TemperatureScaling
+from icl_cl.heads.spec import HeadSpec
+
+__all__ = [
+    "FittedHeads",
+    "FusionWeights",
+    "HeadSpec",
+    "HeldOutItems",
+    "HeldOutScores",
+    "KeptHeads",
+    "LabelSetRule",
+    "PlattScaling",
+    "ScoreCalibrator",
+    "SplitConformal",
+    "TemperatureScaling",
+    "fit_fusion",
+]

@@ -1,0 +1,298 @@
+"""Every check on what a caller gives the classifier, in one place: texts, images, examples,
+label definitions and prediction options. Each failure is a :class:`DataError` that names the
+item (and its file and line when known), raised before anything is written."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Any
+
+from icl_cl.errors import DataError
+from icl_cl.images import Image, load_image
+from icl_cl.types import Example, Label
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Located:
+    """An item together with where it came from, so later errors can point at it."""
+
+    source: str
+    line: int
+
+
+def location_of(locations: Sequence[Located] | None, i: int) -> dict[str, Any]:
+    """``source``/``line`` keyword arguments for a :class:`DataError` about item ``i``."""
+    if locations is None:
+        return {}
+    return {"source": locations[i].source, "line": locations[i].line}
+
+
+def check_text(text: object, *, max_chars: int, field: str = "text", **where: Any) -> str:
+    """Return ``text`` if it is a non-empty string of at most ``max_chars`` characters."""
+    if text is None:
+        raise DataError("missing", field=field, **where)
+    if not isinstance(text, str):
+        raise DataError(f"must be a string, got {type(text).__name__}", field=field, **where)
+    if not text.strip():
+        raise DataError("is empty", field=field, **where)
+    if len(text) > max_chars:
+        raise DataError(
+            f"is {len(text)} characters; the limit is {max_chars} (max_text_chars)",
+            field=field,
+            **where,
+        )
+    return text
+
+
+def validate_examples(
+    examples: Sequence[Example], *, max_chars: int, locations: Sequence[Located] | None = None
+) -> None:
+    """Check examples given through the API (types, empty text, duplicate ids within the batch)."""
+    seen: dict[str, int] = {}
+    for i, ex in enumerate(examples):
+        at = location_of(locations, i)
+        if not isinstance(ex, Example):
+            raise DataError(f"expected an Example, got {type(ex).__name__}", item=str(i), **at)
+        if not isinstance(ex.id, str) or not ex.id.strip():
+            raise DataError("missing or empty", field="id", item=str(i), **at)
+        if ex.image is None or ex.text:
+            check_text(ex.text, max_chars=max_chars, item=ex.id, **at)
+        for label in ex.labels:
+            if not isinstance(label, str) or not label.strip():
+                raise DataError(f"invalid label {label!r}", field="labels", item=ex.id, **at)
+        if ex.id in seen:
+            first = seen[ex.id]
+            first_where = f"line {locations[first].line}" if locations else f"position {first}"
+            raise DataError(f"duplicate id (first at {first_where})", field="id", item=ex.id, **at)
+        seen[ex.id] = i
+
+
+def check_session(
+    examples: Sequence[Example],
+    labels: Sequence[Label],
+    *,
+    max_chars: int,
+    locations: Sequence[Located] | None = None,
+) -> None:
+    """A session's examples checked on their own (the store is checked by the functions below)."""
+    if not examples and not labels:
+        raise DataError("a session needs at least one example or one label definition")
+    validate_examples(examples, max_chars=max_chars, locations=locations)
+
+
+def check_new_ids(
+    examples: Sequence[Example],
+    existing: Collection[str],
+    locations: Sequence[Located] | None = None,
+) -> None:
+    """Refuse examples whose ids are ``existing`` (already in the store), naming the first."""
+    clash = set(existing)
+    if clash:
+        i = next(i for i, ex in enumerate(examples) if ex.id in clash)
+        raise DataError(
+            f"id already in the store ({len(clash)} such ids in this session)",
+            field="id",
+            item=examples[i].id,
+            **location_of(locations, i),
+        )
+
+
+def new_labels(
+    examples: Sequence[Example],
+    labels: Sequence[Label],
+    known: Callable[[str], Label | None],
+    locations: Sequence[Located] | None = None,
+) -> list[Label]:
+    """The labels a session adds: its definitions that are new, then labels its examples use
+    that nobody defined (named by their identifier). ``known`` looks a label up in the store; a
+    definition that contradicts the stored one is refused."""
+    declared: dict[str, Label] = {}
+    for i, lab in enumerate(labels):
+        at = location_of(locations, i)
+        if not isinstance(lab, Label) or not lab.label.strip():
+            raise DataError("expected a Label with a non-empty identifier", item=str(i), **at)
+        if lab.label in declared:
+            raise DataError("label defined twice", field="label", item=lab.label, **at)
+        stored = known(lab.label)
+        if stored is not None:
+            for field in ("name", "description", "group"):
+                if getattr(stored, field) != getattr(lab, field):
+                    raise DataError(
+                        f"conflicts with the stored label ({field} {getattr(stored, field)!r} "
+                        f"vs {getattr(lab, field)!r})",
+                        field=field,
+                        item=lab.label,
+                        **at,
+                    )
+        declared[lab.label] = lab
+    new = [lab for lab in declared.values() if known(lab.label) is None]
+    known_or_new = {lab.label for lab in new}
+    for ex in examples:
+        for name in ex.labels:
+            if name not in known_or_new and known(name) is None:
+                known_or_new.add(name)
+                new.append(Label(name))
+    return new
+
+
+def multi_label_after(
+    examples: Sequence[Example],
+    setting: bool | None,
+    stored: bool | None,
+    locations: Sequence[Located] | None = None,
+) -> bool:
+    """Whether the store is multi-label once this session is in: ``setting`` is the config's
+    ``multi_label`` (``None``: detect), ``stored`` what the store is so far."""
+    if setting is False:
+        for i, ex in enumerate(examples):
+            if len(ex.labels) != 1:
+                raise DataError(
+                    f"a single-label store needs exactly one label, got {len(ex.labels)}",
+                    field="labels",
+                    item=ex.id,
+                    **location_of(locations, i),
+                )
+        return False
+    if setting is True:
+        return True
+    seen_multi = any(len(ex.labels) != 1 for ex in examples)
+    if seen_multi and stored is False:
+        logger.warning("examples with != 1 label: the store becomes multi-label")
+    return bool(stored) or seen_multi
+
+
+def prediction_input(value: object, i: int, *, max_chars: int) -> str | Image:
+    """A prediction input checked: a text, or an image loaded from what was given."""
+    if isinstance(value, str):
+        return check_text(value, max_chars=max_chars, item=str(i))
+    return load_image(value, item=str(i))
+
+
+def check_embedder_reads(
+    items: Sequence[str | Image],
+    ids: Sequence[str],
+    *,
+    reads_images: bool,
+    embedder: str,
+    locations: Sequence[Located] | None = None,
+) -> None:
+    """Refuse images, naming the first, when the embedder reads text only."""
+    if reads_images:
+        return
+    for i, item in enumerate(items):
+        if isinstance(item, Image):
+            raise DataError(
+                f"the embedder {embedder} reads text only; configure a CLIP-style "
+                "embedder (embedder.model, e.g. clip-ViT-B-32) to learn or classify images",
+                field="image",
+                item=ids[i],
+                **location_of(locations, i),
+            )
+
+
+def check_reader_reads(
+    items: Sequence[str | Image],
+    *,
+    infers: bool,
+    reads_images: Callable[[], bool],
+    llm: str,
+) -> None:
+    """Refuse images, naming the first, when the LLM stage cannot take them (before any work).
+
+    Args:
+        items: The prediction inputs.
+        infers: Infer-Retrieve-Rank's infer step is on (it writes queries from text).
+        reads_images: Whether the LLM backend reads images (asked only when there is one).
+        llm: The backend and model, for the message.
+    """
+    first = next((i for i, item in enumerate(items) if isinstance(item, Image)), None)
+    if first is None:
+        return
+    if infers:
+        raise DataError(
+            "Infer-Retrieve-Rank's infer step writes queries from text; image inputs need "
+            "irr.infer off",
+            field="image",
+            item=str(first),
+        )
+    if not reads_images():
+        raise DataError(
+            f"the LLM backend {llm} reads text only; use a vision-language model, or predict "
+            "with use_llm=False",
+            field="image",
+            item=str(first),
+        )
+
+
+def check_prediction_options(
+    k: object, confidence: float | None = None, abstain_below: float | None = None
+) -> int:
+    """``k`` (candidates per input) as an int, once it and the other options are valid."""
+    if isinstance(k, bool) or not isinstance(k, Integral) or k <= 0:
+        raise DataError(f"k must be a positive integer, got {k!r}")
+    if confidence is not None and not (isinstance(confidence, Real) and 0 < confidence < 1):
+        raise DataError(f"confidence must be in (0, 1), got {confidence!r}")
+    if abstain_below is not None and not (
+        isinstance(abstain_below, Real) and 0 <= abstain_below <= 1
+    ):
+        raise DataError(f"abstain_below must be in [0, 1], got {abstain_below!r}")
+    return int(k)
+
+
+def check_learn(
+    examples: Sequence[Example],
+    labels: Sequence[Label],
+    *,
+    max_chars: int,
+    existing_ids: Callable[[list[str]], Collection[str]],
+    known: Callable[[str], Label | None],
+    multi_label: bool | None,
+    stored_multi_label: bool | None,
+    reads_images: bool,
+    embedder: str,
+    locations: Sequence[Located] | None = None,
+    label_locations: Sequence[Located] | None = None,
+) -> tuple[list[Label], bool]:
+    """Every check on a session before it is learned; returns the labels it adds and whether
+    the store is multi-label once it is in.
+
+    Args:
+        examples: The session's examples.
+        labels: Its label definitions.
+        max_chars: Longest text accepted.
+        existing_ids: Which of these ids the store already holds.
+        known: Looks a label up in the store.
+        multi_label: The config's label mode (``None``: detect).
+        stored_multi_label: The store's label mode so far.
+        reads_images: Whether the embedder reads images.
+        embedder: The embedder's name, for messages.
+        locations: Where each example came from.
+        label_locations: Where each label definition came from.
+    """
+    check_session(examples, labels, max_chars=max_chars, locations=locations)
+    check_new_ids(examples, existing_ids([ex.id for ex in examples]), locations)
+    new = new_labels(examples, labels, known, label_locations)
+    if not examples and not new:
+        raise DataError("nothing to learn: no examples, and every label given is already known")
+    multi = multi_label_after(examples, multi_label, stored_multi_label, locations)
+    items, ids = [ex.item for ex in examples], [ex.id for ex in examples]
+    check_embedder_reads(
+        items, ids, reads_images=reads_images, embedder=embedder, locations=locations
+    )
+    return new, multi
+
+
+def prediction_inputs(
+    values: Sequence[object], *, max_chars: int, reads_images: bool, embedder: str
+) -> list[str | Image]:
+    """Prediction inputs checked (texts, or images loaded from what was given) and refused,
+    naming the first, when the embedder cannot read them."""
+    items = [prediction_input(value, i, max_chars=max_chars) for i, value in enumerate(values)]
+    ids = [str(i) for i in range(len(items))]
+    check_embedder_reads(items, ids, reads_images=reads_images, embedder=embedder)
+    return items

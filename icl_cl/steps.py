@@ -1,0 +1,141 @@
+"""The steps of a prediction and of a fit, wired for one classifier: the candidate source, the
+LLM's reading and the held-out items the heads are fitted on.
+
+Held-out items go through the same candidate and reading steps as predictions, so the heads are
+fitted on the scores they will be applied to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from icl_cl.backends.base import LLMBackend
+from icl_cl.candidates import Candidates, candidate_source
+from icl_cl.config import ClassifierConfig
+from icl_cl.embedding import Embedder
+from icl_cl.heads import HeadSpec, HeldOutItems
+from icl_cl.images import Image
+from icl_cl.inputs import checks
+from icl_cl.memory.ecl import ExternalContinualLearner
+from icl_cl.reading import LLMHandle, LLMReader, Reading
+from icl_cl.types import EclRanker, Fallback, Progress, Upstream, counter
+
+
+class Steps:
+    """A classifier's steps under one config.
+
+    Args:
+        memory: The ECL.
+        embedder: The store's embedder.
+        config: The classifier config.
+        llm: The classifier's LLM.
+        writing: Whether the work is stored (a fit): the LLM is then used behind the store's
+            call cache.
+    """
+
+    def __init__(
+        self,
+        memory: ExternalContinualLearner,
+        embedder: Embedder,
+        config: ClassifierConfig,
+        llm: LLMHandle,
+        *,
+        writing: bool = False,
+    ) -> None:
+        self.memory = memory
+        self.embedder = embedder
+        self.config = config
+        self.llm = llm
+        self.writing = writing
+
+    def backend(self) -> LLMBackend:
+        """The LLM backend (created on first use)."""
+        if self.writing:
+            return self.llm.for_writing(self.config.llm)
+        return self.llm.get(self.config.llm)
+
+    def spec(self, k: int, scorer: str | None, use_llm: bool) -> HeadSpec:
+        """The spec of predictions with ``k`` candidates, ``scorer`` and (``use_llm``) the LLM."""
+        return HeadSpec.of(self.config, k, self.memory.resolve_scorer(scorer), use_llm=use_llm)
+
+    def reader(self) -> LLMReader:
+        """The LLM reader of the configured prompt strategy."""
+        return LLMReader(self.backend(), self.memory, self.config.prompt, self.config.calibration)
+
+    def check_reads(self, spec: HeadSpec, items: Sequence[str | Image]) -> None:
+        """Refuse, before any work, inputs the LLM steps of ``spec`` cannot take (images)."""
+        llm = self.config.llm
+        if spec.reads and llm is not None:
+            checks.check_reader_reads(
+                items,
+                infers=spec.infers,
+                reads_images=lambda: self.backend().capabilities.images,
+                llm=f"{llm.backend} ({llm.model})",
+            )
+
+    def read(
+        self,
+        texts: Sequence[str | Image],
+        queries: np.ndarray,
+        found: Candidates,
+        progress: Progress | None = None,
+    ) -> list[Reading]:
+        """The LLM's reading of each input's candidates."""
+        labels = [[label for label, _ in c] for c in found.ranked]
+        done = counter(progress, "reading candidates (LLM)", len(labels))
+        return self.reader().read(texts, queries, labels, progress=done).readings
+
+    def candidates(
+        self,
+        spec: HeadSpec,
+        texts: Sequence[str | Image] | None,
+        queries: np.ndarray,
+        rank: EclRanker | None = None,
+        exclude: Sequence[frozenset[str]] | None = None,
+    ) -> Candidates:
+        """Each input's candidates. Infer-Retrieve-Rank's infer step reads ``texts`` (when given);
+        ``rank`` stands for the ECL (held-out fits leave their items out of it)."""
+        infer = spec.infers and texts is not None
+        if rank is None:
+            rank = lambda vectors, k: self.memory.candidates(vectors, k, spec.scorer)  # noqa: E731
+        llm = self.backend() if infer else None
+        source = candidate_source(self.memory, self.embedder, self.config.irr, rank, llm)
+        return source.candidates(texts if infer else None, queries, spec.k, exclude)
+
+    def heldout(self, spec: HeadSpec, progress: Progress | None = None) -> HeldOutItems:
+        """The held-out items of ``spec``, through these candidate and reading steps."""
+        reader = self.reader() if spec.reads else None
+        return HeldOutItems(
+            self.memory,
+            scorer=spec.scorer,
+            seed=spec.fusion.seed,
+            candidates=lambda items, vectors, rank, exclude: (
+                self.candidates(spec, items, vectors, rank, exclude).ranked
+            ),
+            read=reader.scores if reader is not None else None,
+            progress=progress,
+        )
+
+    @staticmethod
+    def upstream(
+        spec: HeadSpec,
+        found: Candidates,
+        readings: list[Reading] | None,
+        fallback: Fallback | None,
+    ) -> list[Upstream] | None:
+        """Per input: cost, fallback and evidence of the LLM steps before the heads (``None``
+        when no LLM step ran or was asked for)."""
+        if not spec.reads and found.inferred is None:
+            return None
+        out = []
+        for i in range(len(found.ranked)):
+            before = found.inferred.upstream(i) if found.inferred is not None else Upstream()
+            if readings is not None:
+                before = readings[i].after(before)
+            elif spec.reads:
+                before = dataclasses.replace(before, fallback=fallback)
+            out.append(before)
+        return out
