@@ -189,6 +189,7 @@ class ContinualClassifier:
         as it is. The only step that reads held-out items with the LLM."""
         self.memory.require_examples()
         steps = self._steps(writing=True)
+        steps.refresh_scorer_choice(scorer, progress)
         spec = steps.spec(checks.check_prediction_options(k), scorer, use_llm)
         return self.heads.fit_and_save(spec, lambda: steps.heldout(spec, progress))
 

@@ -63,7 +63,10 @@ class MemoryConfig(_Strict):
     """The external continual learner: which scorer ranks labels, and its hyper-parameters."""
 
     scorer: ScorerName | Literal["auto"] = Field(
-        "auto", description="'auto': mahalanobis for single-label stores, knn for multi-label"
+        "auto",
+        description="'auto': what the fit step chose on held-out stored examples (the best "
+        "scorer, fused with others that earn a weight); before any fit, klda for single-label "
+        "stores and knn for multi-label",
     )
     ridge_lambda: float = Field(
         1.0, gt=0, description="ridge regularisation (ACIL's gamma) on L2-normalised embeddings"
@@ -94,6 +97,12 @@ class MemoryConfig(_Strict):
     )
     klda_bandwidth: float = Field(
         1.0, gt=0, description="Gaussian kernel width of klda's random Fourier features"
+    )
+    auto_heldout: int = Field(
+        1000,
+        ge=10,
+        description="stored examples held out by the fit step to choose what 'auto' stands for "
+        "(the best scorer, fused with others that earn a weight) and ranpac's strength",
     )
     feature_seed: int = Field(0, description="seed of the random feature maps (fixed per store)")
     exact_search_max: int = Field(

@@ -13,8 +13,16 @@ from icl_cl.config import AUTO_SCORER, SCORERS, MemoryConfig
 from icl_cl.errors import ConfigError, DataError
 from icl_cl.memory.example_index import ExampleIndex
 from icl_cl.memory.feature_space import FeatureSpace
-from icl_cl.memory.item_groups import ItemGroups
 from icl_cl.memory.features import RandomFeatures, feature_width
+from icl_cl.memory.item_groups import ItemGroups
+from icl_cl.memory.scorer_choice import (
+    CHOICE_KEY,
+    SEPARATOR,
+    Combination,
+    ScorerChoice,
+    combination_parts,
+    weights_of,
+)
 from icl_cl.memory.scorers import FEATURE_SCORERS, Scorer, build_scorer, top_k
 from icl_cl.memory.statistics import RunningStatistics
 from icl_cl.memory.store import SessionRecord, Store
@@ -44,6 +52,7 @@ class ExternalContinualLearner:
         self._label_index: ExampleIndex | None = None
         # Random-feature statistics of the scorers that need them, built on first use.
         self._spaces: dict[str, FeatureSpace] = {}
+        self._choice: ScorerChoice | None = self._load_choice()
         self.multi_label: bool | None = store.meta("multi_label")
 
     # ---- introspection ---------------------------------------------------------------------
@@ -102,7 +111,9 @@ class ExternalContinualLearner:
         delta = self.stats.delta(vectors, label_lists)
         n_after = self.stats.n_examples + len(examples)
         # Spaces whose width stays the same are updated; a wider one is rebuilt on first use.
-        kept = {n: sp for n, sp in self._spaces.items() if sp.features == self.features_of(n, n_after)}
+        kept = {
+            n: sp for n, sp in self._spaces.items() if sp.features == self.features_of(n, n_after)
+        }
         space_deltas = {name: sp.delta(vectors, label_lists) for name, sp in kept.items()}
         # New columns: labels in order of first use (as the delta numbers them), then labels that
         # were declared but have no example yet.
@@ -162,22 +173,62 @@ class ExternalContinualLearner:
         self._items.add(keys, [np.array([col[lab] for lab in labs], np.int64) for labs in labels])
 
     def resolve_scorer(self, name: str | None = None) -> str:
-        """The concrete scorer a name (or the configured default, or ``auto``) stands for."""
+        """The concrete scorer a name (or the configured default) stands for: ``auto`` is what
+        the last fit chose on held-out stored examples (:attr:`choice`), or before any fit the
+        scorer that measured best on the development corpora."""
         name = name or self.config.scorer
-        return AUTO_SCORER[bool(self.multi_label)] if name == "auto" else name
+        if name != "auto":
+            return name
+        if self._choice is not None:
+            return self._choice.scorer
+        return AUTO_SCORER[bool(self.multi_label)]
+
+    @property
+    def choice(self) -> ScorerChoice | None:
+        """The stored choice of ``auto`` and of ranpac's ridge strength (``None`` before a fit)."""
+        return self._choice
+
+    def set_choice(self, choice: ScorerChoice, *, save: bool) -> None:
+        """Use ``choice`` from now on; with ``save``, store it (a fit does, a prediction never)."""
+        if save:
+            self.store.save_fitted(CHOICE_KEY, choice.to_dict(), choice.n_examples)
+        self._choice = choice
+        self._scorers.clear()
+
+    def _load_choice(self) -> ScorerChoice | None:
+        stored = self.store.fitted(CHOICE_KEY)
+        return ScorerChoice.from_dict(stored[0]) if stored is not None else None
+
+    def _config_for(self, name: str) -> MemoryConfig:
+        """The config a scorer is built with: ranpac takes the fitted ridge strength."""
+        rho = self._choice.ranpac_rho if self._choice is not None else None
+        if name == "ranpac" and rho is not None:
+            return self.config.model_copy(update={"ranpac_lambda": rho})
+        return self.config
 
     def scorer(self, name: str | None = None) -> Scorer:
-        """The named scorer (default: the configured one), built lazily from current statistics."""
+        """The named scorer (default: the configured one), built lazily from current statistics;
+        a combination (``klda+knn``) weighs its scorers as the stored choice says."""
         name = self.resolve_scorer(name)
-        if name not in SCORERS:
-            raise ConfigError(f"unknown scorer {name!r}; choose one of {', '.join(SCORERS)}")
+        unknown = [part for part in combination_parts(name) if part not in SCORERS]
+        if unknown:
+            raise ConfigError(f"unknown scorer {unknown[0]!r}; choose one of {', '.join(SCORERS)}")
         if name not in self._scorers:
-            items = self.items() if name == "knn" else None
-            features = self.features_of(name) if name in FEATURE_SCORERS else None
-            self._scorers[name] = build_scorer(
-                name, self._stats_for(name), self.config, self.index, items, features=features
-            )
+            if SEPARATOR in name:
+                weights = weights_of(self._choice, name)
+                parts = [(self.scorer(part), w) for part, w in weights.items()]
+                self._scorers[name] = Combination(parts)
+            else:
+                self._scorers[name] = self._build(name, self._stats_for(name))
         return self._scorers[name]
+
+    def _build(
+        self, name: str, stats: RunningStatistics, excluded: frozenset[int] = frozenset()
+    ) -> Scorer:
+        items = self.items() if name == "knn" else None
+        features = self.features_of(name) if name in FEATURE_SCORERS else None
+        config = self._config_for(name)
+        return build_scorer(name, stats, config, self.index, items, excluded, features=features)
 
     def feature_space(self, name: str) -> FeatureSpace:
         """The random-feature statistics a feature scorer (``ranpac``, ``klda``) is built on:
@@ -219,18 +270,17 @@ class ExternalContinualLearner:
         is subtracted, and they are excluded from the kNN vote.
         """
         name = self.resolve_scorer(name)
-        examples = self.store.examples(list(rows))
+        if SEPARATOR in name:
+            weights = weights_of(self._choice, name)
+            return Combination([(self.heldout_scorer(rows, p), w) for p, w in weights.items()])
         vectors = self.index.vectors(list(rows))
-        label_lists = [ex.labels for ex in examples]
+        label_lists = [ex.labels for ex in self.store.examples(list(rows))]
         if name in FEATURE_SCORERS:
             space = self.feature_space(name)
             stats = space.stats.without(space.delta(vectors, label_lists))
         else:
             stats = self.stats.without(self.stats.delta(vectors, label_lists))
-        items = self.items() if name == "knn" else None
-        features = self.features_of(name) if name in FEATURE_SCORERS else None
-        excluded = frozenset(int(r) for r in rows)
-        return build_scorer(name, stats, self.config, self.index, items, excluded, features=features)
+        return self._build(name, stats, frozenset(int(r) for r in rows))
 
     def ranked(self, scores: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         """Top-``k`` ``(label, score)`` per row of a score matrix, dropping labels with no example."""

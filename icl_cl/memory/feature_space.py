@@ -70,7 +70,9 @@ class FeatureSpace:
             logger.info("feature space %s: adding %d stored rows", features.name, missing)
             space.apply(space.delta(vectors[space.rows :], row_labels[space.rows :]))
         if space.stats.labels != list(labels):
-            raise ValueError(f"feature space {features.name}: label columns differ from the store's")
+            raise ValueError(
+                f"feature space {features.name}: label columns differ from the store's"
+            )
         return space
 
     def delta(self, vectors: np.ndarray, label_lists: Sequence[Sequence[str]]) -> StatisticsDelta:
