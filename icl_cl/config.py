@@ -21,6 +21,27 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LLMViewConfig(_Strict):
+    """Hidden states of a causal LM as an embedding view (defaults chosen in eval/bench/llm_view.py)."""
+
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="transformers in this process, or vLLM's pooling runner (GPU)"
+    )
+    model: str = Field(
+        "smollm2-135m-instruct", description="packaged model name, HF id or local path"
+    )
+    layer: int = Field(-1, description="layer pooled; negative counts from the end (-1: last)")
+    pooling: Literal["mean", "last"] = "mean"
+    max_tokens: int = Field(256, gt=0, description="a text's own tokens beyond this are cut")
+    template: str = Field(
+        "none", description="'none', 'chat' (the model's chat template) or a prompt with {text}"
+    )
+    batch_size: int = Field(32, gt=0)
+    combine: Literal["alone", "concat"] = Field(
+        "concat", description="the view alone, or after the sentence embedder's vector"
+    )
+
+
 class EmbedderConfig(_Strict):
     """Which sentence encoder embeds examples, labels and queries."""
 
@@ -30,6 +51,9 @@ class EmbedderConfig(_Strict):
     )
     device: str = "cpu"
     batch_size: int = Field(64, gt=0)
+    llm_view: LLMViewConfig | None = Field(
+        None, description="also (or only) embed with an LLM's hidden states"
+    )
 
 
 class MemoryConfig(_Strict):

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from icl_cl.embedding.base import ProgressCallback
+from icl_cl.embedding.base import Embedder, ProgressCallback
 from icl_cl.errors import ConfigError, DataError
 from icl_cl.images import Image
 
@@ -118,12 +118,18 @@ class SentenceTransformerEmbedder:
         return np.asarray(vectors, dtype=np.float32)
 
 
-def load_embedder(config: EmbedderConfig) -> SentenceTransformerEmbedder:
+def load_embedder(config: EmbedderConfig) -> Embedder:
     """Build the embedder a config names: a :class:`~icl_cl.embedding.clip.ClipEmbedder` (texts
     and images) when ``config.model`` is a CLIP model, else a text-only
-    :class:`SentenceTransformerEmbedder`."""
-    # Imported here: clip.py builds on this module.
+    :class:`SentenceTransformerEmbedder`; with ``config.llm_view``, the LLM view (see
+    :func:`~icl_cl.embedding.llm_view.load_llm_view`)."""
+    # Imported here: clip.py and llm_view.py build on this module.
     from icl_cl.embedding.clip import ClipEmbedder, is_clip_model
+
+    if config.llm_view is not None:
+        from icl_cl.embedding.llm_view import load_llm_view
+
+        return load_llm_view(config)
 
     cls = (
         ClipEmbedder

@@ -1,0 +1,239 @@
+"""Which hidden states of the in-process LLM make the best second view for the ECL.
+
+Each view is scored the same way: a fixed random projection of the unit vectors to M features with
+a ReLU, then a ridge regression to one-hot labels (the random-feature ridge of RanPAC), with the
+ridge's lambda picked on a held-out fifth of train (one eigendecomposition of its Gram gives every
+lambda), refitted on all of train, and top-1 accuracy on dev items never learned.
+
+Two steps, so that extraction (the slow part) is done once:
+
+    # hidden states of every layer in --layers, mean and last-token pooled, one pass per template
+    python eval/bench/llm_view.py extract --data DIR --out FEATURES --templates none,chat,eol
+    # the all-MiniLM-L6-v2 vectors of the same sample
+    python eval/bench/llm_view.py extract --data DIR --out FEATURES --minilm
+    # top-1 of every view, centred or not, alone and with MiniLM
+    python eval/bench/llm_view.py score --out FEATURES [--m 4000]
+
+``--data`` is a folder with ``train.jsonl`` and ``dev.jsonl``; the sample (``--n-train``,
+``--n-dev``, ``--seed``) is drawn the same way in every step. Features are saved under ``--out``
+as ``.npz`` files named by what they hold; ``score`` writes ``scores-M{m}.json`` there too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+
+from icl_cl.data import read_examples
+from icl_cl.embedding.llm_hidden import (
+    POOLINGS,
+    HiddenStateEmbedder,
+    pooled_states,
+    token_rows,
+)
+from icl_cl.embedding.normalise import unit_rows
+
+logger = logging.getLogger("llm_view")
+
+TEMPLATES = {
+    "none": "none",
+    "chat": "chat",
+    # PromptEOL (Jiang et al. 2023): asks the model to put the text's meaning in its next token.
+    "eol": 'This sentence : "{text}" means in one word:"',
+}
+LAMBDAS = np.logspace(-3, 4, 15)
+
+
+def sample(data: Path, n_train: int, n_dev: int, seed: int) -> tuple[list, list]:
+    """Seeded samples of train and dev, in file order."""
+    train, _ = read_examples(data / "train.jsonl", max_chars=10**6)
+    dev, _ = read_examples(data / "dev.jsonl", max_chars=10**6)
+    rng = random.Random(seed)
+    pick = sorted(rng.sample(range(len(train)), min(n_train, len(train))))
+    pick_dev = sorted(rng.sample(range(len(dev)), min(n_dev, len(dev))))
+    return [train[i] for i in pick], [dev[i] for i in pick_dev]
+
+
+def extract(args: argparse.Namespace) -> None:
+    train, dev = sample(Path(args.data), args.n_train, args.n_dev, args.seed)
+    texts = [ex.text for ex in train + dev]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = [ex.labels[0] for ex in train + dev]
+    np.savez(out / "labels.npz", labels=np.array(labels), n_train=len(train))
+    if args.minilm:
+        from icl_cl.config import EmbedderConfig
+        from icl_cl.embedding import load_embedder
+
+        embedder = load_embedder(EmbedderConfig())
+        t = time.perf_counter()
+        vectors = embedder.encode(texts)
+        seconds = time.perf_counter() - t
+        np.savez(out / "minilm.npz", vectors=vectors, seconds=seconds)
+        logger.info(
+            "minilm: %d texts in %.0f s (%.1f texts/s)", len(texts), seconds, len(texts) / seconds
+        )
+        return
+    view = HiddenStateEmbedder(args.model, batch_size=args.batch_size)
+    lm, tokenizer = view._loaded
+    layers = [int(x) for x in args.layers.split(",")]
+    for name in args.templates.split(","):
+        target = out / f"llm-{name}-max{args.max_tokens}.npz"
+        if target.exists():
+            logger.info("%s exists, skipped", target)
+            continue
+        rows = token_rows(tokenizer, texts, TEMPLATES[name], args.max_tokens)
+        tokens = sum(len(r) for r in rows.ids)
+        t = time.perf_counter()
+        pooled = pooled_states(
+            lm, rows, layers, POOLINGS, batch_size=args.batch_size, pad_id=tokenizer.pad_token_id
+        )
+        seconds = time.perf_counter() - t
+        arrays = {f"{layer}-{pool}": unit_rows(v) for (layer, pool), v in pooled.items()}
+        np.savez(target, seconds=seconds, tokens=tokens, **arrays)
+        logger.info(
+            "%s: %d texts, %d tokens in %.0f s (%.1f texts/s, %.0f tokens/s)",
+            name,
+            len(texts),
+            tokens,
+            seconds,
+            len(texts) / seconds,
+            tokens / seconds,
+        )
+
+
+def centred(train: np.ndarray, dev: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both sides minus the train mean, back to unit rows (the product's MeanCentring)."""
+    mean = train.mean(axis=0)
+    return unit_rows(train - mean), unit_rows(dev - mean)
+
+
+def concat(*parts: np.ndarray) -> np.ndarray:
+    """Unit parts side by side, the whole back to unit rows (the product's ConcatEmbedder)."""
+    return unit_rows(np.hstack([unit_rows(p) for p in parts]))
+
+
+def rf_ridge_top1(
+    train: np.ndarray, y_train: np.ndarray, dev: np.ndarray, y_dev: np.ndarray, m: int, seed: int
+) -> tuple[float, float]:
+    """Top-1 on dev of the random-feature ridge, and the lambda picked on a held-out fifth."""
+    rng = np.random.default_rng(seed)
+    proj = rng.standard_normal((train.shape[1], m)).astype(np.float32)
+    n_classes = int(max(y_train.max(), y_dev.max())) + 1
+
+    def features(x: np.ndarray) -> np.ndarray:
+        return np.maximum(x @ proj, 0).astype(np.float64)
+
+    def onehot(y: np.ndarray) -> np.ndarray:
+        return np.eye(n_classes)[y]
+
+    order = rng.permutation(len(train))
+    held, fit = order[: len(train) // 5], order[len(train) // 5 :]
+    phi = features(train[fit])
+    values, vectors = np.linalg.eigh(phi.T @ phi)
+    rotated = vectors.T @ (phi.T @ onehot(y_train[fit]))
+    held_rot = features(train[held]) @ vectors
+    accuracy = [
+        float(((held_rot / (values + lam)) @ rotated).argmax(1).__eq__(y_train[held]).mean())
+        for lam in LAMBDAS
+    ]
+    lam = float(LAMBDAS[int(np.argmax(accuracy))])
+    phi = features(train)
+    # The Gram grows with the number of examples; lambda scales with it.
+    lam_all = lam * len(train) / len(fit)
+    weights = np.linalg.solve(phi.T @ phi + lam_all * np.eye(m), phi.T @ onehot(y_train))
+    top1 = float((features(dev) @ weights).argmax(1).__eq__(y_dev).mean())
+    return top1, lam
+
+
+def score(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    with np.load(out / "labels.npz") as data:
+        labels, n_train = data["labels"], int(data["n_train"])
+    _, y = np.unique(labels, return_inverse=True)
+    y_train, y_dev = y[:n_train], y[n_train:]
+    views: dict[str, np.ndarray] = {}
+    if (out / "minilm.npz").exists():
+        with np.load(out / "minilm.npz") as data:
+            views["minilm"] = data["vectors"]
+    for file in sorted(out.glob("llm-*.npz")):
+        with np.load(file) as data:
+            for key in data.files:
+                if key not in ("seconds", "tokens"):
+                    views[f"{file.stem}:{key}"] = data[key]
+    only = args.views.split(",") if args.views else None
+    results = {}
+    target = out / f"scores-M{args.m}.json"
+    if target.exists():
+        results = json.loads(target.read_text())
+    for name, vectors in views.items():
+        if only and name not in only and name != "minilm":
+            continue
+        train, dev = vectors[:n_train], vectors[n_train:]
+        variants = {name: (train, dev)}
+        if name != "minilm":
+            variants[f"{name}:centred"] = centred(train, dev)
+            if "minilm" in views and (only or args.with_minilm):
+                mini = views["minilm"]
+                c_train, c_dev = variants[f"{name}:centred"]
+                variants[f"minilm+{name}:centred"] = (
+                    concat(mini[:n_train], c_train),
+                    concat(mini[n_train:], c_dev),
+                )
+                # One centring of the whole concatenation (one transform after the embedder).
+                variants[f"minilm+{name}:all-centred"] = centred(
+                    concat(mini[:n_train], train), concat(mini[n_train:], dev)
+                )
+        for variant, (v_train, v_dev) in variants.items():
+            if variant in results:
+                continue
+            t = time.perf_counter()
+            top1, lam = rf_ridge_top1(v_train, y_train, v_dev, y_dev, args.m, args.seed)
+            results[variant] = {"top1": top1, "lambda": lam}
+            logger.info(
+                "%-50s top-1 %.4f (lambda %.3g, %.0f s)",
+                variant,
+                top1,
+                lam,
+                time.perf_counter() - t,
+            )
+            target.write_text(json.dumps(results, indent=1))
+    for variant, row in sorted(results.items(), key=lambda kv: -kv[1]["top1"]):
+        print(f"{row['top1']:.4f}  {variant}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="step", required=True)
+    ext = sub.add_parser("extract")
+    ext.add_argument("--data", required=True)
+    ext.add_argument("--minilm", action="store_true")
+    ext.add_argument("--model", default="smollm2-135m-instruct")
+    ext.add_argument("--templates", default="none")
+    ext.add_argument("--layers", default="8,12,16,20,24,27,-1")
+    ext.add_argument("--max-tokens", type=int, default=256)
+    ext.add_argument("--batch-size", type=int, default=32)
+    sco = sub.add_parser("score")
+    sco.add_argument("--m", type=int, default=4000)
+    sco.add_argument("--views", help="comma-separated views to score (default: all)")
+    sco.add_argument("--with-minilm", action="store_true", help="also score each with MiniLM")
+    for p in (ext, sco):
+        p.add_argument("--out", required=True)
+        p.add_argument("--n-train", type=int, default=6000)
+        p.add_argument("--n-dev", type=int, default=1000)
+        p.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    extract(args) if args.step == "extract" else score(args)
+
+
+if __name__ == "__main__":
+    main()

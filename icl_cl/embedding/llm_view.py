@@ -1,0 +1,47 @@
+"""Builds the LLM view an :class:`~icl_cl.config.EmbedderConfig` asks for: alone, or concatenated
+after the sentence embedder."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from icl_cl.embedding.base import Embedder
+from icl_cl.embedding.concat import ConcatEmbedder
+
+if TYPE_CHECKING:
+    from icl_cl.config import EmbedderConfig
+
+
+def load_llm_view(config: EmbedderConfig) -> Embedder:
+    """The embedder of ``config.llm_view`` (which must be set), with the sentence embedder of
+    ``config`` first when ``combine`` is ``"concat"``."""
+    from icl_cl.embedding.sentence_transformers import load_embedder
+
+    view = config.llm_view
+    assert view is not None, "load_llm_view needs config.llm_view"
+    llm: Embedder
+    if view.backend == "vllm":
+        from icl_cl.embedding.vllm_hidden import VLLMHiddenStateEmbedder
+
+        llm = VLLMHiddenStateEmbedder(
+            view.model,
+            layer=view.layer,
+            pooling=view.pooling,
+            max_tokens=view.max_tokens,
+            template=view.template,
+        )
+    else:
+        from icl_cl.embedding.llm_hidden import HiddenStateEmbedder
+
+        llm = HiddenStateEmbedder(
+            view.model,
+            layer=view.layer,
+            pooling=view.pooling,
+            max_tokens=view.max_tokens,
+            template=view.template,
+            batch_size=view.batch_size,
+            device=config.device,
+        )
+    if view.combine == "alone":
+        return llm
+    return ConcatEmbedder([load_embedder(config.model_copy(update={"llm_view": None})), llm])
