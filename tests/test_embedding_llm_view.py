@@ -124,6 +124,17 @@ def test_template_wraps_the_cut_text(tiny: tuple[Any, Any]) -> None:
     assert words == ["answer", ":", "the", "cat", "."] and rows.start == 2
 
 
+def test_bfloat16_model_gives_float32_vectors_close_to_float32s(tiny: tuple[Any, Any]) -> None:
+    import torch
+
+    backend = tiny_backend(seed=1)
+    half = HiddenStateEmbedder("tiny-random", lm=backend._lm.to(torch.bfloat16), tokenizer=tiny[1])
+    vectors = half.encode(TEXTS)
+    assert vectors.dtype == np.float32 and half.dtype == "bfloat16"
+    assert np.sum(vectors * tiny_view(tiny).encode(TEXTS), axis=1).min() > 0.99
+    assert half.name != tiny_view(tiny).name and "dtype=bfloat16" in half.name
+
+
 def test_name_names_everything_that_changes_the_vectors(tiny: tuple[Any, Any]) -> None:
     base = tiny_view(tiny).name
     assert tiny_view(tiny).name == base

@@ -34,6 +34,7 @@ from icl_cl.data import read_examples
 from icl_cl.embedding.llm_hidden import (
     POOLINGS,
     HiddenStateEmbedder,
+    TokenRows,
     pooled_states,
     token_rows,
 )
@@ -80,32 +81,50 @@ def extract(args: argparse.Namespace) -> None:
             "minilm: %d texts in %.0f s (%.1f texts/s)", len(texts), seconds, len(texts) / seconds
         )
         return
-    view = HiddenStateEmbedder(args.model, batch_size=args.batch_size)
+    view = HiddenStateEmbedder(args.model, batch_size=args.batch_size, dtype=args.dtype)
     lm, tokenizer = view._loaded
     layers = [int(x) for x in args.layers.split(",")]
+    caps = sorted((int(x) for x in str(args.max_tokens).split(",")), reverse=True)
+    lengths = [len(ids) for ids in token_rows(tokenizer, texts, "none", 10**9).ids]
     for name in args.templates.split(","):
-        target = out / f"llm-{name}-max{args.max_tokens}.npz"
-        if target.exists():
-            logger.info("%s exists, skipped", target)
-            continue
-        rows = token_rows(tokenizer, texts, TEMPLATES[name], args.max_tokens)
-        tokens = sum(len(r) for r in rows.ids)
-        t = time.perf_counter()
-        pooled = pooled_states(
-            lm, rows, layers, POOLINGS, batch_size=args.batch_size, pad_id=tokenizer.pad_token_id
-        )
-        seconds = time.perf_counter() - t
-        arrays = {f"{layer}-{pool}": unit_rows(v) for (layer, pool), v in pooled.items()}
-        np.savez(target, seconds=seconds, tokens=tokens, **arrays)
-        logger.info(
-            "%s: %d texts, %d tokens in %.0f s (%.1f texts/s, %.0f tokens/s)",
-            name,
-            len(texts),
-            tokens,
-            seconds,
-            len(texts) / seconds,
-            tokens / seconds,
-        )
+        full: dict[str, np.ndarray] = {}
+        for cap in caps:
+            dtype = "" if args.dtype == "float32" else f"-{args.dtype}"
+            target = out / f"llm-{name}{dtype}-max{cap}.npz"
+            rows = token_rows(tokenizer, texts, TEMPLATES[name], cap)
+            if target.exists():
+                logger.info("%s exists, skipped", target)
+                with np.load(target) as data:
+                    full = {k: data[k] for k in data.files if k not in ("seconds", "tokens")}
+                continue
+            # Under a smaller cap only the texts it cuts change; the others are copied from the
+            # larger cap's pass.
+            redo = [i for i, n in enumerate(lengths) if not full or n > cap]
+            sub = TokenRows(ids=[rows.ids[i] for i in redo], start=rows.start)
+            tokens = sum(len(r) for r in sub.ids)
+            t = time.perf_counter()
+            pooled = pooled_states(
+                lm, sub, layers, POOLINGS, batch_size=args.batch_size, pad_id=tokenizer.pad_token_id
+            )
+            seconds = time.perf_counter() - t
+            arrays = {k: v.copy() for k, v in full.items()}
+            for (layer, pool), v in pooled.items():
+                key = f"{layer}-{pool}"
+                arrays.setdefault(key, np.zeros((len(texts), v.shape[1]), np.float32))
+                arrays[key][redo] = unit_rows(v)
+            np.savez(target, seconds=seconds, tokens=tokens, **arrays)
+            full = arrays
+            logger.info(
+                "%s, max %d tokens: %d texts embedded, %d tokens in %.0f s "
+                "(%.2f texts/s, %.0f tokens/s)",
+                name,
+                cap,
+                len(redo),
+                tokens,
+                seconds,
+                len(redo) / seconds,
+                tokens / seconds,
+            )
 
 
 def centred(train: np.ndarray, dev: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -219,8 +238,11 @@ def main() -> None:
     ext.add_argument("--model", default="smollm2-135m-instruct")
     ext.add_argument("--templates", default="none")
     ext.add_argument("--layers", default="8,12,16,20,24,27,-1")
-    ext.add_argument("--max-tokens", type=int, default=256)
+    ext.add_argument(
+        "--max-tokens", default="256", help="token caps, comma-separated; one pass, then re-runs"
+    )
     ext.add_argument("--batch-size", type=int, default=32)
+    ext.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     sco = sub.add_parser("score")
     sco.add_argument("--m", type=int, default=4000)
     sco.add_argument("--views", help="comma-separated views to score (default: all)")

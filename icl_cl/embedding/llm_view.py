@@ -39,6 +39,7 @@ def load_llm_view(config: EmbedderConfig) -> Embedder:
             pooling=view.pooling,
             max_tokens=view.max_tokens,
             template=view.template,
+            dtype=view.dtype,
             batch_size=view.batch_size,
             device=config.device,
         )
