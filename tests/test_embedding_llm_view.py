@@ -99,6 +99,20 @@ def test_pooled_states_match_each_text_alone(
     np.testing.assert_allclose(vectors, expected, atol=2e-5)
 
 
+def test_a_loaded_model_is_cut_after_the_layer(tiny: tuple[Any, Any], tmp_path: Any) -> None:
+    """Loaded from a folder (the product's loader), the model keeps only the layers it needs, and
+    gives the vectors the whole model gives at that layer."""
+    lm, tok = tiny
+    lm.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    owned = HiddenStateEmbedder(str(tmp_path), layer=1, batch_size=3)
+    vectors = owned.encode(TEXTS)
+    assert len(owned._loaded[0].base_model.layers) == 1 and len(lm.base_model.layers) == 2
+    np.testing.assert_allclose(vectors, tiny_view(tiny, layer=1).encode(TEXTS), atol=1e-5)
+    whole = HiddenStateEmbedder(str(tmp_path), layer=-1, batch_size=3)
+    np.testing.assert_allclose(whole.encode(TEXTS), tiny_view(tiny).encode(TEXTS), atol=1e-5)
+
+
 def test_rows_keep_the_order_of_the_texts(tiny: tuple[Any, Any]) -> None:
     view = tiny_view(tiny)
     vectors = view.encode(TEXTS)

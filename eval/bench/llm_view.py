@@ -61,13 +61,33 @@ def sample(data: Path, n_train: int, n_dev: int, seed: int) -> tuple[list, list]
     return [train[i] for i in pick], [dev[i] for i in pick_dev]
 
 
+def subset_rows(n_train: int, n_dev: int, spec: str | None, seed: int) -> np.ndarray | None:
+    """Rows (into train + dev) of a seeded sub-sample ``"k_train,k_dev"`` of the sample, for
+    views too costly to extract on all of it; ``None`` without ``spec``."""
+    if not spec:
+        return None
+    k_train, k_dev = (int(x) for x in spec.split(","))
+    rng = np.random.default_rng(seed + 1)
+    rows_train = np.sort(rng.choice(n_train, k_train, replace=False))
+    rows_dev = np.sort(rng.choice(n_dev, k_dev, replace=False)) + n_train
+    return np.concatenate([rows_train, rows_dev])
+
+
+def suffix(spec: str | None) -> str:
+    return "-sub" + spec.replace(",", "-") if spec else ""
+
+
 def extract(args: argparse.Namespace) -> None:
     train, dev = sample(Path(args.data), args.n_train, args.n_dev, args.seed)
     texts = [ex.text for ex in train + dev]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    labels = [ex.labels[0] for ex in train + dev]
-    np.savez(out / "labels.npz", labels=np.array(labels), n_train=len(train))
+    rows = subset_rows(len(train), len(dev), args.subset, args.seed)
+    if rows is None:
+        labels = [ex.labels[0] for ex in train + dev]
+        np.savez(out / "labels.npz", labels=np.array(labels), n_train=len(train))
+    else:
+        texts = [texts[i] for i in rows]
     if args.minilm:
         from icl_cl.config import EmbedderConfig
         from icl_cl.embedding import load_embedder
@@ -82,7 +102,7 @@ def extract(args: argparse.Namespace) -> None:
         )
         return
     view = HiddenStateEmbedder(args.model, batch_size=args.batch_size, dtype=args.dtype)
-    lm, tokenizer = view._loaded
+    lm, tokenizer, _ = view._loaded  # layer -1: the whole model, every layer kept
     layers = [int(x) for x in args.layers.split(",")]
     caps = sorted((int(x) for x in str(args.max_tokens).split(",")), reverse=True)
     lengths = [len(ids) for ids in token_rows(tokenizer, texts, "none", 10**9).ids]
@@ -90,7 +110,7 @@ def extract(args: argparse.Namespace) -> None:
         full: dict[str, np.ndarray] = {}
         for cap in caps:
             dtype = "" if args.dtype == "float32" else f"-{args.dtype}"
-            target = out / f"llm-{name}{dtype}-max{cap}.npz"
+            target = out / f"llm-{name}{dtype}-max{cap}{suffix(args.subset)}.npz"
             rows = token_rows(tokenizer, texts, TEMPLATES[name], cap)
             if target.exists():
                 logger.info("%s exists, skipped", target)
@@ -176,19 +196,26 @@ def score(args: argparse.Namespace) -> None:
     with np.load(out / "labels.npz") as data:
         labels, n_train = data["labels"], int(data["n_train"])
     _, y = np.unique(labels, return_inverse=True)
+    rows = subset_rows(n_train, len(y) - n_train, args.subset, args.seed)
+    if rows is not None:
+        y, n_train = y[rows], int(args.subset.split(",")[0])
     y_train, y_dev = y[:n_train], y[n_train:]
     views: dict[str, np.ndarray] = {}
     if (out / "minilm.npz").exists():
         with np.load(out / "minilm.npz") as data:
-            views["minilm"] = data["vectors"]
+            views["minilm"] = data["vectors"] if rows is None else data["vectors"][rows]
     for file in sorted(out.glob("llm-*.npz")):
+        subset_file = "-sub" in file.stem
+        if subset_file and not (args.subset and file.stem.endswith(suffix(args.subset))):
+            continue  # another sub-sample's rows
         with np.load(file) as data:
             for key in data.files:
                 if key not in ("seconds", "tokens"):
-                    views[f"{file.stem}:{key}"] = data[key]
+                    whole = rows is None or subset_file
+                    views[f"{file.stem}:{key}"] = data[key] if whole else data[key][rows]
     only = args.views.split(",") if args.views else None
     results = {}
-    target = out / f"scores-M{args.m}.json"
+    target = out / f"scores-M{args.m}{suffix(args.subset)}.json"
     if target.exists():
         results = json.loads(target.read_text())
     for name, vectors in views.items():
@@ -252,6 +279,7 @@ def main() -> None:
         p.add_argument("--n-train", type=int, default=6000)
         p.add_argument("--n-dev", type=int, default=1000)
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--subset", help="k_train,k_dev: a seeded sub-sample of the sample")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     extract(args) if args.step == "extract" else score(args)

@@ -149,6 +149,7 @@ def pooled_states(
                 input_ids=input_ids.to(device),
                 attention_mask=mask.to(device),
                 output_hidden_states=True,
+                use_cache=False,
             ).hidden_states
             # The span pooled by "mean": from the end of the template prefix to the last token.
             span = mask.clone()
@@ -189,7 +190,8 @@ class HiddenStateEmbedder:
     """Embeds texts as the pooled hidden states of one layer of a causal LM (transformers).
 
     Loads the model lazily on first use, exactly as the ``transformers`` LLM backend does (a
-    packaged GGUF is dequantised once, and the converted weights are cached on disk).
+    packaged GGUF is dequantised once, and the converted weights are cached on disk), then cuts
+    it after ``layer`` (see :func:`cut_after`).
 
     Args:
         model: A packaged model name (``smollm2-135m-instruct``), a Hugging Face id or a folder.
@@ -240,17 +242,21 @@ class HiddenStateEmbedder:
         self._device = device
         self._gguf_file = gguf_file
         if lm is not None:
-            self._loaded = (lm, tokenizer)
+            # A model given is shared, so it is never cut; its states are pooled at ``layer``.
+            self._loaded = (lm, tokenizer, layer)
             self.dtype = str(next(lm.parameters()).dtype).removeprefix("torch.")
 
     @cached_property
-    def _loaded(self) -> tuple[Any, Any]:
+    def _loaded(self) -> tuple[Any, Any, int]:
+        """``(model, tokenizer, layer to pool)``."""
         # The LLM backend's loader: the same weights, dtype and conversion cache as the reader.
         from icl_cl.backends.transformers import _load
 
         logger.info("loading %s for its hidden states", self.model)
         lm, tokenizer, _ = _load(self.model, self._gguf_file, self.dtype, self._device, True)
-        return lm, tokenizer
+        k = _layer_index(self.layer, int(lm.config.num_hidden_layers))
+        cut_after(lm, k)
+        return lm, tokenizer, -1
 
     @property
     def name(self) -> str:
@@ -263,8 +269,8 @@ class HiddenStateEmbedder:
 
     @cached_property
     def dim(self) -> int:
-        lm, _ = self._loaded
-        _layer_index(self.layer, int(lm.config.num_hidden_layers))
+        lm, _, layer = self._loaded
+        _layer_index(layer, int(lm.config.num_hidden_layers))
         return int(lm.config.hidden_size)
 
     def encode(
@@ -279,19 +285,29 @@ class HiddenStateEmbedder:
                 )
         if len(items) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        lm, tokenizer = self._loaded
+        lm, tokenizer, layer = self._loaded
         texts = cast("list[str]", list(items))  # checked above
         rows = token_rows(tokenizer, texts, self.template, self.max_tokens)
         pooled = pooled_states(
             lm,
             rows,
-            [self.layer],
+            [layer],
             [self.pooling],
             batch_size=self.batch_size,
             pad_id=_pad_id(tokenizer),
             progress=progress,
         )
-        return unit_rows(pooled[(self.layer, self.pooling)])
+        return unit_rows(pooled[(layer, self.pooling)])
+
+
+def cut_after(lm: Any, layer: int) -> None:
+    """Drop, in place, the layers of ``lm`` after ``layer`` (1-based): the model then ends with
+    that layer and the final norm, so its last hidden states are the states pooled for ``layer``,
+    and no later layer is run (layer 16 of SmolLM2's 30 costs about half of the whole model)."""
+    base = lm.base_model
+    if layer < len(base.layers):
+        base.layers = base.layers[:layer]
+        lm.config.num_hidden_layers = layer
 
 
 def _pad_id(tokenizer: Any) -> int:
