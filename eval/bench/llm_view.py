@@ -31,10 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from icl_cl.data import read_examples
+from icl_cl.embedding.centring import MeanCentring
 from icl_cl.embedding.llm_hidden import (
     POOLINGS,
     HiddenStateEmbedder,
     TokenRows,
+    cut_after,
     pooled_states,
     token_rows,
 )
@@ -104,6 +106,8 @@ def extract(args: argparse.Namespace) -> None:
     view = HiddenStateEmbedder(args.model, batch_size=args.batch_size, dtype=args.dtype)
     lm, tokenizer, _ = view._loaded  # layer -1: the whole model, every layer kept
     layers = [int(x) for x in args.layers.split(",")]
+    if min(layers) > 0:
+        cut_after(lm, max(layers))  # the layers after the last one asked for are never run
     caps = sorted((int(x) for x in str(args.max_tokens).split(",")), reverse=True)
     lengths = [len(ids) for ids in token_rows(tokenizer, texts, "none", 10**9).ids]
     for name in args.templates.split(","):
@@ -147,10 +151,21 @@ def extract(args: argparse.Namespace) -> None:
             )
 
 
-def centred(train: np.ndarray, dev: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Both sides minus the train mean, back to unit rows (the product's MeanCentring)."""
-    mean = train.mean(axis=0)
-    return unit_rows(train - mean), unit_rows(dev - mean)
+def centred(
+    train: np.ndarray, dev: np.ndarray, fit: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Both sides through the product's :class:`MeanCentring`, fitted on the train rows ``fit``
+    (all of train by default)."""
+    centring = MeanCentring().fit(train if fit is None else train[fit])
+    return centring.apply(train), centring.apply(dev)
+
+
+def first_session(y_train: np.ndarray, n_sessions: int, seed: int) -> np.ndarray:
+    """Train rows of the first of ``n_sessions`` sessions of labels drawn at random: what a
+    centring fitted on the first learned session sees."""
+    labels = np.random.default_rng(seed).permutation(np.unique(y_train))
+    first = labels[: -(-len(labels) // n_sessions)]
+    return np.flatnonzero(np.isin(y_train, first))
 
 
 def concat(*parts: np.ndarray) -> np.ndarray:
@@ -225,6 +240,9 @@ def score(args: argparse.Namespace) -> None:
         variants = {name: (train, dev)}
         if name != "minilm":
             variants[f"{name}:centred"] = centred(train, dev)
+            if args.session_centring:
+                session = first_session(y_train, 5, args.seed)
+                variants[f"{name}:centred-on-session-1-of-5"] = centred(train, dev, session)
             if "minilm" in views and (only or args.with_minilm):
                 mini = views["minilm"]
                 c_train, c_dev = variants[f"{name}:centred"]
@@ -233,9 +251,14 @@ def score(args: argparse.Namespace) -> None:
                     concat(mini[n_train:], c_dev),
                 )
                 # One centring of the whole concatenation (one transform after the embedder).
-                variants[f"minilm+{name}:all-centred"] = centred(
-                    concat(mini[:n_train], train), concat(mini[n_train:], dev)
-                )
+                both = concat(mini[:n_train], train), concat(mini[n_train:], dev)
+                variants[f"minilm+{name}"] = both
+                variants[f"minilm+{name}:all-centred"] = centred(*both)
+                if args.session_centring:
+                    session = first_session(y_train, 5, args.seed)
+                    variants[f"minilm+{name}:all-centred-on-session-1-of-5"] = centred(
+                        *both, session
+                    )
         for variant, (v_train, v_dev) in variants.items():
             if variant in results:
                 continue
@@ -274,6 +297,11 @@ def main() -> None:
     sco.add_argument("--m", type=int, default=4000)
     sco.add_argument("--views", help="comma-separated views to score (default: all)")
     sco.add_argument("--with-minilm", action="store_true", help="also score each with MiniLM")
+    sco.add_argument(
+        "--session-centring",
+        action="store_true",
+        help="also centre by the mean of the first of 5 random label sessions only",
+    )
     for p in (ext, sco):
         p.add_argument("--out", required=True)
         p.add_argument("--n-train", type=int, default=6000)
