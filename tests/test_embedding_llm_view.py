@@ -214,6 +214,7 @@ def test_concat_blocks_are_unit_parts_weighed_equally(
         vectors[:, embedder.dim :] * np.sqrt(2), view.encode(TEXTS), atol=1e-5
     )
     assert both.name == f"concat({embedder.name} + {view.name})"
+    assert both.blocks == [embedder.dim, 32]
     assert ConcatEmbedder([view, embedder]).name != both.name
     assert not both.reads_images
     with pytest.raises(ConfigError):
@@ -244,6 +245,27 @@ def test_centring_known_answer_and_round_trip() -> None:
     assert np.array_equal(restored.mean, fitted.mean)
     queries = rng.standard_normal((5, 8)).astype(np.float32)
     assert np.array_equal(restored.apply(queries), fitted.apply(queries))
+
+
+def test_block_centring_centres_each_block_and_weighs_them_equally() -> None:
+    rng = np.random.default_rng(2)
+    # Block b shares a large common direction, block a does not: centred as one vector, b would
+    # shrink to almost nothing.
+    a = rng.standard_normal((40, 3))
+    b = 10 + 0.1 * rng.standard_normal((40, 2))
+    vectors = np.hstack([a, b])
+    out = MeanCentring(blocks=[3, 2]).fit(vectors).apply(vectors)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(out[:, 3:], axis=1), np.sqrt(0.5), rtol=1e-6)
+    expected_b = b - b.mean(0)
+    expected_b /= np.linalg.norm(expected_b, axis=1, keepdims=True) * np.sqrt(2)
+    np.testing.assert_allclose(out[:, 3:], expected_b, atol=1e-6)
+    restored = MeanCentring.from_dict(
+        json.loads(json.dumps(MeanCentring([3, 2]).fit(vectors).to_dict()))
+    )
+    assert restored.blocks == [3, 2] and np.array_equal(restored.apply(vectors), out)
+    with pytest.raises(ConfigError):
+        MeanCentring(blocks=[3, 3]).fit(vectors)  # blocks must add up to the dimension
 
 
 def test_centring_is_frozen_and_row_wise() -> None:

@@ -152,11 +152,14 @@ def extract(args: argparse.Namespace) -> None:
 
 
 def centred(
-    train: np.ndarray, dev: np.ndarray, fit: np.ndarray | None = None
+    train: np.ndarray,
+    dev: np.ndarray,
+    fit: np.ndarray | None = None,
+    blocks: list[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Both sides through the product's :class:`MeanCentring`, fitted on the train rows ``fit``
-    (all of train by default)."""
-    centring = MeanCentring().fit(train if fit is None else train[fit])
+    """Both sides through the product's :class:`MeanCentring` (of ``blocks``), fitted on the
+    train rows ``fit`` (all of train by default)."""
+    centring = MeanCentring(blocks).fit(train if fit is None else train[fit])
     return centring.apply(train), centring.apply(dev)
 
 
@@ -250,14 +253,17 @@ def score(args: argparse.Namespace) -> None:
                     concat(mini[:n_train], c_train),
                     concat(mini[n_train:], c_dev),
                 )
-                # One centring of the whole concatenation (one transform after the embedder).
                 both = concat(mini[:n_train], train), concat(mini[n_train:], dev)
                 variants[f"minilm+{name}"] = both
+                # One centring after the concatenation, the whole row renormalised only.
                 variants[f"minilm+{name}:all-centred"] = centred(*both)
+                # The same, each block renormalised first: both parts centred, weighing the same.
+                blocks = [mini.shape[1], train.shape[1]]
+                variants[f"minilm+{name}:block-centred"] = centred(*both, None, blocks)
                 if args.session_centring:
                     session = first_session(y_train, 5, args.seed)
-                    variants[f"minilm+{name}:all-centred-on-session-1-of-5"] = centred(
-                        *both, session
+                    variants[f"minilm+{name}:block-centred-on-session-1-of-5"] = centred(
+                        *both, session, blocks
                     )
         for variant, (v_train, v_dev) in variants.items():
             if variant in results:

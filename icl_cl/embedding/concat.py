@@ -44,6 +44,12 @@ class ConcatEmbedder:
     def dim(self) -> int:
         return sum(part.dim for part in self.parts)
 
+    @property
+    def blocks(self) -> list[int]:
+        """The parts' dimensions, in order (what a :class:`~icl_cl.embedding.centring.MeanCentring`
+        of these vectors is given)."""
+        return [part.dim for part in self.parts]
+
     def encode(
         self, items: Sequence[str | Image], progress: ProgressCallback | None = None
     ) -> np.ndarray:
