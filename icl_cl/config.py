@@ -30,7 +30,9 @@ class LLMViewConfig(_Strict):
     model: str = Field(
         "smollm2-135m-instruct", description="packaged model name, HF id or local path"
     )
-    layer: int = Field(-1, description="layer pooled; negative counts from the end (-1: last)")
+    layer: int = Field(
+        16, description="layer pooled (1-based); negative counts from the end (-1: the last)"
+    )
     pooling: Literal["mean", "last"] = "mean"
     max_tokens: int = Field(256, gt=0, description="a text's own tokens beyond this are cut")
     template: str = Field(

@@ -53,7 +53,9 @@ def tiny() -> tuple[Any, Any]:
 
 def tiny_view(tiny: tuple[Any, Any], **kwargs: Any) -> HiddenStateEmbedder:
     lm, tok = tiny
-    return HiddenStateEmbedder("tiny-random", lm=lm, tokenizer=tok, **{"batch_size": 3, **kwargs})
+    return HiddenStateEmbedder(
+        "tiny-random", lm=lm, tokenizer=tok, **{"batch_size": 3, "layer": -1, **kwargs}
+    )
 
 
 def by_hand(tiny: tuple[Any, Any], text: str, layer: int, pooling: str, template: str) -> Any:
@@ -142,7 +144,9 @@ def test_bfloat16_model_gives_float32_vectors_close_to_float32s(tiny: tuple[Any,
     import torch
 
     backend = tiny_backend(seed=1)
-    half = HiddenStateEmbedder("tiny-random", lm=backend._lm.to(torch.bfloat16), tokenizer=tiny[1])
+    half = HiddenStateEmbedder(
+        "tiny-random", lm=backend._lm.to(torch.bfloat16), tokenizer=tiny[1], layer=-1
+    )
     vectors = half.encode(TEXTS)
     assert vectors.dtype == np.float32 and half.dtype == "bfloat16"
     assert np.sum(vectors * tiny_view(tiny).encode(TEXTS), axis=1).min() > 0.99
@@ -159,7 +163,7 @@ def test_name_names_everything_that_changes_the_vectors(tiny: tuple[Any, Any]) -
         tiny_view(tiny, max_tokens=4),
         tiny_view(tiny, template="answer : {text}"),
         tiny_view(tiny, template="answer : {text} ."),
-        HiddenStateEmbedder("other-model", lm=tiny[0], tokenizer=tiny[1]),
+        HiddenStateEmbedder("other-model", lm=tiny[0], tokenizer=tiny[1], layer=-1),
     ]
     names = {v.name for v in variants}
     assert base not in names and len(names) == len(variants)
@@ -192,7 +196,8 @@ def test_real_smollm2_from_its_package() -> None:
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
     alone = np.stack([view.encode([t])[0] for t in texts])
     np.testing.assert_allclose(vectors, alone, atol=1e-4)
-    assert view.name.startswith("llm-hidden:smollm2-135m-instruct:layer=")
+    assert view.name.startswith("llm-hidden:smollm2-135m-instruct:dtype=float32:layer=16:")
+    assert len(view._loaded[0].base_model.layers) == 16  # cut after the pooled layer
 
 
 # ---- concatenation -----------------------------------------------------------------------------

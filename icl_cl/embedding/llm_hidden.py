@@ -195,7 +195,9 @@ class HiddenStateEmbedder:
 
     Args:
         model: A packaged model name (``smollm2-135m-instruct``), a Hugging Face id or a folder.
-        layer: Layer whose states are pooled; negative counts from the end (``-1``: the last).
+        layer: Layer whose states are pooled (1-based); negative counts from the end (``-1``: the
+            last). The default, 16 of SmolLM2-135M's 30, was chosen in
+            ``eval/bench/llm_view.py``.
         pooling: ``"mean"`` over the text's tokens, or the ``"last"`` token.
         max_tokens: A text's own tokens beyond this many are cut (bounds the cost of long texts).
         template: ``"none"``, ``"chat"``, or a prompt with one ``{text}`` slot.
@@ -215,7 +217,7 @@ class HiddenStateEmbedder:
         self,
         model: str = "smollm2-135m-instruct",
         *,
-        layer: int = -1,
+        layer: int = 16,
         pooling: Pooling = "mean",
         max_tokens: int = 256,
         template: str = "none",

@@ -112,7 +112,7 @@ class VLLMHiddenStateEmbedder:
         self,
         model: str,
         *,
-        layer: int = -1,
+        layer: int = 16,
         pooling: Pooling = "mean",
         max_tokens: int = 256,
         template: str = "none",
