@@ -246,7 +246,7 @@ def score(args: argparse.Namespace) -> None:
             if args.session_centring:
                 session = first_session(y_train, 5, args.seed)
                 variants[f"{name}:centred-on-session-1-of-5"] = centred(train, dev, session)
-            if "minilm" in views and (only or args.with_minilm):
+            if "minilm" in views and args.with_minilm:
                 mini = views["minilm"]
                 c_train, c_dev = variants[f"{name}:centred"]
                 variants[f"minilm+{name}:centred"] = (

@@ -21,6 +21,7 @@ order, whose ``.outputs.embedding`` is a list of floats.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Sequence
 from functools import cached_property
@@ -129,6 +130,7 @@ class VLLMHiddenStateEmbedder:
         self.template = template
         self.dtype = dtype
         self._gpu_memory_utilization = gpu_memory_utilization
+        self._owns_llm = llm is None
         if llm is not None:
             self._llm = llm
 
@@ -154,6 +156,16 @@ class VLLMHiddenStateEmbedder:
             )
         except Exception as exc:
             raise BackendError(f"vLLM could not start {self.model!r}: {exc}") from exc
+
+    def close(self) -> None:
+        """Drop the engine this embedder started; GPU memory is freed once no one holds it."""
+        if "_llm" in self.__dict__ and self._owns_llm:
+            del self.__dict__["_llm"]
+            gc.collect()
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     @property
     def name(self) -> str:
