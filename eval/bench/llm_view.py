@@ -11,8 +11,15 @@ Two steps, so that extraction (the slow part) is done once:
     python eval/bench/llm_view.py extract --data DIR --out FEATURES --templates none,chat,eol
     # the all-MiniLM-L6-v2 vectors of the same sample
     python eval/bench/llm_view.py extract --data DIR --out FEATURES --minilm
-    # top-1 of every view, centred or not, alone and with MiniLM
-    python eval/bench/llm_view.py score --out FEATURES [--m 4000]
+    # top-1 of every view, centred or not, alone and (--with-minilm) concatenated with MiniLM
+    python eval/bench/llm_view.py score --out FEATURES [--m 4000] [--views ...]
+    # items/s of the product's embedders (MiniLM, the view in float32 and bfloat16, ...)
+    python eval/bench/llm_view.py speed --data DIR --out FEATURES
+
+A template that makes texts much longer (the chat template) can be extracted and scored on a
+seeded sub-sample of the same sample only (``--subset k_train,k_dev`` in both steps); views
+extracted on the whole sample are then scored on the same rows. ``--max-tokens 256,128,64``
+extracts several token caps from one pass (a smaller cap re-runs only the texts it cuts).
 
 ``--data`` is a folder with ``train.jsonl`` and ``dev.jsonl``; the sample (``--n-train``,
 ``--n-dev``, ``--seed``) is drawn the same way in every step. Features are saved under ``--out``
@@ -283,6 +290,53 @@ def score(args: argparse.Namespace) -> None:
         print(f"{row['top1']:.4f}  {variant}")
 
 
+SPEED_VIEWS = {
+    "minilm": {},
+    "view-float32-layer16": {"combine": "alone"},
+    "view-bfloat16-layer16": {"combine": "alone", "dtype": "bfloat16"},
+    "view-float32-last-layer": {"combine": "alone", "layer": -1},
+    "minilm+view-bfloat16-layer16": {"dtype": "bfloat16"},
+}
+
+
+def speed(args: argparse.Namespace) -> None:
+    """Items/s of each embedder on the same texts, in interleaved rounds of one run; CPU seconds
+    too, which a machine shared with other work inflates less than wall time."""
+    from icl_cl.config import EmbedderConfig, LLMViewConfig
+    from icl_cl.embedding import load_embedder
+
+    _, dev = sample(Path(args.data), 0, args.n, args.seed)
+    texts = [ex.text for ex in dev]
+    embedders = {
+        name: load_embedder(
+            EmbedderConfig(llm_view=LLMViewConfig(**view) if view else None)  # type: ignore[arg-type]
+        )
+        for name, view in SPEED_VIEWS.items()
+    }
+    for embedder in embedders.values():
+        embedder.encode(texts[:8])  # loads the model
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in embedders}
+    for _ in range(args.rounds):
+        for name, embedder in embedders.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            embedder.encode(texts)
+            runs[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    result = {}
+    for name, times in runs.items():
+        wall = float(np.median([w for w, _ in times]))
+        cpu = float(np.median([c for _, c in times]))
+        result[name] = {"items_per_s": len(texts) / wall, "items_per_cpu_s": len(texts) / cpu}
+    base = result["minilm"]
+    for name, row in result.items():
+        row["cpu_cost_vs_minilm"] = base["items_per_cpu_s"] / row["items_per_cpu_s"]
+        print(
+            f"{name:32s} {row['items_per_s']:7.1f} items/s  {row['items_per_cpu_s']:7.1f} "
+            f"items/CPU-s  {row['cpu_cost_vs_minilm']:5.1f}x MiniLM's CPU time"
+        )
+    target = Path(args.out) / f"speed-{Path(args.data).name}-n{len(texts)}.json"
+    target.write_text(json.dumps({"texts": len(texts), "rounds": args.rounds, **result}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -308,6 +362,12 @@ def main() -> None:
         action="store_true",
         help="also centre by the mean of the first of 5 random label sessions only",
     )
+    spd = sub.add_parser("speed")
+    spd.add_argument("--data", required=True)
+    spd.add_argument("--n", type=int, default=512, help="dev texts embedded per round")
+    spd.add_argument("--rounds", type=int, default=3)
+    spd.add_argument("--out", required=True)
+    spd.add_argument("--seed", type=int, default=0)
     for p in (ext, sco):
         p.add_argument("--out", required=True)
         p.add_argument("--n-train", type=int, default=6000)
@@ -316,7 +376,7 @@ def main() -> None:
         p.add_argument("--subset", help="k_train,k_dev: a seeded sub-sample of the sample")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    extract(args) if args.step == "extract" else score(args)
+    {"extract": extract, "score": score, "speed": speed}[args.step](args)
 
 
 if __name__ == "__main__":
