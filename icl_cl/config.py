@@ -32,6 +32,37 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LLMViewConfig(_Strict):
+    """Hidden states of a causal LM as an embedding view (defaults chosen in eval/bench/llm_view.py)."""
+
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="transformers in this process, or vLLM's pooling runner (GPU)"
+    )
+    model: str = Field(
+        "smollm2-135m-instruct", description="packaged model name, HF id or local path"
+    )
+    layer: int = Field(
+        16, description="layer pooled (1-based); negative counts from the end (-1: the last)"
+    )
+    pooling: Literal["mean", "last"] = "mean"
+    max_tokens: int = Field(256, gt=0, description="a text's own tokens beyond this are cut")
+    template: str = Field(
+        "none", description="'none', 'chat' (the model's chat template) or a prompt with {text}"
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="transformers: bfloat16 is about twice as fast on AVX-512 BF16 CPUs"
+    )
+    batch_size: int = Field(32, gt=0)
+    combine: Literal["alone", "concat"] = Field(
+        "concat", description="the view alone, or after the sentence embedder's vector"
+    )
+    centre: bool = Field(
+        True,
+        description="subtract the mean of the first session's vectors (frozen, kept in the "
+        "store), each block renormalised: LLM hidden states share a large common direction",
+    )
+
+
 class EmbedderConfig(_Strict):
     """Which sentence encoder embeds examples, labels and queries."""
 
@@ -48,6 +79,9 @@ class EmbedderConfig(_Strict):
     )
     quantize: Literal["none", "int8"] = Field(
         "none", description="'int8': dynamic int8 quantisation of the ONNX export (backend 'onnx')"
+    )
+    llm_view: LLMViewConfig | None = Field(
+        None, description="also (or only) embed with an LLM's hidden states"
     )
 
     @model_validator(mode="after")
