@@ -23,9 +23,10 @@ PROBABILITY_METHODS: tuple[str, ...] = get_args(ProbabilityMethod)
 LabelSetRuleName = Literal["cardinality", "threshold", "label_thresholds"]
 LABEL_SET_RULES: tuple[str, ...] = get_args(LabelSetRuleName)
 CONTENT_FREE: tuple[str, ...] = ("N/A", "", "[MASK]")
-# What "auto" resolves to: the scorer that measured best on the development corpora
-# (single-label: WordNet supersenses, Debian sections; multi-label: debtags). See README.
-AUTO_SCORER = {False: "mahalanobis", True: "knn"}
+# What "auto" resolves to before the fit step has chosen on held-out stored examples: the scorer
+# that measured best on the development corpora
+# (single-label: WordNet supersenses, Debian sections; multi-label: debtags). See docs/results.md.
+AUTO_SCORER = {False: "klda", True: "knn"}
 
 
 class _Strict(BaseModel):
