@@ -143,8 +143,8 @@ def fit_fusion(
 
     The decision is made on cross-fitted predictions (weights of the base and that source fitted
     on one half, judged on the other, and back), comparing them with the base's decisions item by
-    item with a sign test, and it must win in each half too. The final weights are fitted on every item, the sources that did not
-    earn their place held at 0.
+    item with a sign test, and it must win in each half too. The final weights are fitted on
+    every item, the sources that did not earn their place held at 0.
 
     Args:
         sources: Per source (the base first), per item, the scores of the item's ``k``
