@@ -112,7 +112,10 @@ class ExternalContinualLearner:
         n_after = self.stats.n_examples + len(examples)
         # Spaces whose width stays the same are updated; a wider one is rebuilt on first use.
         kept = {
-            n: sp for n, sp in self._spaces.items() if sp.features == self.features_of(n, n_after)
+            n: sp
+            for n, sp in self._spaces.items()
+            if sp.features == self.features_of(n, n_after)
+            and sp.stats.weighted == self._weighted(n, multi_label)
         }
         space_deltas = {name: sp.delta(vectors, label_lists) for name, sp in kept.items()}
         # New columns: labels in order of first use (as the delta numbers them), then labels that
@@ -237,7 +240,7 @@ class ExternalContinualLearner:
             features = self.features_of(name)
             self._spaces[name] = FeatureSpace.build(
                 features,
-                weighted=name == "klda",
+                weighted=self._weighted(name, self.multi_label),
                 labels=self.stats.labels,
                 vectors=self.index.vectors_all(),
                 row_labels=self.store.row_labels(),
@@ -245,6 +248,12 @@ class ExternalContinualLearner:
             )
             self._spaces[name].save_if_behind(self._checkpoint(features))
         return self._spaces[name]
+
+    @staticmethod
+    def _weighted(name: str, multi_label: bool | None) -> bool:
+        """Whether a feature space keeps the label-count-weighted Gram: klda's shared covariance
+        needs it in a multi-label store only (single-label, it equals the Gram)."""
+        return name == "klda" and bool(multi_label)
 
     def features_of(self, name: str, n_examples: int | None = None) -> RandomFeatures:
         """The random feature map of a feature scorer for a store of ``n_examples`` (default:
