@@ -15,7 +15,7 @@ import numpy as np
 from icl_cl.backends.base import LLMBackend
 from icl_cl.config import ClassifierConfig, MemoryConfig
 from icl_cl.describe import label_table, store_info
-from icl_cl.embedding import Embedder, load_embedder
+from icl_cl.embedding import Embedder, centred_for_store, load_embedder
 from icl_cl.errors import BackendError, ConfigError, DataError
 from icl_cl.heads import FittedHeads, KeptHeads
 from icl_cl.images import Image
@@ -100,7 +100,7 @@ class ContinualClassifier:
             store = Store.create(path, dim=embedder.dim, embedder=embedder.name, config=dump)
         if memory is not None:
             config = config.model_copy(update={"memory": memory})
-        embedder = embedder or load_embedder(config.embedder)
+        embedder = centred_for_store(embedder, config.embedder, store)
         return cls(
             ExternalContinualLearner(store, config.memory), embedder, config, backend=backend
         )
@@ -189,6 +189,7 @@ class ContinualClassifier:
         as it is. The only step that reads held-out items with the LLM."""
         self.memory.require_examples()
         steps = self._steps(writing=True)
+        steps.refresh_scorer_choice(scorer, progress)
         spec = steps.spec(checks.check_prediction_options(k), scorer, use_llm)
         return self.heads.fit_and_save(spec, lambda: steps.heldout(spec, progress))
 
