@@ -137,7 +137,7 @@ class ContinualClassifierEstimator(ClassifierMixin, BaseEstimator):
 
     Args:
         k: Candidate labels per input.
-        scorer: ECL scorer: ``auto``, ``ncm``, ``mahalanobis``, ``knn`` or ``ridge``.
+        scorer: ECL scorer: ``auto`` (chosen by the fit step) or one of ``icl_cl.config.SCORERS``.
         llm: The LLM that reads the candidates (an :class:`~icl_cl.config.LLMConfig` or its
             dict, e.g. ``{"backend": "transformers", "model": "smollm2-135m-instruct"}``);
             ``None`` keeps ``config``'s (none by default).
