@@ -14,7 +14,7 @@ import numpy as np
 from icl_cl.backends.base import LLMBackend
 from icl_cl.config import ClassifierConfig, MemoryConfig
 from icl_cl.describe import label_table, store_info
-from icl_cl.embedding import Embedder, load_embedder
+from icl_cl.embedding import Embedder, centred_for_store, load_embedder
 from icl_cl.errors import BackendError, ConfigError, DataError
 from icl_cl.heads import FittedHeads, KeptHeads
 from icl_cl.images import Image
@@ -33,9 +33,8 @@ class ContinualClassifier:
     """An in-context continual classifier over a persistent store.
 
     ``learn`` appends a session (no retraining, no forgetting) and ends with ``fit``, which fits
-    the heads (fusion weights, calibration, label-set rule) on held-out stored examples and
-    stores them. ``predict`` ranks candidate labels with the external continual learner, lets
-    the LLM read them when fusion gave it weight, and decides; it only reads the store.
+    and stores the heads (fusion weights, calibration, label-set rule) on held-out examples.
+    ``predict`` only reads the store: the ECL ranks candidates, the LLM reads them if weighted.
 
     Args:
         memory: The ECL over an open store (see :meth:`open`).
@@ -99,7 +98,7 @@ class ContinualClassifier:
             store = Store.create(path, dim=embedder.dim, embedder=embedder.name, config=dump)
         if memory is not None:
             config = config.model_copy(update={"memory": memory})
-        embedder = embedder or load_embedder(config.embedder)
+        embedder = centred_for_store(embedder, config.embedder, store)
         return cls(
             ExternalContinualLearner(store, config.memory), embedder, config, backend=backend
         )
@@ -190,6 +189,7 @@ class ContinualClassifier:
         as it is. The only step that reads held-out items with the LLM."""
         self.memory.require_examples()
         steps = self._steps(writing=True)
+        steps.refresh_scorer_choice(scorer, progress)
         spec = steps.spec(checks.check_prediction_options(k), scorer, use_llm)
         return self.heads.fit_and_save(spec, lambda: steps.heldout(spec, progress))
 

@@ -12,7 +12,7 @@ from icl_cl.errors import ConfigError
 
 # Every option list is defined once, here: a Literal (what pydantic validates and modules type
 # with) and, where code lists the options, the tuple of its values.
-ScorerName = Literal["ncm", "mahalanobis", "knn", "ridge"]
+ScorerName = Literal["ncm", "mahalanobis", "knn", "ridge", "ranpac", "klda"]
 SCORERS: tuple[str, ...] = get_args(ScorerName)
 DemoStrategy = Literal["none", "knn", "per_label", "mmr", "random"]
 LabelPresentation = Literal["names", "descriptions", "summaries"]
@@ -23,13 +23,45 @@ PROBABILITY_METHODS: tuple[str, ...] = get_args(ProbabilityMethod)
 LabelSetRuleName = Literal["cardinality", "threshold", "label_thresholds"]
 LABEL_SET_RULES: tuple[str, ...] = get_args(LabelSetRuleName)
 CONTENT_FREE: tuple[str, ...] = ("N/A", "", "[MASK]")
-# What "auto" resolves to: the scorer that measured best on the development corpora
-# (single-label: WordNet supersenses, Debian sections; multi-label: debtags). See README.
-AUTO_SCORER = {False: "mahalanobis", True: "knn"}
+# What "auto" resolves to before the fit step has chosen on held-out stored examples: the scorer
+# that measured best on the development corpora
+# (single-label: WordNet supersenses, Debian sections; multi-label: debtags). See docs/results.md.
+AUTO_SCORER = {False: "klda", True: "knn"}
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LLMViewConfig(_Strict):
+    """Hidden states of a causal LM as an embedding view (defaults chosen in eval/bench/llm_view.py)."""
+
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="transformers in this process, or vLLM's pooling runner (GPU)"
+    )
+    model: str = Field(
+        "smollm2-135m-instruct", description="packaged model name, HF id or local path"
+    )
+    layer: int = Field(
+        16, description="layer pooled (1-based); negative counts from the end (-1: the last)"
+    )
+    pooling: Literal["mean", "last"] = "mean"
+    max_tokens: int = Field(256, gt=0, description="a text's own tokens beyond this are cut")
+    template: str = Field(
+        "none", description="'none', 'chat' (the model's chat template) or a prompt with {text}"
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="transformers: bfloat16 is about twice as fast on AVX-512 BF16 CPUs"
+    )
+    batch_size: int = Field(32, gt=0)
+    combine: Literal["alone", "concat"] = Field(
+        "concat", description="the view alone, or after the sentence embedder's vector"
+    )
+    centre: bool = Field(
+        True,
+        description="subtract the mean of the first session's vectors (frozen, kept in the "
+        "store), each block renormalised: LLM hidden states share a large common direction",
+    )
 
 
 class EmbedderConfig(_Strict):
@@ -49,6 +81,9 @@ class EmbedderConfig(_Strict):
     quantize: Literal["none", "int8"] = Field(
         "none", description="'int8': dynamic int8 quantisation of the ONNX export (backend 'onnx')"
     )
+    llm_view: LLMViewConfig | None = Field(
+        None, description="also (or only) embed with an LLM's hidden states"
+    )
 
     @model_validator(mode="after")
     def _onnx_settings_agree(self) -> EmbedderConfig:
@@ -63,7 +98,10 @@ class MemoryConfig(_Strict):
     """The external continual learner: which scorer ranks labels, and its hyper-parameters."""
 
     scorer: ScorerName | Literal["auto"] = Field(
-        "auto", description="'auto': mahalanobis for single-label stores, knn for multi-label"
+        "auto",
+        description="'auto': what the fit step chose on held-out stored examples (the best "
+        "scorer, fused with others that earn a weight); before any fit, klda for single-label "
+        "stores and knn for multi-label",
     )
     ridge_lambda: float = Field(
         1.0, gt=0, description="ridge regularisation (ACIL's gamma) on L2-normalised embeddings"
@@ -74,6 +112,34 @@ class MemoryConfig(_Strict):
         "'auto' estimates it from the data (Oracle Approximating Shrinkage)",
     )
     knn_neighbors: int = Field(20, gt=0, description="neighbours that vote in the kNN scorer")
+    ranpac_features: int = Field(
+        8192,
+        ge=256,
+        description="the most random ReLU features of the ranpac scorer (RanPAC); the width is "
+        "the smallest power of two >= the stored examples, from 256 up to this",
+    )
+    ranpac_lambda: float = Field(
+        1e-3,
+        gt=0,
+        description="ranpac's ridge strength relative to the mean eigenvalue of its Gram matrix "
+        "(the fit step chooses it on held-out stored examples)",
+    )
+    klda_features: int = Field(
+        8192,
+        ge=256,
+        description="the most random Fourier features of the kernel LDA scorer (klda); sized "
+        "like ranpac's",
+    )
+    klda_bandwidth: float = Field(
+        1.0, gt=0, description="Gaussian kernel width of klda's random Fourier features"
+    )
+    auto_heldout: int = Field(
+        1000,
+        ge=10,
+        description="stored examples held out by the fit step to choose what 'auto' stands for "
+        "(the best scorer, fused with others that earn a weight) and ranpac's strength",
+    )
+    feature_seed: int = Field(0, description="seed of the random feature maps (fixed per store)")
     exact_search_max: int = Field(
         50_000,
         gt=0,

@@ -49,5 +49,8 @@ def store_info(
             }
             for s in memory.sessions()
         ],
+        "scorer_choice": (
+            memory.choice.summary(memory.n_examples) if memory.choice is not None else None
+        ),
         "heads": heads.summaries(),
     }

@@ -17,6 +17,7 @@ from icl_cl.candidates import Candidates, candidate_source
 from icl_cl.config import ClassifierConfig
 from icl_cl.embedding import Embedder
 from icl_cl.heads import HeadSpec, HeldOutItems
+from icl_cl.heads.scorer_selection import refresh_scorer_choice
 from icl_cl.images import Image
 from icl_cl.inputs import checks
 from icl_cl.memory.ecl import ExternalContinualLearner
@@ -60,6 +61,15 @@ class Steps:
     def spec(self, k: int, scorer: str | None, use_llm: bool) -> HeadSpec:
         """The spec of predictions with ``k`` candidates, ``scorer`` and (``use_llm``) the LLM."""
         return HeadSpec.of(self.config, k, self.memory.resolve_scorer(scorer), use_llm=use_llm)
+
+    def refresh_scorer_choice(self, scorer: str | None, progress: Progress | None) -> None:
+        """Choose anew on held-out stored examples what ``auto`` stands for (and ranpac's
+        strength) when ``scorer`` depends on it and the store has grown since (a fit step)."""
+        memory = self.config.memory
+        requested = scorer or memory.scorer
+        refresh_scorer_choice(
+            self.memory, requested, memory.auto_heldout, self.config.fusion.seed, progress
+        )
 
     def reader(self) -> LLMReader:
         """The LLM reader of the configured prompt strategy."""

@@ -36,6 +36,11 @@ def test_sessions_equal_union_for_every_scorer(tmp_path, embedder, dataset, requ
     np.testing.assert_allclose(a.gram, b.gram, atol=1e-8)
     np.testing.assert_allclose(a.weighted_gram, b.weighted_gram, atol=1e-8)
     assert a.n_examples == b.n_examples
+    for name in ("ranpac", "klda"):  # the random-feature statistics too
+        fa, fb = inc.memory.feature_space(name).stats, joint.memory.feature_space(name).stats
+        assert fa.labels == fb.labels == a.labels
+        np.testing.assert_allclose(fa.sums, fb.sums, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(fa.gram, fb.gram, rtol=1e-9, atol=1e-7)
     queries = embedder.encode([ex.text for ex in test])
     for scorer in SCORERS:
         sa = inc.memory.score_matrix(queries, scorer)
@@ -95,3 +100,34 @@ def test_multilabel_store_returns_label_sets(tmp_path, embedder, debtags):
     sizes = [len(p.labels) for p in preds]
     assert max(sizes) > 1
     assert all(set(p.labels) <= set(p.scores) for p in preds)
+
+
+def test_feature_statistics_follow_learning_and_survive_reopening(tmp_path, embedder, wordnet):
+    """Loaded random-feature statistics are updated by a learn; a reopened store catches them up
+    from the stored vectors (checkpoint or not) to the same values."""
+    train, test, labels = wordnet
+    clf = ContinualClassifier.open(tmp_path / "s", embedder=embedder)
+    clf.learn(train[:100], labels)
+    before = clf.memory.feature_space("ranpac").stats.gram.copy()
+    clf.learn(train[100:150])  # same width (256): updated in place
+    live = clf.memory.feature_space("ranpac")
+    assert live.rows == 150 and live.stats.n_examples == 150
+    assert not np.allclose(live.stats.gram, before)
+    queries = embedder.encode([ex.text for ex in test[:20]])
+    expected = clf.memory.score_matrix(queries, "ranpac")
+    clf.close()
+    reopened = ContinualClassifier.open(tmp_path / "s", embedder=embedder)
+    np.testing.assert_allclose(reopened.memory.feature_space("ranpac").stats.gram, live.stats.gram)
+    np.testing.assert_allclose(reopened.memory.score_matrix(queries, "ranpac"), expected, rtol=1e-5)
+    # Past 256 examples the map widens (512 features); the statistics are rebuilt exactly.
+    more = train[150:] + test[20:]
+    reopened.learn(more)
+    assert reopened.memory.feature_space("ranpac").features.size == 512
+    joint = ContinualClassifier.open(tmp_path / "joint", embedder=embedder)
+    joint.learn(train[:150] + more, labels)
+    np.testing.assert_allclose(
+        reopened.memory.score_matrix(queries, "ranpac"),
+        joint.memory.score_matrix(queries, "ranpac"),
+        rtol=1e-4,
+        atol=1e-5,
+    )

@@ -7,7 +7,16 @@ import pytest
 
 from icl_cl.config import MemoryConfig
 from icl_cl.memory.example_index import ExampleIndex
-from icl_cl.memory.scorers import KnnVote, Mahalanobis, NearestClassMean, Ridge, top_k
+from icl_cl.memory.features import RandomFeatures
+from icl_cl.memory.item_groups import ItemGroups
+from icl_cl.memory.scorers import (
+    InFeatureSpace,
+    KnnVote,
+    Mahalanobis,
+    NearestClassMean,
+    Ridge,
+    top_k,
+)
 from icl_cl.memory.statistics import RunningStatistics, augment
 
 
@@ -83,13 +92,78 @@ def test_knn_vote_by_hand():
     st = _stats(x, labels)
     index = ExampleIndex(3, exact_max=100)
     index.add(x)
-    rows = [np.array([st.col[lab] for lab in labs]) for labs in labels]
+    items = ItemGroups()
+    items.add([None] * 3, [np.array([st.col[lab] for lab in labs]) for labs in labels])
     q = np.array([[1, 0, 0]], dtype=np.float32)
-    scores = KnnVote(st, index, rows, k=2).scores(q)[0]
+    scores = KnnVote(st, index, items, k=2).scores(q)[0]
     # votes: a = 1.0 + 0.8, b = 0.8, c = 0 (plus a 1e-3 * cosine tie-break)
     assert scores[st.col["a"]] == pytest.approx(1.8, abs=2e-3)
     assert scores[st.col["b"]] == pytest.approx(0.8, abs=2e-3)
     assert scores[st.col["c"]] == pytest.approx(0.0, abs=2e-3)
+
+
+def test_knn_copies_of_one_input_vote_once_with_the_union_of_their_labels():
+    # Row 0 and row 1 are the same input learned in two sessions ("a", then "b"); row 2 another.
+    x = np.array([[1, 0, 0], [1, 0, 0], [0.6, 0.8, 0], [0, 0, 1]], dtype=np.float32)
+    labels = [["a"], ["b"], ["c"], ["d"]]
+    st = _stats(x, labels)
+    index = ExampleIndex(3, exact_max=100)
+    index.add(x)
+    items = ItemGroups()
+    items.add(["same", "same", "other", "far"], [np.array([st.col[lab[0]]]) for lab in labels])
+    assert items.max_copies == 2
+    assert sorted(st.labels[c] for c in items.labels_of_row(1)) == ["a", "b"]
+    scores = KnnVote(st, index, items, k=2).scores(np.array([[1, 0, 0]], np.float32))[0]
+    # The two nearest *items*: the pair (1.0, labels a and b) and row 2 (0.6, label c).
+    assert scores[st.col["a"]] == pytest.approx(1.0, abs=2e-3)
+    assert scores[st.col["b"]] == pytest.approx(1.0, abs=2e-3)
+    assert scores[st.col["c"]] == pytest.approx(0.6, abs=2e-3)
+    assert scores[st.col["d"]] == pytest.approx(0.0, abs=2e-3)
+
+
+@pytest.mark.parametrize("kind", ["relu", "rff"])
+def test_feature_statistics_equal_statistics_of_the_features(kind):
+    x, labels = _data(6, n=300)
+    features = RandomFeatures(kind, x.shape[1], 64, seed=3)
+    f = features.transform(x)
+    direct = RunningStatistics(64)
+    direct.apply(direct.delta(f, labels))
+    blocked = RunningStatistics(64)
+    blocked.apply(blocked.delta(x, labels, transform=features.transform))
+    np.testing.assert_allclose(blocked.sums, direct.sums, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(blocked.gram, direct.gram, rtol=1e-12, atol=1e-10)
+    np.testing.assert_allclose(blocked.weighted_gram, direct.weighted_gram, rtol=1e-12, atol=1e-10)
+
+
+def test_random_features_are_fixed_by_seed_and_shape():
+    a = RandomFeatures("relu", 8, 32, seed=1)
+    b = RandomFeatures("relu", 8, 32, seed=1)
+    c = RandomFeatures("relu", 8, 32, seed=2)
+    assert a.digest == b.digest != c.digest
+    x = _data(7)[0]
+    np.testing.assert_array_equal(a.transform(x), b.transform(x))
+    assert np.all(a.transform(x) >= 0)  # ReLU features
+    rff = RandomFeatures("rff", 8, 4000, seed=1, bandwidth=1.0).transform(x[:2].astype(np.float64))
+    # Random Fourier features approximate the Gaussian kernel exp(-|x - y|^2 / 2).
+    expected = np.exp(-np.sum((x[0] - x[1]) ** 2) / 2)
+    assert float(rff[0] @ rff[1]) == pytest.approx(expected, abs=0.05)
+
+
+def test_ranpac_is_ridge_on_the_random_relu_features():
+    x, labels = _data(8, n=200)
+    st_x = _stats(x, labels)
+    features = RandomFeatures("relu", x.shape[1], 50, seed=0)
+    st_f = RunningStatistics(50, weighted=False)
+    st_f.apply(st_f.delta(x, labels, transform=features.transform))
+    lam = 2.0
+    f = augment(features.transform(x))
+    yy = np.zeros((len(x), len(st_f.labels)))
+    for i, lab in enumerate(labels):
+        yy[i, st_f.col[lab[0]]] = 1
+    w = np.linalg.solve(f.T @ f + lam * np.eye(f.shape[1]), f.T @ yy)
+    got = InFeatureSpace("ranpac", features, Ridge(st_f, lam)).scores(x[:11])
+    np.testing.assert_allclose(got, f[:11] @ w, rtol=1e-4, atol=1e-4)
+    assert st_x.labels == st_f.labels
 
 
 def test_labels_without_examples_are_never_candidates():
@@ -131,3 +205,23 @@ def test_auto_shrinkage_is_large_with_few_examples_and_small_with_many():
     few = _stats(*_data(5, n=12, d=16))
     many = _stats(*_data(5, n=4000, d=16))
     assert Mahalanobis(few, "auto").shrinkage > Mahalanobis(many, "auto").shrinkage
+
+
+def test_ridge_path_equals_ridge_learned_without_each_fold():
+    from icl_cl.memory.ridge_path import heldout_ridge_scores, relative_to_absolute
+
+    x, labels = _data(9, n=120)
+    features = RandomFeatures("relu", x.shape[1], 40, seed=0)
+    st = RunningStatistics(40, weighted=False)
+    st.apply(st.delta(x, labels, transform=features.transform))
+    folds = [np.arange(0, 30), np.arange(30, 45)]
+    rhos = (1e-3, 0.1)
+    path = heldout_ridge_scores(
+        st, [(features.transform(x[f]), [labels[i] for i in f]) for f in folds], rhos
+    )
+    for rho in rhos:
+        for fold, got in zip(folds, path[rho], strict=True):
+            held = st.without(st.delta(x[fold], [labels[i] for i in fold], features.transform))
+            lam = relative_to_absolute(st, rho)  # the strength is relative to the full store
+            expected = Ridge(held, lam).scores(features.transform(x[fold]).astype(np.float32))
+            np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)

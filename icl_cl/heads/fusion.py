@@ -143,8 +143,8 @@ def fit_fusion(
 
     The decision is made on cross-fitted predictions (weights of the base and that source fitted
     on one half, judged on the other, and back), comparing them with the base's decisions item by
-    item with a sign test. The final weights are fitted on every item, the sources that did not
-    earn their place held at 0.
+    item with a sign test, and it must win in each half too. The final weights are fitted on
+    every item, the sources that did not earn their place held at 0.
 
     Args:
         sources: Per source (the base first), per item, the scores of the item's ``k``
@@ -167,11 +167,15 @@ def fit_fusion(
     std = list(standardised)
     base_correct = _correct(raw[0], target)
     trusted = [True]
+    halves = np.arange(len(rows)) % 2
     for s in range(1, len(names)):
         paired = _cross_fitted_correct([std[0], std[s]], target)
-        wins = int(np.sum(paired & ~base_correct))
-        losses = int(np.sum(~paired & base_correct))
-        trusted.append(wins - losses > _Z * np.sqrt(max(wins + losses, 1)))
+        win, loss = paired & ~base_correct, ~paired & base_correct
+        wins, losses = int(np.sum(win)), int(np.sum(loss))
+        # It must win beyond noise overall and win in each half: on a small store one lucky
+        # half must not hand the LLM a weight that costs accuracy on new inputs.
+        each_half = all(np.sum(win[halves == h]) > np.sum(loss[halves == h]) for h in (0, 1))
+        trusted.append(wins - losses > _Z * np.sqrt(max(wins + losses, 1)) and each_half)
         fused_correct = paired
     if len(names) > 2:
         fused_correct = _cross_fitted_correct(std, target)

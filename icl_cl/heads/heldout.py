@@ -92,6 +92,45 @@ class Sample:
     rows: list[list[int]]
 
 
+def draw_sample(memory: ExternalContinualLearner, n: int, seed: int) -> Sample:
+    """``n`` stored items drawn with ``seed``, their vectors and the ids they stand for.
+
+    In a multi-label store, an item learned in several sessions (each time with that session's
+    labels) is stored several times: its copies are held out together, and its gold labels are
+    all of theirs, or the held-out item would find itself in memory and miss labels.
+    """
+    rng = np.random.default_rng(seed)
+    total = memory.n_examples
+    # A prefix of one seeded permutation: a larger held-out set contains the smaller ones, so
+    # the calibration's extra LLM reads reuse the fusion's (cached) ones.
+    rows = np.sort(rng.permutation(total)[: min(n, total)]).tolist()
+    groups = _copies(memory, rows) if memory.multi_label else [[r] for r in rows]
+    flat = [r for g in groups for r in g]
+    by_row = dict(zip(flat, memory.store.examples(flat), strict=True))
+    examples = [
+        Example(
+            by_row[g[0]].id,
+            by_row[g[0]].text,
+            dict.fromkeys(lab for r in g for lab in by_row[r].labels),
+            image=by_row[g[0]].image,
+        )
+        for g in groups
+    ]
+    ids = [frozenset(by_row[r].id for r in g) for g in groups]
+    vectors = memory.index.vectors([g[0] for g in groups])
+    return Sample(examples, vectors, ids, groups)
+
+
+def _copies(memory: ExternalContinualLearner, rows: list[int]) -> list[list[int]]:
+    """For each row, every stored row with the same input (one group per distinct text or
+    image)."""
+    texts = memory.store.input_keys()
+    by_text: dict[str, list[int]] = {}
+    for row, text in enumerate(texts):
+        by_text.setdefault(text, []).append(row)
+    return [by_text[t] for t in dict.fromkeys(texts[r] for r in rows)]
+
+
 class HeldOutItems:
     """Held-out stored items of one store for one scorer (a :class:`HeldOutSource`).
 
@@ -123,42 +162,8 @@ class HeldOutItems:
         self._progress = progress
 
     def sample(self, n: int) -> Sample:
-        """``n`` stored items drawn with the seed, their vectors and the ids they stand for.
-
-        In a multi-label store, an item learned in several sessions (each time with that
-        session's labels) is stored several times: its copies are held out together, and its
-        gold labels are all of theirs, or the held-out item would find itself in memory and miss
-        labels.
-        """
-        rng = np.random.default_rng(self.seed)
-        total = self.memory.n_examples
-        # A prefix of one seeded permutation: a larger held-out set contains the smaller ones,
-        # so the calibration's extra LLM reads reuse the fusion's (cached) ones.
-        rows = np.sort(rng.permutation(total)[: min(n, total)]).tolist()
-        groups = self._copies(rows) if self.memory.multi_label else [[r] for r in rows]
-        flat = [r for g in groups for r in g]
-        by_row = dict(zip(flat, self.memory.store.examples(flat), strict=True))
-        examples = [
-            Example(
-                by_row[g[0]].id,
-                by_row[g[0]].text,
-                dict.fromkeys(lab for r in g for lab in by_row[r].labels),
-                image=by_row[g[0]].image,
-            )
-            for g in groups
-        ]
-        ids = [frozenset(by_row[r].id for r in g) for g in groups]
-        vectors = self.memory.index.vectors([g[0] for g in groups])
-        return Sample(examples, vectors, ids, groups)
-
-    def _copies(self, rows: list[int]) -> list[list[int]]:
-        """For each row, every stored row with the same input (one group per distinct text or
-        image)."""
-        texts = self.memory.store.input_keys()
-        by_text: dict[str, list[int]] = {}
-        for row, text in enumerate(texts):
-            by_text.setdefault(text, []).append(row)
-        return [by_text[t] for t in dict.fromkeys(texts[r] for r in rows)]
+        """``n`` stored items drawn with the seed (see :func:`draw_sample`)."""
+        return draw_sample(self.memory, n, self.seed)
 
     def _ecl_ranker(self, sample: Sample, stage: str) -> EclRanker:
         """Ranks the sample's items (in order) with the ECL as if they had never been learned.

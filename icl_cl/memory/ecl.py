@@ -12,8 +12,19 @@ import numpy as np
 from icl_cl.config import AUTO_SCORER, SCORERS, MemoryConfig
 from icl_cl.errors import ConfigError, DataError
 from icl_cl.memory.example_index import EXAMPLES_FILE, LABELS_FILE, ExampleIndex
-from icl_cl.memory.scorers import Scorer, build_scorer, top_k
-from icl_cl.memory.statistics import StatisticsDelta
+from icl_cl.memory.feature_space import FeatureSpace
+from icl_cl.memory.features import RandomFeatures, feature_width
+from icl_cl.memory.item_groups import ItemGroups
+from icl_cl.memory.scorer_choice import (
+    CHOICE_KEY,
+    SEPARATOR,
+    Combination,
+    ScorerChoice,
+    combination_parts,
+    weights_of,
+)
+from icl_cl.memory.scorers import FEATURE_SCORERS, Scorer, build_scorer, top_k
+from icl_cl.memory.statistics import RunningStatistics, StatisticsDelta
 from icl_cl.memory.store import SessionRecord, Store
 from icl_cl.types import Example, Label
 
@@ -37,10 +48,12 @@ class ExternalContinualLearner:
         self.index = ExampleIndex.restore(
             self._path / EXAMPLES_FILE, store.dim, config.exact_search_max, store.load_vectors()
         )
-        self._row_labels: list[np.ndarray] | None = None
-        self._row_cardinality: np.ndarray | None = None
+        self._items: ItemGroups | None = None
         self._scorers: dict[str, Scorer] = {}
         self._label_index: ExampleIndex | None = None
+        # Random-feature statistics of the scorers that need them, built on first use.
+        self._spaces: dict[str, FeatureSpace] = {}
+        self._choice: ScorerChoice | None = self._load_choice()
         self.multi_label: bool | None = store.meta("multi_label")
 
     # ---- introspection ---------------------------------------------------------------------
@@ -102,10 +115,20 @@ class ExternalContinualLearner:
         }
         if missing:
             raise DataError(f"labels without a Label entry: {sorted(missing)[:5]}")
+        label_lists = [ex.labels for ex in examples]
         if delta is None:
-            delta = self.stats.delta(vectors, [ex.labels for ex in examples])
+            delta = self.stats.delta(vectors, label_lists)
         elif delta.n_examples != len(examples):
             raise ValueError(f"delta of {delta.n_examples} examples for {len(examples)} examples")
+        n_after = self.stats.n_examples + len(examples)
+        # Spaces whose width stays the same are updated; a wider one is rebuilt on first use.
+        kept = {
+            n: sp
+            for n, sp in self._spaces.items()
+            if sp.features == self.features_of(n, n_after)
+            and sp.stats.weighted == self._weighted(n, multi_label)
+        }
+        space_deltas = {name: sp.delta(vectors, label_lists) for name, sp in kept.items()}
         # New columns: labels in order of first use (as the delta numbers them), then labels that
         # were declared but have no example yet.
         used = set(delta.new_labels)
@@ -128,6 +151,12 @@ class ExternalContinualLearner:
         self.stats.apply(delta)
         for lab in ordered[len(delta.new_labels) :]:
             self.stats.add_label(lab.label)
+        self._spaces = kept
+        for name, space in kept.items():
+            space.apply(space_deltas[name])
+            for lab in ordered[len(delta.new_labels) :]:
+                space.stats.add_label(lab.label)
+            space.save_if_behind(self._checkpoint(space.features))
         self._labels.extend(ordered)
         if ordered:
             self._label_vector_chunks.append(ordered_vectors)
@@ -138,42 +167,125 @@ class ExternalContinualLearner:
         self.index.save(self._path / EXAMPLES_FILE)
         if len(self._labels) > self.config.label_exact_search_max:
             self._labels_index().save(self._path / LABELS_FILE)
-        if self._row_labels is not None and self._row_cardinality is not None:
-            col = self.stats.col
-            self._row_labels.extend(
-                np.array([col[lab] for lab in ex.labels], np.int64) for ex in examples
-            )
-            self._row_cardinality = np.concatenate(
-                [self._row_cardinality, [len(ex.labels) for ex in examples]]
-            )
+        if self._items is not None and multi_label == self.multi_label:
+            self._add_items([_input_key(ex) for ex in examples], [ex.labels for ex in examples])
+        else:
+            self._items = None  # built again on use (copies are grouped in multi-label stores)
         self._scorers.clear()
         self.multi_label = multi_label
         return session
 
     # ---- querying --------------------------------------------------------------------------
 
-    def _ensure_rows(self) -> list[np.ndarray]:
-        if self._row_labels is None:
-            col = self.stats.col
-            rows = self.store.row_labels()
-            self._row_labels = [np.array([col[lab] for lab in labs], np.int64) for labs in rows]
-            self._row_cardinality = np.array([len(labs) for labs in rows], np.float64)
-        return self._row_labels
+    def items(self) -> ItemGroups:
+        """Stored rows grouped into items, with each item's labels."""
+        if self._items is None:
+            self._items = ItemGroups()
+            self._add_items(self.store.input_keys(), self.store.row_labels())
+        return self._items
+
+    def _add_items(self, inputs: Sequence[str], labels: Sequence[Sequence[str]]) -> None:
+        assert self._items is not None
+        col = self.stats.col
+        keys = inputs if self.multi_label else [None] * len(inputs)
+        self._items.add(keys, [np.array([col[lab] for lab in labs], np.int64) for labs in labels])
 
     def resolve_scorer(self, name: str | None = None) -> str:
-        """The concrete scorer a name (or the configured default, or ``auto``) stands for."""
+        """The concrete scorer a name (or the configured default) stands for: ``auto`` is what
+        the last fit chose on held-out stored examples (:attr:`choice`), or before any fit the
+        scorer that measured best on the development corpora."""
         name = name or self.config.scorer
-        return AUTO_SCORER[bool(self.multi_label)] if name == "auto" else name
+        if name != "auto":
+            return name
+        if self._choice is not None:
+            return self._choice.scorer
+        return AUTO_SCORER[bool(self.multi_label)]
+
+    @property
+    def choice(self) -> ScorerChoice | None:
+        """The stored choice of ``auto`` and of ranpac's ridge strength (``None`` before a fit)."""
+        return self._choice
+
+    def set_choice(self, choice: ScorerChoice, *, save: bool) -> None:
+        """Use ``choice`` from now on; with ``save``, store it (a fit does, a prediction never)."""
+        if save:
+            self.store.save_fitted(CHOICE_KEY, choice.to_dict(), choice.n_examples)
+        self._choice = choice
+        self._scorers.clear()
+
+    def _load_choice(self) -> ScorerChoice | None:
+        stored = self.store.fitted(CHOICE_KEY)
+        return ScorerChoice.from_dict(stored[0]) if stored is not None else None
+
+    def _config_for(self, name: str) -> MemoryConfig:
+        """The config a scorer is built with: ranpac takes the fitted ridge strength."""
+        rho = self._choice.ranpac_rho if self._choice is not None else None
+        if name == "ranpac" and rho is not None:
+            return self.config.model_copy(update={"ranpac_lambda": rho})
+        return self.config
 
     def scorer(self, name: str | None = None) -> Scorer:
-        """The named scorer (default: the configured one), built lazily from current statistics."""
+        """The named scorer (default: the configured one), built lazily from current statistics;
+        a combination (``klda+knn``) weighs its scorers as the stored choice says."""
         name = self.resolve_scorer(name)
-        if name not in SCORERS:
-            raise ConfigError(f"unknown scorer {name!r}; choose one of {', '.join(SCORERS)}")
+        unknown = [part for part in combination_parts(name) if part not in SCORERS]
+        if unknown:
+            raise ConfigError(f"unknown scorer {unknown[0]!r}; choose one of {', '.join(SCORERS)}")
         if name not in self._scorers:
-            rows = self._ensure_rows() if name == "knn" else None
-            self._scorers[name] = build_scorer(name, self.stats, self.config, self.index, rows)
+            if SEPARATOR in name:
+                weights = weights_of(self._choice, name)
+                parts = [(self.scorer(part), w) for part, w in weights.items()]
+                self._scorers[name] = Combination(parts)
+            else:
+                self._scorers[name] = self._build(name, self._stats_for(name))
         return self._scorers[name]
+
+    def _build(
+        self, name: str, stats: RunningStatistics, excluded: frozenset[int] = frozenset()
+    ) -> Scorer:
+        items = self.items() if name == "knn" else None
+        features = self.features_of(name) if name in FEATURE_SCORERS else None
+        config = self._config_for(name)
+        return build_scorer(name, stats, config, self.index, items, excluded, features=features)
+
+    def feature_space(self, name: str) -> FeatureSpace:
+        """The random-feature statistics a feature scorer (``ranpac``, ``klda``) is built on:
+        read from their checkpoint, caught up or rebuilt from the stored vectors if needed."""
+        if name not in self._spaces:
+            features = self.features_of(name)
+            self._spaces[name] = FeatureSpace.build(
+                features,
+                weighted=self._weighted(name, self.multi_label),
+                labels=self.stats.labels,
+                vectors=self.index.vectors_all(),
+                row_labels=self.store.row_labels(),
+                checkpoint=self._checkpoint(features),
+            )
+            self._spaces[name].save_if_behind(self._checkpoint(features))
+        return self._spaces[name]
+
+    @staticmethod
+    def _weighted(name: str, multi_label: bool | None) -> bool:
+        """Whether a feature space keeps the label-count-weighted Gram: klda's shared covariance
+        needs it in a multi-label store only (single-label, it equals the Gram)."""
+        return name == "klda" and bool(multi_label)
+
+    def features_of(self, name: str, n_examples: int | None = None) -> RandomFeatures:
+        """The random feature map of a feature scorer for a store of ``n_examples`` (default:
+        this one's): its seed and kind are fixed by the config, its width by the size."""
+        c = self.config
+        n = self.stats.n_examples if n_examples is None else n_examples
+        if name == "ranpac":
+            width = feature_width(n, c.ranpac_features)
+            return RandomFeatures("relu", self.dim, width, c.feature_seed)
+        width = feature_width(n, c.klda_features)
+        return RandomFeatures("rff", self.dim, width, c.feature_seed, c.klda_bandwidth)
+
+    def _checkpoint(self, features: RandomFeatures) -> Path:
+        return Path(self.store.path) / f"features-{features.name}.npz"
+
+    def _stats_for(self, name: str) -> RunningStatistics:
+        return self.feature_space(name).stats if name in FEATURE_SCORERS else self.stats
 
     def heldout_scorer(self, rows: Sequence[int], name: str | None = None) -> Scorer:
         """A scorer built as if the stored examples at ``rows`` had never been learned.
@@ -182,13 +294,17 @@ class ExternalContinualLearner:
         is subtracted, and they are excluded from the kNN vote.
         """
         name = self.resolve_scorer(name)
-        examples = self.store.examples(list(rows))
-        delta = self.stats.delta(self.index.vectors(list(rows)), [ex.labels for ex in examples])
-        stats = self.stats.without(delta)
-        row_labels = self._ensure_rows() if name == "knn" else None
-        return build_scorer(
-            name, stats, self.config, self.index, row_labels, frozenset(int(r) for r in rows)
-        )
+        if SEPARATOR in name:
+            weights = weights_of(self._choice, name)
+            return Combination([(self.heldout_scorer(rows, p), w) for p, w in weights.items()])
+        vectors = self.index.vectors(list(rows))
+        label_lists = [ex.labels for ex in self.store.examples(list(rows))]
+        if name in FEATURE_SCORERS:
+            space = self.feature_space(name)
+            stats = space.stats.without(space.delta(vectors, label_lists))
+        else:
+            stats = self.stats.without(self.stats.delta(vectors, label_lists))
+        return self._build(name, stats, frozenset(int(r) for r in rows))
 
     def ranked(self, scores: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         """Top-``k`` ``(label, score)`` per row of a score matrix, dropping labels with no example."""
@@ -246,12 +362,19 @@ class ExternalContinualLearner:
         return self.index.search(queries, n)
 
     def expected_cardinality(self, queries: np.ndarray, n: int = 10) -> np.ndarray:
-        """Similarity-weighted mean label count of each query's nearest stored examples."""
-        sims, rows = self.neighbours(queries, n)
-        self._ensure_rows()
-        assert self._row_cardinality is not None
-        weights = np.clip(sims, 1e-6, None) * (rows >= 0)
-        card = self._row_cardinality[np.clip(rows, 0, None)]
+        """Similarity-weighted mean label count of each query's ``n`` nearest stored items (an
+        item learned in several sessions counts once, with all of its labels)."""
+        items = self.items()
+        sims, rows = self.neighbours(queries, n * items.max_copies)
+        item_of = items.item_of(rows)
+        card = items.cardinality_of_items(item_of)
+        # Only the first (nearest) row of each item counts, and only the first n items.
+        first = np.zeros_like(rows, dtype=bool)
+        for i in range(len(rows)):
+            _, at = np.unique(item_of[i], return_index=True)
+            at = np.sort(at[item_of[i][at] >= 0])[:n]
+            first[i, at] = True
+        weights = np.clip(sims, 1e-6, None) * first
         return (weights * card).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-12)
 
     def demonstrations(
@@ -263,12 +386,12 @@ class ExternalContinualLearner:
         _sims, rows = self.neighbours(query[None, :], max(n, pool) if labels else n)
         wanted = None if labels is None else set(labels)
         chosen: list[int] = []
-        row_labels = self._ensure_rows() if wanted is not None else None
+        items = self.items() if wanted is not None else None
         names = self.stats.labels
         for row in rows[0]:
             if row < 0:
                 continue
-            if row_labels is not None and not wanted & {names[c] for c in row_labels[row]}:  # type: ignore[operator]
+            if items is not None and not wanted & {names[c] for c in items.labels_of_row(row)}:  # type: ignore[operator]
                 continue
             chosen.append(int(row))
             if len(chosen) == n:
@@ -288,3 +411,8 @@ class ExternalContinualLearner:
             "index": self.index.kind,
             "multi_label": self.multi_label,
         }
+
+
+def _input_key(example: Example) -> str:
+    """What identifies an example's input, as :meth:`Store.input_keys` gives it."""
+    return example.image.key if example.image is not None else example.text

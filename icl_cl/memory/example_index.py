@@ -131,6 +131,12 @@ class ExampleIndex:
             return np.zeros((0, self.dim), np.float32)
         return np.vstack([self._index.reconstruct(int(r)) for r in rows])
 
+    def vectors_all(self) -> np.ndarray:
+        """Every stored vector, in row order."""
+        if self.size == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return self._index.reconstruct_n(0, self.size)
+
     def search(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``n`` neighbours per query: ``(similarities, rows)``; missing slots have row -1."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)

@@ -15,6 +15,8 @@ from icl_cl.memory.statistics import RunningStatistics
 if TYPE_CHECKING:
     from icl_cl.config import MemoryConfig
     from icl_cl.memory.example_index import ExampleIndex
+    from icl_cl.memory.features import RandomFeatures
+    from icl_cl.memory.item_groups import ItemGroups
 
 
 class Scorer(Protocol):
@@ -59,12 +61,16 @@ class Mahalanobis:
 
     name = "mahalanobis"
 
-    def __init__(self, stats: RunningStatistics, shrinkage: float | str) -> None:
+    def __init__(
+        self, stats: RunningStatistics, shrinkage: float | str, distances: bool = True
+    ) -> None:
         counts = stats.counts
         seen = counts > 0
         means = stats.means()
-        # Within-class scatter from running sums: sum_c sum_{x in c} (x-mu_c)(x-mu_c)^T.
-        scatter = stats.weighted_gram - stats.sums[seen].T @ means[seen]
+        # Within-class scatter from running sums: sum_c sum_{x in c} (x-mu_c)(x-mu_c)^T (in a
+        # single-label feature space only the Gram is kept: each example then counts once).
+        gram = stats.weighted_gram if stats.weighted_gram is not None else stats.gram[:-1, :-1]
+        scatter = gram - stats.sums[seen].T @ means[seen]
         dof = max(int(counts.sum()) - int(seen.sum()), 1)
         cov = scatter / dof
         d = cov.shape[0]
@@ -72,18 +78,28 @@ class Mahalanobis:
             shrinkage = oas_shrinkage(cov, dof)
         self.shrinkage = float(shrinkage)
         cov = (1 - self.shrinkage) * cov + self.shrinkage * (np.trace(cov) / d) * np.eye(d)
-        precision = np.linalg.inv(cov)
-        weights = means @ precision  # (C, d)
-        self._precision = precision.astype(np.float32)
+        # Without ``distances`` the per-query term -q^T P q, the same for every label, is left
+        # out: the same ranking (a linear discriminant) at a fraction of the cost in wide
+        # feature spaces, where the precision matrix is never formed.
+        self._precision: np.ndarray | None = None
+        if distances:
+            precision = np.linalg.inv(cov)
+            weights = means @ precision  # (C, d)
+            self._precision = precision.astype(np.float32)
+        else:
+            from scipy.linalg import cho_factor, cho_solve
+
+            weights = cho_solve(cho_factor(cov, overwrite_a=True), means.T).T
         self._weights = np.ascontiguousarray(weights.T, np.float32)
         self._bias = np.einsum("cd,cd->c", weights, means).astype(np.float32)
         self._counts = counts.copy()
 
     def scores(self, queries: np.ndarray) -> np.ndarray:
         # -(q-mu)^T P (q-mu) = -q^T P q + 2 q^T P mu - mu^T P mu
-        quad = np.einsum("nd,de,ne->n", queries, self._precision, queries)
-        dist = quad[:, None] - 2 * (queries @ self._weights) + self._bias[None, :]
-        return _mask_unseen(-dist, self._counts)
+        linear = 2 * (queries @ self._weights) - self._bias[None, :]
+        if self._precision is not None:
+            linear = linear - np.einsum("nd,de,ne->n", queries, self._precision, queries)[:, None]
+        return _mask_unseen(linear, self._counts)
 
 
 def oas_shrinkage(cov: np.ndarray, n: int) -> float:
@@ -110,12 +126,16 @@ class Ridge:
     name = "ridge"
 
     def __init__(self, stats: RunningStatistics, ridge_lambda: float) -> None:
+        from scipy.linalg import cho_factor, cho_solve
+
         d1 = stats.gram.shape[0]
         system = stats.gram + ridge_lambda * np.eye(d1)
         targets = np.hstack(
             [stats.sums, stats.counts[:, None].astype(np.float64)]
         )  # X~^T Y, (C, d+1)
-        weights = np.linalg.solve(system, targets.T)  # (d+1, C)
+        # Cholesky: the system is symmetric positive definite, and half the cost of an LU solve
+        # matters once the features are thousands wide.
+        weights = cho_solve(cho_factor(system, overwrite_a=True), targets.T)  # (d+1, C)
         self._weights = np.ascontiguousarray(weights[:-1], np.float32)
         self._bias = weights[-1].astype(np.float32)
         self._counts = stats.counts.copy()
@@ -125,8 +145,10 @@ class Ridge:
 
 
 class KnnVote:
-    """kNN label vote over stored examples: a label's score is the summed similarity of the
-    neighbours that carry it. Class-mean cosine, scaled down, orders the labels no neighbour has."""
+    """kNN label vote over stored items: a label's score is the summed similarity of the ``k``
+    nearest items that carry it (copies of one input learned in several sessions vote once, with
+    the union of their labels; see :class:`~icl_cl.memory.item_groups.ItemGroups`). Class-mean
+    cosine, scaled down, orders the labels no neighbour has."""
 
     name = "knn"
     _TIE_BREAK = 1e-3
@@ -135,29 +157,57 @@ class KnnVote:
         self,
         stats: RunningStatistics,
         index: ExampleIndex,
-        row_labels: list[np.ndarray],
+        items: ItemGroups,
         k: int,
         excluded: frozenset[int] = frozenset(),
     ) -> None:
         self._ncm = NearestClassMean(stats)
         self._index = index
-        self._row_labels = row_labels
+        self._items = items
         self._k = k
         self._excluded = excluded  # rows held out: they never vote
 
     def scores(self, queries: np.ndarray) -> np.ndarray:
         scores = self._TIE_BREAK * self._ncm.scores(queries)
-        sims, rows = self._index.search(queries, self._k + len(self._excluded))
+        # Enough rows for k distinct items once held-out rows and extra copies are skipped.
+        depth = self._k * self._items.max_copies + len(self._excluded)
+        sims, rows = self._index.search(queries, depth)
+        items = self._items.item_of(rows)
         for i in range(len(queries)):
-            voters = 0
-            for sim, row in zip(sims[i], rows[i], strict=True):
-                if row < 0 or int(row) in self._excluded:
+            voted: set[int] = set()
+            for sim, row, item in zip(sims[i], rows[i], items[i], strict=True):
+                if row < 0 or item in voted or int(row) in self._excluded:
                     continue
-                scores[i, self._row_labels[row]] += max(float(sim), 0.0)
-                voters += 1
-                if voters == self._k:
+                scores[i, self._items.labels[item]] += max(float(sim), 0.0)
+                voted.add(int(item))
+                if len(voted) == self._k:
                     break
         return scores
+
+
+class InFeatureSpace:
+    """A scorer over a random feature space (RanPAC, KLDA): queries are mapped first, in blocks
+    so that the wide features of a large batch are never held at once."""
+
+    _BLOCK = 2048
+
+    def __init__(self, name: str, features: RandomFeatures, inner: Scorer) -> None:
+        self.name = name
+        self._features = features
+        self._inner = inner
+
+    def scores(self, queries: np.ndarray) -> np.ndarray:
+        parts = [
+            self._inner.scores(self._features.transform(queries[lo : lo + self._BLOCK]))
+            for lo in range(0, len(queries), self._BLOCK)
+        ]
+        if not parts:
+            return self._inner.scores(self._features.transform(queries))
+        return np.vstack(parts)
+
+
+# Scorers built on a random feature space rather than on the embeddings themselves.
+FEATURE_SCORERS = ("ranpac", "klda")
 
 
 def build_scorer(
@@ -165,10 +215,23 @@ def build_scorer(
     stats: RunningStatistics,
     config: MemoryConfig,
     index: ExampleIndex,
-    row_labels: list[np.ndarray] | None,
+    items: ItemGroups | None,
     excluded: frozenset[int] = frozenset(),
+    features: RandomFeatures | None = None,
 ) -> Scorer:
-    """Construct the named scorer from the current statistics."""
+    """Construct the named scorer from the current statistics (for a feature scorer: the
+    statistics of its feature space, and its ``features`` map)."""
+    if name in FEATURE_SCORERS:
+        if features is None:
+            raise ValueError(f"the {name} scorer needs its random feature map")
+        from icl_cl.memory.ridge_path import relative_to_absolute
+
+        inner: Scorer = (
+            Ridge(stats, relative_to_absolute(stats, config.ranpac_lambda))
+            if name == "ranpac"
+            else Mahalanobis(stats, config.shrinkage, distances=False)
+        )
+        return InFeatureSpace(name, features, inner)
     if name == "ncm":
         return NearestClassMean(stats)
     if name == "mahalanobis":
@@ -176,9 +239,9 @@ def build_scorer(
     if name == "ridge":
         return Ridge(stats, config.ridge_lambda)
     if name == "knn":
-        if row_labels is None:
-            raise ValueError("the kNN scorer needs the labels of stored examples")
-        return KnnVote(stats, index, row_labels, config.knn_neighbors, excluded)
+        if items is None:
+            raise ValueError("the kNN scorer needs the labels of stored items")
+        return KnnVote(stats, index, items, config.knn_neighbors, excluded)
     raise ValueError(f"unknown scorer {name!r}")
 
 

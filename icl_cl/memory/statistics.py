@@ -7,7 +7,7 @@ Statistics are float64; vectors given to the index stay float32.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +23,8 @@ class StatisticsDelta:
         counts: Examples added per column in ``cols``.
         sums: Sum of the added vectors per column in ``cols``, shape ``(len(cols), dim)``.
         gram: ``sum x~ x~^T`` of the added vectors augmented with a constant 1, ``(dim+1, dim+1)``.
-        weighted_gram: ``sum m_x x x^T`` with ``m_x`` the number of labels of ``x``, ``(dim, dim)``.
+        weighted_gram: ``sum m_x x x^T`` with ``m_x`` the number of labels of ``x``, ``(dim, dim)``;
+            ``None`` for statistics kept without it.
         n_examples: Examples added.
     """
 
@@ -32,8 +33,25 @@ class StatisticsDelta:
     counts: np.ndarray
     sums: np.ndarray
     gram: np.ndarray
-    weighted_gram: np.ndarray
+    weighted_gram: np.ndarray | None
     n_examples: int
+
+
+# Rows per block when statistics are computed through a feature map.
+_BLOCK = 2048
+
+
+def _add_segment_sums(
+    sums: np.ndarray, x: np.ndarray, rows: np.ndarray, groups: np.ndarray
+) -> None:
+    """``sums[g] += x[r]`` for every pair ``(r, g)`` (segment sums over rows sorted by group;
+    np.add.at is an order of magnitude slower)."""
+    if len(rows) == 0:
+        return
+    order = np.argsort(groups, kind="stable")
+    sorted_groups = groups[order]
+    starts = np.flatnonzero(np.r_[True, np.diff(sorted_groups) != 0])
+    sums[sorted_groups[starts]] += np.add.reduceat(x[rows[order]], starts, axis=0)
 
 
 def augment(vectors: np.ndarray) -> np.ndarray:
@@ -44,14 +62,18 @@ def augment(vectors: np.ndarray) -> np.ndarray:
 class RunningStatistics:
     """Per-label counts and sums, plus the two Gram matrices, with amortised O(1) label growth."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, weighted: bool = True) -> None:
         self.dim = dim
+        self.weighted = weighted
         self.labels: list[str] = []
         self.col: dict[str, int] = {}
         self._counts = np.zeros(16, dtype=np.int64)
         self._sums = np.zeros((16, dim), dtype=np.float64)
         self.gram = np.zeros((dim + 1, dim + 1), dtype=np.float64)
-        self.weighted_gram = np.zeros((dim, dim), dtype=np.float64)
+        # Only the Mahalanobis scorers need it; the ridge scorers' feature spaces skip it.
+        self.weighted_gram: np.ndarray | None = (
+            np.zeros((dim, dim), dtype=np.float64) if weighted else None
+        )
         self.n_examples = 0
 
     @property
@@ -69,10 +91,20 @@ class RunningStatistics:
         counts = self.counts
         return self.sums / np.maximum(counts, 1)[:, None]
 
-    def delta(self, vectors: np.ndarray, label_lists: Sequence[Sequence[str]]) -> StatisticsDelta:
-        """Compute what learning ``vectors`` with ``label_lists`` adds, without changing ``self``."""
-        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise ValueError(f"expected vectors of shape (n, {self.dim}), got {vectors.shape}")
+    def delta(
+        self,
+        vectors: np.ndarray,
+        label_lists: Sequence[Sequence[str]],
+        transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> StatisticsDelta:
+        """Compute what learning ``vectors`` with ``label_lists`` adds, without changing ``self``.
+
+        ``transform`` maps a block of vectors to the space these statistics live in (a random
+        feature map); it is applied block by block, so the features of a large session are never
+        held in memory at once.
+        """
+        if vectors.ndim != 2:
+            raise ValueError(f"expected a matrix of vectors, got shape {vectors.shape}")
         new_labels: list[str] = []
         seen_new: set[str] = set()
         for labels in label_lists:
@@ -83,29 +115,35 @@ class RunningStatistics:
         col_of = dict(self.col)
         for offset, label in enumerate(new_labels):
             col_of[label] = len(self.labels) + offset
-        rows = [i for i, labels in enumerate(label_lists) for _ in labels]
+        rows = np.asarray([i for i, labels in enumerate(label_lists) for _ in labels], np.int64)
         cols = [col_of[label] for labels in label_lists for label in labels]
         touched, local = np.unique(np.asarray(cols, dtype=np.int64), return_inverse=True)
-        x64 = vectors.astype(np.float64)
-        # Segment sums over rows sorted by column (np.add.at is an order of magnitude slower).
-        order = np.argsort(local, kind="stable")
-        starts = np.flatnonzero(np.r_[True, np.diff(local[order]) != 0])
-        if len(order):
-            sums = np.add.reduceat(x64[np.asarray(rows, dtype=np.int64)[order]], starts, axis=0)
-        else:
-            sums = np.zeros((0, self.dim), dtype=np.float64)
-        counts = np.bincount(local, minlength=len(touched)).astype(np.int64)
-        # Gram of [x, 1] assembled from blocks: one (d x d) product instead of (d+1) x (d+1).
-        plain = x64.T @ x64
-        gram = np.empty((self.dim + 1, self.dim + 1))
-        gram[:-1, :-1] = plain
-        gram[:-1, -1] = gram[-1, :-1] = x64.sum(axis=0)
-        gram[-1, -1] = len(vectors)
         multiplicity = np.asarray([len(labels) for labels in label_lists], dtype=np.float64)
-        if np.all(multiplicity == 1):
-            weighted = plain.copy()  # single-label: every example counts once
-        else:
-            weighted = (x64 * multiplicity[:, None]).T @ x64
+        single = bool(np.all(multiplicity == 1))
+        dim = self.dim
+        sums = np.zeros((len(touched), dim))
+        gram = np.zeros((dim + 1, dim + 1))
+        weighted = np.zeros((dim, dim)) if self.weighted and not single else None
+        block = len(vectors) if transform is None else _BLOCK
+        for lo in range(0, len(vectors), max(block, 1)):
+            hi = min(lo + block, len(vectors))
+            x = vectors[lo:hi] if transform is None else transform(vectors[lo:hi])
+            x64 = np.asarray(x, dtype=np.float64)
+            if x64.shape[1] != dim:
+                raise ValueError(f"expected vectors of dimension {dim}, got {x64.shape[1]}")
+            in_block = (rows >= lo) & (rows < hi)
+            _add_segment_sums(sums, x64, rows[in_block] - lo, local[in_block])
+            # Gram of [x, 1] assembled from blocks: one (d x d) product instead of (d+1) x (d+1).
+            plain = x64.T @ x64
+            gram[:-1, :-1] += plain
+            gram[:-1, -1] += x64.sum(axis=0)
+            if weighted is not None:
+                weighted += (x64 * multiplicity[lo:hi, None]).T @ x64
+        gram[-1, :-1] = gram[:-1, -1]
+        gram[-1, -1] = len(vectors)
+        if self.weighted and weighted is None:
+            weighted = gram[:-1, :-1].copy()  # single-label: every example counts once
+        counts = np.bincount(local, minlength=len(touched)).astype(np.int64)
         return StatisticsDelta(
             new_labels=tuple(new_labels),
             cols=touched,
@@ -123,7 +161,8 @@ class RunningStatistics:
         self._counts[delta.cols] += delta.counts
         self._sums[delta.cols] += delta.sums
         self.gram += delta.gram
-        self.weighted_gram += delta.weighted_gram
+        if self.weighted_gram is not None and delta.weighted_gram is not None:
+            self.weighted_gram += delta.weighted_gram
         self.n_examples += delta.n_examples
 
     def without(self, delta: StatisticsDelta) -> RunningStatistics:
@@ -131,7 +170,7 @@ class RunningStatistics:
         learned (used to hold stored examples out when fitting fusion weights)."""
         if delta.new_labels:
             raise ValueError("a held-out delta cannot introduce labels")
-        out = RunningStatistics(self.dim)
+        out = RunningStatistics(self.dim, weighted=self.weighted)
         out.labels = list(self.labels)
         out.col = dict(self.col)
         out._counts = self._counts.copy()
@@ -139,7 +178,8 @@ class RunningStatistics:
         out._counts[delta.cols] -= delta.counts
         out._sums[delta.cols] -= delta.sums
         out.gram = self.gram - delta.gram
-        out.weighted_gram = self.weighted_gram - delta.weighted_gram
+        if self.weighted_gram is not None and delta.weighted_gram is not None:
+            out.weighted_gram = self.weighted_gram - delta.weighted_gram
         out.n_examples = self.n_examples - delta.n_examples
         return out
 

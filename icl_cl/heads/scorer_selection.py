@@ -1,0 +1,161 @@
+"""What ``auto`` stands for, chosen on held-out stored examples: the best scorer of a pool, with
+the others fused to it where they earn a weight (:func:`~icl_cl.heads.fusion.fit_fusion`), and
+ranpac's ridge strength.
+
+Each held-out item is scored by every scorer as if it had never been learned (its contribution
+to the statistics subtracted; for ranpac every ridge strength at once, from one
+eigendecomposition). The best scorer alone ranks; the others re-score its top candidates, and
+fusion keeps one only if the cross-fitted combination beats the best scorer alone beyond noise.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from icl_cl.heads.fusion import FUSED, fit_fusion
+from icl_cl.heads.heldout import Sample, draw_sample
+from icl_cl.memory.ecl import ExternalContinualLearner
+from icl_cl.memory.ridge_path import RHO_GRID, heldout_ridge_scores
+from icl_cl.memory.scorer_choice import ScorerChoice
+from icl_cl.types import Progress
+
+logger = logging.getLogger(__name__)
+
+# The scorers ``auto`` chooses among and fuses (ncm and linear ridge never won on the corpora).
+POOL = ("klda", "ranpac", "mahalanobis", "knn")
+# Columns of each item the fusion is fitted over: the best scorer's top candidates.
+FUSION_COLUMNS = 20
+# Held-out items are scored in folds of at most this many, and at most a tenth of the store.
+FOLD = 500
+
+
+def fit_scorer_choice(
+    memory: ExternalContinualLearner,
+    n: int,
+    seed: int,
+    *,
+    pool: Sequence[str] = POOL,
+    progress: Progress | None = None,
+) -> ScorerChoice:
+    """Choose ``auto``'s scorer (or combination) and ranpac's strength on ``n`` held-out items.
+
+    Args:
+        memory: The ECL (not changed: the caller stores and applies the choice).
+        n: Held-out stored items to draw.
+        seed: Seed of the draw.
+        pool: Scorers to choose among.
+        progress: Told ``fitting: choosing the ECL scorer on N held-out items``.
+    """
+    sample = draw_sample(memory, n, seed)
+    gold = _gold_columns(memory, sample)
+    stage = f"fitting: choosing the ECL scorer on {len(gold)} held-out items"
+    scores: dict[str, np.ndarray] = {}
+    rho, rho_accuracy = None, {}
+    for i, name in enumerate(pool):
+        try:
+            if name == "ranpac":
+                scores[name], rho, rho_accuracy = _ranpac_path(memory, sample, gold)
+            else:
+                scores[name] = _heldout_matrix(memory, sample, name)
+        except np.linalg.LinAlgError as exc:  # too few examples left to estimate it
+            logger.info("auto scorer: %s left out (%s)", name, exc)
+        if progress is not None:
+            progress(stage, i + 1, len(pool))
+    accuracy = {name: _top1(s, gold) for name, s in scores.items()}
+    tried = [name for name in pool if name in scores]
+    best = max(tried, key=lambda name: accuracy[name])  # first of the pool on a tie
+    order = [best, *(name for name in tried if name != best)]
+    columns = np.argsort(-scores[best], axis=1)[:, :FUSION_COLUMNS]
+    sources = {name: list(np.take_along_axis(scores[name], columns, axis=1)) for name in order}
+    positions = [
+        {j for j, c in enumerate(cols) if c in g} for cols, g in zip(columns, gold, strict=True)
+    ]
+    fusion = fit_fusion(sources, positions)
+    weights = dict(fusion.weights)
+    if not fusion.uses_added:
+        weights = {name: 1.0 if name == best else 0.0 for name in order}
+    accuracy[FUSED] = fusion.heldout_accuracy.get(FUSED, accuracy[best])
+    choice = ScorerChoice(
+        weights, rho, len(gold), accuracy, memory.n_examples, rho_accuracy=rho_accuracy
+    )
+    logger.info("auto scorer: %s", choice.reason())
+    return choice
+
+
+def _gold_columns(memory: ExternalContinualLearner, sample: Sample) -> list[set[int]]:
+    col = memory.stats.col
+    return [{col[label] for label in ex.labels} for ex in sample.examples]
+
+
+def _top1(scores: np.ndarray, gold: Sequence[set[int]]) -> float:
+    top = scores.argmax(axis=1)
+    return float(np.mean([int(t) in g for t, g in zip(top, gold, strict=True)]))
+
+
+def _folds(memory: ExternalContinualLearner, sample: Sample) -> list[range]:
+    """Consecutive item ranges, each held out at once."""
+    size = max(1, min(FOLD, memory.n_examples // 10))
+    return [range(lo, min(lo + size, len(sample.rows))) for lo in range(0, len(sample.rows), size)]
+
+
+def _heldout_matrix(memory: ExternalContinualLearner, sample: Sample, name: str) -> np.ndarray:
+    """Every held-out item's scores of every label under ``name``, its fold left out."""
+    out = []
+    for fold in _folds(memory, sample):
+        rows = [r for i in fold for r in sample.rows[i]]
+        scorer = memory.heldout_scorer(rows, name)
+        out.append(scorer.scores(sample.vectors[fold.start : fold.stop]))
+    return np.vstack(out).astype(np.float64)
+
+
+def _ranpac_path(
+    memory: ExternalContinualLearner, sample: Sample, gold: Sequence[set[int]]
+) -> tuple[np.ndarray, float, dict[str, float]]:
+    """ranpac's held-out scores at the strength that scored best, that strength, and the
+    accuracy of every strength tried."""
+    space = memory.feature_space("ranpac")
+    folds = []
+    for fold in _folds(memory, sample):
+        rows = [r for i in fold for r in sample.rows[i]]
+        vectors = memory.index.vectors(rows)
+        labels = [ex.labels for ex in memory.store.examples(rows)]
+        folds.append((space.features.transform(vectors), labels, rows, fold))
+    # The path scores each stored row of a fold; an item's score is that of its first row.
+    paths = heldout_ridge_scores(space.stats, [(f, lab) for f, lab, _, _ in folds], RHO_GRID)
+    firsts = []
+    for _, _, rows, fold in folds:
+        at = {r: j for j, r in enumerate(rows)}
+        firsts.append([at[sample.rows[i][0]] for i in fold])
+    by_rho = {
+        rho: np.vstack([m[first] for m, first in zip(mats, firsts, strict=True)]).astype(np.float64)
+        for rho, mats in paths.items()
+    }
+    accuracy = {f"{rho:g}": _top1(s, gold) for rho, s in by_rho.items()}
+    best = max(RHO_GRID, key=lambda rho: accuracy[f"{rho:g}"])
+    return by_rho[best], float(best), accuracy
+
+
+# Below this many stored examples ``auto`` keeps its default: too few to tell scorers apart.
+MIN_EXAMPLES = 50
+
+
+def refresh_scorer_choice(
+    memory: ExternalContinualLearner,
+    requested: str,
+    n: int,
+    seed: int,
+    progress: Progress | None = None,
+) -> ScorerChoice | None:
+    """Fit and store the choice when the ``requested`` scorer depends on it (``auto``, or
+    ``ranpac`` for its strength) and the stored one predates the store's last session."""
+    current = memory.choice
+    if requested not in ("auto", "ranpac") or memory.n_examples < MIN_EXAMPLES:
+        return current
+    if current is not None and current.n_examples == memory.n_examples:
+        return current
+    choice = fit_scorer_choice(memory, n, seed, progress=progress)
+    memory.set_choice(choice, save=True)
+    return choice

@@ -1,0 +1,157 @@
+"""Running statistics of the stored examples in a random feature space (RanPAC, KLDA).
+
+They are sums over examples like the embedding-space statistics, but ``M x M`` with ``M`` in the
+thousands, so they are not rewritten into SQLite at every session. They are *derived* state: a
+pure function of the stored vectors and labels. A checkpoint file beside the store records how
+many stored rows it covers; opening reads it and adds the rows learned since (exact: sums do not
+depend on order), and a missing, stale or damaged checkpoint is rebuilt from the stored vectors.
+Nothing acknowledged can be lost through it, and a read-only store still opens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from icl_cl.memory.features import RandomFeatures
+from icl_cl.memory.statistics import RunningStatistics, StatisticsDelta
+
+logger = logging.getLogger(__name__)
+
+# A checkpoint is rewritten once this many learned rows are not in it yet: catching up that many
+# rows on open costs about as much as one rewrite.
+CHECKPOINT_EVERY = 2048
+
+
+class FeatureSpace:
+    """Per-label sums and Gram matrices of the stored examples' random features.
+
+    Args:
+        features: The fixed feature map.
+        stats: Statistics over the features, label columns aligned with the store's.
+        rows: Stored rows (from the first) that ``stats`` covers.
+    """
+
+    def __init__(self, features: RandomFeatures, stats: RunningStatistics, rows: int) -> None:
+        self.features = features
+        self.stats = stats
+        self.rows = rows
+        self._saved_rows = rows
+
+    @classmethod
+    def build(
+        cls,
+        features: RandomFeatures,
+        *,
+        weighted: bool,
+        labels: Sequence[str],
+        vectors: np.ndarray,
+        row_labels: Sequence[Sequence[str]],
+        checkpoint: Path | None = None,
+    ) -> FeatureSpace:
+        """The statistics of ``vectors`` (every stored row), starting from ``checkpoint`` when it
+        is valid for this map, and adding the rows it does not cover."""
+        space = cls._read(checkpoint, features, weighted, labels) if checkpoint else None
+        if space is None:
+            stats = RunningStatistics(features.size, weighted=weighted)
+            space = cls(features, stats, 0)
+            space._saved_rows = -1  # nothing valid on disk
+        # Every store column first (in the store's order), so the rows added below find theirs.
+        for label in labels:
+            if label not in space.stats.col:
+                space.stats.add_label(label)
+        missing = len(vectors) - space.rows
+        if missing:
+            logger.info("feature space %s: adding %d stored rows", features.name, missing)
+            space.apply(space.delta(vectors[space.rows :], row_labels[space.rows :]))
+        if space.stats.labels != list(labels):
+            raise ValueError(
+                f"feature space {features.name}: label columns differ from the store's"
+            )
+        return space
+
+    def delta(self, vectors: np.ndarray, label_lists: Sequence[Sequence[str]]) -> StatisticsDelta:
+        """What learning ``vectors`` adds in this space (computed block by block)."""
+        return self.stats.delta(vectors, label_lists, transform=self.features.transform)
+
+    def apply(self, delta: StatisticsDelta) -> None:
+        self.stats.apply(delta)
+        self.rows += delta.n_examples
+
+    def save_if_behind(self, checkpoint: Path) -> bool:
+        """Rewrite the checkpoint when enough rows are missing from it; ``False`` when the store
+        cannot be written (read-only): the statistics are then caught up in memory on open."""
+        if self.rows - self._saved_rows < CHECKPOINT_EVERY:
+            return True
+        try:
+            self._write(checkpoint)
+            # Checkpoints of this kind at another width are obsolete once the store has grown.
+            for old in checkpoint.parent.glob(f"features-{self.features.kind}-*.npz"):
+                if old != checkpoint:
+                    old.unlink()
+        except OSError as exc:
+            logger.warning("cannot write %s (%s): it will be caught up on open", checkpoint, exc)
+            return False
+        self._saved_rows = self.rows
+        return True
+
+    def _write(self, path: Path) -> None:
+        stats = self.stats
+        header = {
+            "features": self.features.name,
+            "digest": self.features.digest,
+            "rows": self.rows,
+            "labels": stats.labels,
+            "weighted": stats.weighted_gram is not None,
+        }
+        arrays = {
+            "header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
+            "counts": stats.counts,
+            "sums": stats.sums,
+            "gram": stats.gram,
+            "n_examples": np.array([stats.n_examples]),
+        }
+        if stats.weighted_gram is not None:
+            arrays["weighted_gram"] = stats.weighted_gram
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def _read(
+        cls, path: Path, features: RandomFeatures, weighted: bool, labels: Sequence[str]
+    ) -> FeatureSpace | None:
+        """The checkpoint at ``path`` if it exists and fits this map and these labels."""
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                header = json.loads(data["header"].tobytes().decode())
+                ok = (
+                    header["digest"] == features.digest
+                    and header["weighted"] == weighted
+                    and header["labels"] == list(labels[: len(header["labels"])])
+                )
+                if not ok:
+                    logger.warning("%s does not match this store's feature map: rebuilt", path)
+                    return None
+                stats = RunningStatistics(features.size, weighted=weighted)
+                counts, sums = data["counts"], data["sums"]
+                for i, label in enumerate(header["labels"]):
+                    stats.add_label(label, int(counts[i]), sums[i])
+                stats.gram = np.array(data["gram"])
+                if weighted:
+                    stats.weighted_gram = np.array(data["weighted_gram"])
+                stats.n_examples = int(data["n_examples"][0])
+        except (OSError, ValueError, KeyError) as exc:
+            logger.warning("unreadable feature checkpoint %s (%s): rebuilt", path, exc)
+            return None
+        return cls(features, stats, int(header["rows"]))

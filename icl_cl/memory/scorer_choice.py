@@ -1,0 +1,126 @@
+"""The ECL's own fit: which scorer (or weighted combination of scorers) ``auto`` stands for, and
+the ridge strength of ``ranpac``, both chosen on held-out stored examples and kept in the store.
+
+The choice is made by :func:`icl_cl.heads.scorer_selection.fit_scorer_choice`; this module holds
+what is stored and how a combination scores, so the memory layer can apply it without fitting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from icl_cl.memory.scorers import Scorer
+
+# Where the choice is stored among the store's fitted rows.
+CHOICE_KEY = "ecl:scorer_choice"
+# Joins the scorers of a combination in its name: ``klda+knn``.
+SEPARATOR = "+"
+
+
+@dataclass(frozen=True)
+class ScorerChoice:
+    """What ``auto`` resolves to, and why.
+
+    Attributes:
+        weights: Weight of each scorer in the combination, the best single scorer first; a
+            scorer that did not earn its place has weight 0 (a lone scorer: weight 1).
+        ranpac_rho: ``ranpac``'s ridge strength relative to the mean eigenvalue of its Gram
+            matrix, chosen on the held-out items (``None``: ranpac was not in the pool).
+        heldout_items: Held-out stored items the choice was made on.
+        heldout_accuracy: Their top-1 accuracy under each scorer alone, and under the
+            cross-fitted combination (``fused``).
+        n_examples: Stored examples when it was fitted.
+    """
+
+    weights: Mapping[str, float]
+    ranpac_rho: float | None
+    heldout_items: int
+    heldout_accuracy: Mapping[str, float]
+    n_examples: int
+    rho_accuracy: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def scorer(self) -> str:
+        """The name ``auto`` resolves to: one scorer, or the scorers with weight joined by ``+``."""
+        return SEPARATOR.join(name for name, w in self.weights.items() if w > 0)
+
+    def reason(self) -> str:
+        """One line for ``info``: what was picked, on how many held-out items, against what."""
+        acc = self.heldout_accuracy
+        others = ", ".join(f"{n} {a:.3f}" for n, a in acc.items() if n != "fused")
+        picked = self.scorer
+        if SEPARATOR in picked:
+            return (
+                f"{picked}: their fusion scored {acc['fused']:.3f} top-1 on {self.heldout_items} "
+                f"held-out stored items (alone: {others})"
+            )
+        return (
+            f"{picked}: best top-1 on {self.heldout_items} held-out stored items ({others}); no "
+            "other scorer added to it beyond noise"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "weights": dict(self.weights),
+            "ranpac_rho": self.ranpac_rho,
+            "heldout_items": self.heldout_items,
+            "heldout_accuracy": dict(self.heldout_accuracy),
+            "n_examples": self.n_examples,
+            "rho_accuracy": dict(self.rho_accuracy),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ScorerChoice:
+        return cls(
+            {str(k): float(v) for k, v in data["weights"].items()},
+            None if data["ranpac_rho"] is None else float(data["ranpac_rho"]),
+            int(data["heldout_items"]),
+            {str(k): float(v) for k, v in data["heldout_accuracy"].items()},
+            int(data["n_examples"]),
+            {str(k): float(v) for k, v in data.get("rho_accuracy", {}).items()},
+        )
+
+    def summary(self, store_size: int) -> dict[str, Any]:
+        """What ``info`` shows."""
+        return {
+            "auto": self.scorer,
+            "why": self.reason(),
+            "weights": dict(self.weights),
+            "ranpac_rho": self.ranpac_rho,
+            "heldout_items": self.heldout_items,
+            "fitted_at_examples": self.n_examples,
+            "stale": self.n_examples != store_size,
+        }
+
+
+class Combination:
+    """Weighted sum of several scorers' scores (weights include each scorer's scale)."""
+
+    def __init__(self, parts: Sequence[tuple[Scorer, float]]) -> None:
+        self._parts = list(parts)
+        self.name = SEPARATOR.join(s.name for s, _ in parts)
+
+    def scores(self, queries: np.ndarray) -> np.ndarray:
+        total: np.ndarray | None = None
+        for scorer, weight in self._parts:
+            part = weight * scorer.scores(queries).astype(np.float64)
+            total = part if total is None else total + part
+        assert total is not None
+        return total.astype(np.float32)
+
+
+def combination_parts(name: str) -> list[str]:
+    """The scorers a (possibly combined) scorer name stands for."""
+    return name.split(SEPARATOR)
+
+
+def weights_of(choice: ScorerChoice | None, name: str) -> dict[str, float]:
+    """The weights of combination ``name``: the stored choice's when it is that combination."""
+    parts = combination_parts(name)
+    if choice is None or choice.scorer != name:
+        raise KeyError(f"no fitted weights for the combination {name!r}")
+    return {part: choice.weights[part] for part in parts}

@@ -1,0 +1,118 @@
+"""What ``auto`` stands for: chosen on held-out stored items scored exactly as if never learned,
+stored, applied by the memory layer (a combination weighs its scorers), and refitted only when
+the store has grown."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from icl_cl.config import MemoryConfig
+from icl_cl.heads.heldout import draw_sample
+from icl_cl.heads.scorer_selection import (
+    _folds,
+    _heldout_matrix,
+    fit_scorer_choice,
+    refresh_scorer_choice,
+)
+from icl_cl.memory.ecl import ExternalContinualLearner
+from icl_cl.memory.scorer_choice import ScorerChoice
+from icl_cl.memory.store import Store
+from icl_cl.types import Example, Label
+
+DIM, LABELS = 16, 6
+
+
+def _data(n: int, seed: int = 0) -> tuple[list[Example], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).normal(size=(LABELS, DIM))
+    y = rng.integers(0, LABELS, size=n)
+    x = centres[y] + 0.9 * rng.normal(size=(n, DIM))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    examples = [Example(f"s{seed}-{i}", f"text {seed} {i}", (f"c{v}",)) for i, v in enumerate(y)]
+    return examples, x.astype(np.float32)
+
+
+def _memory(path, examples, vectors, config: MemoryConfig | None = None):
+    store = Store.create(path, dim=DIM, embedder="synthetic", config={})
+    memory = ExternalContinualLearner(store, config or MemoryConfig())
+    labels = [Label(f"c{j}") for j in range(LABELS)]
+    label_vectors = np.eye(LABELS, DIM, dtype=np.float32)
+    memory.learn(examples, vectors, labels, label_vectors, multi_label=False)
+    return memory
+
+
+@pytest.mark.parametrize("name", ["mahalanobis", "klda", "knn"])
+def test_heldout_scores_equal_a_store_that_never_learned_the_fold(tmp_path, name):
+    examples, vectors = _data(300)
+    memory = _memory(tmp_path / "all", examples, vectors)
+    sample = draw_sample(memory, 60, seed=3)
+    held = _heldout_matrix(memory, sample, name)
+    fold = _folds(memory, sample)[0]
+    rows = {r for i in fold for r in sample.rows[i]}
+    keep = [i for i in range(len(examples)) if i not in rows]
+    without = _memory(tmp_path / "without", [examples[i] for i in keep], vectors[keep])
+    assert without.features_of("klda") == memory.features_of("klda")  # the same feature map
+    direct = without.score_matrix(sample.vectors[fold.start : fold.stop], name)
+    np.testing.assert_allclose(held[fold.start : fold.stop], direct, rtol=1e-4, atol=1e-4)
+
+
+def test_choice_is_the_best_heldout_scorer_and_is_stored(tmp_path):
+    examples, vectors = _data(300)
+    memory = _memory(tmp_path / "s", examples, vectors)
+    choice = refresh_scorer_choice(memory, "auto", n=200, seed=0)
+    assert choice is not None and choice.heldout_items == 200
+    singles = {k: v for k, v in choice.heldout_accuracy.items() if k != "fused"}
+    best = next(iter(choice.weights))  # the base comes first
+    assert singles[best] == max(singles.values())
+    assert choice.ranpac_rho in {float(r) for r in choice.rho_accuracy}
+    assert memory.resolve_scorer("auto") == choice.scorer
+    assert best in choice.reason() and "200 held-out" in choice.reason()
+    # Stored: a reopened memory resolves auto the same way, and builds ranpac with that rho.
+    memory.store.close()
+    again = ExternalContinualLearner(Store.open(tmp_path / "s"), MemoryConfig())
+    assert again.choice == choice
+    assert again.resolve_scorer("auto") == choice.scorer
+    assert again._config_for("ranpac").ranpac_lambda == choice.ranpac_rho
+    # Current: not fitted again; after a session, fitted again on the larger store.
+    assert refresh_scorer_choice(again, "auto", n=200, seed=0) is again.choice
+    more, more_vectors = _data(60, seed=1)
+    again.learn(more, more_vectors, [], np.zeros((0, DIM), np.float32), multi_label=False)
+    refitted = refresh_scorer_choice(again, "auto", n=200, seed=0)
+    assert refitted is not None and refitted.n_examples == 360
+
+
+def test_explicit_scorers_other_than_ranpac_never_fit_a_choice(tmp_path):
+    examples, vectors = _data(120)
+    memory = _memory(tmp_path / "s", examples, vectors)
+    assert refresh_scorer_choice(memory, "knn", n=100, seed=0) is None
+    assert memory.store.fitted("ecl:scorer_choice") is None
+
+
+def test_a_combination_weighs_its_scorers(tmp_path):
+    examples, vectors = _data(200)
+    memory = _memory(tmp_path / "s", examples, vectors)
+    choice = ScorerChoice(
+        {"klda": 0.5, "knn": 2.0, "ncm": 0.0}, None, 50, {"klda": 0.8, "fused": 0.85}, 200
+    )
+    memory.set_choice(choice, save=False)
+    assert memory.resolve_scorer("auto") == "klda+knn"
+    queries = vectors[:7]
+    expected = 0.5 * memory.score_matrix(queries, "klda").astype(np.float64)
+    expected += 2.0 * memory.score_matrix(queries, "knn")
+    np.testing.assert_allclose(memory.score_matrix(queries, "auto"), expected, rtol=1e-5)
+    assert memory.store.fitted("ecl:scorer_choice") is None  # save=False wrote nothing
+
+
+def test_too_few_items_keep_the_default(tmp_path):
+    examples, vectors = _data(30)
+    memory = _memory(tmp_path / "s", examples, vectors)
+    assert refresh_scorer_choice(memory, "auto", n=100, seed=0) is None
+    assert memory.resolve_scorer("auto") == "klda"
+
+
+def test_a_fitted_choice_on_a_small_store_is_a_scorer_of_the_pool(tmp_path):
+    examples, vectors = _data(80)
+    memory = _memory(tmp_path / "s", examples, vectors)
+    choice = fit_scorer_choice(memory, 80, seed=0)
+    assert set(choice.scorer.split("+")) <= {"klda", "ranpac", "mahalanobis", "knn"}
