@@ -104,8 +104,10 @@ def map_shards(
             if progress is not None:
                 progress("shards embedded", len(shards), len(paths))
     except ray.exceptions.RayActorError as exc:
-        at = paths[len(shards)] if len(shards) < len(paths) else "?"
-        raise WorkerError(f"a Ray worker died while learning (at shard {at}): {exc}") from exc
+        raise WorkerError(
+            f"a Ray worker died while learning ({len(shards)} of {len(paths)} shards were "
+            f"done); nothing was committed: {exc}"
+        ) from exc
     except ray.exceptions.RayTaskError as exc:
         raise unwrapped(exc) from exc
     finally:
@@ -139,7 +141,7 @@ def learn(
     Args:
         data: The examples.
         store: The store (created with ``config`` if it does not exist).
-        labels: Label definitions of the session, and where each was read.
+        labels: Label definitions of the session.
         label_locations: Where each of ``labels`` was read, for error messages.
         config: A new store's config, or the query-time settings of an existing one.
         actors: Embedding workers.
