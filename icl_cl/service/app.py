@@ -255,9 +255,8 @@ def _read_routes(app: FastAPI, secured: list[Any]) -> None:
         summary="The store is open and the heads are fitted",
     )
     async def readyz() -> Any:
-        serving: Serving = app.state.serving
-        ready, reason = serving.ready()
-        body = {"ready": ready, "serving_session": serving.current.session, "reason": reason}
+        ready, session, reason = await _in_thread(app, app.state.serving.ready)
+        body = {"ready": ready, "serving_session": session, "reason": reason}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get(

@@ -1,10 +1,12 @@
 """What the service serves from: read-only snapshots of the store, and its one writer.
 
 Predictions read a :class:`Snapshot`, a classifier opened on the store as it was after some
-session, which nothing changes. The writer (one thread) learns each session into the store with
-its own classifier, refits the heads, then opens a new snapshot and swaps it in at once: a
-prediction sees the state before a session or after it, never a mix, and the last fit serves
-until the next one is ready. A retired snapshot is closed when its last reader is done.
+session, which nothing changes. The writer thread learns each session into the store with its
+own classifier and opens a snapshot of the store as it is then. The refit thread fits that
+snapshot's heads (a newer snapshot replaces one still waiting: refits never pile up) and swaps
+it in at once: a prediction sees the state before a session or after it, never a mix, and the
+last fit serves until the next one is ready. A retired snapshot is closed when its last reader
+is done.
 
 The service must be the only writer of its store while it runs.
 """
@@ -161,8 +163,13 @@ class Serving:
         self._swap = threading.Lock()
         self._current = self._open_snapshot()
         self.metrics.serving_session.set(self._current.session)
+        self._waiting: Snapshot | None = None  # opened after a learn, not fitted yet
+        self._refits = threading.Condition()
+        self._closing = False
+        self._refitter = threading.Thread(target=self._refit_loop, name="icl-cl-refit", daemon=True)
+        self._refitter.start()
         if self._current.clf.memory.n_examples and not self._fit_ready(self._current):
-            self._submit(self._refit)
+            self._submit(lambda: self._offer(self._open_snapshot()))
 
     @property
     def uses_llm(self) -> bool:
@@ -185,14 +192,15 @@ class Serving:
         finally:
             snapshot.leave()
 
-    def ready(self) -> tuple[bool, str | None]:
-        """Whether predictions can be served from a current fit, and why not."""
-        snapshot = self._current
-        if snapshot.clf.memory.n_examples == 0:
-            return False, "the store is empty: learn a session first"
-        if not self._fit_ready(snapshot):
-            return False, "the heads are being fitted"
-        return True, None
+    def ready(self) -> tuple[bool, int, str | None]:
+        """Whether predictions are served from heads fitted on the state they read, that
+        state's session, and why not."""
+        with self.reading() as snapshot:
+            if snapshot.clf.memory.n_examples == 0:
+                return False, snapshot.session, "the store is empty: learn a session first"
+            if not self._fit_ready(snapshot):
+                return False, snapshot.session, "the heads are being fitted"
+            return True, snapshot.session, None
 
     def learn(
         self, examples: Sequence[Example], labels: Sequence[Label], key: str | None
@@ -202,8 +210,14 @@ class Serving:
         return self._submit(lambda: self._learn(examples, labels, key))
 
     def close(self) -> None:
-        """Finish queued learns and refits, then close every classifier."""
+        """Finish queued learns, drop a refit not started, then close every classifier."""
         self._executor.shutdown(wait=True)
+        with self._refits:
+            self._closing = True
+            self._refits.notify()
+        self._refitter.join()
+        if self._waiting is not None:
+            self._waiting.retire()
         self._current.retire()
         self._writer.close()  # last: it owns the LLM backend when it built it
 
@@ -239,27 +253,50 @@ class Serving:
             examples, labels, fit=False, idempotency=(key, digest) if key else None
         )
         self.metrics.sessions.inc()
-        self._executor.submit(self._refit)
+        # Opened here, between two commits, so that it holds one state of the store.
+        self._offer(self._open_snapshot())
         return report.session, report.n_examples, len(report.new_labels)
 
-    def _refit(self) -> None:
-        """Fit the heads on the store as it is now, then serve a snapshot of it."""
+    # ---- the refit thread -----------------------------------------------------------------
+
+    def _offer(self, snapshot: Snapshot) -> None:
+        """Hand ``snapshot`` to the refit thread, replacing one it has not started on."""
+        with self._refits:
+            stale, self._waiting = self._waiting, snapshot
+            self._refits.notify()
+        if stale is not None:
+            stale.retire()
+
+    def _refit_loop(self) -> None:
+        while True:
+            with self._refits:
+                while self._waiting is None and not self._closing:
+                    self._refits.wait()
+                if self._closing:
+                    return
+                snapshot, self._waiting = self._waiting, None
+            try:
+                self._refit(snapshot)
+            except Exception:  # the thread must survive: the last fit keeps serving
+                logger.exception("refit of session %d failed", snapshot.session)
+                snapshot.retire()
+
+    def _refit(self, snapshot: Snapshot) -> None:
+        """Fit the heads of ``snapshot`` (stored with it), then serve from it."""
         start = time.perf_counter()
-        if self._writer.memory.n_examples:
+        if snapshot.clf.memory.n_examples:
             for use_llm in (True, False) if self.uses_llm else (False,):
                 try:
-                    self._writer.fit(self.settings.default_k, use_llm=use_llm)
+                    snapshot.clf.fit(self.settings.default_k, use_llm=use_llm)
                 except (BackendError, DataError) as exc:
                     logger.warning("refit (use_llm=%s) failed; serving on: %s", use_llm, exc)
-        snapshot = self._open_snapshot()
         with self._swap:
             old, self._current = self._current, snapshot
         old.retire()
+        seconds = time.perf_counter() - start
         self.metrics.serving_session.set(snapshot.session)
-        self.metrics.refit.observe(time.perf_counter() - start)
-        logger.info(
-            "serving session %d (refit in %.2fs)", snapshot.session, time.perf_counter() - start
-        )
+        self.metrics.refit.observe(seconds)
+        logger.info("serving session %d (heads fitted in %.2fs)", snapshot.session, seconds)
 
     def _open_snapshot(self) -> Snapshot:
         clf = ContinualClassifier.open(
