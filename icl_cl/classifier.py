@@ -125,15 +125,13 @@ class ContinualClassifier:
         progress: Progress | None = None,
         locations: Sequence[checks.Located] | None = None,
         label_locations: Sequence[checks.Located] | None = None,
-        idempotency: tuple[str, str] | None = None,
     ) -> LearnReport:
         """Learn one session (all-or-nothing: bad input changes nothing), then (``fit``)
         :meth:`fit` the heads for ``k`` candidates; once the session is stored, a failing LLM is
         only logged. Ids must be new; labels used but never defined are named by their id; a
         session of label definitions alone adds labels that retrieval finds at once.
         ``progress`` is told how far embedding and fitting got; ``locations`` and
-        ``label_locations`` say where each item came from, for error messages; ``idempotency``
-        (a key and its request's digest) is stored in the session's transaction."""
+        ``label_locations`` say where each item came from, for error messages."""
         start, examples = time.perf_counter(), list(examples)
         if fit:
             checks.check_prediction_options(k)
@@ -156,13 +154,7 @@ class ContinualClassifier:
         label_vectors = self.embedder.encode([lab.text for lab in new])
         embedded = time.perf_counter()
         session = self.memory.learn(
-            examples,
-            vectors,
-            new,
-            label_vectors,
-            multi_label=multi,
-            seconds=embedded - start,
-            idempotency=idempotency,
+            examples, vectors, new, label_vectors, multi_label=multi, seconds=embedded - start
         )
         self.heads.forget()
         names = tuple(lab.label for lab in new)

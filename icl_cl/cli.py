@@ -162,7 +162,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from icl_cl.service.server import serve
         from icl_cl.service.settings import ServiceSettings
     except ImportError as exc:
-        raise IclClError(f"serve needs the [serve] extra (pip install 'icl-cl[serve]'): {exc}") from exc
+        raise IclClError(
+            f"serve needs the [serve] extra (pip install 'icl-cl[serve]'): {exc}"
+        ) from exc
     config = ClassifierConfig.from_yaml(args.config) if args.config else None
     settings = ServiceSettings(
         max_body_bytes=args.max_body_bytes,

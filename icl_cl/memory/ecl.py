@@ -81,12 +81,10 @@ class ExternalContinualLearner:
         *,
         multi_label: bool | None,
         seconds: float = 0.0,
-        idempotency: tuple[str, str] | None = None,
     ) -> int:
         """Add one session. Inputs must already be validated; returns the session number.
 
-        The store commits first (with ``idempotency``, a key and its request's digest, when
-        given); memory changes only after the commit succeeded.
+        The store commits first; memory changes only after the commit succeeded.
         """
         known = self.stats.col
         given = {lab.label: i for i, lab in enumerate(new_labels)}
@@ -113,7 +111,6 @@ class ExternalContinualLearner:
                 stats=self.stats,
                 multi_label=multi_label,
                 seconds=seconds,
-                idempotency=idempotency,
             )
         # Committed: now (and only now) change memory.
         self.stats.apply(delta)

@@ -124,6 +124,7 @@ class Store:
         self.manifest = manifest
         self.dim = int(manifest["dim"])
         self._images: dict[str, Image] = {}
+        self._idempotency: tuple[str, str] | None = None  # see idempotency_key
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -351,13 +352,12 @@ class Store:
         stats: RunningStatistics,
         multi_label: bool | None,
         seconds: float,
-        idempotency: tuple[str, str] | None = None,
     ) -> int:
         """Persist one session atomically and return its number.
 
         ``stats`` is the state *before* the delta; the new totals are written for touched labels
         only, so the cost of a session does not grow with the number of labels already known.
-        ``idempotency`` (a key and its request's digest) is stored with the session.
+        Inside :meth:`idempotency_key`, the key is stored with the session.
         """
         n_before = self.n_examples()
         self._append_vectors(n_before, vectors)
@@ -419,13 +419,23 @@ class Store:
                     seconds,
                 ),
             )
-            if idempotency is not None:
+            if self._idempotency is not None:
                 self._conn.execute(_IDEMPOTENCY_SCHEMA)
                 self._conn.execute(
                     "INSERT INTO idempotency(key, digest, session) VALUES (?, ?, ?)",
-                    (*idempotency, session),
+                    (*self._idempotency, session),
                 )
         return session
+
+    @contextlib.contextmanager
+    def idempotency_key(self, key: str, digest: str) -> Iterator[None]:
+        """Store idempotency ``key`` and its request's ``digest`` with the session committed in
+        this block, in its transaction: the key is stored if and only if its session is."""
+        self._idempotency = (key, digest)
+        try:
+            yield
+        finally:
+            self._idempotency = None
 
     def idempotent_session(self, key: str) -> tuple[str, SessionRecord] | None:
         """The digest of the request stored under idempotency ``key`` and the session it made."""

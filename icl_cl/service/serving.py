@@ -249,9 +249,9 @@ class Serving:
                     )
                 record = found[1]
                 return record.session, record.n_examples, len(record.new_labels)
-        report = self._writer.learn(
-            examples, labels, fit=False, idempotency=(key, digest) if key else None
-        )
+        store = self._writer.memory.store
+        with store.idempotency_key(key, digest) if key else contextlib.nullcontext():
+            report = self._writer.learn(examples, labels, fit=False)
         self.metrics.sessions.inc()
         # Opened here, between two commits, so that it holds one state of the store.
         self._offer(self._open_snapshot())
