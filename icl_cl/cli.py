@@ -80,6 +80,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from icl_cl.inputs import read_inputs
+    from icl_cl.service.rows import prediction_row
 
     if args.k <= 0:
         raise IclClError(f"--k must be a positive integer, got {args.k}")
@@ -121,18 +122,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     tmp = out.with_name(f".{out.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for ident, pred in zip(ids, predictions, strict=True):
-            row: dict[str, Any] = {"id": ident, "labels": list(pred.labels), "scores": pred.scores}
-            if pred.set is not None:
-                row["set"] = list(pred.set)
-            if args.abstain_below is not None:
-                row["abstained"] = pred.abstained
-            if pred.cost is not None:
-                row["llm"] = {
-                    "calls": pred.cost.calls,
-                    "prompt_tokens": pred.cost.prompt_tokens,
-                    "completion_tokens": pred.cost.completion_tokens,
-                    "fallback": str(pred.fallback) if pred.fallback is not None else None,
-                }
+            row = prediction_row(ident, pred, abstain=args.abstain_below is not None)
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, out)
     logger.info("wrote %d predictions to %s", len(predictions), out)
@@ -164,6 +154,33 @@ def cmd_summarize(args: argparse.Namespace) -> int:
         summaries = clf.write_summaries(args.label or None, n_examples=args.examples)
     for label, text in summaries.items():
         print(json.dumps({"label": label, "summary": text}, ensure_ascii=False))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from icl_cl.service.server import serve
+        from icl_cl.service.settings import ServiceSettings
+    except ImportError as exc:
+        raise IclClError(
+            f"serve needs the [serve] extra (pip install 'icl-cl[serve]'): {exc}"
+        ) from exc
+    config = ClassifierConfig.from_yaml(args.config) if args.config else None
+    settings = ServiceSettings(
+        max_body_bytes=args.max_body_bytes,
+        max_items=args.max_items,
+        max_queue_items=args.max_queue_items,
+        batch_wait_ms=args.batch_wait_ms,
+        request_timeout_s=args.request_timeout,
+    )
+    serve(
+        args.store,
+        host=args.host,
+        port=args.port,
+        api_key_file=args.api_key_file,
+        config=config,
+        settings=settings,
+    )
     return 0
 
 
@@ -308,6 +325,33 @@ def _add_store_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_info)
 
 
+def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="serve predictions over HTTP while learning new sessions",
+        description="An HTTP service over a store (created if missing): POST /v1/predict, "
+        "POST /v1/learn (with Idempotency-Key), GET /v1/labels, /v1/info, /healthz, /readyz, "
+        "/metrics; the OpenAPI schema is at /openapi.json, the docs at /docs. Learns refit the "
+        "heads in the background. SIGTERM drains the requests in flight.",
+    )
+    p.add_argument("--store", required=True, help="store directory (created if it does not exist)")
+    p.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument(
+        "--api-key-file",
+        help="one 'KEY SCOPE' per line (scope read or write); without it the service binds to "
+        "loopback only, unauthenticated",
+    )
+    p.add_argument("--config", help="YAML ClassifierConfig (a new store's, or query-time settings)")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="default 4 MiB")
+    p.add_argument("--max-items", type=int, default=256, help="inputs or examples per request")
+    p.add_argument("--max-queue-items", type=int, default=4096, help="inputs waiting; then 429")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="micro-batch wait (default 5)")
+    p.add_argument("--request-timeout", type=float, default=60.0, help="seconds (default 60)")
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from icl_cl.evaluation.cli import add_eval_commands
 
@@ -325,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit(sub, common)
     _add_predict(sub, common)
     _add_store_commands(sub, common)
+    _add_serve(sub, common)
     add_eval_commands(sub, [common])
     return parser
 

@@ -68,6 +68,14 @@ _IMAGE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (key TEXT PRIMARY KEY, data BLOB NOT NULL, source TEXT NOT NULL);
 """
 
+# Idempotency keys of the sessions learned through the service: the key, a digest of its request
+# and the session it made. Added (in the session's transaction) by the first session that has one,
+# so a key is stored if and only if its session is.
+_IDEMPOTENCY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, digest TEXT NOT NULL,
+    session INTEGER NOT NULL);
+"""
+
 
 @dataclass(frozen=True)
 class SessionRecord:
@@ -116,6 +124,7 @@ class Store:
         self.manifest = manifest
         self.dim = int(manifest["dim"])
         self._images: dict[str, Image] = {}
+        self._idempotency: tuple[str, str] | None = None  # see idempotency_key
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -348,6 +357,7 @@ class Store:
 
         ``stats`` is the state *before* the delta; the new totals are written for touched labels
         only, so the cost of a session does not grow with the number of labels already known.
+        Inside :meth:`idempotency_key`, the key is stored with the session.
         """
         n_before = self.n_examples()
         self._append_vectors(n_before, vectors)
@@ -409,7 +419,37 @@ class Store:
                     seconds,
                 ),
             )
+            if self._idempotency is not None:
+                self._conn.execute(_IDEMPOTENCY_SCHEMA)
+                self._conn.execute(
+                    "INSERT INTO idempotency(key, digest, session) VALUES (?, ?, ?)",
+                    (*self._idempotency, session),
+                )
         return session
+
+    @contextlib.contextmanager
+    def idempotency_key(self, key: str, digest: str) -> Iterator[None]:
+        """Store idempotency ``key`` and its request's ``digest`` with the session committed in
+        this block, in its transaction: the key is stored if and only if its session is."""
+        self._idempotency = (key, digest)
+        try:
+            yield
+        finally:
+            self._idempotency = None
+
+    def idempotent_session(self, key: str) -> tuple[str, SessionRecord] | None:
+        """The digest of the request stored under idempotency ``key`` and the session it made."""
+        exists = self._conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'idempotency'"
+        ).fetchone()
+        row = None
+        if exists:
+            query = "SELECT digest, session FROM idempotency WHERE key = ?"
+            row = self._conn.execute(query, (key,)).fetchone()
+        if row is None:
+            return None
+        digest, session = row
+        return digest, next(s for s in self.sessions() if s.session == session)
 
     def _insert_images(self, examples: Sequence[Example], n_before: int) -> None:
         """Store the images of ``examples`` (rows from ``n_before``); inside the session's
