@@ -60,7 +60,9 @@ def run_arm(
             preds = clf.predict([ex.text for ex in dev], k=k, use_llm=False)
         seconds = time.perf_counter() - start
     top = [max(p.scores.values(), default=0.0) for p in preds]
-    correct = [bool(p.labels) and p.labels[0] in ex.labels for p, ex in zip(preds, dev, strict=True)]
+    correct = [
+        bool(p.labels) and p.labels[0] in ex.labels for p, ex in zip(preds, dev, strict=True)
+    ]
     return {
         "arm": name,
         "train_rows": len(train),
