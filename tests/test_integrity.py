@@ -42,13 +42,16 @@ def fingerprint(store: Path) -> tuple:
     read it), of the vector file and manifest, and the names of its files."""
     names = tuple(sorted(p.name for p in store.iterdir() if p.name not in TRANSIENT))
     digest = hashlib.sha256()
+    if not (store / DATABASE).exists():
+        digest.update(b"no database")
     try:
         conn = sqlite3.connect(f"file:{store / DATABASE}?mode=ro", uri=True)
         for line in conn.iterdump():
             digest.update(line.encode())
         conn.close()
     except sqlite3.DatabaseError:
-        digest.update(b"raw:" + (store / DATABASE).read_bytes())
+        if (store / DATABASE).exists():
+            digest.update(b"raw:" + (store / DATABASE).read_bytes())
     for name in (VECTORS, MANIFEST):
         if (store / name).exists():
             digest.update(name.encode() + (store / name).read_bytes())
