@@ -75,9 +75,8 @@ class ContinualClassifier:
         ``config`` is a new store's config; an existing store keeps its embedder (``config``
         must agree) and takes the rest of ``config`` (scorer, LLM, prompt, fusion, ...).
         ``memory`` overrides the memory settings, ``embedder`` and ``backend`` are instances to
-        use instead of building the configured ones. ``read_only`` opens an existing store
-        without writing (``None``: when its storage cannot be written); it then predicts, and
-        refuses to learn or to store a fit.
+        use instead of building the configured ones. ``read_only``: open an existing store
+        without writing (``None``: when its storage cannot be written).
         """
         path = Path(path)
         if (path / MANIFEST).exists():
@@ -135,19 +134,20 @@ class ContinualClassifier:
         only logged. Ids must be new; labels used but never defined are named by their id; a
         session of label definitions alone adds labels that retrieval finds at once.
         ``progress`` is told how far embedding and fitting got; ``locations`` and
-        ``label_locations`` say where each item came from, for error messages.
-
-        The store's writer lock is taken before anything is checked against the store or
-        embedded, waiting up to ``lock_timeout`` seconds for another writer (0: fail at once,
-        with :class:`~icl_cl.errors.StoreBusyError`); a session another process committed
-        meanwhile is loaded first, so its ids count as stored."""
+        ``label_locations`` say where each item came from, for error messages. The writer lock
+        is taken (waiting up to ``lock_timeout`` s) before the store is read or anything embedded.
+        """
         start, examples = time.perf_counter(), list(examples)
         if fit:
             checks.check_prediction_options(k)
         with self.memory.store.writer_lock(lock_timeout):
-            report = self._learn_locked(
+            if self.memory.store.changed_since_load():  # another process learned: load it
+                self.memory = ExternalContinualLearner(self.memory.store, self.memory.config)
+                self.heads = KeptHeads(self.memory)
+            report = self._steps().learn(
                 examples, labels, start, progress, locations, label_locations
             )
+        self.heads.forget()
         if self.config.llm is not None and self.config.prompt.label_presentation == "summaries":
             try:
                 self.write_summaries(list(report.new_labels))
@@ -161,49 +161,6 @@ class ContinualClassifier:
                 logger.warning("session %d is stored, but fitting failed: %s", report.session, exc)
             report = dataclasses.replace(report, fit_seconds=time.perf_counter() - fit_start)
         return report
-
-    def _learn_locked(
-        self,
-        examples: list[Example],
-        labels: Sequence[Label],
-        start: float,
-        progress: Progress | None,
-        locations: Sequence[checks.Located] | None,
-        label_locations: Sequence[checks.Located] | None,
-    ) -> LearnReport:
-        """Check, embed and commit one session, under the writer lock."""
-        if self.memory.store.changed_since_load():
-            self.memory = ExternalContinualLearner(self.memory.store, self.memory.config)
-            self.heads = KeptHeads(self.memory)
-        new, multi = checks.check_learn(
-            examples,
-            labels,
-            max_chars=self.config.max_text_chars,
-            existing_ids=self.memory.store.existing_ids,
-            known=self.memory.label,
-            multi_label=self.config.multi_label,
-            stored_multi_label=self.memory.multi_label,
-            reads_images=getattr(self.embedder, "reads_images", False),
-            embedder=self.embedder.name,
-            locations=locations,
-            label_locations=label_locations,
-        )
-        embed_start = time.perf_counter()
-        items = [ex.item for ex in examples]
-        vectors = self.embedder.encode(items, progress=counter(progress, "embedding", len(items)))
-        checks.check_vectors(vectors, [ex.id for ex in examples], locations)
-        label_vectors = self.embedder.encode([lab.text for lab in new])
-        checks.check_vectors(label_vectors, [lab.label for lab in new], label_locations)
-        embedded = time.perf_counter()
-        session = self.memory.learn(
-            examples, vectors, new, label_vectors, multi_label=multi, seconds=embedded - start
-        )
-        self.heads.forget()
-        names = tuple(lab.label for lab in new)
-        logger.info("learned session %d: %d examples, %d new labels", session, len(items), len(new))
-        return LearnReport(
-            session, len(examples), names, time.perf_counter() - start, embedded - embed_start
-        )
 
     def fit(
         self,

@@ -16,9 +16,11 @@ from typing import Any
 from icl_cl.config import LABEL_SET_RULES, SCORERS, ClassifierConfig, DecisionConfig
 from icl_cl.errors import IclClError, OutputError, StoreCorruptError, StoreError
 from icl_cl.evaluation.cli import progress_bars
+from icl_cl.inputs import ID_MODES
 
 logger = logging.getLogger("icl_cl.cli")
 
+IDS_HELP = 'field (default): each line\'s "id", required and unique; line: the line number'
 # A process whose reader closed the pipe (icl-cl info | head) ends as if killed by SIGPIPE.
 EXIT_BROKEN_PIPE = 141
 
@@ -312,12 +314,7 @@ def _add_predict(sub: Any, common: argparse.ArgumentParser) -> None:
         "--input", required=True, help='JSONL of {"id", "text"} or {"id", "image"} (path or URL)'
     )
     p.add_argument("--output", required=True, help="output JSONL (written atomically)")
-    p.add_argument(
-        "--ids",
-        choices=["field", "line"],
-        default="field",
-        help='field (default): each line\'s "id", required and unique; line: the line number',
-    )
+    p.add_argument("--ids", choices=ID_MODES, default="field", help=IDS_HELP)
     p.add_argument("--k", type=int, default=10, help="candidate labels per input (default 10)")
     p.add_argument("--scorer", choices=[*SCORERS, "auto"], help="ECL scorer (default: the store's)")
     p.add_argument("--no-llm", action="store_true", help="decide with the ECL alone")

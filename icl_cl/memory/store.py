@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
 import sqlite3
-import struct
 import tempfile
 import time
 import urllib.parse
@@ -46,6 +44,7 @@ import numpy as np
 from icl_cl.errors import StoreBusyError, StoreCorruptError, StoreError
 from icl_cl.images import Image
 from icl_cl.inputs.checks import check_vectors
+from icl_cl.memory.checksums import block_digest, check_block, seal, seal_schema
 from icl_cl.memory.statistics import RunningStatistics, StatisticsDelta
 from icl_cl.types import Example, Label
 
@@ -79,20 +78,6 @@ CREATE TABLE blocks (session INTEGER PRIMARY KEY, first_row INTEGER NOT NULL,
 CREATE TABLE seals (tbl TEXT NOT NULL, unit TEXT NOT NULL, sha256 TEXT NOT NULL,
     PRIMARY KEY (tbl, unit));
 """
-
-# The column that names a sealed unit of each table: one row, or for examples a session's rows.
-SEALED = {
-    "meta": "key",
-    "labels": "col",
-    "examples": "session",
-    "sessions": "session",
-    "statistics": "key",
-    "fitted": "key",
-    "summaries": "label",
-    "images": "key",
-    "blocks": "session",
-}
-SCHEMA_SEAL = ("sqlite_schema", "")
 
 # Image examples: the encoded bytes live in the store (demonstrations show them to the LLM, and a
 # store must not depend on files elsewhere); an example row names its image by key. Added to a
@@ -168,72 +153,6 @@ def _connect_read_only(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(_uri(path, mode="ro", immutable="1"), uri=True, check_same_thread=False)
 
 
-def _encode_row(names: Sequence[str], row: Sequence[Any]) -> bytes:
-    """A row's content as bytes for a digest: each non-NULL column as name, type and value
-    (length-prefixed), so a column added later as NULL leaves older digests as they were."""
-    parts = []
-    for name, value in zip(names, row, strict=True):
-        if value is None:
-            continue
-        if isinstance(value, bytes):
-            tag, data = b"b", value
-        elif isinstance(value, str):
-            tag, data = b"s", value.encode("utf-8")
-        elif isinstance(value, int):
-            tag, data = b"i", str(value).encode()
-        else:
-            tag, data = b"f", struct.pack("<d", value)
-        key = name.encode()
-        parts.append(struct.pack("<I", len(key)) + key + tag + struct.pack("<Q", len(data)) + data)
-    return b"".join(parts)
-
-
-def unit_digests(
-    conn: sqlite3.Connection, table: str, units: Sequence[Any] | None = None
-) -> dict[str, str]:
-    """SHA-256 of each sealed unit of ``table`` (all of them, or those named by ``units``)."""
-    column = SEALED[table]
-    where, params = "", list(units or [])
-    if units is not None:
-        if not params:
-            return {}
-        where = f" WHERE {column} IN ({','.join('?' * len(params))})"
-    cursor = conn.execute(f"SELECT * FROM {table}{where} ORDER BY {column}, rowid", params)
-    names = [d[0] for d in cursor.description]
-    at = names.index(column)
-    digests: dict[str, Any] = {}
-    for row in cursor:
-        unit = str(row[at])
-        if unit not in digests:
-            digests[unit] = hashlib.sha256()
-        digests[unit].update(_encode_row(names, row))
-    return {unit: h.hexdigest() for unit, h in digests.items()}
-
-
-def schema_digest(conn: sqlite3.Connection) -> str:
-    """SHA-256 of the database schema (every table and index definition)."""
-    rows = conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_schema ORDER BY name")
-    digest = hashlib.sha256()
-    for row in rows:
-        digest.update(_encode_row(("type", "name", "tbl_name", "sql"), row))
-    return digest.hexdigest()
-
-
-def _seal(conn: sqlite3.Connection, table: str, units: Sequence[Any]) -> None:
-    """Write the digests of ``units`` of ``table`` (inside the caller's transaction)."""
-    conn.executemany(
-        "INSERT OR REPLACE INTO seals(tbl, unit, sha256) VALUES (?, ?, ?)",
-        [(table, unit, digest) for unit, digest in unit_digests(conn, table, units).items()],
-    )
-
-
-def _seal_schema(conn: sqlite3.Connection) -> None:
-    conn.execute(
-        "INSERT OR REPLACE INTO seals(tbl, unit, sha256) VALUES (?, ?, ?)",
-        (*SCHEMA_SEAL, schema_digest(conn)),
-    )
-
-
 def _read_manifest(path: Path) -> dict[str, Any]:
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
@@ -261,11 +180,6 @@ def _damaged(path: Path, exc: sqlite3.DatabaseError) -> StoreError:
     if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
         return StoreError(f"{path}: {exc}")
     return StoreCorruptError(f"{path}: damaged: {exc}")
-
-
-def block_digest(data: bytes) -> str:
-    """SHA-256 of one session's block of the vector file."""
-    return hashlib.sha256(data).hexdigest()
 
 
 class Store:
@@ -333,8 +247,8 @@ class Store:
                         ("multi_label", "null"),
                     ],
                 )
-                _seal(conn, "meta", ["format_version", "config", "multi_label"])
-                _seal_schema(conn)
+                seal(conn, "meta", ["format_version", "config", "multi_label"])
+                seal_schema(conn)
             conn.close()
             (tmp / VECTORS).touch()
             write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
@@ -399,25 +313,9 @@ class Store:
             "ORDER BY session DESC LIMIT 1"
         ).fetchone()
         if last is not None:
-            problem = self.check_block(*last)
+            problem = check_block(self.path / VECTORS, self.dim, *last)
             if problem:
                 raise StoreCorruptError(f"{problem}; icl-cl verify --store {self.path} checks all")
-
-    def check_block(self, session: int, first_row: int, n_rows: int, sha256: str) -> str | None:
-        """What is wrong with one session's block of vectors (``None``: nothing)."""
-        file = self.path / VECTORS
-        width = 4 * self.dim
-        with open(file, "rb") as f:
-            f.seek(first_row * width)
-            data = f.read(n_rows * width)
-        if len(data) < n_rows * width:
-            return f"{file}: session {session}'s vectors are cut short (file damaged)"
-        if block_digest(data) != sha256:
-            return (
-                f"{file}: session {session}'s vectors (rows {first_row}-"
-                f"{first_row + n_rows - 1}) do not match their checksum (file damaged)"
-            )
-        return None
 
     def close(self) -> None:
         self._conn.close()
@@ -437,32 +335,13 @@ class Store:
             StoreBusyError: Another process still holds the lock after ``timeout``.
         """
         self._require_writable()
-        if self._lock_depth:
+        held = contextlib.nullcontext() if self._lock_depth else _exclusive(self.path, timeout)
+        with held:
             self._lock_depth += 1
             try:
                 yield
             finally:
                 self._lock_depth -= 1
-            return
-        with open(self.path / LOCK, "a+") as handle:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError as exc:
-                    if time.monotonic() >= deadline:
-                        waited = f" (waited {timeout:g} s)" if timeout > 0 else ""
-                        raise StoreBusyError(
-                            f"{self.path}: another process is learning into this store{waited}"
-                        ) from exc
-                    time.sleep(0.1)
-            self._lock_depth = 1
-            try:
-                yield
-            finally:
-                self._lock_depth = 0
-                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def changed_since_load(self) -> bool:
         """Whether another process committed a session since the statistics were loaded here."""
@@ -560,8 +439,7 @@ class Store:
         return [v for (v,) in self._conn.execute(f"SELECT {column} FROM examples ORDER BY row")]
 
     def _has_images(self) -> bool:
-        columns = self._conn.execute("PRAGMA table_info(examples)").fetchall()
-        return any(c[1] == "image" for c in columns)
+        return _has_images(self._conn)
 
     def _image(self, key: str | None) -> Image | None:
         if key is None:
@@ -618,7 +496,7 @@ class Store:
                 "INSERT OR REPLACE INTO fitted(key, value, n_examples) VALUES (?, ?, ?)",
                 (key, json.dumps(value, sort_keys=True), n_examples),
             )
-            _seal(self._conn, "fitted", [key])
+            seal(self._conn, "fitted", [key])
 
     def save_summaries(self, summaries: dict[str, str], model: str) -> None:
         self._require_writable()
@@ -628,7 +506,7 @@ class Store:
                 "INSERT OR REPLACE INTO summaries(label, summary, model, created_at) VALUES (?, ?, ?, ?)",
                 [(label, text, model, now) for label, text in summaries.items()],
             )
-            _seal(self._conn, "summaries", list(summaries))
+            seal(self._conn, "summaries", list(summaries))
 
     def commit_session(
         self,
@@ -652,6 +530,7 @@ class Store:
         """
         self._require_writable()
         check_vectors(vectors, [ex.id for ex in examples])
+        check_vectors(new_label_vectors, [lab.label for lab in new_labels])
         with self.writer_lock():
             if self.changed_since_load():
                 raise StoreError(
@@ -662,9 +541,11 @@ class Store:
             session = last_session + 1
             digest = self._append_vectors(n_before, vectors)
             with _transaction(self._conn):
-                cols = self._write_labels(session, new_labels, new_label_vectors, delta, stats)
-                self._write_examples(session, examples, n_before)
-                self._write_statistics(stats, delta, multi_label)
+                cols = _write_labels(
+                    self._conn, self.dim, session, new_labels, new_label_vectors, delta, stats
+                )
+                _write_examples(self._conn, session, examples, n_before)
+                _write_statistics(self._conn, stats, delta, multi_label)
                 self._conn.execute(
                     "INSERT INTO sessions(session, created_at, n_examples, new_labels, seconds)"
                     " VALUES (?, ?, ?, ?, ?)",
@@ -680,96 +561,11 @@ class Store:
                     "INSERT INTO blocks(session, first_row, n_rows, sha256) VALUES (?, ?, ?, ?)",
                     (session, n_before, len(examples), digest),
                 )
-                _seal(self._conn, "labels", cols)
-                _seal(self._conn, "sessions", [session])
-                _seal(self._conn, "blocks", [session])
+                seal(self._conn, "labels", cols)
+                seal(self._conn, "sessions", [session])
+                seal(self._conn, "blocks", [session])
             self._loaded = (session, n_before + len(examples))
         return session
-
-    def _write_labels(
-        self,
-        session: int,
-        new_labels: Sequence[Label],
-        new_label_vectors: np.ndarray,
-        delta: StatisticsDelta,
-        stats: RunningStatistics,
-    ) -> list[int]:
-        """Insert the new labels and update the touched ones' totals; returns every column
-        written."""
-        n_old_labels = len(stats.labels)
-        self._conn.executemany(
-            "INSERT INTO labels(col, label, name, description, grp, session, count, total, vector)"
-            " VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
-            [
-                (
-                    n_old_labels + i,
-                    lab.label,
-                    lab.name,
-                    lab.description,
-                    lab.group,
-                    session,
-                    np.zeros(self.dim).tobytes(),
-                    new_label_vectors[i].astype(np.float32).tobytes(),
-                )
-                for i, lab in enumerate(new_labels)
-            ],
-        )
-        updates = []
-        for col, count, total in zip(delta.cols, delta.counts, delta.sums, strict=True):
-            if col < n_old_labels:
-                count = count + stats.counts[col]
-                total = total + stats.sums[col]
-            updates.append((int(count), np.asarray(total, np.float64).tobytes(), int(col)))
-        self._conn.executemany("UPDATE labels SET count = ?, total = ? WHERE col = ?", updates)
-        return sorted({n_old_labels + i for i in range(len(new_labels))} | {u[2] for u in updates})
-
-    def _write_examples(self, session: int, examples: Sequence[Example], n_before: int) -> None:
-        self._conn.executemany(
-            "INSERT INTO examples(row, id, text, labels, session) VALUES (?, ?, ?, ?, ?)",
-            [
-                (n_before + i, ex.id, ex.text, json.dumps(list(ex.labels)), session)
-                for i, ex in enumerate(examples)
-            ],
-        )
-        self._insert_images(examples, n_before)
-        _seal(self._conn, "examples", [session])
-
-    def _write_statistics(
-        self, stats: RunningStatistics, delta: StatisticsDelta, multi_label: bool | None
-    ) -> None:
-        self._conn.executemany(
-            "INSERT OR REPLACE INTO statistics(key, value) VALUES (?, ?)",
-            [
-                ("gram", (stats.gram + delta.gram).tobytes()),
-                ("weighted_gram", (stats.weighted_gram + delta.weighted_gram).tobytes()),
-            ],
-        )
-        self._conn.execute(
-            "UPDATE meta SET value = ? WHERE key = 'multi_label'", (json.dumps(multi_label),)
-        )
-        _seal(self._conn, "statistics", ["gram", "weighted_gram"])
-        _seal(self._conn, "meta", ["multi_label"])
-
-    def _insert_images(self, examples: Sequence[Example], n_before: int) -> None:
-        """Store the images of ``examples`` (rows from ``n_before``); inside the session's
-        transaction, so the images and their rows commit together."""
-        with_images = [(n_before + i, ex.image) for i, ex in enumerate(examples) if ex.image]
-        if not with_images:
-            return
-        if not self._has_images():
-            # Transactional DDL: rolled back with the session if anything fails.
-            self._conn.execute(_IMAGE_SCHEMA)
-            self._conn.execute("ALTER TABLE examples ADD COLUMN image TEXT")
-            _seal_schema(self._conn)
-        self._conn.executemany(
-            "INSERT OR IGNORE INTO images(key, data, source) VALUES (?, ?, ?)",
-            [(img.key, img.data, img.source) for _, img in with_images],
-        )
-        self._conn.executemany(
-            "UPDATE examples SET image = ? WHERE row = ?",
-            [(img.key, row) for row, img in with_images],
-        )
-        _seal(self._conn, "images", sorted({img.key for _, img in with_images}))
 
     def _append_vectors(self, n_committed: int, vectors: np.ndarray) -> str:
         """Append after the last committed row (dropping leftovers of a crashed session), fsync;
@@ -782,6 +578,125 @@ class Store:
             f.flush()
             os.fsync(f.fileno())
         return block_digest(data)
+
+
+def _write_labels(
+    conn: sqlite3.Connection,
+    dim: int,
+    session: int,
+    new_labels: Sequence[Label],
+    new_label_vectors: np.ndarray,
+    delta: StatisticsDelta,
+    stats: RunningStatistics,
+) -> list[int]:
+    """Insert the new labels and update the touched ones' totals; returns every column
+    written."""
+    n_old_labels = len(stats.labels)
+    conn.executemany(
+        "INSERT INTO labels(col, label, name, description, grp, session, count, total, vector)"
+        " VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
+        [
+            (
+                n_old_labels + i,
+                lab.label,
+                lab.name,
+                lab.description,
+                lab.group,
+                session,
+                np.zeros(dim).tobytes(),
+                new_label_vectors[i].astype(np.float32).tobytes(),
+            )
+            for i, lab in enumerate(new_labels)
+        ],
+    )
+    updates = []
+    for col, count, total in zip(delta.cols, delta.counts, delta.sums, strict=True):
+        if col < n_old_labels:
+            count = count + stats.counts[col]
+            total = total + stats.sums[col]
+        updates.append((int(count), np.asarray(total, np.float64).tobytes(), int(col)))
+    conn.executemany("UPDATE labels SET count = ?, total = ? WHERE col = ?", updates)
+    return sorted({n_old_labels + i for i in range(len(new_labels))} | {u[2] for u in updates})
+
+
+def _write_examples(
+    conn: sqlite3.Connection, session: int, examples: Sequence[Example], n_before: int
+) -> None:
+    conn.executemany(
+        "INSERT INTO examples(row, id, text, labels, session) VALUES (?, ?, ?, ?, ?)",
+        [
+            (n_before + i, ex.id, ex.text, json.dumps(list(ex.labels)), session)
+            for i, ex in enumerate(examples)
+        ],
+    )
+    _insert_images(conn, examples, n_before)
+    seal(conn, "examples", [session])
+
+
+def _write_statistics(
+    conn: sqlite3.Connection,
+    stats: RunningStatistics,
+    delta: StatisticsDelta,
+    multi_label: bool | None,
+) -> None:
+    conn.executemany(
+        "INSERT OR REPLACE INTO statistics(key, value) VALUES (?, ?)",
+        [
+            ("gram", (stats.gram + delta.gram).tobytes()),
+            ("weighted_gram", (stats.weighted_gram + delta.weighted_gram).tobytes()),
+        ],
+    )
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'multi_label'", (json.dumps(multi_label),))
+    seal(conn, "statistics", ["gram", "weighted_gram"])
+    seal(conn, "meta", ["multi_label"])
+
+
+def _insert_images(conn: sqlite3.Connection, examples: Sequence[Example], n_before: int) -> None:
+    """Store the images of ``examples`` (rows from ``n_before``); inside the session's
+    transaction, so the images and their rows commit together."""
+    with_images = [(n_before + i, ex.image) for i, ex in enumerate(examples) if ex.image]
+    if not with_images:
+        return
+    if not _has_images(conn):
+        # Transactional DDL: rolled back with the session if anything fails.
+        conn.execute(_IMAGE_SCHEMA)
+        conn.execute("ALTER TABLE examples ADD COLUMN image TEXT")
+        seal_schema(conn)
+    conn.executemany(
+        "INSERT OR IGNORE INTO images(key, data, source) VALUES (?, ?, ?)",
+        [(img.key, img.data, img.source) for _, img in with_images],
+    )
+    conn.executemany(
+        "UPDATE examples SET image = ? WHERE row = ?",
+        [(img.key, row) for row, img in with_images],
+    )
+    seal(conn, "images", sorted({img.key for _, img in with_images}))
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, timeout: float) -> Iterator[None]:
+    """The store's writer lock (``flock`` on ``writer.lock``), waiting up to ``timeout`` s."""
+    with open(path / LOCK, "a+") as handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError as exc:
+                if time.monotonic() >= deadline:
+                    waited = f" (waited {timeout:g} s)" if timeout > 0 else ""
+                    raise StoreBusyError(
+                        f"{path}: another process is learning into this store{waited}"
+                    ) from exc
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _has_images(conn: sqlite3.Connection) -> bool:
+    return any(c[1] == "image" for c in conn.execute("PRAGMA table_info(examples)").fetchall())
 
 
 @contextlib.contextmanager

@@ -23,17 +23,9 @@ from typing import Any
 import numpy as np
 
 from icl_cl.errors import StoreError
+from icl_cl.memory.checksums import SCHEMA_SEAL, SEALED, check_block, schema_digest, unit_digests
 from icl_cl.memory.statistics import RunningStatistics
-from icl_cl.memory.store import (
-    APPLICATION_ID,
-    FORMAT_VERSION,
-    SCHEMA_SEAL,
-    SEALED,
-    VECTORS,
-    Store,
-    schema_digest,
-    unit_digests,
-)
+from icl_cl.memory.store import APPLICATION_ID, FORMAT_VERSION, VECTORS, Store
 
 # Rows recomputed at a time (bounds the float64 copies the statistics are computed in).
 _CHUNK = 20_000
@@ -195,7 +187,9 @@ def _check_blocks(store: Store, report: VerifyReport) -> None:
             )
         elif n_rows and (rows[0], rows[1]) != (first_row, first_row + n_rows - 1):
             found.append(f"{file}: session {session}'s example rows are not its block's rows")
-        problem = store.check_block(session, first_row, n_rows, digest) if n_rows else None
+        problem = (
+            check_block(file, store.dim, session, first_row, n_rows, digest) if n_rows else None
+        )
         if problem:
             found.append(problem)
         report.vectors_checked += n_rows
