@@ -174,6 +174,7 @@ class ContinualClassifier:
         configured LLM on held-out stored examples, and store them; a current fit is returned
         as it is. The only step that reads held-out items with the LLM."""
         self.memory.require_examples()
+        self.memory.store.require_writable()  # before the work, not at its end
         steps = self._steps(writing=True)
         spec = steps.spec(checks.check_prediction_options(k), scorer, use_llm)
         return self.heads.fit_and_save(spec, lambda: steps.heldout(spec, progress))

@@ -320,7 +320,8 @@ class Store:
     def close(self) -> None:
         self._conn.close()
 
-    def _require_writable(self) -> None:
+    def require_writable(self) -> None:
+        """Refuse (:class:`StoreError`) when the store was opened read-only."""
         if self.read_only:
             raise StoreError(f"{self.path}: the store is open read-only; nothing can be written")
 
@@ -334,7 +335,7 @@ class Store:
         Raises:
             StoreBusyError: Another process still holds the lock after ``timeout``.
         """
-        self._require_writable()
+        self.require_writable()
         held = contextlib.nullcontext() if self._lock_depth else _exclusive(self.path, timeout)
         with held:
             self._lock_depth += 1
@@ -490,7 +491,7 @@ class Store:
     # ---- writing ---------------------------------------------------------------------------
 
     def save_fitted(self, key: str, value: dict[str, Any], n_examples: int) -> None:
-        self._require_writable()
+        self.require_writable()
         with _transaction(self._conn):
             self._conn.execute(
                 "INSERT OR REPLACE INTO fitted(key, value, n_examples) VALUES (?, ?, ?)",
@@ -499,7 +500,7 @@ class Store:
             seal(self._conn, "fitted", [key])
 
     def save_summaries(self, summaries: dict[str, str], model: str) -> None:
-        self._require_writable()
+        self.require_writable()
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         with _transaction(self._conn):
             self._conn.executemany(
@@ -528,7 +529,7 @@ class Store:
         labels already known. The session's vectors, rows and statistics are sealed with their
         checksums in the same transaction.
         """
-        self._require_writable()
+        self.require_writable()
         check_vectors(vectors, [ex.id for ex in examples])
         check_vectors(new_label_vectors, [lab.label for lab in new_labels])
         with self.writer_lock():
