@@ -16,7 +16,7 @@ from icl_cl.backends.base import LLMBackend
 from icl_cl.config import ClassifierConfig, MemoryConfig
 from icl_cl.describe import label_table, store_info
 from icl_cl.embedding import Embedder, load_embedder
-from icl_cl.errors import BackendError, ConfigError, DataError
+from icl_cl.errors import BackendError, ConfigError, DataError, StoreError
 from icl_cl.heads import FittedHeads, KeptHeads
 from icl_cl.images import Image
 from icl_cl.inputs import checks
@@ -95,6 +95,8 @@ class ContinualClassifier:
                     f"not {embedder.name!r}"
                 )
             config = stored.with_query_settings(config) if config is not None else stored
+        elif read_only:
+            raise StoreError(f"{path}: no store here to open read-only")
         else:
             config = config or ClassifierConfig()
             embedder = embedder or load_embedder(config.embedder)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from icl_cl import ContinualClassifier, DataError, Example
+from icl_cl import ContinualClassifier, DataError, Example, StoreError
 from icl_cl.cli import main
 from icl_cl.memory.store import DATABASE, MANIFEST, VECTORS, Store
 from icl_cl.memory.verify import verify_store
@@ -338,7 +338,23 @@ def test_no_store_here_creates_nothing(tmp_path, capsys):
     for command in ("info", "labels", "verify"):
         code, _, err = run(capsys, command, "--store", str(tmp_path / "nothing"))
         assert code == STORE and "nothing" in err
+    with pytest.raises(StoreError, match="no store here to open read-only"):
+        ContinualClassifier.open(tmp_path / "nothing", read_only=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_forced_read_only_predicts_and_refuses_writes(store, embedder):
+    """``read_only=True`` on writable storage: SQLite's ``mode=ro``, the path a read-only mount
+    takes before its ``immutable=1`` fallback."""
+    before = fingerprint(store)
+    with ContinualClassifier.open(store, embedder=embedder, read_only=True) as clf:
+        assert clf.memory.store.read_only
+        assert len(clf.predict(["a bowl of soup"], k=3, use_llm=False)[0].labels) == 1
+        with pytest.raises(StoreError, match="open read-only"):
+            clf.learn([Example("ro1", "a cup of tea", ["noun.food"])])
+        with pytest.raises(StoreError, match="open read-only"):
+            clf.fit(3)
+    assert fingerprint(store) == before
 
 
 def test_closed_pipe_ends_quietly(learned):
