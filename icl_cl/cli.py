@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from icl_cl.config import LABEL_SET_RULES, SCORERS, ClassifierConfig, DecisionConfig
-from icl_cl.errors import IclClError
+from icl_cl.errors import IclClError, OutputError, StoreCorruptError, StoreError
 from icl_cl.evaluation.cli import progress_bars
+from icl_cl.inputs import ID_MODES
 
 logger = logging.getLogger("icl_cl.cli")
+
+IDS_HELP = 'field (default): each line\'s "id", required and unique; line: the line number'
+# A process whose reader closed the pipe (icl-cl info | head) ends as if killed by SIGPIPE.
+EXIT_BROKEN_PIPE = 141
 
 
 def _open(args: argparse.Namespace, must_exist: bool = True) -> Any:
@@ -24,7 +31,7 @@ def _open(args: argparse.Namespace, must_exist: bool = True) -> Any:
 
     store = Path(args.store)
     if must_exist and not (store / MANIFEST).exists():
-        raise IclClError(f"{store}: no store here (create one with 'icl-cl learn')")
+        raise StoreError(f"{store}: no store here (create one with 'icl-cl learn')")
     config = ClassifierConfig.from_yaml(args.config) if getattr(args, "config", None) else None
     return ContinualClassifier.open(store, config)
 
@@ -42,7 +49,11 @@ def cmd_learn(args: argparse.Namespace) -> int:
     labels, label_locations = read_labels(args.labels) if args.labels else ([], None)
     if args.k <= 0:
         raise IclClError(f"--k must be a positive integer, got {args.k}")
+    if args.wait < 0:
+        raise IclClError(f"--wait must be a number of seconds >= 0, got {args.wait}")
     with _open(args, must_exist=False) as clf:
+        if args.multi_label:
+            clf.config = clf.config.model_copy(update={"multi_label": True})
         report = clf.learn(
             examples,
             labels,
@@ -51,17 +62,25 @@ def cmd_learn(args: argparse.Namespace) -> int:
             progress=progress_bars(args.quiet),
             locations=locations,
             label_locations=label_locations,
+            lock_timeout=args.wait,
         )
+    if report.new_labels:
+        # By name, so that a typo that made a new label is seen at once.
+        shown = ", ".join(report.new_labels[:20])
+        more = f" and {len(report.new_labels) - 20} more" if len(report.new_labels) > 20 else ""
+        print(f"icl-cl: {len(report.new_labels)} new labels: {shown}{more}", file=sys.stderr)
     print(
         json.dumps(
             {
                 "session": report.session,
                 "examples": report.n_examples,
                 "new_labels": len(report.new_labels),
+                "new_label_names": list(report.new_labels),
                 "seconds": round(report.seconds, 3),
                 "embed_seconds": round(report.embed_seconds, 3),
                 "fit_seconds": round(report.fit_seconds, 3),
-            }
+            },
+            ensure_ascii=False,
         )
     )
     return 0
@@ -95,6 +114,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             f"--threshold applies to --decision threshold only, not {args.decision} "
             "(label_thresholds fits its thresholds on held-out stored examples)"
         )
+    out = check_output_path(Path(args.output))
     clf = _open(args)
     with clf:
         if args.decision is not None or args.threshold is not None:
@@ -107,7 +127,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     )
                 }
             )
-        ids, texts = read_inputs(args.input, max_chars=clf.config.max_text_chars)
+        ids, texts = read_inputs(args.input, max_chars=clf.config.max_text_chars, ids=args.ids)
         predictions = clf.predict(
             texts,
             k=args.k,
@@ -117,15 +137,57 @@ def cmd_predict(args: argparse.Namespace) -> int:
             confidence=args.confidence,
             abstain_below=args.abstain_below,
         )
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for ident, pred in zip(ids, predictions, strict=True):
-            row = prediction_row(ident, pred, abstain=args.abstain_below is not None)
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    rows = [
+        json.dumps(
+            prediction_row(ident, pred, abstain=args.abstain_below is not None), ensure_ascii=False
+        )
+        + "\n"
+        for ident, pred in zip(ids, predictions, strict=True)
+    ]
+    write_output(out, rows)
     logger.info("wrote %d predictions to %s", len(predictions), out)
+    return 0
+
+
+def check_output_path(out: Path) -> Path:
+    """Refuse, before any work, an output path that cannot be a file we write: a directory, or
+    under a regular file, or in a directory we cannot write. Creates nothing."""
+    if out.is_dir():
+        raise OutputError(f"{out}: is a directory; give a file path for --output")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{out}: cannot be created: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{out}: cannot be created: {parent} is not writable")
+    return out
+
+
+def write_output(out: Path, lines: list[str]) -> None:
+    """Write ``lines`` to ``out`` atomically (a temporary file renamed into place); on failure
+    the temporary file is removed and the error names the path."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        os.replace(tmp, out)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OutputError(f"{out}: cannot write: {exc.strerror or exc}") from exc
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from icl_cl.memory.verify import verify_store
+
+    report = verify_store(args.store)
+    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    if not report.ok:
+        raise StoreCorruptError(
+            f"{args.store}: {len(report.problems)} problem(s); first: {report.problems[0]}"
+        )
     return 0
 
 
@@ -219,6 +281,21 @@ def _add_learn(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML ClassifierConfig, used when the store is created")
     p.add_argument("--no-fit", action="store_true", help="do not fit the heads after learning")
     p.add_argument("--k", type=int, default=10, help="candidates per input to fit for (default 10)")
+    p.add_argument(
+        "--multi-label",
+        action="store_true",
+        help="make the store multi-label (for good); without it, examples with other than one "
+        "label are refused by a single-label store",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="one learn writes to a store at a time: the writer lock is taken before the "
+        "session is checked against the store or embedded, waiting up to SECONDS for another "
+        "learn to finish (default 60; 0 fails at once); exit code 7 when it does not",
+    )
     p.set_defaults(func=cmd_learn)
 
 
@@ -257,6 +334,7 @@ def _add_predict(sub: Any, common: argparse.ArgumentParser) -> None:
         "--input", required=True, help='JSONL of {"id", "text"} or {"id", "image"} (path or URL)'
     )
     p.add_argument("--output", required=True, help="output JSONL (written atomically)")
+    p.add_argument("--ids", choices=ID_MODES, default="field", help=IDS_HELP)
     p.add_argument("--k", type=int, default=10, help="candidate labels per input (default 10)")
     p.add_argument("--scorer", choices=[*SCORERS, "auto"], help="ECL scorer (default: the store's)")
     p.add_argument("--no-llm", action="store_true", help="decide with the ECL alone")
@@ -324,6 +402,18 @@ def _add_store_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--store", required=True, help="store directory")
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser(
+        "verify",
+        parents=[common],
+        help="check a whole store: every checksum, and the statistics against the vectors",
+        description="Check a store without writing to it: the SQLite integrity check, the "
+        "checksum of every session's block of vectors and of every sealed database row, and the "
+        "label statistics recomputed from the stored vectors. Prints a JSON report; exit code 0 "
+        "when all is well, 6 when anything is wrong.",
+    )
+    p.add_argument("--store", required=True, help="store directory")
+    p.set_defaults(func=cmd_verify)
+
 
 def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
@@ -382,12 +472,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     _quiet_third_party(args.verbose)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # inside the try: a closed pipe shows here
+        return code
     except IclClError as exc:
-        print(f"icl-cl: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), exc.exit_code)
+    except sqlite3.DatabaseError as exc:  # a read that met damage after the store was opened
+        store = getattr(args, "store", "the store")
+        error = StoreCorruptError(f"{store}: database: {exc}; run icl-cl verify")
+        return _fail(str(error), error.exit_code)
+    except BrokenPipeError:
+        # Python would complain again when it flushes stdout at exit: point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         return 130
+
+
+def _fail(message: str, code: int) -> int:
+    # One line: a message from deeper down may hold newlines.
+    print(f"icl-cl: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
 
 
 def _quiet_third_party(verbose: int) -> None:
