@@ -45,6 +45,7 @@ from icl_cl.errors import StoreBusyError, StoreCorruptError, StoreError
 from icl_cl.images import Image
 from icl_cl.inputs.checks import check_vectors
 from icl_cl.memory.checksums import block_digest, check_block, seal, seal_schema
+from icl_cl.memory.idempotency import stored_session, write_idempotency
 from icl_cl.memory.statistics import RunningStatistics, StatisticsDelta
 from icl_cl.types import Example, Label
 
@@ -84,14 +85,6 @@ CREATE TABLE seals (tbl TEXT NOT NULL, unit TEXT NOT NULL, sha256 TEXT NOT NULL,
 # store, in the session's transaction, the first time it learns an image.
 _IMAGE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (key TEXT PRIMARY KEY, data BLOB NOT NULL, source TEXT NOT NULL);
-"""
-
-# Idempotency keys of the sessions learned through the service: the key, a digest of its request
-# and the session it made. Added (in the session's transaction) by the first session that has one,
-# so a key is stored if and only if its session is.
-_IDEMPOTENCY_SCHEMA = """
-CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, digest TEXT NOT NULL,
-    session INTEGER NOT NULL);
 """
 
 
@@ -307,24 +300,8 @@ class Store:
         return store
 
     def check_quick(self) -> None:
-        """What opening checks: the database answers, the manifest's dimension is the one the
-        stored statistics have, and the last session's vectors match their checksum."""
-        self._conn.execute("SELECT COUNT(*) FROM meta").fetchone()
-        row = self._conn.execute("SELECT length(total), length(vector) FROM labels LIMIT 1")
-        lengths = row.fetchone()
-        if lengths is not None and tuple(lengths) != (8 * self.dim, 4 * self.dim):
-            raise StoreCorruptError(
-                f"{self.path / MANIFEST}: says dim {self.dim}, but the stored label statistics "
-                f"have {lengths[0] // 8} dimensions (manifest or database damaged)"
-            )
-        last = self._conn.execute(
-            "SELECT session, first_row, n_rows, sha256 FROM blocks WHERE n_rows > 0 "
-            "ORDER BY session DESC LIMIT 1"
-        ).fetchone()
-        if last is not None:
-            problem = check_block(self.path / VECTORS, self.dim, *last)
-            if problem:
-                raise StoreCorruptError(f"{problem}; icl-cl verify --store {self.path} checks all")
+        """What opening checks (see :func:`_check_quick`)."""
+        _check_quick(self._conn, self.path, self.dim)
 
     def close(self) -> None:
         self._conn.close()
@@ -536,8 +513,7 @@ class Store:
         session committed meanwhile by another process is refused). The new totals are written
         for touched labels only, so the cost of a session does not grow with the number of
         labels already known. The session's vectors, rows and statistics are sealed with their
-        checksums in the same transaction. Inside :meth:`idempotency_key`, the
-        key is stored (and sealed) with the session.
+        checksums in the same transaction, and inside :meth:`idempotency_key` the key too.
         """
         self.require_writable()
         check_vectors(vectors, [ex.id for ex in examples])
@@ -550,7 +526,7 @@ class Store:
                 )
             last_session, n_before = self._position()
             session = last_session + 1
-            digest = self._append_vectors(n_before, vectors)
+            digest = _append_vectors(self.path, self.dim, n_before, vectors)
             with _transaction(self._conn):
                 cols = _write_labels(
                     self._conn, self.dim, session, new_labels, new_label_vectors, delta, stats
@@ -576,7 +552,7 @@ class Store:
                 seal(self._conn, "sessions", [session])
                 seal(self._conn, "blocks", [session])
                 if self._idempotency is not None:
-                    _write_idempotency(self._conn, *self._idempotency, session)
+                    write_idempotency(self._conn, *self._idempotency, session)
             self._loaded = (session, n_before + len(examples))
         return session
 
@@ -592,48 +568,43 @@ class Store:
 
     def idempotent_session(self, key: str) -> tuple[str, SessionRecord] | None:
         """The digest of the request stored under idempotency ``key`` and the session it made."""
-        exists = self._conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'idempotency'"
-        ).fetchone()
-        row = None
-        if exists:
-            query = "SELECT digest, session FROM idempotency WHERE key = ?"
-            row = self._conn.execute(query, (key,)).fetchone()
-        if row is None:
+        found = stored_session(self._conn, key)
+        if found is None:
             return None
-        digest, session = row
-        return digest, next(s for s in self.sessions() if s.session == session)
+        return found[0], next(s for s in self.sessions() if s.session == found[1])
 
-    def _insert_images(self, examples: Sequence[Example], n_before: int) -> None:
-        """Store the images of ``examples`` (rows from ``n_before``); inside the session's
-        transaction, so the images and their rows commit together."""
-        with_images = [(n_before + i, ex.image) for i, ex in enumerate(examples) if ex.image]
-        if not with_images:
-            return
-        if not self._has_images():
-            # Transactional DDL: rolled back with the session if anything fails.
-            self._conn.execute(_IMAGE_SCHEMA)
-            self._conn.execute("ALTER TABLE examples ADD COLUMN image TEXT")
-        self._conn.executemany(
-            "INSERT OR IGNORE INTO images(key, data, source) VALUES (?, ?, ?)",
-            [(img.key, img.data, img.source) for _, img in with_images],
-        )
-        self._conn.executemany(
-            "UPDATE examples SET image = ? WHERE row = ?",
-            [(img.key, row) for row, img in with_images],
-        )
 
-    def _append_vectors(self, n_committed: int, vectors: np.ndarray) -> str:
-        """Append after the last committed row (dropping leftovers of a crashed session), fsync;
-        returns the block's checksum."""
-        data = np.ascontiguousarray(vectors, dtype=np.float32).tobytes()
-        with open(self.path / VECTORS, "r+b") as f:
-            f.truncate(n_committed * 4 * self.dim)
-            f.seek(n_committed * 4 * self.dim)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return block_digest(data)
+def _check_quick(conn: sqlite3.Connection, path: Path, dim: int) -> None:
+    """What opening checks: the database answers, the manifest's dimension is the one the
+    stored statistics have, and the last session's vectors match their checksum."""
+    conn.execute("SELECT COUNT(*) FROM meta").fetchone()
+    lengths = conn.execute("SELECT length(total), length(vector) FROM labels LIMIT 1").fetchone()
+    if lengths is not None and tuple(lengths) != (8 * dim, 4 * dim):
+        raise StoreCorruptError(
+            f"{path / MANIFEST}: says dim {dim}, but the stored label statistics "
+            f"have {lengths[0] // 8} dimensions (manifest or database damaged)"
+        )
+    last = conn.execute(
+        "SELECT session, first_row, n_rows, sha256 FROM blocks WHERE n_rows > 0 "
+        "ORDER BY session DESC LIMIT 1"
+    ).fetchone()
+    if last is not None:
+        problem = check_block(path / VECTORS, dim, *last)
+        if problem:
+            raise StoreCorruptError(f"{problem}; icl-cl verify --store {path} checks all")
+
+
+def _append_vectors(path: Path, dim: int, n_committed: int, vectors: np.ndarray) -> str:
+    """Append after the last committed row (dropping leftovers of a crashed session), fsync;
+    returns the block's checksum."""
+    data = np.ascontiguousarray(vectors, dtype=np.float32).tobytes()
+    with open(path / VECTORS, "r+b") as f:
+        f.truncate(n_committed * 4 * dim)
+        f.seek(n_committed * 4 * dim)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return block_digest(data)
 
 
 def _write_labels(
@@ -705,19 +676,6 @@ def _write_statistics(
     conn.execute("UPDATE meta SET value = ? WHERE key = 'multi_label'", (json.dumps(multi_label),))
     seal(conn, "statistics", ["gram", "weighted_gram"])
     seal(conn, "meta", ["multi_label"])
-
-
-def _write_idempotency(conn: sqlite3.Connection, key: str, digest: str, session: int) -> None:
-    """Store an idempotency key with its session (inside the session's transaction)."""
-    if not conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'idempotency'"
-    ).fetchone():
-        conn.execute(_IDEMPOTENCY_SCHEMA)  # transactional DDL: rolled back with the session
-        seal_schema(conn)
-    conn.execute(
-        "INSERT INTO idempotency(key, digest, session) VALUES (?, ?, ?)", (key, digest, session)
-    )
-    seal(conn, "idempotency", [key])
 
 
 def _insert_images(conn: sqlite3.Connection, examples: Sequence[Example], n_before: int) -> None:
