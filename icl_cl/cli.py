@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from icl_cl.config import LABEL_SET_RULES, SCORERS, ClassifierConfig, DecisionConfig
-from icl_cl.errors import IclClError
+from icl_cl.errors import IclClError, OutputError, StoreCorruptError, StoreError
 from icl_cl.evaluation.cli import progress_bars
+from icl_cl.inputs import ID_MODES
 
 logger = logging.getLogger("icl_cl.cli")
+
+IDS_HELP = 'field (default): each line\'s "id", required and unique; line: the line number'
+# A process whose reader closed the pipe (icl-cl info | head) ends as if killed by SIGPIPE.
+EXIT_BROKEN_PIPE = 141
 
 
 def _open(args: argparse.Namespace, must_exist: bool = True) -> Any:
@@ -24,7 +31,7 @@ def _open(args: argparse.Namespace, must_exist: bool = True) -> Any:
 
     store = Path(args.store)
     if must_exist and not (store / MANIFEST).exists():
-        raise IclClError(f"{store}: no store here (create one with 'icl-cl learn')")
+        raise StoreError(f"{store}: no store here (create one with 'icl-cl learn')")
     config = ClassifierConfig.from_yaml(args.config) if getattr(args, "config", None) else None
     return ContinualClassifier.open(store, config)
 
@@ -40,13 +47,16 @@ def cmd_learn(args: argparse.Namespace) -> int:
         raise IclClError("give --data (labelled examples), --labels (label definitions), or both")
     if args.k <= 0:
         raise IclClError(f"--k must be a positive integer, got {args.k}")
+    if args.wait < 0:
+        raise IclClError(f"--wait must be a number of seconds >= 0, got {args.wait}")
     labels, label_locations = read_labels(args.labels) if args.labels else ([], None)
     if args.engine == "ray":
-        report = _learn_on_ray(args, labels, label_locations)
-        _print_report(report)
+        _print_report(_learn_on_ray(args, labels, label_locations))
         return 0
     examples, locations = read_examples(args.data, max_chars=max_chars) if args.data else ([], None)
     with _open(args, must_exist=False) as clf:
+        if args.multi_label:
+            clf.config = clf.config.model_copy(update={"multi_label": True})
         report = clf.learn(
             examples,
             labels,
@@ -55,6 +65,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
             progress=progress_bars(args.quiet),
             locations=locations,
             label_locations=label_locations,
+            lock_timeout=args.wait,
         )
     _print_report(report)
     return 0
@@ -66,6 +77,8 @@ def _learn_on_ray(args: argparse.Namespace, labels: list[Any], label_locations: 
 
     if not args.data:
         raise IclClError("--engine ray learns examples: give --data")
+    if args.multi_label:
+        raise IclClError("with --engine ray, set multi_label in --config")
     if args.actors <= 0:
         raise IclClError(f"--actors must be a positive integer, got {args.actors}")
     distributed.connect(args.ray_address)
@@ -79,20 +92,28 @@ def _learn_on_ray(args: argparse.Namespace, labels: list[Any], label_locations: 
         fit=not args.no_fit,
         k=args.k,
         progress=progress_bars(args.quiet),
+        lock_timeout=args.wait,
     )
 
 
 def _print_report(report: Any) -> None:
+    if report.new_labels:
+        # By name, so that a typo that made a new label is seen at once.
+        shown = ", ".join(report.new_labels[:20])
+        more = f" and {len(report.new_labels) - 20} more" if len(report.new_labels) > 20 else ""
+        print(f"icl-cl: {len(report.new_labels)} new labels: {shown}{more}", file=sys.stderr)
     print(
         json.dumps(
             {
                 "session": report.session,
                 "examples": report.n_examples,
                 "new_labels": len(report.new_labels),
+                "new_label_names": list(report.new_labels),
                 "seconds": round(report.seconds, 3),
                 "embed_seconds": round(report.embed_seconds, 3),
                 "fit_seconds": round(report.fit_seconds, 3),
-            }
+            },
+            ensure_ascii=False,
         )
     )
 
@@ -109,8 +130,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from icl_cl.distributed.predict import prediction_record
     from icl_cl.inputs import read_inputs
+    from icl_cl.service.rows import prediction_row
 
     if args.k <= 0:
         raise IclClError(f"--k must be a positive integer, got {args.k}")
@@ -126,9 +147,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "(label_thresholds fits its thresholds on held-out stored examples)"
         )
     if args.engine == "ray":
-        if args.actors <= 0:
-            raise IclClError(f"--actors must be a positive integer, got {args.actors}")
         return _predict_on_ray(args)
+    out = check_output_path(Path(args.output))
     clf = _open(args)
     with clf:
         if args.decision is not None or args.threshold is not None:
@@ -141,7 +161,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     )
                 }
             )
-        ids, texts = read_inputs(args.input, max_chars=clf.config.max_text_chars)
+        ids, texts = read_inputs(args.input, max_chars=clf.config.max_text_chars, ids=args.ids)
         predictions = clf.predict(
             texts,
             k=args.k,
@@ -151,13 +171,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
             confidence=args.confidence,
             abstain_below=args.abstain_below,
         )
-    abstain = args.abstain_below is not None
-    records = (
-        json.dumps(prediction_record(ident, pred, abstain=abstain), ensure_ascii=False)
+    rows = [
+        json.dumps(
+            prediction_row(ident, pred, abstain=args.abstain_below is not None), ensure_ascii=False
+        )
+        + "\n"
         for ident, pred in zip(ids, predictions, strict=True)
-    )
-    n = _write_lines(Path(args.output), records)
-    logger.info("wrote %d predictions to %s", n, args.output)
+    ]
+    write_output(out, rows)
+    logger.info("wrote %d predictions to %s", len(predictions), out)
     return 0
 
 
@@ -167,15 +189,17 @@ def _predict_on_ray(args: argparse.Namespace) -> int:
     from icl_cl import distributed
     from icl_cl.distributed.runtime import ray_module
 
-    if args.decision is not None or args.threshold is not None:
-        raise IclClError("with --engine ray, set the decision in --config (decision section)")
-    if args.batch_size <= 0:
-        raise IclClError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.decision is not None or args.threshold is not None or args.ids != "field":
+        raise IclClError("with --engine ray, set the decision in --config; ids come from 'id'")
+    if args.actors <= 0 or args.batch_size <= 0:
+        raise IclClError("--actors and --batch-size must be positive integers")
+    out = Path(args.output)
+    single = out.suffix == ".jsonl"
+    if single:
+        check_output_path(out)
     distributed.connect(args.ray_address)
     context = ray_module().data.DataContext.get_current()
     context.enable_progress_bars = not args.quiet
-    out = Path(args.output)
-    single = out.suffix == ".jsonl"
     context.execution_options.preserve_order = single
     predictions = distributed.predict(
         distributed.read_inputs(args.input),
@@ -191,27 +215,58 @@ def _predict_on_ray(args: argparse.Namespace) -> int:
     )
     batches = predictions.iter_batches(batch_size=args.batch_size, batch_format="numpy")
     if single:
-        n = _write_lines(out, (line for b in batches for line in b["prediction"]))
+        lines = [f"{line}\n" for b in batches for line in b["prediction"]]
+        write_output(out, lines)
+        n = len(lines)
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        n = sum(
-            _write_lines(out / f"part-{i:05d}.jsonl", b["prediction"])
-            for i, b in enumerate(batches)
-        )
+        n = 0
+        for i, batch in enumerate(batches):
+            write_output(out / f"part-{i:05d}.jsonl", [f"{line}\n" for line in batch["prediction"]])
+            n += len(batch["prediction"])
     logger.info("wrote %d predictions to %s", n, out)
     return 0
 
 
-def _write_lines(path: Path, lines: Any) -> int:
-    """Write ``lines`` as a file that appears whole or not at all; returns how many."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, n = path.with_name(f".{path.name}.tmp"), 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(f"{line}\n")
-            n += 1
-    os.replace(tmp, path)
-    return n
+def check_output_path(out: Path) -> Path:
+    """Refuse, before any work, an output path that cannot be a file we write: a directory, or
+    under a regular file, or in a directory we cannot write. Creates nothing."""
+    if out.is_dir():
+        raise OutputError(f"{out}: is a directory; give a file path for --output")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{out}: cannot be created: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{out}: cannot be created: {parent} is not writable")
+    return out
+
+
+def write_output(out: Path, lines: list[str]) -> None:
+    """Write ``lines`` to ``out`` atomically (a temporary file renamed into place); on failure
+    the temporary file is removed and the error names the path."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        os.replace(tmp, out)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OutputError(f"{out}: cannot write: {exc.strerror or exc}") from exc
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from icl_cl.memory.verify import verify_store
+
+    report = verify_store(args.store)
+    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    if not report.ok:
+        raise StoreCorruptError(
+            f"{args.store}: {len(report.problems)} problem(s); first: {report.problems[0]}"
+        )
+    return 0
 
 
 def cmd_labels(args: argparse.Namespace) -> int:
@@ -239,6 +294,33 @@ def cmd_summarize(args: argparse.Namespace) -> int:
         summaries = clf.write_summaries(args.label or None, n_examples=args.examples)
     for label, text in summaries.items():
         print(json.dumps({"label": label, "summary": text}, ensure_ascii=False))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from icl_cl.service.server import serve
+        from icl_cl.service.settings import ServiceSettings
+    except ImportError as exc:
+        raise IclClError(
+            f"serve needs the [serve] extra (pip install 'icl-cl[serve]'): {exc}"
+        ) from exc
+    config = ClassifierConfig.from_yaml(args.config) if args.config else None
+    settings = ServiceSettings(
+        max_body_bytes=args.max_body_bytes,
+        max_items=args.max_items,
+        max_queue_items=args.max_queue_items,
+        batch_wait_ms=args.batch_wait_ms,
+        request_timeout_s=args.request_timeout,
+    )
+    serve(
+        args.store,
+        host=args.host,
+        port=args.port,
+        api_key_file=args.api_key_file,
+        config=config,
+        settings=settings,
+    )
     return 0
 
 
@@ -277,6 +359,21 @@ def _add_learn(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML ClassifierConfig, used when the store is created")
     p.add_argument("--no-fit", action="store_true", help="do not fit the heads after learning")
     p.add_argument("--k", type=int, default=10, help="candidates per input to fit for (default 10)")
+    p.add_argument(
+        "--multi-label",
+        action="store_true",
+        help="make the store multi-label (for good); without it, examples with other than one "
+        "label are refused by a single-label store",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="one learn writes to a store at a time: the writer lock is taken before the "
+        "session is checked against the store or embedded, waiting up to SECONDS for another "
+        "learn to finish (default 60; 0 fails at once); exit code 7 when it does not",
+    )
     _engine_flags(p, batch=False)
     p.set_defaults(func=cmd_learn)
 
@@ -316,6 +413,7 @@ def _add_predict(sub: Any, common: argparse.ArgumentParser) -> None:
         "--input", required=True, help='JSONL of {"id", "text"} or {"id", "image"} (path or URL)'
     )
     p.add_argument("--output", required=True, help="output JSONL (written atomically)")
+    p.add_argument("--ids", choices=ID_MODES, default="field", help=IDS_HELP)
     p.add_argument("--k", type=int, default=10, help="candidate labels per input (default 10)")
     p.add_argument("--scorer", choices=[*SCORERS, "auto"], help="ECL scorer (default: the store's)")
     p.add_argument("--no-llm", action="store_true", help="decide with the ECL alone")
@@ -405,6 +503,45 @@ def _add_store_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--store", required=True, help="store directory")
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser(
+        "verify",
+        parents=[common],
+        help="check a whole store: every checksum, and the statistics against the vectors",
+        description="Check a store without writing to it: the SQLite integrity check, the "
+        "checksum of every session's block of vectors and of every sealed database row, and the "
+        "label statistics recomputed from the stored vectors. Prints a JSON report; exit code 0 "
+        "when all is well, 6 when anything is wrong.",
+    )
+    p.add_argument("--store", required=True, help="store directory")
+    p.set_defaults(func=cmd_verify)
+
+
+def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="serve predictions over HTTP while learning new sessions",
+        description="An HTTP service over a store (created if missing): POST /v1/predict, "
+        "POST /v1/learn (with Idempotency-Key), GET /v1/labels, /v1/info, /healthz, /readyz, "
+        "/metrics; the OpenAPI schema is at /openapi.json, the docs at /docs. Learns refit the "
+        "heads in the background. SIGTERM drains the requests in flight.",
+    )
+    p.add_argument("--store", required=True, help="store directory (created if it does not exist)")
+    p.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument(
+        "--api-key-file",
+        help="one 'KEY SCOPE' per line (scope read or write); without it the service binds to "
+        "loopback only, unauthenticated",
+    )
+    p.add_argument("--config", help="YAML ClassifierConfig (a new store's, or query-time settings)")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="default 4 MiB")
+    p.add_argument("--max-items", type=int, default=256, help="inputs or examples per request")
+    p.add_argument("--max-queue-items", type=int, default=4096, help="inputs waiting; then 429")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="micro-batch wait (default 5)")
+    p.add_argument("--request-timeout", type=float, default=60.0, help="seconds (default 60)")
+    p.set_defaults(func=cmd_serve)
+
 
 def build_parser() -> argparse.ArgumentParser:
     from icl_cl.evaluation.cli import add_eval_commands
@@ -423,6 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit(sub, common)
     _add_predict(sub, common)
     _add_store_commands(sub, common)
+    _add_serve(sub, common)
     add_eval_commands(sub, [common])
     return parser
 
@@ -435,12 +573,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     _quiet_third_party(args.verbose)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # inside the try: a closed pipe shows here
+        return code
     except IclClError as exc:
-        print(f"icl-cl: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), exc.exit_code)
+    except sqlite3.DatabaseError as exc:  # a read that met damage after the store was opened
+        store = getattr(args, "store", "the store")
+        error = StoreCorruptError(f"{store}: database: {exc}; run icl-cl verify")
+        return _fail(str(error), error.exit_code)
+    except BrokenPipeError:
+        # Python would complain again when it flushes stdout at exit: point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         return 130
+
+
+def _fail(message: str, code: int) -> int:
+    # One line: a message from deeper down may hold newlines.
+    print(f"icl-cl: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
 
 
 def _quiet_third_party(verbose: int) -> None:

@@ -1,18 +1,29 @@
-"""Typed errors. Every error the library raises on purpose derives from :class:`IclClError`."""
+"""Typed errors. Every error the library raises on purpose derives from :class:`IclClError`.
+
+Each kind has its own exit code (``exit_code``), which the command line returns, so a script can
+tell bad input from a damaged store or a busy one without reading the message. 1 is left to
+unexpected failures and 2 to command-line usage (as argparse uses it).
+"""
 
 from __future__ import annotations
 
 
 class IclClError(Exception):
-    """Base class of all icl_cl errors."""
+    """Base class of all icl_cl errors; raised as itself for a wrong command-line usage."""
+
+    exit_code = 2
 
 
 class ConfigError(IclClError):
     """A configuration value is invalid or conflicts with the store."""
 
+    exit_code = 3
+
 
 class DataError(IclClError):
     """Input data is invalid. Names where: source file, line (1-based) and field when known."""
+
+    exit_code = 4
 
     def __init__(
         self,
@@ -41,7 +52,27 @@ class DataError(IclClError):
 
 
 class StoreError(IclClError):
-    """The store cannot be opened or written: incompatible version, corruption, or a concurrent writer."""
+    """The store cannot be opened or written: missing, another format version, or read-only."""
+
+    exit_code = 5
+
+
+class StoreCorruptError(StoreError):
+    """The store's files disagree with their checksums or with each other, or one is missing."""
+
+    exit_code = 6
+
+
+class StoreBusyError(StoreError):
+    """Another process holds the store's writer lock (a learn is running)."""
+
+    exit_code = 7
+
+
+class OutputError(IclClError):
+    """An output file cannot be written where it was asked for."""
+
+    exit_code = 8
 
 
 class WorkerError(IclClError):
@@ -50,6 +81,8 @@ class WorkerError(IclClError):
 
 class BackendError(IclClError):
     """An LLM backend failed."""
+
+    exit_code = 9
 
 
 class RateLimitError(BackendError):

@@ -1,5 +1,6 @@
-"""The steps of a prediction and of a fit, wired for one classifier: the candidate source, the
-LLM's reading and the held-out items the heads are fitted on.
+"""The steps of a learn, a prediction and a fit, wired for one classifier: the session's checks
+and embedding, the candidate source, the LLM's reading and the held-out items the heads are
+fitted on.
 
 Held-out items go through the same candidate and reading steps as predictions, so the heads are
 fitted on the scores they will be applied to.
@@ -8,6 +9,8 @@ fitted on the scores they will be applied to.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,8 +24,21 @@ from icl_cl.heads.scorer_selection import refresh_scorer_choice
 from icl_cl.images import Image
 from icl_cl.inputs import checks
 from icl_cl.memory.ecl import ExternalContinualLearner
+from icl_cl.memory.partial import merge
+from icl_cl.memory.statistics import StatisticsDelta
 from icl_cl.reading import LLMHandle, LLMReader, Reading
-from icl_cl.types import EclRanker, Fallback, Progress, Upstream, counter
+from icl_cl.types import (
+    EclRanker,
+    Example,
+    Fallback,
+    Label,
+    LearnReport,
+    Progress,
+    Upstream,
+    counter,
+)
+
+logger = logging.getLogger(__name__)
 
 
 class Steps:
@@ -51,6 +67,58 @@ class Steps:
         self.config = config
         self.llm = llm
         self.writing = writing
+
+    def learn(
+        self,
+        examples: list[Example],
+        labels: Sequence[Label],
+        start: float,
+        progress: Progress | None = None,
+        locations: Sequence[checks.Located] | None = None,
+        label_locations: Sequence[checks.Located] | None = None,
+        embedded: tuple[np.ndarray, Sequence[StatisticsDelta]] | None = None,
+    ) -> LearnReport:
+        """Check one session against the store, embed it and commit it (under the writer lock:
+        nothing can change the store between the checks and the commit). ``embedded``: the
+        vectors and each shard's statistics from workers, merged here against the store's."""
+        new, multi = checks.check_learn(
+            examples,
+            labels,
+            max_chars=self.config.max_text_chars,
+            existing_ids=self.memory.store.existing_ids,
+            known=self.memory.label,
+            multi_label=self.config.multi_label,
+            stored_multi_label=self.memory.multi_label,
+            reads_images=getattr(self.embedder, "reads_images", False),
+            embedder=self.embedder.name,
+            locations=locations,
+            label_locations=label_locations,
+        )
+        embed_start = time.perf_counter()
+        items = [ex.item for ex in examples]
+        delta = None
+        if embedded is None:
+            vectors = self.embedder.encode(
+                items, progress=counter(progress, "embedding", len(items))
+            )
+        else:
+            vectors, delta = embedded[0], merge(embedded[1], self.memory.stats)
+        label_vectors = self.embedder.encode([lab.text for lab in new])
+        embed_end = time.perf_counter()
+        session = self.memory.learn(
+            examples,
+            vectors,
+            new,
+            label_vectors,
+            multi_label=multi,
+            seconds=embed_end - start,
+            delta=delta,
+        )
+        names = tuple(lab.label for lab in new)
+        logger.info("learned session %d: %d examples, %d new labels", session, len(items), len(new))
+        return LearnReport(
+            session, len(examples), names, time.perf_counter() - start, embed_end - embed_start
+        )
 
     def backend(self) -> LLMBackend:
         """The LLM backend (created on first use)."""

@@ -212,7 +212,7 @@ def test_bad_data_is_refused_and_changes_nothing(store, tmp_path, capsys, case, 
     bad = _write(tmp_path / "bad.jsonl", rows)
     before = _snapshot(store)
     capsys.readouterr()
-    assert main(["-q", "learn", "--store", str(store), "--data", str(bad)]) == 2
+    assert main(["-q", "learn", "--store", str(store), "--data", str(bad)]) == 4  # DataError
     err = capsys.readouterr().err
     assert err.startswith("icl-cl: error: ")
     import re
@@ -227,7 +227,7 @@ def test_non_utf8_input_names_the_line(store, tmp_path, capsys):
         b'{"id": "a", "text": "ok", "labels": ["noun.food"]}\n{"id": "b", "text": "caf\xe9", "labels": []}\n'
     )
     before = _snapshot(store)
-    assert main(["-q", "learn", "--store", str(store), "--data", str(bad)]) == 2
+    assert main(["-q", "learn", "--store", str(store), "--data", str(bad)]) == 4
     assert "bad.jsonl:2: not valid UTF-8" in capsys.readouterr().err
     assert _snapshot(store) == before
 
@@ -250,7 +250,7 @@ def test_conflicting_label_file_is_refused(store, tmp_path, capsys):
     before = _snapshot(store)
     assert (
         main(["-q", "learn", "--store", str(store), "--data", str(data), "--labels", str(labels)])
-        == 2
+        == 4
     )
     err = capsys.readouterr().err
     assert (
@@ -284,7 +284,7 @@ def test_predict_errors(store, tmp_path, capsys):
     empty = tmp_path / "empty-store"
     assert (
         main(["-q", "predict", "--store", str(empty), "--input", str(inputs), "--output", str(out)])
-        == 2
+        == 5  # StoreError
     )
     assert "no store here" in capsys.readouterr().err
     bad_inputs = _write(tmp_path / "in2.jsonl", [{"id": "q", "text": ""}])
@@ -301,7 +301,7 @@ def test_predict_errors(store, tmp_path, capsys):
                 str(out),
             ]
         )
-        == 2
+        == 4
     )
     assert "in2.jsonl:1, item 'q', field 'text': is empty" in capsys.readouterr().err
     assert not out.exists()
@@ -380,7 +380,7 @@ def test_learn_with_labels_only_adds_labels_without_examples(tmp_path, capsys):
     after = _snapshot(copy)
     assert after[0] == before[0] and after[3] == before[3] + 1  # same examples, one more label
     # Again: nothing new, refused, nothing changed.
-    assert main(["-q", "learn", "--store", str(copy), "--labels", str(new)]) == 2
+    assert main(["-q", "learn", "--store", str(copy), "--labels", str(new)]) == 4
     assert "nothing to learn" in capsys.readouterr().err and _snapshot(copy) == after
     assert main(["-q", "learn", "--store", str(copy)]) == 2
     assert "give --data" in capsys.readouterr().err

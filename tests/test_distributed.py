@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from icl_cl.classifier import ContinualClassifier
-from icl_cl.distributed.partial import merge, shard_statistics
 from icl_cl.errors import DataError, WorkerError
 from icl_cl.inputs import read_examples
+from icl_cl.memory.partial import merge, shard_statistics
 from icl_cl.memory.statistics import RunningStatistics
 from icl_cl.memory.store import Store
 from icl_cl.types import Prediction
@@ -188,12 +188,12 @@ def test_ray_learn_of_four_shards_equals_serial_learn(local_ray: None, tmp_path:
     _write_shards(tmp_path / "shards")
     examples, _ = read_examples(WORDNET / "train.jsonl", max_chars=10_000)
     with ContinualClassifier.open(tmp_path / "serial") as clf:
-        # Embedded shard by shard as the workers do: an embedding's float32 rounding depends on
-        # the batch it is padded in, and this test is about the statistics.
+        # One in-process session per shard: each is embedded in the same call as a worker
+        # embeds its shard (an embedding's float32 rounding depends on the texts padded with
+        # it), and its statistics are added by the ECL itself, with no merge.
         size = -(-len(examples) // 4)
-        parts = [examples[i : i + size] for i in range(0, len(examples), size)]
-        vectors = np.vstack([clf.embedder.encode([ex.text for ex in part]) for part in parts])
-        clf.learn(examples, fit=False, embedded=(vectors, None))
+        for i in range(0, len(examples), size):
+            clf.learn(examples[i : i + size], fit=False)
     report = learn(tmp_path / "shards", tmp_path / "ray", actors=2, fit=False)
     assert (report.session, report.n_examples) == (1, len(examples))
 

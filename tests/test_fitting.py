@@ -117,7 +117,7 @@ def test_cli_learn_no_fit_fit_and_info(tmp_path, capsys):
     assert main([*predict, "--output", str(out), "--k", "3", "-q"]) == 0
     assert main([*predict, "--output", str(out), "--k", "5", "-q"]) == 0  # fitted in memory
     assert _files(Path(store)) == before
-    assert main(["fit", "--store", str(tmp_path / "none"), "-q"]) == 2
+    assert main(["fit", "--store", str(tmp_path / "none"), "-q"]) == 5
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no store here" in err
 

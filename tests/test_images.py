@@ -171,7 +171,7 @@ def test_bad_images_are_refused_by_item_and_change_nothing(tmp_path, config, pic
         with pytest.raises(DataError, match=f"{re.escape(name)}: {reason}") as err:
             read_examples(data, max_chars=100)
         assert err.value.line == 2 and err.value.item == "bad"
-        assert main(["-q", "learn", "--store", str(tmp_path / "store"), "--data", str(data)]) == 2
+        assert main(["-q", "learn", "--store", str(tmp_path / "store"), "--data", str(data)]) == 4
 
     # Asking with a bad image fails before any work, naming its position.
     with pytest.raises(DataError, match="corrupt or truncated") as err:

@@ -15,7 +15,7 @@ import pytest
 
 from icl_cl import ContinualClassifier, Example, StoreError
 from icl_cl.memory.statistics import RunningStatistics
-from icl_cl.memory.store import MANIFEST, VECTORS, Store
+from icl_cl.memory.store import MANIFEST, VECTORS, Store, _append_vectors
 
 CHILD = textwrap.dedent(
     """
@@ -92,7 +92,7 @@ def test_vectors_of_an_unfinished_session_are_ignored_and_overwritten(tmp_path, 
     clf = ContinualClassifier.open(tmp_path / "s", embedder=embedder)
     clf.learn([Example("a", "red apple", ["fruit"]), Example("b", "green pear", ["fruit"])])
     # Simulate a crash after the vectors were appended but before the commit.
-    clf.memory.store._append_vectors(2, np.ones((5, embedder.dim), np.float32))
+    _append_vectors(clf.memory.store.path, embedder.dim, 2, np.ones((5, embedder.dim), np.float32))
     clf.close()
     assert (tmp_path / "s" / VECTORS).stat().st_size == 7 * 4 * embedder.dim
     clf = ContinualClassifier.open(tmp_path / "s", embedder=embedder)

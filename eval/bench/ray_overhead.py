@@ -29,8 +29,8 @@ import numpy as np
 
 from icl_cl import ContinualClassifier
 from icl_cl.distributed import connect, predict
-from icl_cl.distributed.partial import merge, shard_statistics
 from icl_cl.inputs import read_examples
+from icl_cl.memory.partial import merge, shard_statistics
 from icl_cl.memory.statistics import RunningStatistics
 
 K = 5

@@ -18,12 +18,12 @@ import numpy as np
 
 from icl_cl.classifier import ContinualClassifier
 from icl_cl.config import ClassifierConfig, EmbedderConfig
-from icl_cl.distributed.partial import merge, shard_statistics
 from icl_cl.distributed.runtime import ray_module, unwrapped
 from icl_cl.distributed.sources import input_files, iter_records
 from icl_cl.errors import DataError, WorkerError
 from icl_cl.inputs import Located, validate_examples
 from icl_cl.inputs.jsonl import parse_example
+from icl_cl.memory.partial import shard_statistics
 from icl_cl.memory.statistics import StatisticsDelta
 from icl_cl.types import Example, Label, LearnReport, Progress
 
@@ -129,14 +129,15 @@ def learn(
     fit: bool = True,
     k: int = 10,
     progress: Progress | None = None,
+    lock_timeout: float = 0.0,
 ) -> LearnReport:
     """Learn the examples of ``data`` (a JSONL or Parquet file, or a folder of them: one shard
-    per file) into ``store`` as one session, embedding on Ray workers.
+    per file) into ``store`` as one session, embedded on Ray workers (see :func:`connect`).
 
-    Each worker reads, checks and embeds whole shards and sums their per-label statistics; the
-    driver merges the sums in shard order and commits them, with the examples and their
-    vectors, as one session, exactly as :meth:`ContinualClassifier.learn` of all the shards'
-    examples in order would. Call :func:`~icl_cl.distributed.connect` first to choose the cluster.
+    Workers read, check and embed whole shards and sum their statistics; under the store's
+    writer lock the sums are merged in shard order and committed with the examples and their
+    vectors, exactly as a local learn of the shards' examples in order. Bad input in any shard
+    (:class:`DataError`) or a dead worker (:class:`WorkerError`) writes nothing.
 
     Args:
         data: The examples.
@@ -145,15 +146,10 @@ def learn(
         label_locations: Where each of ``labels`` was read, for error messages.
         config: A new store's config, or the query-time settings of an existing one.
         actors: Embedding workers.
-        num_cpus: CPUs per worker.
-        num_gpus: GPUs per worker (the embedder runs on them).
-        fit: Fit the heads after learning.
-        k: Candidates per input to fit the heads for.
+        num_cpus: CPUs per worker; ``num_gpus``: GPUs per worker (the embedder runs there).
+        fit: Fit the heads for ``k`` candidates per input after learning.
         progress: Told how many shards are embedded, then how far fitting got.
-
-    Raises:
-        DataError: Bad input in any shard (nothing is written).
-        WorkerError: A worker died (nothing is written).
+        lock_timeout: Seconds to wait for another writer of the store to finish.
     """
     paths = [str(p) for p in input_files(data)]
     with ContinualClassifier.open(store, config) as clf:
@@ -167,7 +163,6 @@ def learn(
             progress=progress,
         )
         vectors = np.vstack([s.vectors for s in shards])
-        statistics = merge([s.statistics for s in shards], clf.memory.stats)
         report = clf.learn(
             [ex for s in shards for ex in s.examples],
             labels,
@@ -176,7 +171,8 @@ def learn(
             progress=progress,
             locations=[at for s in shards for at in s.locations],
             label_locations=label_locations,
-            embedded=(vectors, statistics),
+            lock_timeout=lock_timeout,
+            embedded=(vectors, [s.statistics for s in shards]),
         )
     logger.info("learned %d shards as session %d", len(shards), report.session)
     return report

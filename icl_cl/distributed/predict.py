@@ -58,7 +58,7 @@ class Predictor:
         if not (Path(store) / MANIFEST).exists():
             raise StoreError(f"{store}: no store here")
         settings = ClassifierConfig.model_validate(config) if config is not None else None
-        self._clf = ContinualClassifier.open(store, settings)
+        self._clf = ContinualClassifier.open(store, settings, read_only=True)
         self._options = options
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

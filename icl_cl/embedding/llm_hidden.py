@@ -119,9 +119,6 @@ def pooled_states(
         ``(layer, pooling) -> float32 array (n, hidden)`` in the order of the rows, not
         normalised; ``layer`` is as given.
     """
-    import torch
-
-    base = lm.base_model
     n_layers = int(lm.config.num_hidden_layers)
     index = {layer: _layer_index(layer, n_layers) for layer in layers}
     for i, ids in enumerate(rows.ids):
@@ -134,40 +131,59 @@ def pooled_states(
         for pooling in poolings
     }
     order = sorted(range(len(rows.ids)), key=lambda i: len(rows.ids[i]))
-    device = next(lm.parameters()).device
     for begin in range(0, len(order), batch_size):
         batch = order[begin : begin + batch_size]
-        lengths = torch.tensor([len(rows.ids[i]) for i in batch])
-        width = int(lengths.max())
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for j, i in enumerate(batch):
-            input_ids[j, : lengths[j]] = torch.tensor(rows.ids[i])
-            mask[j, : lengths[j]] = 1
-        with torch.inference_mode():
-            states = base(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                output_hidden_states=True,
-                use_cache=False,
-            ).hidden_states
-            # The span pooled by "mean": from the end of the template prefix to the last token.
-            span = mask.clone()
-            span[:, : rows.start] = 0
-            span = span.to(device=device, dtype=torch.float32).unsqueeze(-1)
-            last = (lengths - 1).to(device)
-            rows_at = torch.arange(len(batch), device=device)
-            for layer, k in index.items():
-                # Pooled in float32 whatever the model's dtype.
-                h = (states[k] if k == n_layers else base.norm(states[k])).float()
-                for pooling in poolings:
-                    if pooling == "mean":
-                        pooled = (h * span).sum(dim=1) / span.sum(dim=1)
-                    else:
-                        pooled = h[rows_at, last]
-                    out[(layer, pooling)][batch] = pooled.cpu().numpy()
+        for key, pooled in _pool_batch(lm, rows, batch, index, poolings, pad_id).items():
+            out[key][batch] = pooled
         if progress is not None:
             progress(len(batch))
+    return out
+
+
+def _pool_batch(
+    lm: Any,
+    rows: TokenRows,
+    batch: list[int],
+    index: dict[int, int],
+    poolings: Sequence[Pooling],
+    pad_id: int,
+) -> dict[tuple[int, Pooling], np.ndarray]:
+    """One forward pass over the rows ``batch`` (padded on the right); each requested layer's
+    states pooled, in the order of ``batch``."""
+    import torch
+
+    base, n_layers = lm.base_model, int(lm.config.num_hidden_layers)
+    device = next(lm.parameters()).device
+    lengths = torch.tensor([len(rows.ids[i]) for i in batch])
+    width = int(lengths.max())
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for j, i in enumerate(batch):
+        input_ids[j, : lengths[j]] = torch.tensor(rows.ids[i])
+        mask[j, : lengths[j]] = 1
+    out = {}
+    with torch.inference_mode():
+        states = base(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            output_hidden_states=True,
+            use_cache=False,
+        ).hidden_states
+        # The span pooled by "mean": from the end of the template prefix to the last token.
+        span = mask.clone()
+        span[:, : rows.start] = 0
+        span = span.to(device=device, dtype=torch.float32).unsqueeze(-1)
+        last = (lengths - 1).to(device)
+        rows_at = torch.arange(len(batch), device=device)
+        for layer, k in index.items():
+            # Pooled in float32 whatever the model's dtype.
+            h = (states[k] if k == n_layers else base.norm(states[k])).float()
+            for pooling in poolings:
+                if pooling == "mean":
+                    pooled = (h * span).sum(dim=1) / span.sum(dim=1)
+                else:
+                    pooled = h[rows_at, last]
+                out[(layer, pooling)] = pooled.cpu().numpy()
     return out
 
 

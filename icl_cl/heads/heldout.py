@@ -8,6 +8,8 @@ reading are passed in, so that the held-out items go through the same ones as pr
 
 from __future__ import annotations
 
+import hashlib
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -75,6 +77,13 @@ class HeldOutScores:
         return {name: values[i] for name, values in self.sources.items()}
 
 
+def input_key(text: str) -> str:
+    """What makes two stored inputs copies: their text (or image key) with case, Unicode form
+    and runs of white space made alike, as a digest."""
+    normal = " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    return hashlib.sha256(normal.encode("utf-8")).hexdigest()
+
+
 class HeldOutSource(Protocol):
     """Scores of ``n`` held-out items; with ``read``, the LLM's too (source ``llm``)."""
 
@@ -95,23 +104,27 @@ class Sample:
 def draw_sample(memory: ExternalContinualLearner, n: int, seed: int) -> Sample:
     """``n`` stored items drawn with ``seed``, their vectors and the ids they stand for.
 
-    In a multi-label store, an item learned in several sessions (each time with that session's
-    labels) is stored several times: its copies are held out together, and its gold labels are
-    all of theirs, or the held-out item would find itself in memory and miss labels.
+    An item is held out together with every stored copy of its input (the same text up to case,
+    Unicode form and spacing, or the same image): a copy left in memory would be found by the
+    held-out item, which would then look easier than a new input, and the calibration would
+    learn overconfidence. In a multi-label store, copies learned in several sessions (each with
+    that session's labels) stand for one item whose gold labels are all of theirs; in a
+    single-label store the drawn item keeps its own label.
     """
     rng = np.random.default_rng(seed)
     total = memory.n_examples
     # A prefix of one seeded permutation: a larger held-out set contains the smaller ones, so
     # the calibration's extra LLM reads reuse the fusion's (cached) ones.
     rows = np.sort(rng.permutation(total)[: min(n, total)]).tolist()
-    groups = _copies(memory, rows) if memory.multi_label else [[r] for r in rows]
+    groups = _with_copies(memory, rows)
     flat = [r for g in groups for r in g]
     by_row = dict(zip(flat, memory.store.examples(flat), strict=True))
+    multi = bool(memory.multi_label)
     examples = [
         Example(
             by_row[g[0]].id,
             by_row[g[0]].text,
-            dict.fromkeys(lab for r in g for lab in by_row[r].labels),
+            dict.fromkeys(lab for r in (g if multi else g[:1]) for lab in by_row[r].labels),
             image=by_row[g[0]].image,
         )
         for g in groups
@@ -121,14 +134,18 @@ def draw_sample(memory: ExternalContinualLearner, n: int, seed: int) -> Sample:
     return Sample(examples, vectors, ids, groups)
 
 
-def _copies(memory: ExternalContinualLearner, rows: list[int]) -> list[list[int]]:
-    """For each row, every stored row with the same input (one group per distinct text or
-    image)."""
-    texts = memory.store.input_keys()
-    by_text: dict[str, list[int]] = {}
-    for row, text in enumerate(texts):
-        by_text.setdefault(text, []).append(row)
-    return [by_text[t] for t in dict.fromkeys(texts[r] for r in rows)]
+def _with_copies(memory: ExternalContinualLearner, rows: list[int]) -> list[list[int]]:
+    """For each drawn row (the first of its input drawn), the row then every other stored row
+    with the same normalised input."""
+    keys = [input_key(k) for k in memory.store.input_keys()]
+    by_key: dict[str, list[int]] = {}
+    for row, key in enumerate(keys):
+        by_key.setdefault(key, []).append(row)
+    groups: dict[str, list[int]] = {}
+    for r in rows:
+        if keys[r] not in groups:
+            groups[keys[r]] = [r, *(c for c in by_key[keys[r]] if c != r)]
+    return list(groups.values())
 
 
 class HeldOutItems:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from icl_cl.inputs.checks import Located, check_text, validate_examples
-from icl_cl.inputs.jsonl import iter_jsonl, read_examples, read_inputs, read_labels
+from icl_cl.inputs.checks import Located, check_text, check_vectors, validate_examples
+from icl_cl.inputs.jsonl import ID_MODES, iter_jsonl, read_examples, read_inputs, read_labels
 
 __all__ = [
+    "ID_MODES",
     "Located",
     "check_text",
+    "check_vectors",
     "iter_jsonl",
     "read_examples",
     "read_inputs",

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any
 
+import numpy as np
+
 from icl_cl.errors import DataError
 from icl_cl.images import Image, load_image
 from icl_cl.types import Example, Label
@@ -159,11 +161,37 @@ def multi_label_after(
                 )
         return False
     if setting is True:
+        if stored is False:
+            logger.info("the store becomes multi-label, as asked")
         return True
-    seen_multi = any(len(ex.labels) != 1 for ex in examples)
-    if seen_multi and stored is False:
-        logger.warning("examples with != 1 label: the store becomes multi-label")
-    return bool(stored) or seen_multi
+    first = next((i for i, ex in enumerate(examples) if len(ex.labels) != 1), None)
+    if first is not None and stored is False:
+        # A silent switch would change every later score; the caller must ask for it.
+        raise DataError(
+            f"the store is single-label and this example has {len(examples[first].labels)} "
+            "labels; to make the store multi-label for good, learn with multi_label=True "
+            "(icl-cl learn --multi-label)",
+            field="labels",
+            item=examples[first].id,
+            **location_of(locations, first),
+        )
+    return bool(stored) or first is not None
+
+
+def check_vectors(
+    vectors: np.ndarray, ids: Sequence[str], locations: Sequence[Located] | None = None
+) -> None:
+    """Refuse, naming the first, an embedding with NaN or infinite values (it would poison the
+    running statistics of its labels for good)."""
+    finite = np.isfinite(vectors).all(axis=1) if vectors.ndim == 2 else np.isfinite(vectors)
+    if not np.all(finite):
+        i = int(np.flatnonzero(~finite)[0])
+        raise DataError(
+            f"its embedding has NaN or infinite values ({int((~finite).sum())} such in this "
+            "session); nothing was learned",
+            item=ids[i] if i < len(ids) else str(i),
+            **location_of(locations, i),
+        )
 
 
 def prediction_input(value: object, i: int, *, max_chars: int) -> str | Image:

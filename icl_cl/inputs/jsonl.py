@@ -116,27 +116,56 @@ def read_examples(path: str | Path, *, max_chars: int) -> tuple[list[Example], l
     return examples, locations
 
 
-def read_inputs(path: str | Path, *, max_chars: int) -> tuple[list[str], list[str | Image]]:
-    """Read prediction inputs: JSONL with ``text`` (or ``image``: a path relative to the file, or
-    a URL) and optional ``id`` (default: line number)."""
-    ids: list[str] = []
-    texts: list[str | Image] = []
-    for number, obj in iter_jsonl(path):
-        ident = obj.get("id", str(number))
-        ident = (
-            str(ident) if isinstance(ident, (str, int)) and not isinstance(ident, bool) else None
+ID_MODES = ("field", "line")
+"""Where prediction ids come from: each line's ``id`` field (required, unique), or its line number."""
+
+
+def _input_id(obj: dict[str, Any], number: int, ids: str, where: dict[str, Any]) -> str:
+    if ids == "line":
+        return str(number)
+    ident = obj.get("id")
+    if ident is None:
+        raise DataError(
+            "missing (give every line an id, or number the lines with --ids line)",
+            field="id",
+            **where,
         )
-        if not ident:
-            raise DataError(
-                "must be a string or integer", source=str(path), line=number, field="id"
-            )
+    if isinstance(ident, bool) or not isinstance(ident, (str, int)) or not str(ident).strip():
+        raise DataError("must be a non-empty string or an integer", field="id", **where)
+    return str(ident)
+
+
+def read_inputs(
+    path: str | Path, *, max_chars: int, ids: str = "field"
+) -> tuple[list[str], list[str | Image]]:
+    """Read prediction inputs: JSONL with ``text`` (or ``image``: a path relative to the file, or
+    a URL) and an ``id``.
+
+    Args:
+        path: The JSONL file.
+        max_chars: Longest text accepted.
+        ids: ``field``: every line's ``id`` (a missing or repeated one is an error naming the
+            line); ``line``: the line number (1-based), whatever ``id`` says.
+    """
+    if ids not in ID_MODES:
+        raise DataError(f"ids must be one of {', '.join(ID_MODES)}, got {ids!r}")
+    idents: list[str] = []
+    texts: list[str | Image] = []
+    first_line: dict[str, int] = {}
+    for number, obj in iter_jsonl(path):
         where = {"source": str(path), "line": number}
+        ident = _input_id(obj, number, ids, where)
+        if ident in first_line:
+            raise DataError(
+                f"duplicate id (first on line {first_line[ident]})", field="id", item=ident, **where
+            )
+        first_line[ident] = number
         text, image = parse_input(obj, ident, max_chars=max_chars, where=where)
         texts.append(image if image is not None else text)
-        ids.append(ident)
+        idents.append(ident)
     if not texts:
         raise DataError("no inputs", source=str(path))
-    return ids, texts
+    return idents, texts
 
 
 def read_labels(path: str | Path) -> tuple[list[Label], list[Located]]:

@@ -105,13 +105,10 @@ class RunningStatistics:
         """
         if vectors.ndim != 2:
             raise ValueError(f"expected a matrix of vectors, got shape {vectors.shape}")
-        new_labels: list[str] = []
-        seen_new: set[str] = set()
-        for labels in label_lists:
-            for label in labels:
-                if label not in self.col and label not in seen_new:
-                    seen_new.add(label)
-                    new_labels.append(label)
+        # New labels in order of first use.
+        new_labels = list(
+            dict.fromkeys(lab for labels in label_lists for lab in labels if lab not in self.col)
+        )
         col_of = dict(self.col)
         for offset, label in enumerate(new_labels):
             col_of[label] = len(self.labels) + offset

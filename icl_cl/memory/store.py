@@ -12,6 +12,15 @@ A session is acknowledged when its SQLite transaction commits. Vectors are appen
 *before* that commit, and the committed example count says how many rows of ``examples.f32`` are
 valid, so a crash at any point leaves the last acknowledged state readable: extra rows from an
 unfinished session are ignored on open and truncated by the next learn.
+
+Integrity: each session's block of ``examples.f32`` has a SHA-256 in ``blocks``, and every unit
+of the database a write touches (a row; for ``examples``, a session's rows; the schema) has a
+SHA-256 of its content in ``seals``, both written in the same transaction as what they cover.
+Opening checks the last session's block and the dimension; ``verify.verify_store`` checks all.
+
+A store on storage that cannot be written (or opened with ``read_only=True``) is opened through
+SQLite's read-only URI (``mode=ro``, or ``immutable=1`` where SQLite cannot even create its
+shared-memory file); opening never creates a file.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +41,18 @@ from typing import Any
 
 import numpy as np
 
-from icl_cl.errors import StoreError
+from icl_cl.errors import StoreBusyError, StoreCorruptError, StoreError
 from icl_cl.images import Image
+from icl_cl.inputs.checks import check_vectors
+from icl_cl.memory.checksums import block_digest, check_block, seal, seal_schema
+from icl_cl.memory.idempotency import stored_session, write_idempotency
 from icl_cl.memory.statistics import RunningStatistics, StatisticsDelta
 from icl_cl.types import Example, Label
 
 FORMAT = "icl_cl-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# SQLite's application id ("ICLC"): names the file format in the database header.
+APPLICATION_ID = 0x49434C43
 MANIFEST = "manifest.json"
 DATABASE = "store.sqlite"
 VECTORS = "examples.f32"
@@ -59,6 +74,10 @@ CREATE TABLE statistics (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE fitted (key TEXT PRIMARY KEY, value TEXT NOT NULL, n_examples INTEGER NOT NULL);
 CREATE TABLE summaries (label TEXT PRIMARY KEY, summary TEXT NOT NULL, model TEXT NOT NULL,
     created_at TEXT NOT NULL);
+CREATE TABLE blocks (session INTEGER PRIMARY KEY, first_row INTEGER NOT NULL,
+    n_rows INTEGER NOT NULL, sha256 TEXT NOT NULL);
+CREATE TABLE seals (tbl TEXT NOT NULL, unit TEXT NOT NULL, sha256 TEXT NOT NULL,
+    PRIMARY KEY (tbl, unit));
 """
 
 # Image examples: the encoded bytes live in the store (demonstrations show them to the LLM, and a
@@ -99,23 +118,96 @@ def write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+def _uri(path: Path, **params: str) -> str:
+    query = "&".join(f"{key}={value}" for key, value in params.items())
+    return f"file:{urllib.parse.quote(str(path.resolve()))}?{query}"
+
+
+def _connect(path: Path, mode: str = "rw") -> sqlite3.Connection:
+    """A writing connection; ``mode=rw`` never creates the file (``rwc`` does, for a new store)."""
+    conn = sqlite3.connect(
+        _uri(path, mode=mode), uri=True, isolation_level=None, check_same_thread=False
+    )
     conn.execute("PRAGMA journal_mode=WAL")
     # FULL: a commit is on disk when it returns, so an acknowledged session survives power loss.
     conn.execute("PRAGMA synchronous=FULL")
     return conn
 
 
-class Store:
-    """Reads and writes one store directory. Use :meth:`create` or :meth:`open`."""
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that writes nothing: ``mode=ro``; where SQLite cannot create the WAL's
+    shared-memory file (read-only storage), ``immutable=1``, which is safe there because nobody
+    can change the file, as long as no write-ahead log is left unmerged."""
+    conn = sqlite3.connect(_uri(path, mode="ro"), uri=True, check_same_thread=False)
+    try:
+        conn.execute("SELECT COUNT(*) FROM sqlite_schema").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        conn.close()
+    wal = path.with_name(path.name + "-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        raise StoreError(
+            f"{path}: cannot be read here: its write-ahead log {wal.name} was not merged (a "
+            "writer was interrupted) and the storage is read-only; open the store once where "
+            "it can be written"
+        )
+    return sqlite3.connect(_uri(path, mode="ro", immutable="1"), uri=True, check_same_thread=False)
 
-    def __init__(self, path: Path, conn: sqlite3.Connection, manifest: dict[str, Any]) -> None:
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise StoreError(f"{path}: not an icl_cl store (no {MANIFEST})")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise StoreCorruptError(f"{manifest_path}: unreadable manifest: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise StoreCorruptError(f"{manifest_path}: unreadable manifest: not a JSON object")
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise StoreError(
+            f"{path}: store format {manifest.get('format')!r} version "
+            f"{manifest.get('format_version')!r} written by {manifest.get('created_by')!r}; "
+            f"this icl_cl reads {FORMAT!r} version {FORMAT_VERSION} only"
+        )
+    dim = manifest.get("dim")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+        raise StoreCorruptError(f"{manifest_path}: dim must be a positive integer, got {dim!r}")
+    return manifest
+
+
+def _damaged(path: Path, exc: sqlite3.DatabaseError) -> StoreError:
+    """The error for a database SQLite cannot read."""
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+        return StoreError(f"{path}: {exc}")
+    return StoreCorruptError(f"{path}: damaged: {exc}")
+
+
+class Store:
+    """Reads and writes one store directory. Use :meth:`create` or :meth:`open`.
+
+    Attributes:
+        read_only: Opened without the right (or the wish) to write; writes are refused.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        conn: sqlite3.Connection,
+        manifest: dict[str, Any],
+        *,
+        read_only: bool = False,
+    ) -> None:
         self.path = path
         self._conn = conn
         self.manifest = manifest
         self.dim = int(manifest["dim"])
+        self.read_only = read_only
         self._images: dict[str, Image] = {}
+        self._idempotency: tuple[str, str] | None = None  # see idempotency_key
+        self._lock_depth = 0
+        # The last session and row count of the statistics last loaded (or committed) here.
+        self._loaded: tuple[int, int] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -131,8 +223,11 @@ class Store:
         path = Path(path)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise StoreError(f"{path}: exists and is not an empty directory or a store")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.creating-", dir=path.parent))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.creating-", dir=path.parent))
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot create a store here: {exc.strerror}") from exc
         try:
             manifest = {
                 "format": FORMAT,
@@ -141,7 +236,9 @@ class Store:
                 "embedder": embedder,
                 "dim": dim,
             }
-            conn = _connect(tmp / DATABASE)
+            conn = _connect(tmp / DATABASE, mode="rwc")
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
             conn.executescript(_SCHEMA)
             with _transaction(conn):
                 conn.executemany(
@@ -152,6 +249,8 @@ class Store:
                         ("multi_label", "null"),
                     ],
                 )
+                seal(conn, "meta", ["format_version", "config", "multi_label"])
+                seal_schema(conn)
             conn.close()
             (tmp / VECTORS).touch()
             write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
@@ -163,42 +262,83 @@ class Store:
         return cls.open(path)
 
     @classmethod
-    def open(cls, path: str | Path) -> Store:
-        """Open an existing store; refuses stores of another format version."""
+    def open(cls, path: str | Path, *, read_only: bool | None = None, check: bool = True) -> Store:
+        """Open an existing store; refuses stores of another format version. Creates no file.
+
+        Args:
+            path: The store directory.
+            read_only: Open without writing (``None``: when the directory or the database
+                cannot be written).
+            check: Check the dimension and the last session's block of vectors against its
+                checksum (:func:`icl_cl.memory.verify.verify_store` checks everything).
+
+        Raises:
+            StoreError: Not a store, or another format version.
+            StoreCorruptError: A file is missing, or disagrees with the others or its checksum.
+        """
         path = Path(path)
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise StoreError(f"{path}: not an icl_cl store (no {MANIFEST})")
+        manifest = _read_manifest(path)
+        for name in (DATABASE, VECTORS):
+            if not (path / name).is_file():
+                raise StoreCorruptError(f"{path / name}: missing (the store is damaged)")
+        if read_only is None:
+            read_only = not all(os.access(p, os.W_OK) for p in (path, path / DATABASE))
         try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"{manifest_path}: unreadable manifest: {exc}") from exc
-        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-            raise StoreError(
-                f"{path}: store format {manifest.get('format')!r} version "
-                f"{manifest.get('format_version')!r} written by {manifest.get('created_by')!r}; "
-                f"this icl_cl reads {FORMAT!r} version {FORMAT_VERSION} only"
-            )
-        conn = _connect(path / DATABASE)
-        return cls(path, conn, manifest)
+            conn = _connect_read_only(path / DATABASE) if read_only else _connect(path / DATABASE)
+        except sqlite3.DatabaseError as exc:
+            raise _damaged(path / DATABASE, exc) from exc
+        store = cls(path, conn, manifest, read_only=read_only)
+        try:
+            if check:
+                store.check_quick()
+        except sqlite3.DatabaseError as exc:
+            store.close()
+            raise _damaged(path / DATABASE, exc) from exc
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def check_quick(self) -> None:
+        """What opening checks (see :func:`_check_quick`)."""
+        _check_quick(self._conn, self.path, self.dim)
 
     def close(self) -> None:
         self._conn.close()
 
+    def require_writable(self) -> None:
+        """Refuse (:class:`StoreError`) when the store was opened read-only."""
+        if self.read_only:
+            raise StoreError(f"{self.path}: the store is open read-only; nothing can be written")
+
     @contextlib.contextmanager
-    def writer_lock(self) -> Iterator[None]:
-        """Exclusive lock for the duration of one session; a second writer fails at once."""
-        with open(self.path / LOCK, "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as exc:
-                raise StoreError(
-                    f"{self.path}: another process is learning into this store"
-                ) from exc
+    def writer_lock(self, timeout: float = 0.0) -> Iterator[None]:
+        """Exclusive lock for the duration of one session (re-entrant within this store).
+
+        Args:
+            timeout: Seconds to wait for another writer to finish; 0 fails at once.
+
+        Raises:
+            StoreBusyError: Another process still holds the lock after ``timeout``.
+        """
+        self.require_writable()
+        held = contextlib.nullcontext() if self._lock_depth else _exclusive(self.path, timeout)
+        with held:
+            self._lock_depth += 1
             try:
                 yield
             finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                self._lock_depth -= 1
+
+    def changed_since_load(self) -> bool:
+        """Whether another process committed a session since the statistics were loaded here."""
+        return self._loaded is not None and self._loaded != self._position()
+
+    def _position(self) -> tuple[int, int]:
+        row = self._conn.execute(
+            "SELECT COALESCE(MAX(session), 0), (SELECT COUNT(*) FROM examples) FROM sessions"
+        ).fetchone()
+        return int(row[0]), int(row[1])
 
     # ---- reading ---------------------------------------------------------------------------
 
@@ -210,7 +350,17 @@ class Store:
         return int(self._conn.execute("SELECT COUNT(*) FROM examples").fetchone()[0])
 
     def load_statistics(self) -> tuple[RunningStatistics, list[Label], np.ndarray]:
-        """Statistics, labels (column order) and label-text vectors ``(n_labels, dim)``."""
+        """Statistics, labels (column order) and label-text vectors ``(n_labels, dim)``, read in
+        one snapshot (a concurrent commit is seen entirely or not at all)."""
+        self._conn.execute("BEGIN")
+        try:
+            loaded = self._read_statistics()
+            self._loaded = self._position()
+        finally:
+            self._conn.execute("COMMIT")
+        return loaded
+
+    def _read_statistics(self) -> tuple[RunningStatistics, list[Label], np.ndarray]:
         stats = RunningStatistics(self.dim)
         labels: list[Label] = []
         vectors: list[np.ndarray] = []
@@ -218,26 +368,36 @@ class Store:
             "SELECT label, name, description, grp, count, total, vector FROM labels ORDER BY col"
         )
         for label, name, description, group, count, total, vector in rows:
+            if len(total) != 8 * self.dim or len(vector) != 4 * self.dim:
+                raise StoreCorruptError(
+                    f"{self.path / DATABASE}: label {label!r} has statistics of another "
+                    f"dimension than the manifest's {self.dim} (store damaged)"
+                )
             stats.add_label(label, count, np.frombuffer(total, dtype=np.float64))
             labels.append(Label(label, name=name, description=description, group=group))
             vectors.append(np.frombuffer(vector, dtype=np.float32))
+        shapes = {"gram": stats.gram.shape, "weighted_gram": stats.weighted_gram.shape}
         for key, value in self._conn.execute("SELECT key, value FROM statistics"):
-            if key == "gram":
-                stats.gram = np.frombuffer(value, np.float64).reshape(stats.gram.shape).copy()
-            elif key == "weighted_gram":
-                shape = stats.weighted_gram.shape
-                stats.weighted_gram = np.frombuffer(value, np.float64).reshape(shape).copy()
+            if key not in shapes:
+                continue
+            if len(value) != 8 * shapes[key][0] * shapes[key][1]:
+                raise StoreCorruptError(
+                    f"{self.path / DATABASE}: statistics {key!r} do not have the manifest's "
+                    f"dimension {self.dim} (store damaged)"
+                )
+            setattr(stats, key, np.frombuffer(value, np.float64).reshape(shapes[key]).copy())
         stats.n_examples = self.n_examples()
         matrix = np.vstack(vectors) if vectors else np.zeros((0, self.dim), np.float32)
         return stats, labels, matrix
 
     def load_vectors(self) -> np.ndarray:
-        """Vectors of all committed examples, in row order; ignores rows of an unfinished session."""
-        n = self.n_examples()
+        """Vectors of the committed examples in row order: as many as the statistics last loaded
+        count (all committed ones if none were); ignores rows of an unfinished session."""
+        n = self._loaded[1] if self._loaded is not None else self.n_examples()
         file = self.path / VECTORS
         available = file.stat().st_size // (4 * self.dim)
         if available < n:
-            raise StoreError(
+            raise StoreCorruptError(
                 f"{file}: holds {available} vectors but {n} examples were committed (file damaged)"
             )
         return np.fromfile(file, dtype=np.float32, count=n * self.dim).reshape(n, self.dim)
@@ -266,8 +426,7 @@ class Store:
         return [v for (v,) in self._conn.execute(f"SELECT {column} FROM examples ORDER BY row")]
 
     def _has_images(self) -> bool:
-        columns = self._conn.execute("PRAGMA table_info(examples)").fetchall()
-        return any(c[1] == "image" for c in columns)
+        return _has_images(self._conn)
 
     def _image(self, key: str | None) -> Image | None:
         if key is None:
@@ -318,19 +477,23 @@ class Store:
     # ---- writing ---------------------------------------------------------------------------
 
     def save_fitted(self, key: str, value: dict[str, Any], n_examples: int) -> None:
+        self.require_writable()
         with _transaction(self._conn):
             self._conn.execute(
                 "INSERT OR REPLACE INTO fitted(key, value, n_examples) VALUES (?, ?, ?)",
                 (key, json.dumps(value, sort_keys=True), n_examples),
             )
+            seal(self._conn, "fitted", [key])
 
     def save_summaries(self, summaries: dict[str, str], model: str) -> None:
+        self.require_writable()
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         with _transaction(self._conn):
             self._conn.executemany(
                 "INSERT OR REPLACE INTO summaries(label, summary, model, created_at) VALUES (?, ?, ?, ?)",
                 [(label, text, model, now) for label, text in summaries.items()],
             )
+            seal(self._conn, "summaries", list(summaries))
 
     def commit_session(
         self,
@@ -346,98 +509,221 @@ class Store:
     ) -> int:
         """Persist one session atomically and return its number.
 
-        ``stats`` is the state *before* the delta; the new totals are written for touched labels
-        only, so the cost of a session does not grow with the number of labels already known.
+        ``stats`` is the state *before* the delta, and must be the store's state as it is (a
+        session committed meanwhile by another process is refused). The new totals are written
+        for touched labels only, so the cost of a session does not grow with the number of
+        labels already known. The session's vectors, rows and statistics are sealed with their
+        checksums in the same transaction, and inside :meth:`idempotency_key` the key too.
         """
-        n_before = self.n_examples()
-        self._append_vectors(n_before, vectors)
-        session = int(
-            self._conn.execute("SELECT COALESCE(MAX(session), 0) + 1 FROM sessions").fetchone()[0]
-        )
-        n_old_labels = len(stats.labels)
-        with _transaction(self._conn):
-            self._conn.executemany(
-                "INSERT INTO labels(col, label, name, description, grp, session, count, total, vector)"
-                " VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
-                [
+        self.require_writable()
+        check_vectors(vectors, [ex.id for ex in examples])
+        check_vectors(new_label_vectors, [lab.label for lab in new_labels])
+        with self.writer_lock():
+            if self.changed_since_load():
+                raise StoreError(
+                    f"{self.path}: another process learned a session since this store was "
+                    "loaded; reopen it and learn again"
+                )
+            last_session, n_before = self._position()
+            session = last_session + 1
+            digest = _append_vectors(self.path, self.dim, n_before, vectors)
+            with _transaction(self._conn):
+                cols = _write_labels(
+                    self._conn, self.dim, session, new_labels, new_label_vectors, delta, stats
+                )
+                _write_examples(self._conn, session, examples, n_before)
+                _write_statistics(self._conn, stats, delta, multi_label)
+                self._conn.execute(
+                    "INSERT INTO sessions(session, created_at, n_examples, new_labels, seconds)"
+                    " VALUES (?, ?, ?, ?, ?)",
                     (
-                        n_old_labels + i,
-                        lab.label,
-                        lab.name,
-                        lab.description,
-                        lab.group,
                         session,
-                        np.zeros(self.dim).tobytes(),
-                        new_label_vectors[i].astype(np.float32).tobytes(),
-                    )
-                    for i, lab in enumerate(new_labels)
-                ],
-            )
-            updates = []
-            for col, count, total in zip(delta.cols, delta.counts, delta.sums, strict=True):
-                if col < n_old_labels:
-                    count = count + stats.counts[col]
-                    total = total + stats.sums[col]
-                updates.append((int(count), np.asarray(total, np.float64).tobytes(), int(col)))
-            self._conn.executemany("UPDATE labels SET count = ?, total = ? WHERE col = ?", updates)
-            self._conn.executemany(
-                "INSERT INTO examples(row, id, text, labels, session) VALUES (?, ?, ?, ?, ?)",
-                [
-                    (n_before + i, ex.id, ex.text, json.dumps(list(ex.labels)), session)
-                    for i, ex in enumerate(examples)
-                ],
-            )
-            self._insert_images(examples, n_before)
-            self._conn.executemany(
-                "INSERT OR REPLACE INTO statistics(key, value) VALUES (?, ?)",
-                [
-                    ("gram", (stats.gram + delta.gram).tobytes()),
-                    ("weighted_gram", (stats.weighted_gram + delta.weighted_gram).tobytes()),
-                ],
-            )
-            self._conn.execute(
-                "UPDATE meta SET value = ? WHERE key = 'multi_label'", (json.dumps(multi_label),)
-            )
-            self._conn.execute(
-                "INSERT INTO sessions(session, created_at, n_examples, new_labels, seconds)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (
-                    session,
-                    time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    len(examples),
-                    json.dumps([lab.label for lab in new_labels]),
-                    seconds,
-                ),
-            )
+                        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        len(examples),
+                        json.dumps([lab.label for lab in new_labels]),
+                        seconds,
+                    ),
+                )
+                self._conn.execute(
+                    "INSERT INTO blocks(session, first_row, n_rows, sha256) VALUES (?, ?, ?, ?)",
+                    (session, n_before, len(examples), digest),
+                )
+                seal(self._conn, "labels", cols)
+                seal(self._conn, "sessions", [session])
+                seal(self._conn, "blocks", [session])
+                if self._idempotency is not None:
+                    write_idempotency(self._conn, *self._idempotency, session)
+            self._loaded = (session, n_before + len(examples))
         return session
 
-    def _insert_images(self, examples: Sequence[Example], n_before: int) -> None:
-        """Store the images of ``examples`` (rows from ``n_before``); inside the session's
-        transaction, so the images and their rows commit together."""
-        with_images = [(n_before + i, ex.image) for i, ex in enumerate(examples) if ex.image]
-        if not with_images:
-            return
-        if not self._has_images():
-            # Transactional DDL: rolled back with the session if anything fails.
-            self._conn.execute(_IMAGE_SCHEMA)
-            self._conn.execute("ALTER TABLE examples ADD COLUMN image TEXT")
-        self._conn.executemany(
-            "INSERT OR IGNORE INTO images(key, data, source) VALUES (?, ?, ?)",
-            [(img.key, img.data, img.source) for _, img in with_images],
-        )
-        self._conn.executemany(
-            "UPDATE examples SET image = ? WHERE row = ?",
-            [(img.key, row) for row, img in with_images],
-        )
+    @contextlib.contextmanager
+    def idempotency_key(self, key: str, digest: str) -> Iterator[None]:
+        """Store idempotency ``key`` and its request's ``digest`` with the session committed in
+        this block, in its transaction: the key is stored if and only if its session is."""
+        self._idempotency = (key, digest)
+        try:
+            yield
+        finally:
+            self._idempotency = None
 
-    def _append_vectors(self, n_committed: int, vectors: np.ndarray) -> None:
-        """Append after the last committed row (dropping leftovers of a crashed session), fsync."""
-        with open(self.path / VECTORS, "r+b") as f:
-            f.truncate(n_committed * 4 * self.dim)
-            f.seek(n_committed * 4 * self.dim)
-            f.write(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
+    def idempotent_session(self, key: str) -> tuple[str, SessionRecord] | None:
+        """The digest of the request stored under idempotency ``key`` and the session it made."""
+        found = stored_session(self._conn, key)
+        if found is None:
+            return None
+        return found[0], next(s for s in self.sessions() if s.session == found[1])
+
+
+def _check_quick(conn: sqlite3.Connection, path: Path, dim: int) -> None:
+    """What opening checks: the database answers, the manifest's dimension is the one the
+    stored statistics have, and the last session's vectors match their checksum."""
+    conn.execute("SELECT COUNT(*) FROM meta").fetchone()
+    lengths = conn.execute("SELECT length(total), length(vector) FROM labels LIMIT 1").fetchone()
+    if lengths is not None and tuple(lengths) != (8 * dim, 4 * dim):
+        raise StoreCorruptError(
+            f"{path / MANIFEST}: says dim {dim}, but the stored label statistics "
+            f"have {lengths[0] // 8} dimensions (manifest or database damaged)"
+        )
+    last = conn.execute(
+        "SELECT session, first_row, n_rows, sha256 FROM blocks WHERE n_rows > 0 "
+        "ORDER BY session DESC LIMIT 1"
+    ).fetchone()
+    if last is not None:
+        problem = check_block(path / VECTORS, dim, *last)
+        if problem:
+            raise StoreCorruptError(f"{problem}; icl-cl verify --store {path} checks all")
+
+
+def _append_vectors(path: Path, dim: int, n_committed: int, vectors: np.ndarray) -> str:
+    """Append after the last committed row (dropping leftovers of a crashed session), fsync;
+    returns the block's checksum."""
+    data = np.ascontiguousarray(vectors, dtype=np.float32).tobytes()
+    with open(path / VECTORS, "r+b") as f:
+        f.truncate(n_committed * 4 * dim)
+        f.seek(n_committed * 4 * dim)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return block_digest(data)
+
+
+def _write_labels(
+    conn: sqlite3.Connection,
+    dim: int,
+    session: int,
+    new_labels: Sequence[Label],
+    new_label_vectors: np.ndarray,
+    delta: StatisticsDelta,
+    stats: RunningStatistics,
+) -> list[int]:
+    """Insert the new labels and update the touched ones' totals; returns every column
+    written."""
+    n_old_labels = len(stats.labels)
+    conn.executemany(
+        "INSERT INTO labels(col, label, name, description, grp, session, count, total, vector)"
+        " VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
+        [
+            (
+                n_old_labels + i,
+                lab.label,
+                lab.name,
+                lab.description,
+                lab.group,
+                session,
+                np.zeros(dim).tobytes(),
+                new_label_vectors[i].astype(np.float32).tobytes(),
+            )
+            for i, lab in enumerate(new_labels)
+        ],
+    )
+    updates = []
+    for col, count, total in zip(delta.cols, delta.counts, delta.sums, strict=True):
+        if col < n_old_labels:
+            count = count + stats.counts[col]
+            total = total + stats.sums[col]
+        updates.append((int(count), np.asarray(total, np.float64).tobytes(), int(col)))
+    conn.executemany("UPDATE labels SET count = ?, total = ? WHERE col = ?", updates)
+    return sorted({n_old_labels + i for i in range(len(new_labels))} | {u[2] for u in updates})
+
+
+def _write_examples(
+    conn: sqlite3.Connection, session: int, examples: Sequence[Example], n_before: int
+) -> None:
+    conn.executemany(
+        "INSERT INTO examples(row, id, text, labels, session) VALUES (?, ?, ?, ?, ?)",
+        [
+            (n_before + i, ex.id, ex.text, json.dumps(list(ex.labels)), session)
+            for i, ex in enumerate(examples)
+        ],
+    )
+    _insert_images(conn, examples, n_before)
+    seal(conn, "examples", [session])
+
+
+def _write_statistics(
+    conn: sqlite3.Connection,
+    stats: RunningStatistics,
+    delta: StatisticsDelta,
+    multi_label: bool | None,
+) -> None:
+    conn.executemany(
+        "INSERT OR REPLACE INTO statistics(key, value) VALUES (?, ?)",
+        [
+            ("gram", (stats.gram + delta.gram).tobytes()),
+            ("weighted_gram", (stats.weighted_gram + delta.weighted_gram).tobytes()),
+        ],
+    )
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'multi_label'", (json.dumps(multi_label),))
+    seal(conn, "statistics", ["gram", "weighted_gram"])
+    seal(conn, "meta", ["multi_label"])
+
+
+def _insert_images(conn: sqlite3.Connection, examples: Sequence[Example], n_before: int) -> None:
+    """Store the images of ``examples`` (rows from ``n_before``); inside the session's
+    transaction, so the images and their rows commit together."""
+    with_images = [(n_before + i, ex.image) for i, ex in enumerate(examples) if ex.image]
+    if not with_images:
+        return
+    if not _has_images(conn):
+        # Transactional DDL: rolled back with the session if anything fails.
+        conn.execute(_IMAGE_SCHEMA)
+        conn.execute("ALTER TABLE examples ADD COLUMN image TEXT")
+        seal_schema(conn)
+    conn.executemany(
+        "INSERT OR IGNORE INTO images(key, data, source) VALUES (?, ?, ?)",
+        [(img.key, img.data, img.source) for _, img in with_images],
+    )
+    conn.executemany(
+        "UPDATE examples SET image = ? WHERE row = ?",
+        [(img.key, row) for row, img in with_images],
+    )
+    seal(conn, "images", sorted({img.key for _, img in with_images}))
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, timeout: float) -> Iterator[None]:
+    """The store's writer lock (``flock`` on ``writer.lock``), waiting up to ``timeout`` s."""
+    with open(path / LOCK, "a+") as handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError as exc:
+                if time.monotonic() >= deadline:
+                    waited = f" (waited {timeout:g} s)" if timeout > 0 else ""
+                    raise StoreBusyError(
+                        f"{path}: another process is learning into this store{waited}"
+                    ) from exc
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _has_images(conn: sqlite3.Connection) -> bool:
+    return any(c[1] == "image" for c in conn.execute("PRAGMA table_info(examples)").fetchall())
 
 
 @contextlib.contextmanager

@@ -1,9 +1,9 @@
-"""Partial statistics of one shard, and their merge into one session's delta.
+"""Partial statistics of one shard, and their merge into one session's delta (map-reduce learn).
 
 The ECL's statistics are sums, so a session split into shards is learned exactly by summing what
 each shard adds. A worker computes its shard's :class:`~icl_cl.memory.statistics.StatisticsDelta`
-against an empty state (so its columns are its own labels, in first-use order); the driver maps
-those columns to the store's and adds the sums.
+against an empty state (so its columns are its own labels, in first-use order); the writer maps
+those columns to the store's and adds the sums, under the writer lock.
 """
 
 from __future__ import annotations

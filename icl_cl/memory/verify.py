@@ -1,0 +1,246 @@
+"""The full check of a store (``icl-cl verify``); it only reads (read-only storage is fine).
+
+Opening a store checks the last session's vectors; this checks everything:
+
+- the database: SQLite's integrity check, and the application id and format in its header;
+- the checksum (seal) of the schema and of every sealed unit of every table: a row, or a
+  session's example rows; a unit without a seal, or a seal without its unit, is a problem too;
+- the vector file: every session's block against its checksum, blocks that follow each other
+  from row 0 and hold each session's examples, and a file as long as the committed rows;
+- the statistics: counts, sums and Gram matrices recomputed from the stored vectors and labels
+  (the same running sums a learn adds), and every value finite.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from icl_cl.errors import StoreError
+from icl_cl.memory.checksums import SCHEMA_SEAL, SEALED, check_block, schema_digest, unit_digests
+from icl_cl.memory.statistics import RunningStatistics
+from icl_cl.memory.store import APPLICATION_ID, FORMAT_VERSION, VECTORS, Store
+
+# Rows recomputed at a time (bounds the float64 copies the statistics are computed in).
+_CHUNK = 20_000
+# Recomputed sums may differ from the stored running ones by float rounding only.
+_TOLERANCE = 1e-7
+# Problems listed per check before the rest are counted.
+_SHOWN = 10
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify_store`` found.
+
+    Attributes:
+        path: The store.
+        sessions: Sessions in the store.
+        examples: Committed examples.
+        vectors_checked: Vectors whose block checksum was checked.
+        problems: Everything found wrong, each naming the file and the part; empty when all is
+            well.
+        notes: Findings that are not damage (rows of an unfinished session, to be truncated).
+        seconds: Time per check, and ``total``.
+    """
+
+    path: str
+    sessions: int = 0
+    examples: int = 0
+    vectors_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "store": self.path,
+            "ok": self.ok,
+            "sessions": self.sessions,
+            "examples": self.examples,
+            "vectors_checked": self.vectors_checked,
+            "problems": self.problems,
+            "notes": self.notes,
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+        }
+
+
+def verify_store(path: str | Path) -> VerifyReport:
+    """Check every part of the store at ``path`` (see the module); never writes.
+
+    Raises:
+        StoreError: ``path`` is not a store of this format (damage is reported, not raised).
+    """
+    start = time.perf_counter()
+    report = VerifyReport(str(path))
+    try:
+        store = Store.open(path, check=False)
+    except StoreError as exc:
+        if type(exc) is StoreError:  # not a store, or another version: nothing to check
+            raise
+        report.problems.append(str(exc))
+        return report
+    try:
+        for name, check in (
+            ("database", _check_database),
+            ("seals", _check_seals),
+            ("blocks", _check_blocks),
+            ("statistics", _check_statistics),
+        ):
+            begun = time.perf_counter()
+            try:
+                check(store, report)
+            except (sqlite3.DatabaseError, StoreError, ValueError) as exc:
+                report.problems.append(f"{store.path}: {name} could not be read: {exc}")
+            report.seconds[name] = time.perf_counter() - begun
+    finally:
+        store.close()
+    report.seconds["total"] = time.perf_counter() - start
+    return report
+
+
+def _add(report: VerifyReport, found: list[str], what: str) -> None:
+    """Add ``found`` problems, the first few in full and the rest as a count."""
+    report.problems.extend(found[:_SHOWN])
+    if len(found) > _SHOWN:
+        report.problems.append(f"... and {len(found) - _SHOWN} more {what}")
+
+
+def _conn(store: Store) -> sqlite3.Connection:
+    return store._conn  # the store's own read-only connection
+
+
+def _check_database(store: Store, report: VerifyReport) -> None:
+    conn = _conn(store)
+    found = [r[0] for r in conn.execute("PRAGMA integrity_check") if r[0] != "ok"]
+    _add(report, [f"{store.path / 'store.sqlite'}: {m}" for m in found], "integrity messages")
+    for pragma, expected in (("application_id", APPLICATION_ID), ("user_version", FORMAT_VERSION)):
+        value = conn.execute(f"PRAGMA {pragma}").fetchone()[0]
+        if value != expected:
+            report.problems.append(
+                f"{store.path / 'store.sqlite'}: header {pragma} is {value}, not {expected}"
+            )
+
+
+def _check_seals(store: Store, report: VerifyReport) -> None:
+    conn = _conn(store)
+    database = store.path / "store.sqlite"
+    seals: dict[str, dict[str, str]] = {}
+    for table, unit, digest in conn.execute("SELECT tbl, unit, sha256 FROM seals"):
+        seals.setdefault(table, {})[unit] = digest
+    if seals.pop(SCHEMA_SEAL[0], {}).get(SCHEMA_SEAL[1]) != schema_digest(conn):
+        report.problems.append(f"{database}: the schema does not match its checksum")
+    tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_schema")}
+    found: list[str] = []
+    for table in [t for t in seals if t not in SEALED]:
+        found.append(f"{database}: checksums of an unknown table {table!r}")
+    for table in SEALED:
+        actual = unit_digests(conn, table) if table in tables else {}
+        sealed = seals.get(table, {})
+        for unit in sorted(actual.keys() | sealed.keys()):
+            if unit not in sealed:
+                found.append(f"{database}: {table} {SEALED[table]} {unit} has no checksum")
+            elif unit not in actual:
+                found.append(f"{database}: {table} {SEALED[table]} {unit} is missing")
+            elif actual[unit] != sealed[unit]:
+                found.append(
+                    f"{database}: {table} {SEALED[table]} {unit} does not match its checksum"
+                )
+    _add(report, found, "units that do not match their checksums")
+
+
+def _check_blocks(store: Store, report: VerifyReport) -> None:
+    conn = _conn(store)
+    file = store.path / VECTORS
+    blocks = conn.execute(
+        "SELECT session, first_row, n_rows, sha256 FROM blocks ORDER BY session"
+    ).fetchall()
+    sessions = dict(conn.execute("SELECT session, n_examples FROM sessions"))
+    by_session = {
+        s: (lo, hi, n)
+        for s, lo, hi, n in conn.execute(
+            "SELECT session, MIN(row), MAX(row), COUNT(*) FROM examples GROUP BY session"
+        )
+    }
+    report.sessions, report.examples = len(sessions), store.n_examples()
+    found: list[str] = []
+    if {b[0] for b in blocks} != set(sessions):
+        found.append(f"{file}: the blocks of vectors do not list exactly the stored sessions")
+    next_row = 0
+    for session, first_row, n_rows, digest in blocks:
+        rows = by_session.get(session, (first_row, first_row + n_rows - 1, 0))
+        if first_row != next_row or n_rows != sessions.get(session) or rows[2] != n_rows:
+            found.append(
+                f"{file}: session {session}'s block (rows {first_row}+{n_rows}) does not follow "
+                f"the previous one or disagrees with the session's {sessions.get(session)} "
+                f"examples ({rows[2]} stored)"
+            )
+        elif n_rows and (rows[0], rows[1]) != (first_row, first_row + n_rows - 1):
+            found.append(f"{file}: session {session}'s example rows are not its block's rows")
+        problem = (
+            check_block(file, store.dim, session, first_row, n_rows, digest) if n_rows else None
+        )
+        if problem:
+            found.append(problem)
+        report.vectors_checked += n_rows
+        next_row = first_row + n_rows
+    size, expected = file.stat().st_size, report.examples * 4 * store.dim
+    if size < expected:
+        found.append(f"{file}: {size} bytes, but the committed vectors need {expected}")
+    elif size > expected:
+        report.notes.append(
+            f"{file}: {size - expected} bytes after the committed vectors (an unfinished "
+            "session's, ignored; the next learn truncates them)"
+        )
+    _add(report, found, "blocks with problems")
+
+
+def _check_statistics(store: Store, report: VerifyReport) -> None:
+    stats, _labels, label_vectors = store.load_statistics()
+    vectors = store.load_vectors()
+    row_labels = store.row_labels()[: len(vectors)]
+    found: list[str] = []
+    bad_rows = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    if len(bad_rows):
+        found.append(f"{store.path / VECTORS}: rows {bad_rows[:5].tolist()} are not finite")
+    if not np.isfinite(label_vectors).all():
+        found.append(f"{store.path / 'store.sqlite'}: label vectors with NaN or infinite values")
+    unknown = sorted({lab for labs in row_labels for lab in labs} - set(stats.labels))
+    if unknown:
+        found.append(f"{store.path / 'store.sqlite'}: examples carry unknown labels {unknown[:5]}")
+    if found:
+        _add(report, found, "statistics problems")
+        return
+    again = RunningStatistics(store.dim)
+    for lo in range(0, len(vectors), _CHUNK):
+        again.apply(again.delta(vectors[lo : lo + _CHUNK], row_labels[lo : lo + _CHUNK]))
+    cols = [stats.col[lab] for lab in again.labels]
+    checks: list[tuple[str, Callable[[], bool]]] = [
+        ("counts", lambda: np.array_equal(stats.counts[cols], again.counts)),
+        ("sums", lambda: _close(stats.sums[cols], again.sums)),
+        ("gram", lambda: _close(stats.gram, again.gram)),
+        ("weighted_gram", lambda: _close(stats.weighted_gram, again.weighted_gram)),
+    ]
+    idle = [lab for lab in stats.labels if lab not in again.col]
+    if any(stats.counts[stats.col[lab]] or stats.sums[stats.col[lab]].any() for lab in idle):
+        found.append("labels without stored examples have counts or sums")
+    found += [
+        f"stored {name} differ from those of the stored vectors" for name, ok in checks if not ok()
+    ]
+    _add(report, [f"{store.path / 'store.sqlite'}: {m}" for m in found], "statistics problems")
+
+
+def _close(stored: np.ndarray, recomputed: np.ndarray) -> bool:
+    return stored.shape == recomputed.shape and bool(
+        np.allclose(stored, recomputed, rtol=_TOLERANCE, atol=_TOLERANCE)
+    )

@@ -1,0 +1,312 @@
+"""The FastAPI application of ``icl-cl serve``: routes, error answers and middleware."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from icl_cl._version import __version__
+from icl_cl.backends.base import LLMBackend
+from icl_cl.config import ClassifierConfig, DecisionConfig
+from icl_cl.errors import DataError, IclClError, StoreError
+from icl_cl.images import Image, load_image
+from icl_cl.inputs.checks import check_text
+from icl_cl.service.auth import BearerAuth, KeySet
+from icl_cl.service.batcher import BusyError, Job, MicroBatcher
+from icl_cl.service.limits import BodyLimit
+from icl_cl.service.metrics import RequestMetrics, ServiceMetrics
+from icl_cl.service.models import (
+    Health,
+    InfoResponse,
+    LabelsResponse,
+    LearnRequest,
+    LearnResponse,
+    PredictRequest,
+    PredictResponse,
+    Problem,
+    Readiness,
+    validation_problem,
+)
+from icl_cl.service.predictor import Answer, PredictOptions, Predictor
+from icl_cl.service.rows import prediction_row
+from icl_cl.service.serving import EmptyStoreError, IdempotencyConflictError, Serving
+from icl_cl.service.settings import ServiceSettings
+from icl_cl.types import Example, Label
+
+T = TypeVar("T")
+
+SESSION_HEADER = "ICL-CL-Session"
+"""Response header of a predict: the session of the state its predictions were made from."""
+
+_COMMON = {
+    401: {"model": Problem, "description": "missing or unknown API key"},
+    403: {"model": Problem, "description": "the API key's scope does not allow this"},
+    503: {"model": Problem, "description": "the request timed out"},
+}
+_POST = {
+    **_COMMON,
+    413: {"model": Problem, "description": "request body over max_body_bytes"},
+    429: {"model": Problem, "description": "too much work waiting: retry after Retry-After"},
+}
+
+
+def create_app(
+    store: str | Path,
+    config: ClassifierConfig | None = None,
+    *,
+    settings: ServiceSettings | None = None,
+    keys: KeySet | None = None,
+    embedder: Any = None,
+    backend: LLMBackend | None = None,
+) -> FastAPI:
+    """The service over ``store`` (created empty if missing), opened when the app starts.
+
+    Args:
+        store: The store directory.
+        config: A new store's config, or query-time settings for an existing one.
+        settings: Limits, micro-batching and timeouts.
+        keys: API keys; ``None`` serves without authentication.
+        embedder: An embedder to use instead of loading the configured one.
+        backend: An LLM backend to use instead of building the configured one.
+    """
+    settings = settings or ServiceSettings()
+    metrics = ServiceMetrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        serving = Serving(store, config, settings, metrics, embedder=embedder, backend=backend)
+        batcher = MicroBatcher(
+            Predictor(serving, metrics).run,
+            wait_s=settings.batch_wait_ms / 1000,
+            max_items=settings.max_batch_items,
+            max_queue_items=settings.max_queue_items,
+            on_queue=metrics.queue_items.set,
+        )
+        app.state.serving, app.state.batcher = serving, batcher
+        try:
+            yield
+        finally:  # uvicorn has drained the requests in flight; finish the queues, then close
+            await asyncio.to_thread(batcher.close)
+            await asyncio.to_thread(serving.close)
+
+    app = FastAPI(
+        title="icl_cl",
+        version=__version__,
+        description="In-context continual classification: learn sessions while serving predictions.",
+        lifespan=lifespan,
+    )
+    app.state.settings, app.state.metrics = settings, metrics
+    _error_answers(app)
+    # Documents the bearer scheme in the OpenAPI schema; BearerAuth enforces it on every path.
+    secured = [Depends(HTTPBearer(auto_error=False))] if keys is not None else []
+    _predict_route(app, secured)
+    _learn_route(app, secured)
+    _read_routes(app, secured)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    if keys is not None:
+        app.add_middleware(BearerAuth, keys=keys)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: counts 401s and 413s too
+    return app
+
+
+async def _within(app: FastAPI, work: asyncio.Future[T]) -> T:
+    """``work``'s result, or ``TimeoutError`` after the request timeout."""
+    return await asyncio.wait_for(work, app.state.settings.request_timeout_s)
+
+
+async def _in_thread(app: FastAPI, fn: Callable[[], T]) -> T:
+    return await _within(app, asyncio.ensure_future(asyncio.to_thread(fn)))
+
+
+def _predict_route(app: FastAPI, secured: list[Any]) -> None:
+    @app.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        response_model_exclude_none=True,
+        dependencies=secured,
+        responses={**_POST, 409: {"model": Problem, "description": "nothing learned yet"}},
+        summary="Predict labels for texts (or images)",
+    )
+    async def predict(body: PredictRequest, response: Response) -> dict[str, Any]:
+        settings: ServiceSettings = app.state.settings
+        serving: Serving = app.state.serving
+        if len(body.inputs) > settings.max_items:
+            limit = f"{len(body.inputs)} inputs; the limit is {settings.max_items} (max_items)"
+            return _unprocessable(["body", "inputs"], limit)
+        if (body.k or settings.default_k) > settings.max_k:
+            return _unprocessable(
+                ["body", "k"], f"k is {body.k}; the limit is {settings.max_k} (max_k)"
+            )
+        items = _checked_inputs(body, serving.current.clf.config.max_text_chars)
+        job = Job(items, _options(body, serving))
+        answer: Answer = await _within(app, asyncio.wrap_future(app.state.batcher.submit(job)))
+        response.headers[SESSION_HEADER] = str(answer.session)
+        abstain = body.abstain_below is not None
+        rows = [
+            prediction_row(item.id, pred, abstain=abstain)
+            for item, pred in zip(body.inputs, answer.predictions, strict=True)
+        ]
+        return {"predictions": rows}
+
+
+def _checked_inputs(body: PredictRequest, max_chars: int) -> list[str | Image]:
+    """Each input checked (ids unique, texts within max_text_chars, images decoded)."""
+    seen: set[str] = set()
+    items: list[str | Image] = []
+    for i, item in enumerate(body.inputs):
+        if item.id in seen:
+            raise DataError("duplicate id", item=str(i), field="id")
+        seen.add(item.id)
+        if item.text is not None:
+            items.append(check_text(item.text, max_chars=max_chars, item=str(i)))
+        else:
+            items.append(load_image(item.image, item=str(i)))
+    return items
+
+
+def _options(body: PredictRequest, serving: Serving) -> PredictOptions:
+    decision = None
+    if body.decision is not None or body.threshold is not None:
+        stored = serving.current.clf.config.decision
+        threshold = stored.threshold if body.threshold is None else body.threshold
+        decision = DecisionConfig(rule=body.decision or "threshold", threshold=threshold)
+    return PredictOptions(
+        k=body.k or serving.settings.default_k,
+        scorer=body.scorer,
+        confidence=body.confidence,
+        abstain_below=body.abstain_below,
+        decision=decision,
+        use_llm=serving.uses_llm and not body.no_llm,
+    )
+
+
+def _learn_route(app: FastAPI, secured: list[Any]) -> None:
+    @app.post(
+        "/v1/learn",
+        response_model=LearnResponse,
+        dependencies=secured,
+        responses={
+            **_POST,
+            409: {"model": Problem, "description": "another process writes the store"},
+        },
+        summary="Learn one session of labelled examples (all or nothing)",
+    )
+    async def learn(
+        body: LearnRequest,
+        idempotency_key: str | None = Header(
+            None,
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=200,
+            description="a retried request with the same key returns the first answer",
+        ),
+    ) -> LearnResponse:
+        settings: ServiceSettings = app.state.settings
+        if len(body.examples) > settings.max_items:
+            limit = f"{len(body.examples)} examples; the limit is {settings.max_items} (max_items)"
+            return _unprocessable(["body", "examples"], limit)  # type: ignore[return-value]
+        examples = [Example(ex.id, ex.text, ex.labels) for ex in body.examples]
+        labels = [Label(lab.label, lab.name, lab.description, lab.group) for lab in body.labels]
+        try:
+            future = app.state.serving.learn(examples, labels, idempotency_key)
+            session, n_examples, new_labels = await _within(app, asyncio.wrap_future(future))
+        except DataError as exc:
+            ids = [ex.id for ex in examples]
+            index = ids.index(exc.item) if exc.item in ids else None
+            loc: list[str | int] = ["body", "examples"] + ([] if index is None else [index])
+            return _unprocessable([*loc, exc.field] if exc.field else loc, str(exc))  # type: ignore[return-value]
+        return LearnResponse(session=session, examples=n_examples, new_labels=new_labels)
+
+
+def _read_routes(app: FastAPI, secured: list[Any]) -> None:
+    @app.get("/v1/labels", response_model=LabelsResponse, dependencies=secured, responses=_COMMON)
+    async def labels() -> dict[str, Any]:
+        def table() -> list[dict[str, Any]]:
+            with app.state.serving.reading() as snapshot:
+                return snapshot.clf.labels()
+
+        return {"labels": await _in_thread(app, table)}
+
+    @app.get("/v1/info", response_model=InfoResponse, dependencies=secured, responses=_COMMON)
+    async def info() -> dict[str, Any]:
+        def describe() -> dict[str, Any]:
+            with app.state.serving.reading() as snapshot:
+                return {**snapshot.clf.info(), "serving_session": snapshot.session}
+
+        return await _in_thread(app, describe)
+
+    @app.get("/healthz", response_model=Health, summary="The process is up")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        dependencies=secured,
+        responses={**_COMMON, 503: {"model": Readiness, "description": "not ready, and why"}},
+        summary="The store is open and the heads are fitted",
+    )
+    async def readyz() -> Any:
+        ready, session, reason = await _in_thread(app, app.state.serving.ready)
+        body = {"ready": ready, "serving_session": session, "reason": reason}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get(
+        "/metrics",
+        dependencies=secured,
+        responses={**_COMMON, 200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+        response_class=Response,
+        summary="Prometheus metrics",
+    )
+    async def metrics() -> Response:
+        return Response(app.state.metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _unprocessable(loc: Sequence[str | int], message: str) -> JSONResponse:
+    return JSONResponse(validation_problem(list(loc), message), status_code=422)
+
+
+def _error_answers(app: FastAPI) -> None:
+    """The status code of each error a route lets through."""
+
+    def problem(status: int, retry: bool = False) -> Callable[[Request, Exception], Any]:
+        async def answer(_request: Request, exc: Exception) -> JSONResponse:
+            headers = {"Retry-After": "1"} if retry else None
+            detail = str(exc) or "the request timed out"
+            return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+        return answer
+
+    def invalid(loc: Callable[[Exception], list[str | int]]) -> Callable[[Request, Exception], Any]:
+        async def answer(_request: Request, exc: Exception) -> JSONResponse:
+            return _unprocessable(loc(exc), str(exc))
+
+        return answer
+
+    app.add_exception_handler(DataError, invalid(_input_loc))
+    app.add_exception_handler(
+        IdempotencyConflictError, invalid(lambda _: ["header", "Idempotency-Key"])
+    )
+    app.add_exception_handler(EmptyStoreError, problem(409))
+    app.add_exception_handler(StoreError, problem(409))
+    app.add_exception_handler(BusyError, problem(429, retry=True))
+    app.add_exception_handler(TimeoutError, problem(503, retry=True))
+    app.add_exception_handler(IclClError, invalid(lambda _: ["body"]))
+
+
+def _input_loc(exc: Exception) -> list[str | int]:
+    """Where a predict's :class:`DataError` points: ``body.inputs[i].field`` when it says."""
+    loc: list[str | int] = ["body", "inputs"]
+    item = getattr(exc, "item", None)
+    if item is not None and item.isdigit():
+        loc.append(int(item))
+    field = getattr(exc, "field", None)
+    return [*loc, field] if field else loc

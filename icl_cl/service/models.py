@@ -1,0 +1,154 @@
+"""Request and response bodies of the service: the contract outside clients call."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from icl_cl.config import LabelSetRuleName, ScorerName
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PredictInput(_Body):
+    """One input: a text, or an image as a ``data:`` URL (base64)."""
+
+    id: str = Field(min_length=1, description="echoed in the prediction")
+    text: str | None = Field(None, description="the text to classify")
+    image: str | None = Field(
+        None, pattern=r"^data:", description="an image as a data: URL (base64-encoded)"
+    )
+
+    @model_validator(mode="after")
+    def _text_or_image(self) -> PredictInput:
+        if (self.text is None) == (self.image is None):
+            raise ValueError("give exactly one of text and image")
+        return self
+
+
+class PredictRequest(_Body):
+    """``POST /v1/predict``: inputs and the options of ``icl-cl predict``."""
+
+    inputs: list[PredictInput] = Field(min_length=1, description="at most the service's max_items")
+    k: int | None = Field(None, ge=1, description="candidate labels per input (default 10)")
+    scorer: ScorerName | Literal["auto"] | None = Field(None, description="ECL scorer")
+    confidence: float | None = Field(
+        None, gt=0, lt=1, description="add a conformal label set holding the truth at this rate"
+    )
+    abstain_below: float | None = Field(
+        None, ge=0, le=1, description="abstain when the top probability is below this"
+    )
+    decision: LabelSetRuleName | None = Field(None, description="multi-label set rule")
+    threshold: float | None = Field(
+        None, gt=0, lt=1, description="probability threshold of the threshold rule"
+    )
+    no_llm: bool = Field(False, description="decide with the ECL alone")
+
+    @model_validator(mode="after")
+    def _threshold_with_its_rule(self) -> PredictRequest:
+        if self.threshold is not None and self.decision not in (None, "threshold"):
+            raise ValueError("threshold applies to decision 'threshold' only")
+        return self
+
+
+class LLMCost(BaseModel):
+    """LLM work spent on one prediction, and why the ECL decided alone if it did."""
+
+    calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    fallback: str | None
+
+
+class PredictionRow(BaseModel):
+    """One prediction, exactly as a line of ``icl-cl predict``."""
+
+    id: str
+    labels: list[str]
+    scores: dict[str, float]
+    set: list[str] | None = None
+    abstained: bool | None = None
+    llm: LLMCost | None = None
+
+
+class PredictResponse(BaseModel):
+    predictions: list[PredictionRow]
+
+
+class ExampleIn(_Body):
+    """A labelled example, as a line of ``icl-cl learn --data``."""
+
+    id: str = Field(min_length=1)
+    text: str = Field(min_length=1)
+    labels: list[str] = Field(description="one label (single-label) or several")
+
+
+class LabelIn(_Body):
+    """A label definition, as a line of ``icl-cl learn --labels``."""
+
+    label: str = Field(min_length=1)
+    name: str = ""
+    description: str = ""
+    group: str = ""
+
+
+class LearnRequest(_Body):
+    """``POST /v1/learn``: one session of examples and label definitions (all or nothing)."""
+
+    examples: list[ExampleIn] = Field(default_factory=list)
+    labels: list[LabelIn] = Field(default_factory=list)
+
+
+class LearnResponse(BaseModel):
+    """The session a learn appended (or, for a retried idempotency key, appended first)."""
+
+    session: int
+    examples: int
+    new_labels: int
+
+
+class LabelRow(BaseModel):
+    label: str
+    name: str
+    group: str
+    count: int
+    session: int | None
+
+
+class LabelsResponse(BaseModel):
+    labels: list[LabelRow]
+
+
+class InfoResponse(BaseModel):
+    """The fields of ``icl-cl info``, and the session the predictions are served from."""
+
+    model_config = ConfigDict(extra="allow")
+
+    examples: int
+    labels: int
+    serving_session: int = Field(description="sessions in the state predictions are served from")
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    serving_session: int | None = None
+    reason: str | None = None
+
+
+class Problem(BaseModel):
+    """An error answer."""
+
+    detail: str
+
+
+def validation_problem(loc: list[str | int], message: str) -> dict[str, Any]:
+    """A 422 body in FastAPI's own shape, naming the field at ``loc`` (``["body", "inputs",
+    3, "text"]``, ``["header", "Idempotency-Key"]``)."""
+    return {"detail": [{"loc": loc, "msg": message, "type": "value_error"}]}
