@@ -232,6 +232,6 @@ def test_sigterm_drains_requests_in_flight_and_exits_cleanly(
 def test_serve_refuses_a_public_address_without_keys(tmp_path: Path) -> None:
     port, log = free_port(), tmp_path / "server.log"
     server = start_cli(tmp_path / "store", port, log, "--host", "0.0.0.0")
-    assert server.wait(120) == 2
+    assert server.wait(120) == 3  # a config error
     assert "refusing to serve on 0.0.0.0 without --api-key-file" in log.read_text(encoding="utf-8")
     assert not (tmp_path / "store").exists()

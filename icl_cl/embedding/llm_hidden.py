@@ -268,10 +268,10 @@ class HiddenStateEmbedder:
     def _loaded(self) -> tuple[Any, Any, int]:
         """``(model, tokenizer, layer to pool)``."""
         # The LLM backend's loader: the same weights, dtype and conversion cache as the reader.
-        from icl_cl.backends.transformers import _load
+        from icl_cl.backends.hf_loading import load_model
 
         logger.info("loading %s for its hidden states", self.model)
-        lm, tokenizer, _ = _load(self.model, self._gguf_file, self.dtype, self._device, True)
+        lm, tokenizer, _ = load_model(self.model, self._gguf_file, self.dtype, self._device, True)
         k = _layer_index(self.layer, int(lm.config.num_hidden_layers))
         cut_after(lm, k)
         return lm, tokenizer, -1

@@ -111,12 +111,16 @@ def draw_sample(memory: ExternalContinualLearner, n: int, seed: int) -> Sample:
     that session's labels) stand for one item whose gold labels are all of theirs; in a
     single-label store the drawn item keeps its own label.
     """
-    rng = np.random.default_rng(seed)
-    total = memory.n_examples
-    # A prefix of one seeded permutation: a larger held-out set contains the smaller ones, so
-    # the calibration's extra LLM reads reuse the fusion's (cached) ones.
-    rows = np.sort(rng.permutation(total)[: min(n, total)]).tolist()
-    groups = _with_copies(memory, rows)
+    keys = [input_key(k) for k in memory.store.input_keys()]
+    copies: dict[str, list[int]] = {}
+    for row, key in enumerate(keys):
+        copies.setdefault(key, []).append(row)
+    # Items in an order set by the seed and their input alone, not by when they were learned:
+    # sessions learned one by one or all at once hold out the same items (and fit the same
+    # heads); and a larger held-out set holds the smaller ones, so the calibration's extra LLM
+    # reads reuse the fusion's (cached) ones.
+    order = sorted(copies, key=lambda key: hashlib.sha256(f"{seed}:{key}".encode()).digest())
+    groups = [copies[key] for key in order[: max(n, 0)]]
     flat = [r for g in groups for r in g]
     by_row = dict(zip(flat, memory.store.examples(flat), strict=True))
     multi = bool(memory.multi_label)
@@ -132,20 +136,6 @@ def draw_sample(memory: ExternalContinualLearner, n: int, seed: int) -> Sample:
     ids = [frozenset(by_row[r].id for r in g) for g in groups]
     vectors = memory.index.vectors([g[0] for g in groups])
     return Sample(examples, vectors, ids, groups)
-
-
-def _with_copies(memory: ExternalContinualLearner, rows: list[int]) -> list[list[int]]:
-    """For each drawn row (the first of its input drawn), the row then every other stored row
-    with the same normalised input."""
-    keys = [input_key(k) for k in memory.store.input_keys()]
-    by_key: dict[str, list[int]] = {}
-    for row, key in enumerate(keys):
-        by_key.setdefault(key, []).append(row)
-    groups: dict[str, list[int]] = {}
-    for r in rows:
-        if keys[r] not in groups:
-            groups[keys[r]] = [r, *(c for c in by_key[keys[r]] if c != r)]
-    return list(groups.values())
 
 
 class HeldOutItems:
