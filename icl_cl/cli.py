@@ -130,8 +130,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from icl_cl.describe import prediction_row
     from icl_cl.inputs import read_inputs
-    from icl_cl.service.rows import prediction_row
 
     if args.k <= 0:
         raise IclClError(f"--k must be a positive integer, got {args.k}")

@@ -25,8 +25,8 @@ import pytest
 
 from icl_cl.classifier import ContinualClassifier
 from icl_cl.client import Client
+from icl_cl.describe import prediction_row
 from icl_cl.service.app import SESSION_HEADER, create_app
-from icl_cl.service.rows import prediction_row
 from tests.service_helpers import (
     as_json,
     free_port,

@@ -7,7 +7,7 @@ Ray is imported when these functions run, not when this package is imported.
 from __future__ import annotations
 
 from icl_cl.distributed.learn import learn
-from icl_cl.distributed.predict import predict, prediction_record, read_inputs
+from icl_cl.distributed.predict import predict, read_inputs
 from icl_cl.distributed.runtime import connect
 
-__all__ = ["connect", "learn", "predict", "prediction_record", "read_inputs"]
+__all__ = ["connect", "learn", "predict", "read_inputs"]

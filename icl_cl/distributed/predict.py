@@ -17,32 +17,14 @@ import numpy as np
 
 from icl_cl.classifier import ContinualClassifier
 from icl_cl.config import ClassifierConfig
+from icl_cl.describe import prediction_row
 from icl_cl.distributed.runtime import ray_module
 from icl_cl.distributed.sources import input_files
 from icl_cl.errors import DataError, StoreError
 from icl_cl.inputs import check_text
 from icl_cl.memory.store import MANIFEST
-from icl_cl.types import Prediction
 
 logger = logging.getLogger(__name__)
-
-
-def prediction_record(ident: str, pred: Prediction, *, abstain: bool = False) -> dict[str, Any]:
-    """The JSON record of one prediction, as ``icl-cl predict`` writes it (``abstain``: with the
-    ``abstained`` flag)."""
-    row: dict[str, Any] = {"id": ident, "labels": list(pred.labels), "scores": pred.scores}
-    if pred.set is not None:
-        row["set"] = list(pred.set)
-    if abstain:
-        row["abstained"] = pred.abstained
-    if pred.cost is not None:
-        row["llm"] = {
-            "calls": pred.cost.calls,
-            "prompt_tokens": pred.cost.prompt_tokens,
-            "completion_tokens": pred.cost.completion_tokens,
-            "fallback": str(pred.fallback) if pred.fallback is not None else None,
-        }
-    return row
 
 
 class Predictor:
@@ -73,7 +55,7 @@ class Predictor:
         preds = self._clf.predict(texts, **self._options)
         abstain = self._options.get("abstain_below") is not None
         records = [
-            json.dumps(prediction_record(i, p, abstain=abstain), ensure_ascii=False)
+            json.dumps(prediction_row(i, p, abstain=abstain), ensure_ascii=False)
             for i, p in zip(ids, preds, strict=True)
         ]
         return {"id": np.asarray(ids, dtype=object), "prediction": np.asarray(records, object)}

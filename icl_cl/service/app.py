@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from icl_cl._version import __version__
 from icl_cl.backends.base import LLMBackend
 from icl_cl.config import ClassifierConfig, DecisionConfig
+from icl_cl.describe import prediction_row
 from icl_cl.errors import DataError, IclClError, StoreError
 from icl_cl.images import Image, load_image
 from icl_cl.inputs.checks import check_text
@@ -36,7 +37,6 @@ from icl_cl.service.models import (
     validation_problem,
 )
 from icl_cl.service.predictor import Answer, PredictOptions, Predictor
-from icl_cl.service.rows import prediction_row
 from icl_cl.service.serving import EmptyStoreError, IdempotencyConflictError, Serving
 from icl_cl.service.settings import ServiceSettings
 from icl_cl.types import Example, Label
