@@ -187,6 +187,17 @@ def _pool_batch(
     return out
 
 
+def text_items(embedder: str, items: Sequence[str | Image]) -> list[str]:
+    """``items`` as texts; a text-only embedder refuses anything else, naming the item."""
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise DataError(
+                f"embedder {embedder!r} is text-only and cannot embed {type(item).__name__}",
+                item=f"#{i}",
+            )
+    return cast("list[str]", list(items))
+
+
 def _layer_index(layer: int, n_layers: int) -> int:
     """Index into ``hidden_states`` (0 is the token embeddings, ``n_layers`` the last layer)."""
     k = layer if layer > 0 else n_layers + 1 + layer
@@ -295,16 +306,10 @@ class HiddenStateEmbedder:
         self, items: Sequence[str | Image], progress: ProgressCallback | None = None
     ) -> np.ndarray:
         """Embed texts as unit vectors (float32), one row per text, in order."""
-        for i, item in enumerate(items):
-            if not isinstance(item, str):
-                raise DataError(
-                    f"embedder {self.name!r} is text-only and cannot embed {type(item).__name__}",
-                    item=f"#{i}",
-                )
-        if len(items) == 0:
+        texts = text_items(self.name, items)
+        if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         lm, tokenizer, layer = self._loaded
-        texts = cast("list[str]", list(items))  # checked above
         rows = token_rows(tokenizer, texts, self.template, self.max_tokens)
         pooled = pooled_states(
             lm,

@@ -25,12 +25,12 @@ import gc
 import logging
 from collections.abc import Sequence
 from functools import cached_property
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
 from icl_cl.embedding.base import ProgressCallback
-from icl_cl.embedding.llm_hidden import POOLINGS, Pooling, template_tag, token_rows
+from icl_cl.embedding.llm_hidden import POOLINGS, Pooling, template_tag, text_items, token_rows
 from icl_cl.embedding.normalise import unit_rows
 from icl_cl.errors import BackendError, ConfigError, DataError
 from icl_cl.images import Image
@@ -184,15 +184,9 @@ class VLLMHiddenStateEmbedder:
         self, items: Sequence[str | Image], progress: ProgressCallback | None = None
     ) -> np.ndarray:
         """Embed texts as unit vectors (float32), one row per text, in order."""
-        for i, item in enumerate(items):
-            if not isinstance(item, str):
-                raise DataError(
-                    f"embedder {self.name!r} is text-only and cannot embed {type(item).__name__}",
-                    item=f"#{i}",
-                )
-        if len(items) == 0:
+        texts = text_items(self.name, items)
+        if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        texts = cast("list[str]", list(items))  # checked above
         requests = build_requests(
             self._llm.get_tokenizer(), texts, self.template, self.max_tokens, self.pooling
         )
