@@ -111,7 +111,8 @@ def draw_sample(memory: ExternalContinualLearner, n: int, seed: int) -> Sample:
     that session's labels) stand for one item whose gold labels are all of theirs; in a
     single-label store the drawn item keeps its own label.
     """
-    keys = [input_key(k) for k in memory.store.input_keys()]
+    # Rows this memory has loaded: a store may have grown since (a service's snapshot).
+    keys = [input_key(k) for k in memory.store.input_keys()[: memory.n_examples]]
     copies: dict[str, list[int]] = {}
     for row, key in enumerate(keys):
         copies.setdefault(key, []).append(row)

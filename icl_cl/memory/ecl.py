@@ -181,7 +181,8 @@ class ExternalContinualLearner:
         """Stored rows grouped into items, with each item's labels."""
         if self._items is None:
             self._items = ItemGroups()
-            self._add_items(self.store.input_keys(), self.store.row_labels())
+            n = self.n_examples  # rows loaded: the store may have grown since
+            self._add_items(self.store.input_keys()[:n], self.store.row_labels()[:n])
         return self._items
 
     def _add_items(self, inputs: Sequence[str], labels: Sequence[Sequence[str]]) -> None:
@@ -258,7 +259,7 @@ class ExternalContinualLearner:
                 weighted=self._weighted(name, self.multi_label),
                 labels=self.stats.labels,
                 vectors=self.index.vectors_all(),
-                row_labels=self.store.row_labels(),
+                row_labels=self.store.row_labels()[: self.n_examples],
                 checkpoint=self._checkpoint(features),
             )
             self._spaces[name].save_if_behind(self._checkpoint(features))
