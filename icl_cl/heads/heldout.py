@@ -23,6 +23,14 @@ from icl_cl.types import EclRanker, Example, Progress, Ranked, counter
 # Held-out stored examples are scored in folds of at most this many (see HeldOutItems.sample).
 FOLD = 200
 
+
+def fold_size(n_examples: int, most: int) -> int:
+    """Items held out at once: at most ``most`` and at most a tenth of the store, so each is
+    scored by a memory almost as large as the real one (small stores are not made to look
+    worse)."""
+    return max(1, min(most, n_examples // 10))
+
+
 CandidateStep = Callable[
     [Sequence[str | Image], np.ndarray, EclRanker, Sequence[frozenset[str]]], Ranked
 ]
@@ -174,12 +182,9 @@ class HeldOutItems:
         return draw_sample(self.memory, n, self.seed)
 
     def _ecl_ranker(self, sample: Sample, stage: str) -> EclRanker:
-        """Ranks the sample's items (in order) with the ECL as if they had never been learned.
-
-        They are held out in folds of at most a tenth of the store, so each is scored by a
-        memory almost as large as the real one (small stores are not made to look worse).
-        """
-        fold = max(1, min(FOLD, self.memory.n_examples // 10))
+        """Ranks the sample's items (in order) with the ECL as if they had never been learned,
+        held out in folds (:func:`fold_size`)."""
+        fold = fold_size(self.memory.n_examples, FOLD)
         groups = sample.rows
 
         def rank(queries: np.ndarray, k: int) -> Ranked:

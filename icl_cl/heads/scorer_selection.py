@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from icl_cl.heads.fusion import FUSED, fit_fusion
-from icl_cl.heads.heldout import Sample, draw_sample
+from icl_cl.heads.heldout import Sample, draw_sample, fold_size
 from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.memory.ridge_path import RHO_GRID, heldout_ridge_scores
 from icl_cl.memory.scorer_choice import ScorerChoice
@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 POOL = ("klda", "ranpac", "mahalanobis", "knn")
 # Columns of each item the fusion is fitted over: the best scorer's top candidates.
 FUSION_COLUMNS = 20
-# Held-out items are scored in folds of at most this many, and at most a tenth of the store.
+# Held-out items are scored in folds of at most this many (see heldout.fold_size): larger folds
+# than the heads' cost fewer solves of the wide feature scorers.
 FOLD = 500
 
 
@@ -97,7 +98,7 @@ def _top1(scores: np.ndarray, gold: Sequence[set[int]]) -> float:
 
 def _folds(memory: ExternalContinualLearner, sample: Sample) -> list[range]:
     """Consecutive item ranges, each held out at once."""
-    size = max(1, min(FOLD, memory.n_examples // 10))
+    size = fold_size(memory.n_examples, FOLD)
     return [range(lo, min(lo + size, len(sample.rows))) for lo in range(0, len(sample.rows), size)]
 
 
