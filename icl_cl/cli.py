@@ -17,6 +17,7 @@ from icl_cl.config import LABEL_SET_RULES, SCORERS, ClassifierConfig, DecisionCo
 from icl_cl.errors import IclClError, OutputError, StoreCorruptError, StoreError
 from icl_cl.evaluation.cli import progress_bars
 from icl_cl.inputs import ID_MODES
+from icl_cl.service.settings import ServiceSettings
 
 logger = logging.getLogger("icl_cl.cli")
 
@@ -300,7 +301,6 @@ def cmd_summarize(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from icl_cl.service.server import serve
-        from icl_cl.service.settings import ServiceSettings
     except ImportError as exc:
         raise IclClError(
             f"serve needs the [serve] extra (pip install 'icl-cl[serve]'): {exc}"
@@ -311,6 +311,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_items=args.max_items,
         max_queue_items=args.max_queue_items,
         batch_wait_ms=args.batch_wait_ms,
+        max_batch_items=args.max_batch_items,
         request_timeout_s=args.request_timeout,
     )
     serve(
@@ -320,6 +321,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key_file=args.api_key_file,
         config=config,
         settings=settings,
+        access_log=args.access_log,
     )
     return 0
 
@@ -539,7 +541,19 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--max-items", type=int, default=256, help="inputs or examples per request")
     p.add_argument("--max-queue-items", type=int, default=4096, help="inputs waiting; then 429")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="micro-batch wait (default 5)")
+    p.add_argument(
+        "--max-batch-items",
+        type=int,
+        default=ServiceSettings.model_fields["max_batch_items"].default,
+        help="inputs per micro-batch (default %(default)s)",
+    )
     p.add_argument("--request-timeout", type=float, default=60.0, help="seconds (default 60)")
+    p.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log a line per request (off by default: /metrics counts requests by endpoint and "
+        "status, and a log line per request costs throughput)",
+    )
     p.set_defaults(func=cmd_serve)
 
 

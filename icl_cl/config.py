@@ -137,7 +137,8 @@ class MemoryConfig(_Strict):
         1000,
         ge=10,
         description="stored examples held out by the fit step to choose what 'auto' stands for "
-        "(the best scorer, fused with others that earn a weight) and ranpac's strength",
+        "(the best scorer, fused with others that earn a weight) and ranpac's strength; a "
+        "larger store holds out a twentieth of its examples, up to 5,000",
     )
     feature_seed: int = Field(0, description="seed of the random feature maps (fixed per store)")
     exact_search_max: int = Field(

@@ -26,7 +26,7 @@ from icl_cl.embedding.onnx import (
     int8_preset,
     onnx_variant,
 )
-from icl_cl.embedding.sentence_transformers import resolve_model_path
+from icl_cl.embedding.sentence_transformers import length_batches, resolve_model_path
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,12 +129,13 @@ def test_length_sort_spans_the_call_and_keeps_input_order(
     monkeypatch: pytest.MonkeyPatch, embedder, int8: OnnxSentenceEmbedder
 ) -> None:
     items = ["mid length text", "a", LONG, "short", "a fairly long text about packages", "b c"]
-    monkeypatch.setattr(st_module, "_CHUNK", 2)
+    monkeypatch.setattr(st_module, "BATCH_CHARS", 40)
     plain = _ChunkRecorder(MODEL)
     plain.chunks = []
     done: list[int] = []
     vectors = plain.encode(items, progress=done.append)
-    longest_first = [[LONG, "a fairly long text about packages"], ["mid length text", "short"]]
+    # Longest first; 40 padded characters a batch: the long texts alone, short ones in pairs.
+    longest_first = [[LONG], ["a fairly long text about packages"], ["mid length text", "short"]]
     assert plain.chunks == [*longest_first, ["b c", "a"]]
     assert sum(done) == len(items)
     # Row i is item i's vector, as if embedded alone.
@@ -146,6 +147,18 @@ def test_length_sort_spans_the_call_and_keeps_input_order(
     single = np.stack([int8.encode([item])[0] for item in items])
     assert (np.argmax(rows @ single.T, axis=1) == np.arange(len(items))).all()
     assert ((rows * single).sum(axis=1) > 0.97).all()
+
+
+def test_length_batches_bound_rows_and_padded_characters() -> None:
+    lengths = [5, 300, 40, 41, 5, 5, 5, 120, 5]
+    batches = length_batches(lengths, max_rows=3, max_chars=100)
+    assert sorted(int(i) for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        longest = max(lengths[i] for i in batch)
+        assert len(batch) <= 3
+        assert len(batch) == 1 or len(batch) * longest <= 100
+    # Longest first, and a text over the budget is a batch of its own.
+    assert [list(b) for b in batches[:3]] == [[1], [7], [3, 2]]
 
 
 def test_names_distinguish_backend_and_quantisation(int8: OnnxSentenceEmbedder) -> None:

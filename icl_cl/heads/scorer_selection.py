@@ -31,6 +31,16 @@ FUSION_COLUMNS = 20
 # Held-out items are scored in folds of at most this many (see heldout.fold_size): larger folds
 # than the heads' cost fewer solves of the wide feature scorers.
 FOLD = 500
+# A large store holds out a twentieth of its items, up to this many. Scorers a point or two
+# apart differ on a few percent of the items, and the fusion's sign test needs their net wins
+# to exceed ~1.6 sqrt(items that differ): a thousand items cannot tell them apart, thousands can.
+MOST_HELDOUT = 5000
+
+
+def heldout_size(n_examples: int, least: int) -> int:
+    """Held-out items of a choice on a store of ``n_examples``: ``least``, or a twentieth of a
+    larger store up to :data:`MOST_HELDOUT`."""
+    return max(least, min(n_examples // 20, MOST_HELDOUT))
 
 
 def fit_scorer_choice(
@@ -151,12 +161,13 @@ def refresh_scorer_choice(
     progress: Progress | None = None,
 ) -> ScorerChoice | None:
     """Fit and store the choice when the ``requested`` scorer depends on it (``auto``, or
-    ``ranpac`` for its strength) and the stored one predates the store's last session."""
+    ``ranpac`` for its strength) and the stored one predates the store's last session; on
+    ``heldout_size(n_examples, n)`` held-out items."""
     current = memory.choice
     if requested not in ("auto", "ranpac") or memory.n_examples < MIN_EXAMPLES:
         return current
     if current is not None and current.n_examples == memory.n_examples:
         return current
-    choice = fit_scorer_choice(memory, n, seed, progress=progress)
+    choice = fit_scorer_choice(memory, heldout_size(memory.n_examples, n), seed, progress=progress)
     memory.set_choice(choice, save=True)
     return choice

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -130,12 +131,11 @@ def _predict_route(app: FastAPI, secured: list[Any]) -> None:
     @app.post(
         "/v1/predict",
         response_model=PredictResponse,
-        response_model_exclude_none=True,
         dependencies=secured,
         responses={**_POST, 409: {"model": Problem, "description": "nothing learned yet"}},
         summary="Predict labels for texts (or images)",
     )
-    async def predict(body: PredictRequest, response: Response) -> dict[str, Any]:
+    async def predict(body: PredictRequest) -> Response:
         settings: ServiceSettings = app.state.settings
         serving: Serving = app.state.serving
         if len(body.inputs) > settings.max_items:
@@ -148,13 +148,18 @@ def _predict_route(app: FastAPI, secured: list[Any]) -> None:
         items = _checked_inputs(body, serving.current.clf.config.max_text_chars)
         job = Job(items, _options(body, serving))
         answer: Answer = await _within(app, asyncio.wrap_future(app.state.batcher.submit(job)))
-        response.headers[SESSION_HEADER] = str(answer.session)
         abstain = body.abstain_below is not None
         rows = [
             prediction_row(item.id, pred, abstain=abstain)
             for item, pred in zip(body.inputs, answer.predictions, strict=True)
         ]
-        return {"predictions": rows}
+        # The rows are the CLI's lines, built from typed predictions: encoded directly, without
+        # FastAPI validating them again against PredictResponse (a third of a request's time).
+        return Response(
+            json.dumps({"predictions": rows}, ensure_ascii=False, separators=(",", ":")),
+            media_type="application/json",
+            headers={SESSION_HEADER: str(answer.session)},
+        )
 
 
 def _checked_inputs(body: PredictRequest, max_chars: int) -> list[str | Image]:

@@ -32,8 +32,11 @@ def serve(
     api_key_file: str | Path | None = None,
     config: ClassifierConfig | None = None,
     settings: ServiceSettings | None = None,
+    access_log: bool = False,
 ) -> None:
     """Serve ``store`` until SIGTERM or SIGINT, which drain the requests in flight.
+
+    uvicorn takes uvloop and httptools when they are installed (the ``serve`` extra has them).
 
     Raises:
         ConfigError: No key file for a host other than loopback, or an unreadable key file.
@@ -61,5 +64,6 @@ def serve(
         host=host,
         port=port,
         log_level="info",
+        access_log=access_log,
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
     )
