@@ -7,7 +7,8 @@ ECL only (``no_llm``), the shipped WordNet sample: the store learns its 240 trai
    start-up), and the predict call it makes, in-process and warmed up (``cli_batch``: what the
    service is compared with);
 2. the service (``icl-cl serve`` in its own process, 127.0.0.1): one item per request, from
-   1, 8 and 32 concurrent clients; throughput and p50/p95/p99 latency per concurrency.
+   1, 8 and 32 concurrent keep-alive clients (:class:`_Connection`); throughput, p50/p95/p99
+   latency, the load generator's own CPU time and the mean micro-batch size per concurrency.
 
 The target: the service at concurrency 32 reaches >= 0.8x the CLI's in-process batch throughput
 (micro-batching makes concurrent single-item requests one embedder call).
@@ -152,6 +153,17 @@ async def _load(url: str, items: list[dict[str, str]], concurrency: int) -> dict
     }
 
 
+def _batches(url: str) -> tuple[float, float]:
+    """Inputs classified in micro-batches so far, and the number of batches (from /metrics)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    value = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("icl_cl_predict_batch_items_")
+    }
+    return value["icl_cl_predict_batch_items_sum"], value["icl_cl_predict_batch_items_count"]
+
+
 def bench_service(store: Path, items: list[dict[str, str]], tmp: Path) -> list[dict[str, Any]]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -171,7 +183,14 @@ def bench_service(store: Path, items: list[dict[str, str]], tmp: Path) -> list[d
                 raise RuntimeError(f"the service did not start (see {tmp / 'serve.log'})")
             time.sleep(0.2)
         asyncio.run(_load(url, items[:64], 8))  # warm-up
-        return [asyncio.run(_load(url, items, c)) for c in (1, 8, 32)]
+        rows = []
+        for concurrency in (1, 8, 32):
+            before = _batches(url)
+            row = asyncio.run(_load(url, items, concurrency))
+            after = _batches(url)
+            row["mean_batch_items"] = round((after[0] - before[0]) / (after[1] - before[1]), 1)
+            rows.append(row)
+        return rows
     finally:
         server.terminate()
         server.wait(60)
