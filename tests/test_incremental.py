@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 
 from icl_cl import ContinualClassifier
-from icl_cl.config import SCORERS
+from icl_cl.config import SCORERS, MemoryConfig
 from icl_cl.evaluation.sessions import SessionSpec, session_examples, split_sessions
+from icl_cl.heads.scorer_selection import refresh_scorer_choice
+from icl_cl.memory.ecl import ExternalContinualLearner
+from icl_cl.memory.store import Store
+from icl_cl.memory.verify import verify_store
+from icl_cl.types import Example, Label
 
 
 def _learn_both(tmp_path, embedder, train, labels, n_sessions):
@@ -133,3 +138,138 @@ def test_feature_statistics_follow_learning_and_survive_reopening(tmp_path, embe
         rtol=1e-4,
         atol=1e-5,
     )
+
+
+# ---- multi-label items learned facet by facet -----------------------------------------------
+
+FACET_DIM, FACET_LABELS, FACET_ITEMS = 16, 8, 240
+FACETS = (("t0", "t1", "t2"), ("t3", "t4"), ("t5", "t6", "t7"))
+
+
+def _facet_items() -> tuple[list[Example], np.ndarray]:
+    """Items with 1-3 labels each (the union of their facets' labels) and their vectors."""
+    rng = np.random.default_rng(5)
+    centres = np.random.default_rng(7).normal(size=(FACET_LABELS, FACET_DIM))
+    items, vectors = [], []
+    for i in range(FACET_ITEMS):
+        labs = sorted(rng.choice(FACET_LABELS, size=rng.integers(1, 4), replace=False).tolist())
+        x = centres[labs].sum(axis=0) + 0.8 * rng.normal(size=FACET_DIM)
+        items.append(Example(f"i{i}", f"item number {i}", tuple(f"t{j}" for j in labs)))
+        vectors.append(x / np.linalg.norm(x))
+    return items, np.asarray(vectors, np.float32)
+
+
+def _facet_sessions(items, vectors, skip=frozenset()):
+    """Per facet, the items holding one of its labels with those labels only, plus repeats
+    within the session (another id, the text in capitals: the same input)."""
+    sessions = []
+    for t, facet in enumerate(FACETS):
+        rows, examples = [], []
+        for i, ex in enumerate(items):
+            labs = tuple(lab for lab in ex.labels if lab in facet)
+            if labs and i not in skip:
+                rows.append(i)
+                examples.append(Example(f"{ex.id}-s{t}", ex.text, labs))
+                if i % 7 == 0:  # a repeat, with part of the labels
+                    rows.append(i)
+                    examples.append(Example(f"{ex.id}-s{t}r", ex.text.upper(), labs[:1]))
+        sessions.append((examples, vectors[rows]))
+    return sessions
+
+
+def _ecl(path, sessions):
+    store = Store.create(path, dim=FACET_DIM, embedder="synthetic", config={})
+    memory = ExternalContinualLearner(store, MemoryConfig())
+    labels = [Label(f"t{j}") for j in range(FACET_LABELS)]
+    label_vectors = np.eye(FACET_LABELS, FACET_DIM, dtype=np.float32)
+    for t, (examples, vectors) in enumerate(sessions):
+        new = labels if t == 0 else []
+        memory.learn(examples, vectors, new, label_vectors[: len(new)], multi_label=True)
+    return memory
+
+
+def _aligned(memory, other, matrix):
+    """``matrix`` of ``other``'s columns reordered to ``memory``'s label order."""
+    return matrix[:, [other.stats.col[label] for label in memory.stats.labels]]
+
+
+def _assert_same_statistics(a, b):
+    order = [b.col[label] for label in a.labels]
+    np.testing.assert_array_equal(a.counts, b.counts[order])
+    np.testing.assert_allclose(a.sums, b.sums[order], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(a.gram, b.gram, rtol=1e-9, atol=1e-8)
+    if a.weighted_gram is not None or b.weighted_gram is not None:
+        np.testing.assert_allclose(a.weighted_gram, b.weighted_gram, rtol=1e-9, atol=1e-8)
+    assert a.n_examples == b.n_examples
+
+
+def test_facet_sessions_equal_the_union_of_their_labels(tmp_path):
+    """A multi-label store learned facet by facet (items copied into several sessions and
+    repeated within one) has the statistics, scores and auto choice of the store that learned
+    each item once with all of its labels."""
+    items, vectors = _facet_items()
+    facets = _ecl(tmp_path / "facets", _facet_sessions(items, vectors))
+    union = _ecl(tmp_path / "union", [(items, vectors)])
+    assert facets.n_examples > union.n_examples == FACET_ITEMS == facets.n_items
+    _assert_same_statistics(facets.stats, union.stats)
+    for name in ("ranpac", "klda"):
+        assert facets.features_of(name) == union.features_of(name)
+        _assert_same_statistics(facets.feature_space(name).stats, union.feature_space(name).stats)
+    queries = _facet_items()[1][:40] + 0.05
+    for scorer in ("ranpac", "klda", "mahalanobis", "knn", "ridge", "ncm"):
+        np.testing.assert_allclose(
+            facets.score_matrix(queries, scorer),
+            _aligned(facets, union, union.score_matrix(queries, scorer)),
+            rtol=1e-4,
+            atol=1e-4,
+            err_msg=scorer,
+        )
+    a = refresh_scorer_choice(facets, "auto", n=100, seed=0)
+    b = refresh_scorer_choice(union, "auto", n=100, seed=0)
+    assert a is not None and b is not None
+    assert (a.scorer, a.weights, a.ranpac_rho, a.heldout_items) == (
+        b.scorer,
+        b.weights,
+        b.ranpac_rho,
+        b.heldout_items,
+    )
+    assert a.heldout_accuracy == pytest.approx(b.heldout_accuracy)
+    # Reopened (statistics read from the store, feature spaces from their checkpoints or the
+    # stored vectors), the store is the same, and it verifies.
+    facets.store.close()
+    again = ExternalContinualLearner(Store.open(tmp_path / "facets"), MemoryConfig())
+    _assert_same_statistics(again.stats, union.stats)
+    _assert_same_statistics(again.feature_space("klda").stats, union.feature_space("klda").stats)
+    assert verify_store(tmp_path / "facets").ok
+
+
+def test_a_heldout_item_is_scored_as_if_never_learned(tmp_path):
+    """Holding out items (all their copies, over every session) subtracts each once, with all
+    of its labels: the scores are those of the store whose sessions never held them."""
+    items, vectors = _facet_items()
+    facets = _ecl(tmp_path / "facets", _facet_sessions(items, vectors))
+    held = [3, 14, 50, 77, 120, 201]  # 14 and 77 are repeated within their sessions
+    rows = [
+        r
+        for r, key in enumerate(facets.store.input_keys())
+        if key.lower() in {items[i].text for i in held}
+    ]
+    without = _ecl(tmp_path / "without", _facet_sessions(items, vectors, skip=frozenset(held)))
+    queries = vectors[held]
+    keys = [key.lower() for key in facets.store.input_keys()]
+    for scorer in ("ranpac", "klda", "mahalanobis", "knn", "ridge", "ncm"):
+        if scorer in ("ranpac", "klda"):  # the held-out store keeps its feature map
+            assert without.features_of(scorer) == facets.features_of(scorer)
+        firsts = sorted({min(r for r in rows if keys[r] == keys[q]) for q in rows})
+        np.testing.assert_allclose(  # one copy of each names the whole item
+            facets.heldout_scorer(firsts, scorer).scores(queries),
+            facets.heldout_scorer(rows, scorer).scores(queries),
+            rtol=1e-6,
+        )
+        np.testing.assert_allclose(
+            facets.heldout_scorer(rows, scorer).scores(queries),
+            _aligned(facets, without, without.score_matrix(queries, scorer)),
+            rtol=1e-4,
+            atol=1e-4,
+            err_msg=scorer,
+        )

@@ -622,6 +622,10 @@ def _joint_check(
             if not hasattr(m, "scorer"):
                 continue
             k = config.method_k(m)
+            if m.scorer in ("auto", "ranpac"):
+                # Their scorer is chosen on held-out stored items, as the incremental store's
+                # was by its method's fit: compared unfitted, the two would differ by design.
+                joint.fit(k, scorer=m.scorer, use_llm=False)
             a = joint.candidates(queries, k, scorer=m.scorer)
             b = incremental.candidates(queries, k, scorer=m.scorer)
             same = [

@@ -9,7 +9,6 @@ reading are passed in, so that the held-out items go through the same ones as pr
 from __future__ import annotations
 
 import hashlib
-import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -18,6 +17,7 @@ import numpy as np
 
 from icl_cl.images import Image
 from icl_cl.memory.ecl import ExternalContinualLearner
+from icl_cl.memory.item_groups import input_key
 from icl_cl.types import EclRanker, Example, Progress, Ranked, counter
 
 # Held-out stored examples are scored in folds of at most this many (see HeldOutItems.sample).
@@ -83,13 +83,6 @@ class HeldOutScores:
 
     def item_sources(self, i: int) -> dict[str, np.ndarray]:
         return {name: values[i] for name, values in self.sources.items()}
-
-
-def input_key(text: str) -> str:
-    """What makes two stored inputs copies: their text (or image key) with case, Unicode form
-    and runs of white space made alike, as a digest."""
-    normal = " ".join(unicodedata.normalize("NFKC", text).casefold().split())
-    return hashlib.sha256(normal.encode("utf-8")).hexdigest()
 
 
 class HeldOutSource(Protocol):
@@ -184,7 +177,7 @@ class HeldOutItems:
     def _ecl_ranker(self, sample: Sample, stage: str) -> EclRanker:
         """Ranks the sample's items (in order) with the ECL as if they had never been learned,
         held out in folds (:func:`fold_size`)."""
-        fold = fold_size(self.memory.n_examples, FOLD)
+        fold = fold_size(self.memory.n_items, FOLD)  # items: the same for sessions and union
         groups = sample.rows
 
         def rank(queries: np.ndarray, k: int) -> Ranked:

@@ -108,7 +108,7 @@ def _top1(scores: np.ndarray, gold: Sequence[set[int]]) -> float:
 
 def _folds(memory: ExternalContinualLearner, sample: Sample) -> list[range]:
     """Consecutive item ranges, each held out at once."""
-    size = fold_size(memory.n_examples, FOLD)
+    size = fold_size(memory.n_items, FOLD)
     return [range(lo, min(lo + size, len(sample.rows))) for lo in range(0, len(sample.rows), size)]
 
 
@@ -130,11 +130,10 @@ def _ranpac_path(
     space = memory.feature_space("ranpac")
     folds = []
     for fold in _folds(memory, sample):
-        rows = [r for i in fold for r in sample.rows[i]]
-        vectors = memory.index.vectors(rows)
-        labels = [ex.labels for ex in memory.store.examples(rows)]
-        folds.append((space.features.transform(vectors), labels, rows, fold))
-    # The path scores each stored row of a fold; an item's score is that of its first row.
+        held = memory.heldout_items([r for i in fold for r in sample.rows[i]])
+        folds.append((space.features.transform(held.vectors), held.labels, held.firsts, fold))
+    # The path scores each held-out item of a fold (in a single-label store each stored row);
+    # a sampled item's score is that of its first row.
     paths = heldout_ridge_scores(space.stats, [(f, lab) for f, lab, _, _ in folds], RHO_GRID)
     firsts = []
     for _, _, rows, fold in folds:
@@ -164,10 +163,11 @@ def refresh_scorer_choice(
     ``ranpac`` for its strength) and the stored one predates the store's last session; on
     ``heldout_size(n_examples, n)`` held-out items."""
     current = memory.choice
-    if requested not in ("auto", "ranpac") or memory.n_examples < MIN_EXAMPLES:
+    # Sizes follow the item count, so sessions learned one by one and their union choose alike.
+    if requested not in ("auto", "ranpac") or memory.n_items < MIN_EXAMPLES:
         return current
     if current is not None and current.n_examples == memory.n_examples:
         return current
-    choice = fit_scorer_choice(memory, heldout_size(memory.n_examples, n), seed, progress=progress)
+    choice = fit_scorer_choice(memory, heldout_size(memory.n_items, n), seed, progress=progress)
     memory.set_choice(choice, save=True)
     return choice

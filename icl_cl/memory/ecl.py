@@ -25,7 +25,15 @@ from icl_cl.memory.scorer_choice import (
 )
 from icl_cl.memory.scorers import FEATURE_SCORERS, Scorer, build_scorer, top_k
 from icl_cl.memory.statistics import RunningStatistics, StatisticsDelta
-from icl_cl.memory.store import SessionRecord, Store
+from icl_cl.memory.store import ITEM_STATISTICS, SessionRecord, Store
+from icl_cl.memory.stored_items import (
+    HeldOutItems,
+    group_rows,
+    held_out,
+    input_of,
+    recompute,
+    session_additions,
+)
 from icl_cl.types import Example, Label
 
 logger = logging.getLogger(__name__)
@@ -55,6 +63,17 @@ class ExternalContinualLearner:
         self._spaces: dict[str, FeatureSpace] = {}
         self._choice: ScorerChoice | None = self._load_choice()
         self.multi_label: bool | None = store.meta("multi_label")
+        # A multi-label store written before its statistics counted items (each row counted
+        # apart): recomputed from the stored vectors here, rewritten in full by the next session.
+        self._rewrite = False
+        if self.multi_label and store.meta(ITEM_STATISTICS) is None and self.n_examples:
+            logger.warning(
+                "%s: statistics written by an earlier version count each copy of an input; "
+                "recomputed from the stored vectors (the next session stores them)",
+                store.path,
+            )
+            self.stats = recompute(store, self.index.vectors_all(), self.stats.labels, True)
+            self._rewrite = True
 
     # ---- introspection ---------------------------------------------------------------------
 
@@ -80,6 +99,13 @@ class ExternalContinualLearner:
 
     @property
     def n_examples(self) -> int:
+        """Stored rows this memory loaded (copies of an input included)."""
+        return self.index.size
+
+    @property
+    def n_items(self) -> int:
+        """Examples the statistics count: the stored rows, or in a multi-label store its items
+        (copies of an input learned in several sessions count once)."""
         return self.stats.n_examples
 
     def sessions(self) -> list[SessionRecord]:
@@ -115,20 +141,30 @@ class ExternalContinualLearner:
         }
         if missing:
             raise DataError(f"labels without a Label entry: {sorted(missing)[:5]}")
-        label_lists = [ex.labels for ex in examples]
-        if delta is None:
-            delta = self.stats.delta(vectors, label_lists)
-        elif delta.n_examples != len(examples):
+        # A store that changes kind (single- to multi-label, or back) groups its stored rows
+        # anew: their statistics are recomputed, and rewritten in full with this session.
+        switched = self.n_examples > 0 and bool(multi_label) != bool(self.multi_label)
+        base, groups = self.stats, self.items() if multi_label else None
+        if switched:
+            base = recompute(self.store, self.index.vectors_all(), base.labels, bool(multi_label))
+            groups = (
+                group_rows(self.store, self.n_examples, base.col, True) if multi_label else None
+            )
+        added = session_additions(groups, examples, vectors, base.col, self.index)
+        if delta is not None and delta.n_examples != len(examples):
             raise ValueError(f"delta of {delta.n_examples} examples for {len(examples)} examples")
-        n_after = self.stats.n_examples + len(examples)
+        # Partial sums of shards count every row: kept only where no row is a copy.
+        delta = delta if delta is not None and added.trivial and not switched else added.delta(base)
+        n_after = base.n_examples + delta.n_examples
         # Spaces whose width stays the same are updated; a wider one is rebuilt on first use.
         kept = {
             n: sp
             for n, sp in self._spaces.items()
-            if sp.features == self.features_of(n, n_after)
+            if not switched
+            and sp.features == self.features_of(n, n_after)
             and sp.stats.weighted == self._weighted(n, multi_label)
         }
-        space_deltas = {name: sp.delta(vectors, label_lists) for name, sp in kept.items()}
+        space_deltas = {name: sp.delta(added) for name, sp in kept.items()}
         # New columns: labels in order of first use (as the delta numbers them), then labels that
         # were declared but have no example yet.
         used = set(delta.new_labels)
@@ -143,17 +179,19 @@ class ExternalContinualLearner:
                 new_labels=ordered,
                 new_label_vectors=ordered_vectors,
                 delta=delta,
-                stats=self.stats,
+                stats=base,
                 multi_label=multi_label,
                 seconds=seconds,
+                rewrite=switched or self._rewrite,
             )
         # Committed: now (and only now) change memory.
+        self.stats, self._rewrite = base, False
         self.stats.apply(delta)
         for lab in ordered[len(delta.new_labels) :]:
             self.stats.add_label(lab.label)
         self._spaces = kept
         for name, space in kept.items():
-            space.apply(space_deltas[name])
+            space.apply(space_deltas[name], len(examples))
             for lab in ordered[len(delta.new_labels) :]:
                 space.stats.add_label(lab.label)
             space.save_if_behind(self._checkpoint(space.features))
@@ -167,8 +205,8 @@ class ExternalContinualLearner:
         self.index.save(self._path / EXAMPLES_FILE)
         if len(self._labels) > self.config.label_exact_search_max:
             self._labels_index().save(self._path / LABELS_FILE)
-        if self._items is not None and multi_label == self.multi_label:
-            self._add_items([_input_key(ex) for ex in examples], [ex.labels for ex in examples])
+        if self._items is not None and multi_label == self.multi_label and not switched:
+            self._add_items([input_of(ex) for ex in examples], [ex.labels for ex in examples])
         else:
             self._items = None  # built again on use (copies are grouped in multi-label stores)
         self._scorers.clear()
@@ -180,9 +218,9 @@ class ExternalContinualLearner:
     def items(self) -> ItemGroups:
         """Stored rows grouped into items, with each item's labels."""
         if self._items is None:
-            self._items = ItemGroups()
-            n = self.n_examples  # rows loaded: the store may have grown since
-            self._add_items(self.store.input_keys()[:n], self.store.row_labels()[:n])
+            self._items = group_rows(
+                self.store, self.n_examples, self.stats.col, bool(self.multi_label)
+            )
         return self._items
 
     def _add_items(self, inputs: Sequence[str], labels: Sequence[Sequence[str]]) -> None:
@@ -260,6 +298,7 @@ class ExternalContinualLearner:
                 labels=self.stats.labels,
                 vectors=self.index.vectors_all(),
                 row_labels=self.store.row_labels()[: self.n_examples],
+                inputs=self.store.input_keys()[: self.n_examples] if self.multi_label else None,
                 checkpoint=self._checkpoint(features),
             )
             self._spaces[name].save_if_behind(self._checkpoint(features))
@@ -275,7 +314,9 @@ class ExternalContinualLearner:
         """The random feature map of a feature scorer for a store of ``n_examples`` (default:
         this one's): its seed and kind are fixed by the config, its width by the size."""
         c = self.config
-        n = self.stats.n_examples if n_examples is None else n_examples
+        # The count of items, not of rows: sessions learned one by one (an input copied into
+        # several) and their union at once get the same width.
+        n = self.n_items if n_examples is None else n_examples
         if name == "ranpac":
             width = feature_width(n, c.ranpac_features)
             return RandomFeatures("relu", self.dim, width, c.feature_seed)
@@ -288,24 +329,27 @@ class ExternalContinualLearner:
     def _stats_for(self, name: str) -> RunningStatistics:
         return self.feature_space(name).stats if name in FEATURE_SCORERS else self.stats
 
-    def heldout_scorer(self, rows: Sequence[int], name: str | None = None) -> Scorer:
-        """A scorer built as if the stored examples at ``rows`` had never been learned.
+    def heldout_items(self, rows: Sequence[int]) -> HeldOutItems:
+        """The stored items at ``rows`` as the statistics count them (see :func:`held_out`)."""
+        groups = self.items() if self.multi_label else None
+        return held_out(groups, self.store, self.index, self.stats.labels, rows)
 
-        Exact for every scorer: their statistics are sums, so the held-out examples' contribution
-        is subtracted, and they are excluded from the kNN vote.
+    def heldout_scorer(self, rows: Sequence[int], name: str | None = None) -> Scorer:
+        """A scorer built as if the stored items at ``rows`` had never been learned.
+
+        Exact for every scorer: their statistics are sums, so the held-out items' contribution
+        is subtracted (each once: :meth:`heldout_items`), and they are excluded from the kNN
+        vote.
         """
         name = self.resolve_scorer(name)
         if SEPARATOR in name:
             weights = weights_of(self._choice, name)
             return Combination([(self.heldout_scorer(rows, p), w) for p, w in weights.items()])
-        vectors = self.index.vectors(list(rows))
-        label_lists = [ex.labels for ex in self.store.examples(list(rows))]
-        if name in FEATURE_SCORERS:
-            space = self.feature_space(name)
-            stats = space.stats.without(space.delta(vectors, label_lists))
-        else:
-            stats = self.stats.without(self.stats.delta(vectors, label_lists))
-        return self._build(name, stats, frozenset(int(r) for r in rows))
+        held = self.heldout_items(rows)
+        stats = self._stats_for(name)
+        transform = self.feature_space(name).features.transform if name in FEATURE_SCORERS else None
+        stats = stats.without(stats.delta(held.vectors, held.labels, transform=transform))
+        return self._build(name, stats, frozenset(held.rows))
 
     def ranked(self, scores: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         """Top-``k`` ``(label, score)`` per row of a score matrix, dropping labels with no example."""
@@ -407,13 +451,9 @@ class ExternalContinualLearner:
         return {
             "path": str(Path(self.store.path)),
             "labels": len(self._labels),
-            "examples": self.stats.n_examples,
+            "examples": self.n_examples,
+            "items": self.n_items,
             "dim": self.dim,
             "index": self.index.kind,
             "multi_label": self.multi_label,
         }
-
-
-def _input_key(example: Example) -> str:
-    """What identifies an example's input, as :meth:`Store.input_keys` gives it."""
-    return example.image.key if example.image is not None else example.text

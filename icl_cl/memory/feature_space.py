@@ -1,6 +1,7 @@
 """Running statistics of the stored examples in a random feature space (RanPAC, KLDA).
 
-They are sums over examples like the embedding-space statistics, but ``M x M`` with ``M`` in the
+They are sums over items like the embedding-space statistics (see
+:mod:`~icl_cl.memory.item_groups`), but ``M x M`` with ``M`` in the
 thousands, so they are not rewritten into SQLite at every session. They are *derived* state: a
 pure function of the stored vectors and labels. A checkpoint file beside the store records how
 many stored rows it covers; opening reads it and adds the rows learned since (exact: sums do not
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from icl_cl.memory.features import RandomFeatures
+from icl_cl.memory.item_groups import Additions, add_rows
 from icl_cl.memory.statistics import RunningStatistics, StatisticsDelta
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,9 @@ class FeatureSpace:
         self.stats = stats
         self.rows = rows
         self._saved_rows = rows
+        # Whether rows are grouped into items (a multi-label store): kept in the checkpoint, so
+        # that one written with every row counted apart is never read as item statistics.
+        self.items = False
 
     @classmethod
     def build(
@@ -52,15 +57,19 @@ class FeatureSpace:
         labels: Sequence[str],
         vectors: np.ndarray,
         row_labels: Sequence[Sequence[str]],
+        inputs: Sequence[str] | None,
         checkpoint: Path | None = None,
     ) -> FeatureSpace:
         """The statistics of ``vectors`` (every stored row), starting from ``checkpoint`` when it
-        is valid for this map, and adding the rows it does not cover."""
-        space = cls._read(checkpoint, features, weighted, labels) if checkpoint else None
+        is valid for this map, and adding the rows it does not cover; rows are grouped into
+        items by their ``inputs`` (``None``: every row is an item, as in a single-label store)."""
+        items = inputs is not None
+        space = cls._read(checkpoint, features, weighted, labels, items) if checkpoint else None
         if space is None:
             stats = RunningStatistics(features.size, weighted=weighted)
             space = cls(features, stats, 0)
             space._saved_rows = -1  # nothing valid on disk
+        space.items = items
         # Every store column first (in the store's order), so the rows added below find theirs.
         for label in labels:
             if label not in space.stats.col:
@@ -68,20 +77,29 @@ class FeatureSpace:
         missing = len(vectors) - space.rows
         if missing:
             logger.info("feature space %s: adding %d stored rows", features.name, missing)
-            space.apply(space.delta(vectors[space.rows :], row_labels[space.rows :]))
+            add_rows(
+                space.stats,
+                vectors,
+                row_labels,
+                [None] * len(vectors) if inputs is None else inputs,
+                start=space.rows,
+                transform=features.transform,
+            )
+            space.rows = len(vectors)
         if space.stats.labels != list(labels):
             raise ValueError(
                 f"feature space {features.name}: label columns differ from the store's"
             )
         return space
 
-    def delta(self, vectors: np.ndarray, label_lists: Sequence[Sequence[str]]) -> StatisticsDelta:
-        """What learning ``vectors`` adds in this space (computed block by block)."""
-        return self.stats.delta(vectors, label_lists, transform=self.features.transform)
+    def delta(self, added: Additions) -> StatisticsDelta:
+        """What new rows add in this space (computed block by block)."""
+        return added.delta(self.stats, self.features.transform)
 
-    def apply(self, delta: StatisticsDelta) -> None:
+    def apply(self, delta: StatisticsDelta, rows: int) -> None:
+        """Add the delta of ``rows`` new stored rows (copies of stored items add no example)."""
         self.stats.apply(delta)
-        self.rows += delta.n_examples
+        self.rows += rows
 
     def save_if_behind(self, checkpoint: Path) -> bool:
         """Rewrite the checkpoint when enough rows are missing from it; ``False`` when the store
@@ -108,6 +126,7 @@ class FeatureSpace:
             "rows": self.rows,
             "labels": stats.labels,
             "weighted": stats.weighted_gram is not None,
+            "items": self.items,
         }
         arrays = {
             "header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
@@ -127,7 +146,12 @@ class FeatureSpace:
 
     @classmethod
     def _read(
-        cls, path: Path, features: RandomFeatures, weighted: bool, labels: Sequence[str]
+        cls,
+        path: Path,
+        features: RandomFeatures,
+        weighted: bool,
+        labels: Sequence[str],
+        items: bool,
     ) -> FeatureSpace | None:
         """The checkpoint at ``path`` if it exists and fits this map and these labels."""
         if not path.is_file():
@@ -138,6 +162,7 @@ class FeatureSpace:
                 ok = (
                     header["digest"] == features.digest
                     and header["weighted"] == weighted
+                    and header.get("items", False) == items
                     and header["labels"] == list(labels[: len(header["labels"])])
                 )
                 if not ok:

@@ -4,6 +4,12 @@ The ECL's statistics are sums, so a session split into shards is learned exactly
 each shard adds. A worker computes its shard's :class:`~icl_cl.memory.statistics.StatisticsDelta`
 against an empty state (so its columns are its own labels, in first-use order); the writer maps
 those columns to the store's and adds the sums, under the writer lock.
+
+A shard cannot see the copies of its inputs in other shards or in the store, so its sums count
+every row. In a multi-label store, where copies of an input count once, the writer uses the
+merged sums only when the session holds no copy (of a stored input or within the session) and
+otherwise computes the session's statistics from the workers' vectors itself
+(:meth:`~icl_cl.memory.ecl.ExternalContinualLearner.learn`).
 """
 
 from __future__ import annotations

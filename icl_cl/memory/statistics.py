@@ -25,7 +25,8 @@ class StatisticsDelta:
         gram: ``sum x~ x~^T`` of the added vectors augmented with a constant 1, ``(dim+1, dim+1)``.
         weighted_gram: ``sum m_x x x^T`` with ``m_x`` the number of labels of ``x``, ``(dim, dim)``;
             ``None`` for statistics kept without it.
-        n_examples: Examples added.
+        n_examples: Examples added: items, in a multi-label store (a copy of a stored input
+            adds none).
     """
 
     new_labels: tuple[str, ...]
@@ -96,12 +97,14 @@ class RunningStatistics:
         vectors: np.ndarray,
         label_lists: Sequence[Sequence[str]],
         transform: Callable[[np.ndarray], np.ndarray] | None = None,
+        counted: np.ndarray | None = None,
     ) -> StatisticsDelta:
         """Compute what learning ``vectors`` with ``label_lists`` adds, without changing ``self``.
 
         ``transform`` maps a block of vectors to the space these statistics live in (a random
         feature map); it is applied block by block, so the features of a large session are never
-        held in memory at once.
+        held in memory at once. ``counted`` (default: all) marks the rows that are examples with
+        a Gram term; others (copies of a learned item) add only their labels' sums.
         """
         if vectors.ndim != 2:
             raise ValueError(f"expected a matrix of vectors, got shape {vectors.shape}")
@@ -109,14 +112,13 @@ class RunningStatistics:
         new_labels = list(
             dict.fromkeys(lab for labels in label_lists for lab in labels if lab not in self.col)
         )
-        col_of = dict(self.col)
-        for offset, label in enumerate(new_labels):
-            col_of[label] = len(self.labels) + offset
+        col_of = self.col | {label: len(self.labels) + i for i, label in enumerate(new_labels)}
         rows = np.asarray([i for i, labels in enumerate(label_lists) for _ in labels], np.int64)
         cols = [col_of[label] for labels in label_lists for label in labels]
         touched, local = np.unique(np.asarray(cols, dtype=np.int64), return_inverse=True)
         multiplicity = np.asarray([len(labels) for labels in label_lists], dtype=np.float64)
-        single = bool(np.all(multiplicity == 1))
+        counts_once = np.ones(len(vectors), bool) if counted is None else np.asarray(counted, bool)
+        single = bool(np.all(multiplicity == 1) and counts_once.all())
         dim = self.dim
         sums = np.zeros((len(touched), dim))
         gram = np.zeros((dim + 1, dim + 1))
@@ -131,13 +133,13 @@ class RunningStatistics:
             in_block = (rows >= lo) & (rows < hi)
             _add_segment_sums(sums, x64, rows[in_block] - lo, local[in_block])
             # Gram of [x, 1] assembled from blocks: one (d x d) product instead of (d+1) x (d+1).
-            plain = x64.T @ x64
-            gram[:-1, :-1] += plain
-            gram[:-1, -1] += x64.sum(axis=0)
+            xc = x64 if counts_once[lo:hi].all() else x64[counts_once[lo:hi]]
+            gram[:-1, :-1] += xc.T @ xc
+            gram[:-1, -1] += xc.sum(axis=0)
             if weighted is not None:
                 weighted += (x64 * multiplicity[lo:hi, None]).T @ x64
         gram[-1, :-1] = gram[:-1, -1]
-        gram[-1, -1] = len(vectors)
+        gram[-1, -1] = n_counted = int(counts_once.sum())
         if self.weighted and weighted is None:
             weighted = gram[:-1, :-1].copy()  # single-label: every example counts once
         counts = np.bincount(local, minlength=len(touched)).astype(np.int64)
@@ -148,7 +150,7 @@ class RunningStatistics:
             sums=sums,
             gram=gram,
             weighted_gram=weighted,
-            n_examples=len(vectors),
+            n_examples=n_counted,
         )
 
     def apply(self, delta: StatisticsDelta) -> None:

@@ -57,6 +57,11 @@ MANIFEST = "manifest.json"
 DATABASE = "store.sqlite"
 VECTORS = "examples.f32"
 LOCK = "writer.lock"
+# Meta key of a store whose multi-label statistics count each item once (copies of an input
+# learned in several sessions add only their new labels; see memory.item_groups). Stores written
+# before it counted every row: their multi-label statistics are recomputed on open and rewritten
+# by the next session (ExternalContinualLearner), and ``verify`` checks them as rows.
+ITEM_STATISTICS = "item_statistics"
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -247,9 +252,10 @@ class Store:
                         ("format_version", str(FORMAT_VERSION)),
                         ("config", json.dumps(config, sort_keys=True)),
                         ("multi_label", "null"),
+                        (ITEM_STATISTICS, "true"),
                     ],
                 )
-                seal(conn, "meta", ["format_version", "config", "multi_label"])
+                seal(conn, "meta", ["format_version", "config", "multi_label", ITEM_STATISTICS])
                 seal_schema(conn)
             conn.close()
             (tmp / VECTORS).touch()
@@ -386,7 +392,9 @@ class Store:
                     f"dimension {self.dim} (store damaged)"
                 )
             setattr(stats, key, np.frombuffer(value, np.float64).reshape(shapes[key]).copy())
-        stats.n_examples = self.n_examples()
+        # The Gram's constant corner sums a 1 per counted example: the stored rows, or in a
+        # multi-label store its items (copies of an input count once).
+        stats.n_examples = int(np.rint(stats.gram[-1, -1]))
         matrix = np.vstack(vectors) if vectors else np.zeros((0, self.dim), np.float32)
         return stats, labels, matrix
 
@@ -506,6 +514,7 @@ class Store:
         stats: RunningStatistics,
         multi_label: bool | None,
         seconds: float,
+        rewrite: bool = False,
     ) -> int:
         """Persist one session atomically and return its number.
 
@@ -513,7 +522,8 @@ class Store:
         session committed meanwhile by another process is refused). The new totals are written
         for touched labels only, so the cost of a session does not grow with the number of
         labels already known. The session's vectors, rows and statistics are sealed with their
-        checksums in the same transaction, and inside :meth:`idempotency_key` the key too.
+        checksums in the same transaction, and inside :meth:`idempotency_key` the key too. With
+        ``rewrite``, ``stats`` were recomputed (see :data:`ITEM_STATISTICS`): all are written.
         """
         self.require_writable()
         check_vectors(vectors, [ex.id for ex in examples])
@@ -528,29 +538,14 @@ class Store:
             session = last_session + 1
             digest = _append_vectors(self.path, self.dim, n_before, vectors)
             with _transaction(self._conn):
-                cols = _write_labels(
-                    self._conn, self.dim, session, new_labels, new_label_vectors, delta, stats
-                )
+                labels = (new_labels, new_label_vectors)
+                cols = _write_labels(self._conn, session, labels, delta, stats, rewrite)
                 _write_examples(self._conn, session, examples, n_before)
-                _write_statistics(self._conn, stats, delta, multi_label)
-                self._conn.execute(
-                    "INSERT INTO sessions(session, created_at, n_examples, new_labels, seconds)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (
-                        session,
-                        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                        len(examples),
-                        json.dumps([lab.label for lab in new_labels]),
-                        seconds,
-                    ),
-                )
-                self._conn.execute(
-                    "INSERT INTO blocks(session, first_row, n_rows, sha256) VALUES (?, ?, ?, ?)",
-                    (session, n_before, len(examples), digest),
+                _write_statistics(self._conn, stats, delta, multi_label, rewrite)
+                _write_session(
+                    self._conn, session, (n_before, len(examples)), new_labels, digest, seconds
                 )
                 seal(self._conn, "labels", cols)
-                seal(self._conn, "sessions", [session])
-                seal(self._conn, "blocks", [session])
                 if self._idempotency is not None:
                     write_idempotency(self._conn, *self._idempotency, session)
             self._loaded = (session, n_before + len(examples))
@@ -607,17 +602,45 @@ def _append_vectors(path: Path, dim: int, n_committed: int, vectors: np.ndarray)
     return block_digest(data)
 
 
+def _write_session(
+    conn: sqlite3.Connection,
+    session: int,
+    block: tuple[int, int],
+    new_labels: Sequence[Label],
+    digest: str,
+    seconds: float,
+) -> None:
+    """The session's row and its block of vectors (first row, rows), sealed."""
+    conn.execute(
+        "INSERT INTO sessions(session, created_at, n_examples, new_labels, seconds)"
+        " VALUES (?, ?, ?, ?, ?)",
+        (
+            session,
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            block[1],
+            json.dumps([lab.label for lab in new_labels]),
+            seconds,
+        ),
+    )
+    conn.execute(
+        "INSERT INTO blocks(session, first_row, n_rows, sha256) VALUES (?, ?, ?, ?)",
+        (session, *block, digest),
+    )
+    seal(conn, "sessions", [session])
+    seal(conn, "blocks", [session])
+
+
 def _write_labels(
     conn: sqlite3.Connection,
-    dim: int,
     session: int,
-    new_labels: Sequence[Label],
-    new_label_vectors: np.ndarray,
+    labels: tuple[Sequence[Label], np.ndarray],
     delta: StatisticsDelta,
     stats: RunningStatistics,
+    rewrite: bool = False,
 ) -> list[int]:
-    """Insert the new labels and update the touched ones' totals; returns every column
-    written."""
+    """Insert the new labels and update the touched ones' totals (with ``rewrite``, every
+    label's); returns every column written. ``labels``: the new labels and their vectors."""
+    new_labels, new_label_vectors = labels
     n_old_labels = len(stats.labels)
     conn.executemany(
         "INSERT INTO labels(col, label, name, description, grp, session, count, total, vector)"
@@ -630,18 +653,24 @@ def _write_labels(
                 lab.description,
                 lab.group,
                 session,
-                np.zeros(dim).tobytes(),
+                np.zeros(stats.dim).tobytes(),
                 new_label_vectors[i].astype(np.float32).tobytes(),
             )
             for i, lab in enumerate(new_labels)
         ],
     )
-    updates = []
+    totals: dict[int, tuple[int, np.ndarray]] = {}
+    if rewrite:
+        totals = {c: (int(stats.counts[c]), stats.sums[c]) for c in range(n_old_labels)}
     for col, count, total in zip(delta.cols, delta.counts, delta.sums, strict=True):
         if col < n_old_labels:
             count = count + stats.counts[col]
             total = total + stats.sums[col]
-        updates.append((int(count), np.asarray(total, np.float64).tobytes(), int(col)))
+        totals[int(col)] = (int(count), total)
+    updates = [
+        (count, np.asarray(total, np.float64).tobytes(), col)
+        for col, (count, total) in totals.items()
+    ]
     conn.executemany("UPDATE labels SET count = ?, total = ? WHERE col = ?", updates)
     return sorted({n_old_labels + i for i in range(len(new_labels))} | {u[2] for u in updates})
 
@@ -665,6 +694,7 @@ def _write_statistics(
     stats: RunningStatistics,
     delta: StatisticsDelta,
     multi_label: bool | None,
+    rewrite: bool = False,
 ) -> None:
     conn.executemany(
         "INSERT OR REPLACE INTO statistics(key, value) VALUES (?, ?)",
@@ -676,6 +706,11 @@ def _write_statistics(
     conn.execute("UPDATE meta SET value = ? WHERE key = 'multi_label'", (json.dumps(multi_label),))
     seal(conn, "statistics", ["gram", "weighted_gram"])
     seal(conn, "meta", ["multi_label"])
+    if rewrite:
+        conn.execute(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES (?, 'true')", (ITEM_STATISTICS,)
+        )
+        seal(conn, "meta", [ITEM_STATISTICS])
 
 
 def _insert_images(conn: sqlite3.Connection, examples: Sequence[Example], n_before: int) -> None:

@@ -8,7 +8,8 @@ Opening a store checks the last session's vectors; this checks everything:
 - the vector file: every session's block against its checksum, blocks that follow each other
   from row 0 and hold each session's examples, and a file as long as the committed rows;
 - the statistics: counts, sums and Gram matrices recomputed from the stored vectors and labels
-  (the same running sums a learn adds), and every value finite.
+  (the same running sums a learn adds, over items in a multi-label store), and every value
+  finite.
 """
 
 from __future__ import annotations
@@ -24,11 +25,10 @@ import numpy as np
 
 from icl_cl.errors import StoreError
 from icl_cl.memory.checksums import SCHEMA_SEAL, SEALED, check_block, schema_digest, unit_digests
+from icl_cl.memory.item_groups import add_rows
 from icl_cl.memory.statistics import RunningStatistics
-from icl_cl.memory.store import APPLICATION_ID, FORMAT_VERSION, VECTORS, Store
+from icl_cl.memory.store import APPLICATION_ID, FORMAT_VERSION, ITEM_STATISTICS, VECTORS, Store
 
-# Rows recomputed at a time (bounds the float64 copies the statistics are computed in).
-_CHUNK = 20_000
 # Recomputed sums may differ from the stored running ones by float rounding only.
 _TOLERANCE = 1e-7
 # Problems listed per check before the rest are counted.
@@ -221,9 +221,17 @@ def _check_statistics(store: Store, report: VerifyReport) -> None:
     if found:
         _add(report, found, "statistics problems")
         return
+    # A multi-label store counts each item once; one written before that counted every row.
+    items = bool(store.meta("multi_label")) and store.meta(ITEM_STATISTICS) is not None
+    if store.meta("multi_label") and not items:
+        report.notes.append(
+            f"{store.path / 'store.sqlite'}: multi-label statistics of an earlier version (each "
+            "copy of an input counted apart): checked as such; opening recomputes them as "
+            "items, and the next session stores those"
+        )
     again = RunningStatistics(store.dim)
-    for lo in range(0, len(vectors), _CHUNK):
-        again.apply(again.delta(vectors[lo : lo + _CHUNK], row_labels[lo : lo + _CHUNK]))
+    inputs = store.input_keys()[: len(vectors)] if items else [None] * len(vectors)
+    add_rows(again, vectors, row_labels, inputs)
     cols = [stats.col[lab] for lab in again.labels]
     checks: list[tuple[str, Callable[[], bool]]] = [
         ("counts", lambda: np.array_equal(stats.counts[cols], again.counts)),
