@@ -40,9 +40,9 @@ class NearestClassMean:
 
     name = "ncm"
 
-    def __init__(self, stats: RunningStatistics, means: np.ndarray | None = None) -> None:
-        """``means`` replaces the class means (calibrated prototypes); default: the plain ones."""
-        means = stats.means() if means is None else means
+    def __init__(self, stats: RunningStatistics, prototypes: np.ndarray | None = None) -> None:
+        """``prototypes`` replaces the class means (calibrated ones); default: the plain means."""
+        means = stats.means() if prototypes is None else prototypes
         norms = np.linalg.norm(means, axis=1, keepdims=True)
         self._prototypes = np.ascontiguousarray((means / np.maximum(norms, 1e-12)).T, np.float32)
         self._counts = stats.counts.copy()
@@ -244,7 +244,9 @@ def build_scorer(
         inner: Scorer = (
             Ridge(stats, relative_to_absolute(stats, config.ranpac_lambda))
             if name == "ranpac"
-            else Mahalanobis(stats, config.shrinkage, False, _prototypes(stats, config))
+            else Mahalanobis(
+                stats, config.shrinkage, distances=False, prototypes=_prototypes(stats, config)
+            )
         )
         return InFeatureSpace(name, features, inner)
     if name == "ncm":
