@@ -511,6 +511,8 @@ def _joint(plan: _Plan, run_fp: str, stores: Path, embedder: CachedEmbedder) -> 
         [
             run_fp,
             [(m.name, getattr(m, "scorer", None), config.method_k(m)) for m in config.methods],
+            # The scorers' settings (e.g. prototype calibration) change what is compared.
+            config.classifier.memory.model_dump(mode="json"),
         ]
     )
     joint = plan.checkpoint.get_extra("joint", joint_fp)
