@@ -46,7 +46,8 @@ def main() -> None:
     parser.add_argument("--klda-features", type=int, default=2048)
     parser.add_argument("--out")
     args = parser.parse_args()
-    data = load_dataset(DatasetSpec(path=args.dataset))
+    # Only train is used: the test file is never read for the choice.
+    data = load_dataset(DatasetSpec(path=args.dataset, test_file="train.jsonl"))
     embedder = CachedEmbedder(load_embedder(EmbedderConfig()), Path(args.run) / EMBEDDINGS)
     vectors = embedder.encode([ex.text for ex in data.train])
     rows = []
