@@ -112,6 +112,24 @@ class MemoryConfig(_Strict):
         "'auto' estimates it from the data (Oracle Approximating Shrinkage)",
     )
     knn_neighbors: int = Field(20, gt=0, description="neighbours that vote in the kNN scorer")
+    teen_max_examples: int = Field(
+        10,
+        ge=0,
+        description="prototype calibration (TEEN) of the mean-based scorers (ncm, mahalanobis, "
+        "klda): a label with at most this many examples has its class mean pulled towards the "
+        "means of similar labels with more (0: off)",
+    )
+    # Defaults: the best mean harmonic mean of base and few-shot accuracy over ncm, mahalanobis
+    # and klda, 5-shot sessions simulated inside the train splits of WordNet supersenses and
+    # Debian sections (eval/bench/fewshot_calibration.py; docs/results.md, "Few-shot labels").
+    teen_alpha: float = Field(
+        0.25, ge=0, le=1, description="TEEN: weight a few-shot label keeps on its own class mean"
+    )
+    teen_tau: float = Field(
+        4.0,
+        gt=0,
+        description="TEEN: softmax temperature over the cosines to the populated labels' means",
+    )
     ranpac_features: int = Field(
         8192,
         ge=256,

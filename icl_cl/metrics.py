@@ -35,6 +35,7 @@ __all__ = [
     "backward_transfer",
     "expected_calibration_error",
     "forgetting",
+    "harmonic_mean",
     "last_accuracy",
     "macro_f1",
     "mean_average_precision",
@@ -207,6 +208,29 @@ def backward_transfer(accuracy_matrix: npt.ArrayLike) -> float:
         return 0.0
     old = np.arange(t_last)
     return float(np.mean(r[t_last, old] - r[old, old]))
+
+
+def harmonic_mean(base: float, novel: float) -> float:
+    """Harmonic mean of the accuracies on base and on novel (few-shot) labels, the usual
+    few-shot class-incremental summary: high only when both are.
+
+    Args:
+        base: Accuracy on test items of the base session's labels.
+        novel: Accuracy on test items of the labels learned from a few examples.
+
+    Returns:
+        ``2 b n / (b + n)``; ``0.0`` when both are 0; NaN when either is NaN (no such items).
+
+    Raises:
+        ValueError: If either value is outside ``[0, 1]``.
+    """
+    if math.isnan(base) or math.isnan(novel):
+        return float("nan")
+    for name, value in (("base", base), ("novel", novel)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    total = base + novel
+    return 0.0 if total == 0 else 2 * base * novel / total
 
 
 # ---------------------------------------------------------------------------

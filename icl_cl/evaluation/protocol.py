@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from icl_cl.evaluation.datasets import Dataset, DatasetSpec, load_dataset, sampl
 from icl_cl.evaluation.llm_pool import BackendFactory, BackendPool
 from icl_cl.evaluation.methods import run_method
 from icl_cl.evaluation.outputs import Decision, MethodOutput, StageContext
-from icl_cl.evaluation.sessions import SessionSpec, session_examples, split_sessions
+from icl_cl.evaluation.sessions import SessionSpec, session_streams, split_sessions
 from icl_cl.evaluation.specs import LLM_KINDS, MethodSpec, method_config
 from icl_cl.types import Example, Progress
 
@@ -211,8 +211,10 @@ def _cell_result(
     label_names: Sequence[str],
     seconds: float,
     uses_llm: bool,
+    few_shot: bool = False,
 ) -> dict[str, Any]:
-    """Quality next to cost for one (method, session) cell, plus its row of the accuracy matrix."""
+    """Quality next to cost for one (method, session) cell, plus its row of the accuracy matrix
+    (and, in the few-shot protocol, the base / novel split of :func:`_base_and_novel`)."""
     quality = score_decisions(items, output.decisions, multi, k, output.full_scores, label_names)
     # Variants report a few headline numbers only, to keep the tables readable.
     shown = ("rp@5", "micro_f1", "map") if multi else ("accuracy",)
@@ -230,16 +232,45 @@ def _cell_result(
     if uses_llm:
         cost["llm_fallbacks"] = float(output.cost.fallbacks)
         cost["prompts_shortened"] = float(output.cost.shortened)
-    per_session = []
-    for labs in sessions:
-        idx = [i for i, ex in enumerate(items) if set(ex.labels) & set(labs)]
-        if not idx:
-            per_session.append(float("nan"))
-            continue
-        sub_gold = _restrict([items[i] for i in idx], set(labs))
-        sub = [output.decisions[i] for i in idx]
-        per_session.append(score_decisions(sub_gold, sub, multi, k)[headline(multi)])
+    per_session = [_headline_on(items, output.decisions, labs, multi, k) for labs in sessions]
+    if few_shot:
+        quality.update(_base_and_novel(items, output.decisions, sessions, multi, k))
     return {"n_test": n, "metrics": {**quality, **cost, **output.setup}, "per_session": per_session}
+
+
+def _headline_on(
+    items: Sequence[Example],
+    decisions: Sequence[Decision],
+    labels: Collection[str],
+    multi: bool,
+    k: int,
+) -> float:
+    """The headline metric on the test items with a gold label in ``labels``, gold restricted
+    to them (NaN when there is none)."""
+    idx = [i for i, ex in enumerate(items) if set(ex.labels) & set(labels)]
+    if not idx:
+        return float("nan")
+    sub_gold = _restrict([items[i] for i in idx], set(labels))
+    return score_decisions(sub_gold, [decisions[i] for i in idx], multi, k)[headline(multi)]
+
+
+def _base_and_novel(
+    items: Sequence[Example],
+    decisions: Sequence[Decision],
+    sessions: Sequence[Sequence[str]],
+    multi: bool,
+    k: int,
+) -> dict[str, float]:
+    """The few-shot summary (FSCIL): the headline metric on base-label test items (the first
+    session's labels), on novel-label ones (every later session's) and their harmonic mean;
+    the last two only once a novel label is learned."""
+    name = headline(multi)
+    out = {f"base_{name}": _headline_on(items, decisions, sessions[0], multi, k)}
+    novel = {lab for labs in sessions[1:] for lab in labs}
+    if novel:
+        out[f"novel_{name}"] = _headline_on(items, decisions, novel, multi, k)
+        out["harmonic_mean"] = metrics.harmonic_mean(out[f"base_{name}"], out[f"novel_{name}"])
+    return out
 
 
 def _run_fingerprint(config: EvalConfig, data: Dataset) -> str:
@@ -274,7 +305,7 @@ class _Plan:
     @classmethod
     def make(cls, config: EvalConfig, data: Dataset, checkpoint: Checkpoint) -> _Plan:
         sessions = split_sessions(config.sessions, data.labels, data.train)
-        streams = [session_examples(data.train, labs, t + 1) for t, labs in enumerate(sessions)]
+        streams = session_streams(config.sessions, sessions, data.train)
         configs = {m.name: method_config(config.classifier, m) for m in config.methods}
         seen_by_stage, seen = [], set()
         for labs in sessions:
@@ -480,6 +511,8 @@ def _joint(plan: _Plan, run_fp: str, stores: Path, embedder: CachedEmbedder) -> 
         [
             run_fp,
             [(m.name, getattr(m, "scorer", None), config.method_k(m)) for m in config.methods],
+            # The scorers' settings (e.g. prototype calibration) change what is compared.
+            config.classifier.memory.model_dump(mode="json"),
         ]
     )
     joint = plan.checkpoint.get_extra("joint", joint_fp)
@@ -551,6 +584,7 @@ def _evaluate_cell(
         ctx.classifier.memory.stats.labels,
         seconds,
         method.kind in LLM_KINDS,
+        few_shot=config.sessions.shots is not None,
     )
 
 

@@ -1,4 +1,5 @@
-"""Class-incremental session splits: by label group, at random with a seed, or explicit."""
+"""Class-incremental session splits: by label group, at random with a seed, or explicit; and the
+few-shot protocol (FSCIL), where every session after the first shows a few examples per label."""
 
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ class SessionSpec(BaseModel):
     n: int = Field(5, gt=0, description="number of sessions (random split)")
     seed: int = 0
     explicit: list[list[str]] | None = None
+    shots: int | None = Field(
+        None,
+        gt=0,
+        description="few-shot protocol: the first session (the base) shows every example of its "
+        "labels, each later one at most this many examples per label, drawn with the seed",
+    )
 
 
 def split_sessions(
@@ -63,4 +70,37 @@ def session_examples(
         if labels:
             ident = ex.id if len(labels) == len(ex.labels) else f"{ex.id}#s{session}"
             out.append(Example(ident, ex.text, labels, image=ex.image))
+    return out
+
+
+def session_streams(
+    spec: SessionSpec, sessions: Sequence[Sequence[str]], train: Sequence[Example]
+) -> list[list[Example]]:
+    """What each session shows: its labels' training items (see :func:`session_examples`); in
+    the few-shot protocol (``spec.shots``), every session after the first keeps at most
+    ``shots`` items per label."""
+    streams = [session_examples(train, labs, t + 1) for t, labs in enumerate(sessions)]
+    if spec.shots is None:
+        return streams
+    return streams[:1] + [_few_shots(stream, spec.shots, spec.seed) for stream in streams[1:]]
+
+
+def _few_shots(stream: Sequence[Example], shots: int, seed: int) -> list[Example]:
+    """At most ``shots`` items per label of ``stream``, each item showing only the labels it was
+    drawn for (so no label gets more through a multi-label item). The draw of a label depends
+    only on the seed, the label and its items, not on the other labels of the session."""
+    by_label: dict[str, list[int]] = {}
+    for i, ex in enumerate(stream):
+        for lab in ex.labels:
+            by_label.setdefault(lab, []).append(i)
+    drawn: dict[int, list[str]] = {}
+    for lab, rows in by_label.items():
+        chosen = random.Random(f"{seed}:{lab}").sample(rows, min(shots, len(rows)))
+        for i in chosen:
+            drawn.setdefault(i, []).append(lab)
+    out = []
+    for i in sorted(drawn):
+        ex = stream[i]
+        labels = [lab for lab in ex.labels if lab in drawn[i]]
+        out.append(Example(ex.id, ex.text, labels, image=ex.image))
     return out

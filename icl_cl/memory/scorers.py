@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from icl_cl.memory.prototype_calibration import calibrated_means
 from icl_cl.memory.statistics import RunningStatistics
 
 if TYPE_CHECKING:
@@ -39,8 +40,9 @@ class NearestClassMean:
 
     name = "ncm"
 
-    def __init__(self, stats: RunningStatistics) -> None:
-        means = stats.means()
+    def __init__(self, stats: RunningStatistics, prototypes: np.ndarray | None = None) -> None:
+        """``prototypes`` replaces the class means (calibrated ones); default: the plain means."""
+        means = stats.means() if prototypes is None else prototypes
         norms = np.linalg.norm(means, axis=1, keepdims=True)
         self._prototypes = np.ascontiguousarray((means / np.maximum(norms, 1e-12)).T, np.float32)
         self._counts = stats.counts.copy()
@@ -62,8 +64,14 @@ class Mahalanobis:
     name = "mahalanobis"
 
     def __init__(
-        self, stats: RunningStatistics, shrinkage: float | str, distances: bool = True
+        self,
+        stats: RunningStatistics,
+        shrinkage: float | str,
+        distances: bool = True,
+        prototypes: np.ndarray | None = None,
     ) -> None:
+        """``prototypes`` replaces the class means the distances are measured to (calibrated
+        ones); the covariance is always the scatter around the plain means."""
         counts = stats.counts
         seen = counts > 0
         means = stats.means()
@@ -82,6 +90,8 @@ class Mahalanobis:
         # out: the same ranking (a linear discriminant) at a fraction of the cost in wide
         # feature spaces, where the precision matrix is never formed.
         self._precision: np.ndarray | None = None
+        if prototypes is not None:
+            means = prototypes
         if distances:
             precision = np.linalg.inv(cov)
             weights = means @ precision  # (C, d)
@@ -210,6 +220,11 @@ class InFeatureSpace:
 FEATURE_SCORERS = ("ranpac", "klda")
 
 
+def _prototypes(stats: RunningStatistics, config: MemoryConfig) -> np.ndarray:
+    """The class means the mean-based scorers use: few-shot labels' calibrated (TEEN)."""
+    return calibrated_means(stats, config.teen_max_examples, config.teen_alpha, config.teen_tau)
+
+
 def build_scorer(
     name: str,
     stats: RunningStatistics,
@@ -229,13 +244,15 @@ def build_scorer(
         inner: Scorer = (
             Ridge(stats, relative_to_absolute(stats, config.ranpac_lambda))
             if name == "ranpac"
-            else Mahalanobis(stats, config.shrinkage, distances=False)
+            else Mahalanobis(
+                stats, config.shrinkage, distances=False, prototypes=_prototypes(stats, config)
+            )
         )
         return InFeatureSpace(name, features, inner)
     if name == "ncm":
-        return NearestClassMean(stats)
+        return NearestClassMean(stats, _prototypes(stats, config))
     if name == "mahalanobis":
-        return Mahalanobis(stats, config.shrinkage)
+        return Mahalanobis(stats, config.shrinkage, prototypes=_prototypes(stats, config))
     if name == "ridge":
         return Ridge(stats, config.ridge_lambda)
     if name == "knn":
