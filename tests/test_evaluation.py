@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
+from icl_cl.classifier import ContinualClassifier
 from icl_cl.embedding.cache import CachedEmbedder
 from icl_cl.errors import ConfigError
 from icl_cl.evaluation.datasets import DatasetSpec, load_dataset
@@ -275,3 +276,29 @@ def test_disk_embedding_cache_survives_a_new_process(tmp_path, embedder):
     assert again.missing(texts) == 0
     np.testing.assert_array_equal(again.encode(texts), vectors)
     assert again.misses == 0
+
+
+def test_queries_go_through_the_stores_transform_as_in_predict(tmp_path, embedder, wordnet):
+    """With a centred LLM view the stored vectors are centred by the store's frozen mean; the
+    harness must score its test items through that same transform, as ``predict`` does."""
+    config = EvalConfig.from_dict(
+        {
+            "name": "centred",
+            "dataset": {"path": str(SAMPLES / "wordnet-sample"), "test_file": "test.jsonl"},
+            "sessions": {"by": "random", "n": 2, "seed": 0},
+            "k": 3,
+            # The view's settings only decide the centring here: the embedder is the fixture's.
+            "classifier": {"embedder": {"llm_view": {"centre": True}}},
+            "methods": [{"name": "ecl", "scorer": "mahalanobis"}],
+            "joint_check": False,
+        }
+    )
+    results = run_protocol(config, tmp_path / "run", SAMPLES, embedder=embedder)
+    stage = results["methods"]["ecl"]["stages"][-1]
+    _, test, _ = wordnet
+    store = tmp_path / "run" / "stores" / "incremental"
+    with ContinualClassifier.open(store, config.classifier, embedder=embedder) as clf:
+        preds = clf.predict([ex.text for ex in test], 3, scorer="mahalanobis", use_llm=False)
+    accuracy = np.mean([p.labels[0] in ex.labels for p, ex in zip(preds, test, strict=True)])
+    assert stage["n_test"] == len(test)
+    assert stage["accuracy"] == pytest.approx(accuracy)

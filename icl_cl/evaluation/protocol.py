@@ -492,7 +492,6 @@ def _run_sessions(
                     ctx,
                     plan.tests[t],
                     plan.sessions[: t + 1],
-                    embedder,
                     multi,
                     t,
                     tick,
@@ -541,14 +540,15 @@ def _evaluate_cell(
     ctx: StageContext,
     test: list[Example],
     sessions: Sequence[Sequence[str]],
-    embedder: CachedEmbedder,
     multi: bool,
     t: int,
     tick: Progress,
 ) -> dict[str, Any]:
     # The same seeded sample at a stage for every method with the same budget: comparable cells.
     items = sample_items(test, config.budget(method), config.dataset.seed + t)
-    queries = embedder.encode([ex.item for ex in items])
+    # Through the stage's classifier: its embedder applies the store's frozen transform (the
+    # centring of an LLM view), as `predict` does; the run's cache stays underneath it.
+    queries = ctx.classifier.embedder.encode([ex.item for ex in items])
     k = config.method_k(method)
     bar = f"{method.name} after session {t + 1}"
     done = 0
@@ -650,7 +650,9 @@ def _joint_check(
     )
     try:
         joint.learn([ex for stream in streams for ex in stream], data.labels, fit=False)
-        queries = embedder.encode([ex.item for ex in data.test])
+        # Each store's own embedder: an LLM view's centring is fitted on each store's first session.
+        items = [ex.item for ex in data.test]
+        queries = {id(clf): clf.embedder.encode(items) for clf in (joint, incremental)}
         agreement = {}
         for m in config.methods:
             if not hasattr(m, "scorer"):
@@ -660,8 +662,8 @@ def _joint_check(
                 # Their scorer is chosen on held-out stored items, as the incremental store's
                 # was by its method's fit: compared unfitted, the two would differ by design.
                 joint.fit(k, scorer=m.scorer, use_llm=False)
-            a = joint.candidates(queries, k, scorer=m.scorer)
-            b = incremental.candidates(queries, k, scorer=m.scorer)
+            a = joint.candidates(queries[id(joint)], k, scorer=m.scorer)
+            b = incremental.candidates(queries[id(incremental)], k, scorer=m.scorer)
             same = [
                 [label for label, _ in x] == [label for label, _ in y]
                 for x, y in zip(a, b, strict=True)
