@@ -652,7 +652,7 @@ def _joint_check(
         joint.learn([ex for stream in streams for ex in stream], data.labels, fit=False)
         # Each store's own embedder: an LLM view's centring is fitted on each store's first session.
         items = [ex.item for ex in data.test]
-        queries = {id(clf): clf.embedder.encode(items) for clf in (joint, incremental)}
+        joint_queries, queries = joint.embedder.encode(items), incremental.embedder.encode(items)
         agreement = {}
         for m in config.methods:
             if not hasattr(m, "scorer"):
@@ -662,8 +662,8 @@ def _joint_check(
                 # Their scorer is chosen on held-out stored items, as the incremental store's
                 # was by its method's fit: compared unfitted, the two would differ by design.
                 joint.fit(k, scorer=m.scorer, use_llm=False)
-            a = joint.candidates(queries[id(joint)], k, scorer=m.scorer)
-            b = incremental.candidates(queries[id(incremental)], k, scorer=m.scorer)
+            a = joint.candidates(joint_queries, k, scorer=m.scorer)
+            b = incremental.candidates(queries, k, scorer=m.scorer)
             same = [
                 [label for label, _ in x] == [label for label, _ in y]
                 for x, y in zip(a, b, strict=True)
