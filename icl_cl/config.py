@@ -73,6 +73,11 @@ class EmbedderConfig(_Strict):
     )
     device: str = "cpu"
     batch_size: int = Field(64, gt=0)
+    pack: bool = Field(
+        True,
+        description="pack several texts into one attention row (BERT-family models): a forward "
+        "pass costs its real tokens, not padding; the vectors are the same",
+    )
     backend: Literal["torch", "onnx"] = Field(
         "torch",
         description="'onnx': run an ONNX export of the model with onnxruntime on the CPU "

@@ -116,7 +116,8 @@ def test_fp32_export_matches_torch(
 
 
 class _ChunkRecorder(SentenceTransformerEmbedder):
-    """The real torch embedder, noting what each call into the model received."""
+    """The real torch embedder, unpacked (padded batches), noting what each call into the model
+    received."""
 
     chunks: list[list[str]]
 
@@ -130,7 +131,7 @@ def test_length_sort_spans_the_call_and_keeps_input_order(
 ) -> None:
     items = ["mid length text", "a", LONG, "short", "a fairly long text about packages", "b c"]
     monkeypatch.setattr(st_module, "BATCH_CHARS", 40)
-    plain = _ChunkRecorder(MODEL)
+    plain = _ChunkRecorder(MODEL, pack=False)
     plain.chunks = []
     done: list[int] = []
     vectors = plain.encode(items, progress=done.append)

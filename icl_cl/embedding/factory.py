@@ -36,5 +36,8 @@ def load_embedder(config: EmbedderConfig) -> Embedder:
         return OnnxSentenceEmbedder(
             config.model, batch_size=config.batch_size, quantize=config.quantize
         )
-    cls = ClipEmbedder if clip else SentenceTransformerEmbedder
-    return cls(config.model, device=config.device, batch_size=config.batch_size)
+    if clip:
+        return ClipEmbedder(config.model, device=config.device, batch_size=config.batch_size)
+    return SentenceTransformerEmbedder(
+        config.model, device=config.device, batch_size=config.batch_size, pack=config.pack
+    )

