@@ -1,11 +1,14 @@
-"""Embedding speed and accuracy: plain torch against the ONNX backend (fp32 and dynamic int8).
+"""Embedding speed and accuracy: torch (packed, the default, and padded) against the ONNX
+backend (fp32 and dynamic int8).
 
 Speed, every backend on the same items in one run, rounds interleaved so they share the
 machine's load; a ``-chunked`` arm is the encoding loop before the length sort (512 items per
-call in input order, sentence-transformers sorting within each call):
+call in input order, sentence-transformers sorting within each call); ``torch-padded`` is torch
+without sequence packing (length-sorted padded batches). ``--call-items N`` hands every arm the
+items N at a time, in input order, as the service's micro-batches do:
     python eval/bench/embedding_speed.py speed --data dev.jsonl [--data other.jsonl] \
-        [--n 1024] [--rounds 3] [--arms torch-chunked,torch,onnx-fp32,onnx-int8] \
-        [--out speed.json]
+        [--n 1024] [--rounds 3] [--arms torch-chunked,torch,torch-padded,onnx-fp32,onnx-int8] \
+        [--call-items N] [--out speed.json]
 
 Accuracy on dev after learning all of train (the product's ECL, every scorer), with the torch
 vectors and the int8 vectors of the same items:
@@ -42,6 +45,7 @@ from icl_cl.types import Example
 OLD_CHUNK = 512
 BACKENDS = {
     "torch": EmbedderConfig(),
+    "torch-padded": EmbedderConfig(pack=False),
     "onnx-fp32": EmbedderConfig(backend="onnx"),
     "onnx-int8": EmbedderConfig(backend="onnx", quantize="int8"),
 }
@@ -53,14 +57,17 @@ def _texts(path: str, n: int) -> list[str]:
 
 
 def speed(args: argparse.Namespace) -> dict:
-    embedders = {name: load_embedder(config) for name, config in BACKENDS.items()}
+    names = args.arms.split(",")
+    backends = {name.removesuffix("-chunked") for name in names}
+    embedders = {name: load_embedder(BACKENDS[name]) for name in backends}
     for embedder in embedders.values():  # load (and export, once) before any timing
         embedder.encode(["warm up"])
     arms: dict[str, Callable[[list[str]], np.ndarray]] = {}
-    for name in args.arms.split(","):
+    for name in names:
         backend = name.removesuffix("-chunked")
         encode = embedders[backend].encode
-        arms[name] = encode if backend == name else _chunked(encode)
+        encode = encode if backend == name else _chunked(encode, OLD_CHUNK)
+        arms[name] = _chunked(encode, args.call_items) if args.call_items else encode
     if "torch" not in arms:
         raise SystemExit("--arms must include torch, the reference")
     result = {}
@@ -76,6 +83,7 @@ def speed(args: argparse.Namespace) -> dict:
         rate = {arm: len(items) / statistics.median(s) for arm, s in seconds.items()}
         row = {
             "items": len(items),
+            "call_items": args.call_items or len(items),
             "mean_chars": float(np.mean([len(t) for t in items])),
             "rounds": args.rounds,
             "items_per_s": rate,
@@ -90,10 +98,12 @@ def speed(args: argparse.Namespace) -> dict:
     return result
 
 
-def _chunked(encode: Callable[[list[str]], np.ndarray]) -> Callable[[list[str]], np.ndarray]:
-    """The loop before the length sort: one call per 512 items, in input order."""
+def _chunked(
+    encode: Callable[[list[str]], np.ndarray], size: int
+) -> Callable[[list[str]], np.ndarray]:
+    """One call per ``size`` items, in input order."""
     return lambda items: np.concatenate(
-        [encode(items[i : i + OLD_CHUNK]) for i in range(0, len(items), OLD_CHUNK)]
+        [encode(items[i : i + size]) for i in range(0, len(items), size)]
     )
 
 
@@ -231,8 +241,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument(
         "--arms",
-        default="torch-chunked,torch,onnx-fp32,onnx-int8",
-        help="backends to time (torch, onnx-fp32, onnx-int8), each optionally with -chunked",
+        default="torch-chunked,torch,torch-padded,onnx-fp32,onnx-int8",
+        help="backends to time (torch, torch-padded, onnx-fp32, onnx-int8), each optionally "
+        "with -chunked",
+    )
+    p.add_argument(
+        "--call-items", type=int, default=0, help="items per encode call (0: all in one call)"
     )
     p.add_argument("--out")
     p = sub.add_parser("accuracy")
