@@ -274,11 +274,24 @@ def test_a_learn_worker_killed_leaves_the_store_at_its_last_session(
 ) -> None:
     from icl_cl.distributed import learn
 
+    # Shards long enough (4 x 1,000 texts) that the workers are still embedding when the killer,
+    # polling every 50 ms, finds one; with the fixture's 55-line shards a loaded machine could
+    # finish the learn first.
+    examples, _ = read_examples(WORDNET / "train.jsonl", max_chars=10_000)
+    long_shards = learned_once / "long-shards"
+    long_shards.mkdir()
+    for s in range(4):
+        rows = (examples[(s * 1000 + i) % len(examples)] for i in range(1000))
+        lines = (
+            json.dumps({"id": f"s{s}-{i}", "text": f"{ex.text} ({s}.{i})", "labels": ex.labels})
+            for i, ex in enumerate(rows)
+        )
+        (long_shards / f"part-{s}.jsonl").write_text("\n".join(lines) + "\n")
     before = _state(learned_once / "store")
     killer = _Killer("ray::ShardLearner")
     try:
         with pytest.raises(WorkerError, match="died"):
-            learn(learned_once / "shards", learned_once / "store", actors=2, fit=False)
+            learn(long_shards, learned_once / "store", actors=2, fit=False)
     finally:
         killer.join()
     assert killer.killed is not None
