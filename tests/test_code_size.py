@@ -9,13 +9,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "icl_cl"
 MAX_FUNCTION_LINES = 60
 MAX_CLASS_LINES = 400
 
-# Over the limits today, in the memory package (the store's session commit and the ECL's learn),
-# which is being extended with new scorers. Remove an entry once it fits: the test says when an
-# entry is no longer needed.
-KNOWN = {
-    "memory/ecl.py:ExternalContinualLearner.learn",
-    "memory/ecl.py:ExternalContinualLearner",
-}
+# Over the limits today. Remove an entry once it fits: the test says when an entry is no longer
+# needed.
+KNOWN: set[str] = set()
 
 
 def _too_long() -> dict[str, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ from icl_cl.config import AUTO_SCORER, SCORERS, MemoryConfig
 from icl_cl.errors import ConfigError, DataError
 from icl_cl.memory.example_index import EXAMPLES_FILE, LABELS_FILE, ExampleIndex
 from icl_cl.memory.feature_space import FeatureSpace
-from icl_cl.memory.features import RandomFeatures, feature_width
+from icl_cl.memory.feature_spaces import FeatureSpaces
+from icl_cl.memory.features import RandomFeatures
 from icl_cl.memory.item_groups import ItemGroups
 from icl_cl.memory.scorer_choice import (
     CHOICE_KEY,
@@ -39,6 +41,19 @@ from icl_cl.types import Example, Label
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class _Session:
+    """A session worked out before its commit: what the store writes, then memory applies."""
+
+    base: RunningStatistics  # the statistics it adds to (recomputed when the store regroups)
+    delta: StatisticsDelta
+    regrouped: bool  # the store changes kind (single- to multi-label, or back)
+    space_deltas: dict[str, StatisticsDelta]  # per feature space that keeps its width
+    labels: list[Label]  # the new label columns, in order
+    label_vectors: np.ndarray
+    late_labels: list[str]  # declared labels with no example yet (the last new columns)
+
+
 class ExternalContinualLearner:
     """Learns sessions of embedded examples by adding to running statistics; never retrains.
 
@@ -60,7 +75,7 @@ class ExternalContinualLearner:
         self._scorers: dict[str, Scorer] = {}
         self._label_index: ExampleIndex | None = None
         # Random-feature statistics of the scorers that need them, built on first use.
-        self._spaces: dict[str, FeatureSpace] = {}
+        self._spaces = FeatureSpaces(store, self.index, config)
         self._choice: ScorerChoice | None = self._load_choice()
         self.multi_label: bool | None = store.meta("multi_label")
         # A multi-label store written before its statistics counted items (each row counted
@@ -134,6 +149,32 @@ class ExternalContinualLearner:
         partial sums of shards); by default they are computed here from ``vectors``. The store
         commits first; memory changes only after the commit succeeded.
         """
+        plan = self._plan(examples, vectors, new_labels, new_label_vectors, multi_label, delta)
+        with self.store.writer_lock():
+            session = self.store.commit_session(
+                examples=examples,
+                vectors=vectors,
+                new_labels=plan.labels,
+                new_label_vectors=plan.label_vectors,
+                delta=plan.delta,
+                stats=plan.base,
+                multi_label=multi_label,
+                seconds=seconds,
+                rewrite=plan.regrouped or self._rewrite,
+            )
+        self._apply(plan, examples, vectors, multi_label)
+        return session
+
+    def _plan(
+        self,
+        examples: Sequence[Example],
+        vectors: np.ndarray,
+        new_labels: Sequence[Label],
+        new_label_vectors: np.ndarray,
+        multi_label: bool | None,
+        delta: StatisticsDelta | None,
+    ) -> _Session:
+        """Work a session out without changing anything (see :meth:`learn`)."""
         known = self.stats.col
         given = {lab.label: i for i, lab in enumerate(new_labels)}
         missing = {
@@ -155,16 +196,12 @@ class ExternalContinualLearner:
             raise ValueError(f"delta of {delta.n_examples} examples for {len(examples)} examples")
         # Partial sums of shards count every row: kept only where no row is a copy.
         delta = delta if delta is not None and added.trivial and not switched else added.delta(base)
-        n_after = base.n_examples + delta.n_examples
-        # Spaces whose width stays the same are updated; a wider one is rebuilt on first use.
-        kept = {
-            n: sp
-            for n, sp in self._spaces.items()
-            if not switched
-            and sp.features == self.features_of(n, n_after)
-            and sp.stats.weighted == self._weighted(n, multi_label)
-        }
-        space_deltas = {name: sp.delta(added) for name, sp in kept.items()}
+        space_deltas = self._spaces.session_deltas(
+            added,
+            n_items=base.n_examples + delta.n_examples,
+            multi_label=multi_label,
+            regrouped=switched,
+        )
         # New columns: labels in order of first use (as the delta numbers them), then labels that
         # were declared but have no example yet.
         used = set(delta.new_labels)
@@ -172,46 +209,38 @@ class ExternalContinualLearner:
         order += [i for i, lab in enumerate(new_labels) if lab.label not in used]
         ordered = [new_labels[i] for i in order]
         ordered_vectors = new_label_vectors[order] if order else new_label_vectors[:0]
-        with self.store.writer_lock():
-            session = self.store.commit_session(
-                examples=examples,
-                vectors=vectors,
-                new_labels=ordered,
-                new_label_vectors=ordered_vectors,
-                delta=delta,
-                stats=base,
-                multi_label=multi_label,
-                seconds=seconds,
-                rewrite=switched or self._rewrite,
-            )
-        # Committed: now (and only now) change memory.
-        self.stats, self._rewrite = base, False
-        self.stats.apply(delta)
-        for lab in ordered[len(delta.new_labels) :]:
-            self.stats.add_label(lab.label)
-        self._spaces = kept
-        for name, space in kept.items():
-            space.apply(space_deltas[name], len(examples))
-            for lab in ordered[len(delta.new_labels) :]:
-                space.stats.add_label(lab.label)
-            space.save_if_behind(self._checkpoint(space.features))
-        self._labels.extend(ordered)
-        if ordered:
-            self._label_vector_chunks.append(ordered_vectors)
+        late = [lab.label for lab in ordered[len(delta.new_labels) :]]
+        return _Session(base, delta, switched, space_deltas, ordered, ordered_vectors, late)
+
+    def _apply(
+        self,
+        plan: _Session,
+        examples: Sequence[Example],
+        vectors: np.ndarray,
+        multi_label: bool | None,
+    ) -> None:
+        """Change memory by a committed session."""
+        self.stats, self._rewrite = plan.base, False
+        self.stats.apply(plan.delta)
+        for label in plan.late_labels:
+            self.stats.add_label(label)
+        self._spaces.apply(plan.space_deltas, len(examples), plan.late_labels)
+        self._labels.extend(plan.labels)
+        if plan.labels:
+            self._label_vector_chunks.append(plan.label_vectors)
             if self._label_index is not None:  # new labels are retrievable at once
-                self._label_index.add(ordered_vectors)
+                self._label_index.add(plan.label_vectors)
         self.index.add(vectors)
         # Large indexes are saved (a cache of the committed vectors) so that an open reads them.
         self.index.save(self._path / EXAMPLES_FILE)
         if len(self._labels) > self.config.label_exact_search_max:
             self._labels_index().save(self._path / LABELS_FILE)
-        if self._items is not None and multi_label == self.multi_label and not switched:
+        if self._items is not None and multi_label == self.multi_label and not plan.regrouped:
             self._add_items([input_of(ex) for ex in examples], [ex.labels for ex in examples])
         else:
             self._items = None  # built again on use (copies are grouped in multi-label stores)
         self._scorers.clear()
         self.multi_label = multi_label
-        return session
 
     # ---- querying --------------------------------------------------------------------------
 
@@ -288,43 +317,19 @@ class ExternalContinualLearner:
         return build_scorer(name, stats, config, self.index, items, excluded, features=features)
 
     def feature_space(self, name: str) -> FeatureSpace:
-        """The random-feature statistics a feature scorer (``ranpac``, ``klda``) is built on:
-        read from their checkpoint, caught up or rebuilt from the stored vectors if needed."""
-        if name not in self._spaces:
-            features = self.features_of(name)
-            self._spaces[name] = FeatureSpace.build(
-                features,
-                weighted=self._weighted(name, self.multi_label),
-                labels=self.stats.labels,
-                vectors=self.index.vectors_all(),
-                row_labels=self.store.row_labels()[: self.n_examples],
-                inputs=self.store.input_keys()[: self.n_examples] if self.multi_label else None,
-                checkpoint=self._checkpoint(features),
-            )
-            self._spaces[name].save_if_behind(self._checkpoint(features))
-        return self._spaces[name]
+        """The random-feature statistics a feature scorer (``ranpac``, ``klda``) is built on
+        (see :class:`~icl_cl.memory.feature_spaces.FeatureSpaces`)."""
+        return self._spaces.space(
+            name,
+            n_items=self.n_items,
+            n_rows=self.n_examples,
+            labels=self.stats.labels,
+            multi_label=self.multi_label,
+        )
 
-    @staticmethod
-    def _weighted(name: str, multi_label: bool | None) -> bool:
-        """Whether a feature space keeps the label-count-weighted Gram: klda's shared covariance
-        needs it in a multi-label store only (single-label, it equals the Gram)."""
-        return name == "klda" and bool(multi_label)
-
-    def features_of(self, name: str, n_examples: int | None = None) -> RandomFeatures:
-        """The random feature map of a feature scorer for a store of ``n_examples`` (default:
-        this one's): its seed and kind are fixed by the config, its width by the size."""
-        c = self.config
-        # The count of items, not of rows: sessions learned one by one (an input copied into
-        # several) and their union at once get the same width.
-        n = self.n_items if n_examples is None else n_examples
-        if name == "ranpac":
-            width = feature_width(n, c.ranpac_features)
-            return RandomFeatures("relu", self.dim, width, c.feature_seed)
-        width = feature_width(n, c.klda_features)
-        return RandomFeatures("rff", self.dim, width, c.feature_seed, c.klda_bandwidth)
-
-    def _checkpoint(self, features: RandomFeatures) -> Path:
-        return Path(self.store.path) / f"features-{features.name}.npz"
+    def features_of(self, name: str) -> RandomFeatures:
+        """The random feature map of a feature scorer at this store's size."""
+        return self._spaces.features(name, self.n_items)
 
     def _stats_for(self, name: str) -> RunningStatistics:
         return self.feature_space(name).stats if name in FEATURE_SCORERS else self.stats
@@ -410,17 +415,7 @@ class ExternalContinualLearner:
         """Similarity-weighted mean label count of each query's ``n`` nearest stored items (an
         item learned in several sessions counts once, with all of its labels)."""
         items = self.items()
-        sims, rows = self.neighbours(queries, n * items.max_copies)
-        item_of = items.item_of(rows)
-        card = items.cardinality_of_items(item_of)
-        # Only the first (nearest) row of each item counts, and only the first n items.
-        first = np.zeros_like(rows, dtype=bool)
-        for i in range(len(rows)):
-            _, at = np.unique(item_of[i], return_index=True)
-            at = np.sort(at[item_of[i][at] >= 0])[:n]
-            first[i, at] = True
-        weights = np.clip(sims, 1e-6, None) * first
-        return (weights * card).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-12)
+        return items.mean_cardinality(*self.neighbours(queries, n * items.max_copies), n)
 
     def demonstrations(
         self, query: np.ndarray, labels: Sequence[str] | None, n: int, pool: int = 200

@@ -165,6 +165,19 @@ class ItemGroups:
         counts = np.array([len(labels) for labels in self.labels] + [0], dtype=np.float64)
         return counts[np.where(items >= 0, items, len(self.labels))]
 
+    def mean_cardinality(self, sims: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+        """Similarity-weighted mean label count of the first ``n`` items among each query's
+        neighbour ``rows`` (nearest first), an item counted once, at its nearest row."""
+        item_of = self.item_of(rows)
+        card = self.cardinality_of_items(item_of)
+        first = np.zeros_like(rows, dtype=bool)
+        for i in range(len(rows)):
+            _, at = np.unique(item_of[i], return_index=True)
+            at = np.sort(at[item_of[i][at] >= 0])[:n]
+            first[i, at] = True
+        weights = np.clip(sims, 1e-6, None) * first
+        return (weights * card).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-12)
+
     def rows_of_items(self, items: Sequence[int]) -> list[int]:
         """Every row of the given items, in row order."""
         return np.flatnonzero(np.isin(self._row_item, np.asarray(items, np.int64))).tolist()
