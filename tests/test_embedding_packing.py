@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from icl_cl.config import EmbedderConfig
-from icl_cl.embedding import load_embedder
+from icl_cl.embedding import load_embedder, packing
 from icl_cl.embedding.packing import PackedEncoder, pack_rows
 from icl_cl.embedding.sentence_transformers import SentenceTransformerEmbedder
 
@@ -63,6 +63,14 @@ def test_the_config_turns_packing_off_and_other_poolings_are_not_packed() -> Non
         modules=[transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode="max")]
     )
     assert PackedEncoder.for_model(max_pooled) is None
+
+
+def test_texts_are_tokenised_in_chunks_and_keep_their_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    embedder = SentenceTransformerEmbedder(MODEL)
+    whole = embedder.encode(TEXTS)
+    monkeypatch.setattr(packing, "TOKENIZE_TEXTS", 7)
+    chunked = embedder.encode(TEXTS)
+    assert ((whole * chunked).sum(axis=1) > 0.99999).all()
 
 
 @pytest.mark.parametrize("size", [1, 7, 32])

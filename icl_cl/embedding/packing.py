@@ -27,6 +27,10 @@ row's square, linear layers with its tokens: 128 keeps attention a few percent o
 PASS_TOKENS = 2048
 """Tokens (rows x row length) of one forward pass, which bounds its memory."""
 
+TOKENIZE_TEXTS = 4096
+"""Texts tokenised and packed together: bounds the token lists held at once for a large file,
+while a chunk this size still packs its rows full."""
+
 # Model types whose embeddings take absolute positions from 0 and whose attention takes an
 # additive 4D mask as it is; anything else is encoded the ordinary, padded way.
 _PACKABLE_MODEL_TYPES = frozenset({"bert"})
@@ -85,21 +89,22 @@ class PackedEncoder:
 
     def encode(self, texts: Sequence[str]) -> Iterator[tuple[list[int], np.ndarray]]:
         """Yield, pass by pass, the indices of ``texts`` encoded and their unit vectors."""
-        tokenizer = self._transformer.tokenizer
-        ids = tokenizer(list(texts), truncation=True, max_length=self._model.max_seq_length)[
-            "input_ids"
-        ]
-        rows = pack_rows([len(i) for i in ids], ROW_TOKENS)
-        start = 0
-        while start < len(rows):
-            width = sum(len(ids[i]) for i in rows[start])  # the fullest row of this pass
-            count = max(1, PASS_TOKENS // width)
-            batch = rows[start : start + count]
-            yield (
-                [i for row in batch for i in row],
-                self._encode_rows([[ids[i] for i in row] for row in batch], width),
-            )
-            start += count
+        for first in range(0, len(texts), TOKENIZE_TEXTS):
+            chunk = texts[first : first + TOKENIZE_TEXTS]
+            ids = self._transformer.tokenizer(
+                list(chunk), truncation=True, max_length=self._model.max_seq_length
+            )["input_ids"]
+            rows = pack_rows([len(i) for i in ids], ROW_TOKENS)
+            start = 0
+            while start < len(rows):
+                width = sum(len(ids[i]) for i in rows[start])  # the fullest row of this pass
+                count = max(1, PASS_TOKENS // width)
+                batch = rows[start : start + count]
+                yield (
+                    [first + i for row in batch for i in row],
+                    self._encode_rows([[ids[i] for i in row] for row in batch], width),
+                )
+                start += count
 
     def _encode_rows(self, rows: list[list[list[int]]], width: int) -> np.ndarray:
         import torch
