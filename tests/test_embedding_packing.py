@@ -7,7 +7,7 @@ import pytest
 
 from icl_cl.config import EmbedderConfig
 from icl_cl.embedding import load_embedder, packing
-from icl_cl.embedding.packing import PackedEncoder, pack_rows
+from icl_cl.embedding.packing import PackedEncoder, pack_passes, pack_rows
 from icl_cl.embedding.sentence_transformers import SentenceTransformerEmbedder
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -33,6 +33,22 @@ def test_pack_rows_places_every_text_once_within_the_row_budget() -> None:
     fills = [sum(lengths[i] for i in row) for row in rows]
     assert fills == sorted(fills, reverse=True)
     assert pack_rows([], row_tokens=128) == []
+
+
+def test_passes_keep_their_budget_and_spread_the_last_rows_evenly() -> None:
+    lengths = [17, 9, 30, 12, 25, 8, 14, 21, 11, 19, 16, 22, 10, 13, 18, 27] * 6
+    passes = pack_passes(lengths, row_tokens=128, pass_tokens=512)
+    assert sorted(i for rows in passes for row in rows for i in row) == list(range(len(lengths)))
+    fills = [[sum(lengths[i] for i in row) for row in rows] for rows in passes]
+    assert all(len(f) * max(f) <= 512 for f in fills)
+    # A small batch is one pass: first-fit alone gives rows of 128, 128, 128, 126 and 34 tokens,
+    # all padded to 128; spread, the same 5 rows hold at most 109.
+    small = lengths[:32]
+    assert [sum(small[i] for i in row) for row in pack_rows(small, 128)] == [128, 128, 128, 126, 34]
+    (rows,) = pack_passes(small, row_tokens=128, pass_tokens=2048)
+    assert [sum(small[i] for i in row) for row in rows] == [109, 109, 109, 109, 108]
+    assert pack_passes([], row_tokens=128, pass_tokens=256) == []
+    assert pack_passes([300], row_tokens=128, pass_tokens=256) == [[[0]]]
 
 
 def test_packed_vectors_equal_padded_ones() -> None:

@@ -44,7 +44,32 @@ def pack_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     if not order:
         return []
-    capacity = max(row_tokens, lengths[order[0]])
+    return _first_fit(order, lengths, max(row_tokens, lengths[order[0]]))
+
+
+def pack_passes(lengths: Sequence[int], row_tokens: int, pass_tokens: int) -> list[list[list[int]]]:
+    """The rows of each forward pass: :func:`pack_rows`' rows, fullest first, at most about
+    ``pass_tokens`` tokens a pass (its rows times its fullest row, to which all are padded).
+
+    First-fit leaves its last rows part empty. They fall in the last pass (the only pass of a
+    small batch), whose texts are therefore spread again over as many rows, as evenly as
+    first-fit can: the pass is padded to a shorter fullest row.
+    """
+    rows = pack_rows(lengths, row_tokens)
+    passes = []
+    start = 0
+    while start < len(rows):
+        count = max(1, pass_tokens // _fill(rows[start], lengths))
+        passes.append(rows[start : start + count])
+        start += count
+    if passes:
+        passes[-1] = _balanced(passes[-1], lengths)
+    return passes
+
+
+def _first_fit(order: Sequence[int], lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Texts in ``order`` put in the first row with room, rows of ``capacity`` tokens; fullest
+    rows first."""
     rows: list[list[int]] = []
     fills: list[int] = []
     for i in order:
@@ -58,6 +83,28 @@ def pack_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
             fills.append(lengths[i])
     ranked = sorted(range(len(rows)), key=lambda r: -fills[r])
     return [rows[r] for r in ranked]
+
+
+def _balanced(rows: list[list[int]], lengths: Sequence[int]) -> list[list[int]]:
+    """The texts of ``rows`` in at most as many rows, with the smallest capacity (binary search)
+    for which first-fit decreasing still needs no more rows."""
+    order = sorted((i for row in rows for i in row), key=lambda i: -lengths[i])
+    total = sum(lengths[i] for i in order)
+    low = max(lengths[order[0]], -(-total // len(rows)))
+    high = _fill(rows[0], lengths) - 1
+    best = rows
+    while low <= high:
+        capacity = (low + high) // 2
+        packed = _first_fit(order, lengths, capacity)
+        if len(packed) <= len(rows):
+            best, high = packed, capacity - 1
+        else:
+            low = capacity + 1
+    return best
+
+
+def _fill(row: Sequence[int], lengths: Sequence[int]) -> int:
+    return sum(lengths[i] for i in row)
 
 
 class PackedEncoder:
@@ -94,17 +141,14 @@ class PackedEncoder:
             ids = self._transformer.tokenizer(
                 list(chunk), truncation=True, max_length=self._model.max_seq_length
             )["input_ids"]
-            rows = pack_rows([len(i) for i in ids], ROW_TOKENS)
-            start = 0
-            while start < len(rows):
-                width = sum(len(ids[i]) for i in rows[start])  # the fullest row of this pass
-                count = max(1, PASS_TOKENS // width)
-                batch = rows[start : start + count]
+            lengths = [len(i) for i in ids]
+            for batch in pack_passes(lengths, ROW_TOKENS, PASS_TOKENS):
                 yield (
                     [first + i for row in batch for i in row],
-                    self._encode_rows([[ids[i] for i in row] for row in batch], width),
+                    self._encode_rows(
+                        [[ids[i] for i in row] for row in batch], _fill(batch[0], lengths)
+                    ),
                 )
-                start += count
 
     def _encode_rows(self, rows: list[list[list[int]]], width: int) -> np.ndarray:
         import torch
