@@ -10,16 +10,24 @@ ECL only (``no_llm``), the shipped WordNet sample: the store learns its 240 trai
    1, 8 and 32 concurrent keep-alive clients (:class:`_Connection`); throughput, p50/p95/p99
    latency, the load generator's own CPU time and the mean micro-batch size per concurrency.
 
-The target: the service at concurrency 32 reaches >= 0.8x the CLI's in-process batch throughput
-(micro-batching makes concurrent single-item requests one embedder call).
+The CLI call and the service runs alternate in ``--rounds`` rounds, so that both sides share
+whatever else loads the machine: one run of 480 items takes about two seconds, and a 2-core
+machine moves a single figure by 10-20%. Each throughput is the median of its rounds (every
+round's figure is kept beside it); the latency percentiles are over the requests of all rounds.
 
-Usage: python eval/bench/serve.py [--items 480] [--out runs/bench/serve.json]
+The target: the service at concurrency 32 reaches >= 0.8x the CLI's in-process batch throughput
+(micro-batching makes concurrent single-item requests one embedder call). It is reported as the
+median over rounds of each round's ratio (the two sides measured seconds apart), with every
+round's ratio beside it.
+
+Usage: python eval/bench/serve.py [--items 480] [--rounds 3] [--out runs/bench/serve.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -28,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +45,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "eval" / "data" / "wordnet-sample"
 CLI = [sys.executable, "-m", "icl_cl.cli"]
+CONCURRENCY = (1, 8, 32)
 
 
 def _items(n: int) -> list[dict[str, str]]:
@@ -54,28 +64,17 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def bench_cli(store: Path, items: list[dict[str, str]], tmp: Path) -> dict[str, Any]:
+def cli_process(store: Path, items: list[dict[str, str]], tmp: Path) -> dict[str, Any]:
+    """``icl-cl predict --no-llm`` on all items as one file: the whole command, start-up included."""
     source, out = tmp / "items.jsonl", tmp / "predictions.jsonl"
     source.write_text("".join(json.dumps(i) + "\n" for i in items), encoding="utf-8")
     start = time.perf_counter()
     command = ["predict", "--store", str(store), "--input", str(source), "--output", str(out)]
     subprocess.run([*CLI, *command, "--no-llm", "-q"], check=True)
     process_s = time.perf_counter() - start
-
-    from icl_cl.classifier import ContinualClassifier
-
-    with ContinualClassifier.open(store) as clf:
-        texts = [i["text"] for i in items]
-        clf.predict(texts[:32], use_llm=False)  # warm-up: model and scorer loaded
-        start = time.perf_counter()
-        clf.predict(texts, use_llm=False)
-        batch_s = time.perf_counter() - start
     return {
-        "items": len(items),
         "cli_process_seconds": round(process_s, 3),
         "cli_process_items_per_s": round(len(items) / process_s, 1),
-        "cli_batch_seconds": round(batch_s, 3),
-        "cli_batch_items_per_s": round(len(items) / batch_s, 1),
     }
 
 
@@ -116,6 +115,8 @@ class _Connection:
 
 
 async def _load(url: str, items: list[dict[str, str]], concurrency: int) -> dict[str, Any]:
+    """One run: every item once, from ``concurrency`` clients; its throughput, the latency of
+    each request, failures and the load generator's CPU seconds."""
     host, port = url.removeprefix("http://").split(":")
     bodies = [json.dumps({"inputs": [item], "no_llm": True}).encode() for item in items]
     queue: asyncio.Queue[bytes] = asyncio.Queue()
@@ -141,15 +142,32 @@ async def _load(url: str, items: list[dict[str, str]], concurrency: int) -> dict
     await asyncio.gather(*(client() for _ in range(concurrency)))
     wall = time.perf_counter() - start
     return {
+        "items_per_s": round(len(items) / wall, 1),
+        "latencies": latencies,
+        "failed": failures,
+        "cpu_s": time.process_time() - cpu,
+    }
+
+
+def _summary(concurrency: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The runs at one concurrency: the median throughput, the latency percentiles of all their
+    requests, and the mean micro-batch size."""
+    latencies = [t for run in runs for t in run["latencies"]]
+    rates = [run["items_per_s"] for run in runs]
+    return {
         "concurrency": concurrency,
         "requests": len(latencies),
-        "failed": failures,
-        "items_per_s": round(len(items) / wall, 1),
+        "failed": sum(run["failed"] for run in runs),
+        "items_per_s": statistics.median(rates),
+        "items_per_s_rounds": rates,
         "p50_ms": round(1000 * _percentile(latencies, 50), 1),
         "p95_ms": round(1000 * _percentile(latencies, 95), 1),
         "p99_ms": round(1000 * _percentile(latencies, 99), 1),
         "mean_ms": round(1000 * statistics.fmean(latencies), 1),
-        "load_generator_cpu_s": round(time.process_time() - cpu, 2),
+        "load_generator_cpu_s_per_round": round(statistics.fmean(run["cpu_s"] for run in runs), 2),
+        "mean_batch_items": round(
+            sum(run["batched"][0] for run in runs) / sum(run["batched"][1] for run in runs), 1
+        ),
     }
 
 
@@ -164,7 +182,9 @@ def _batches(url: str) -> tuple[float, float]:
     return value["icl_cl_predict_batch_items_sum"], value["icl_cl_predict_batch_items_count"]
 
 
-def bench_service(store: Path, items: list[dict[str, str]], tmp: Path) -> list[dict[str, Any]]:
+@contextlib.contextmanager
+def running_service(store: Path, tmp: Path) -> Iterator[str]:
+    """``icl-cl serve`` on ``store`` in its own process, once ready: its URL."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = (tmp / "serve.log").open("wb")
@@ -182,25 +202,47 @@ def bench_service(store: Path, items: list[dict[str, str]], tmp: Path) -> list[d
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the service did not start (see {tmp / 'serve.log'})")
             time.sleep(0.2)
-        asyncio.run(_load(url, items[:64], 8))  # warm-up
-        rows = []
-        for concurrency in (1, 8, 32):
-            before = _batches(url)
-            row = asyncio.run(_load(url, items, concurrency))
-            after = _batches(url)
-            row["mean_batch_items"] = round((after[0] - before[0]) / (after[1] - before[1]), 1)
-            rows.append(row)
-        return rows
+        yield url
     finally:
         server.terminate()
         server.wait(60)
 
 
+def bench(store: Path, items: list[dict[str, str]], tmp: Path, rounds: int) -> dict[str, Any]:
+    """The CLI's batch predict call (in-process, warmed up) and the service at each concurrency,
+    in interleaved rounds, so that both sides share whatever else loads the machine."""
+    from icl_cl.classifier import ContinualClassifier
+
+    texts = [i["text"] for i in items]
+    cli_rates: list[float] = []
+    runs: dict[int, list[dict[str, Any]]] = {c: [] for c in CONCURRENCY}
+    with ContinualClassifier.open(store) as clf, running_service(store, tmp) as url:
+        clf.predict(texts[:32], use_llm=False)  # warm-up: model and scorer loaded
+        asyncio.run(_load(url, items[:64], 8))
+        for _ in range(rounds):
+            start = time.perf_counter()
+            clf.predict(texts, use_llm=False)
+            cli_rates.append(round(len(items) / (time.perf_counter() - start), 1))
+            for concurrency in CONCURRENCY:
+                before = _batches(url)
+                run = asyncio.run(_load(url, items, concurrency))
+                after = _batches(url)
+                run["batched"] = (after[0] - before[0], after[1] - before[1])
+                runs[concurrency].append(run)
+    return {
+        "cli_batch_items_per_s": statistics.median(cli_rates),
+        "cli_batch_items_per_s_rounds": cli_rates,
+        "service": [_summary(c, runs[c]) for c in CONCURRENCY],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=480)
+    parser.add_argument("--rounds", type=int, default=5, help="timed runs per figure (median)")
     parser.add_argument("--out", default="runs/bench/serve.json")
     args = parser.parse_args()
+    load_at_start = os.getloadavg()[0]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     items = _items(args.items)
@@ -209,16 +251,25 @@ def main() -> None:
         store = tmp / "store"
         learn = ["learn", "--store", str(store), "--data", str(SAMPLE / "train.jsonl")]
         subprocess.run([*CLI, *learn, "--labels", str(SAMPLE / "labels.jsonl"), "-q"], check=True)
-        cli = bench_cli(store, items, tmp)
-        service = bench_service(store, items, tmp)
-    at32 = next(row for row in service if row["concurrency"] == 32)
+        process = cli_process(store, items, tmp)
+        measured = bench(store, items, tmp, args.rounds)
+    at32 = next(row for row in measured["service"] if row["concurrency"] == 32)
+    ratios = [
+        round(service / cli, 3)
+        for service, cli in zip(
+            at32["items_per_s_rounds"], measured["cli_batch_items_per_s_rounds"], strict=True
+        )
+    ]
     results = {
         "store": "wordnet-sample (240 train examples, 8 labels), ECL only (mahalanobis)",
         "cpu_cores": os.cpu_count(),
-        "load_average_at_start": os.getloadavg()[0],
-        **cli,
-        "service": service,
-        "service32_over_cli_batch": round(at32["items_per_s"] / cli["cli_batch_items_per_s"], 2),
+        "rounds": args.rounds,
+        "load_average_at_start": load_at_start,
+        "items": len(items),
+        **process,
+        **measured,
+        "service32_over_cli_batch": round(statistics.median(ratios), 2),
+        "service32_over_cli_batch_rounds": ratios,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
