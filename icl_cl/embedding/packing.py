@@ -12,13 +12,10 @@ by length cannot keep the padding small.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-
-logger = logging.getLogger(__name__)
 
 ROW_TOKENS = 128
 """Tokens of one packed row (or the longest text's, when longer). Attention costs grow with the
