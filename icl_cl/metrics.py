@@ -8,6 +8,9 @@ Four families of pure functions live here:
 * Single-label metrics: accuracy and top-k accuracy.
 * Multi-label metrics over label sets, rankings and score dicts: micro/macro F1,
   rank-precision@K, precision@K, recall@K, label-wise mAP and per-sample AP.
+* Extreme-classification (long-tail) metrics over rankings: nDCG@K, propensity-scored
+  precision@K and the recall@K of labels never seen in training, the last two given the
+  training label counts.
 * Calibration: expected calibration error (ECE), single- and multi-label.
 
 All functions validate their inputs and raise ``ValueError`` on empty inputs,
@@ -36,17 +39,28 @@ __all__ = [
     "expected_calibration_error",
     "forgetting",
     "harmonic_mean",
+    "inverse_propensity",
     "last_accuracy",
     "macro_f1",
     "mean_average_precision",
     "micro_f1",
     "multilabel_ece",
+    "ndcg_at_k",
     "precision_at_k",
+    "propensity_scored_precision_at_k",
     "rank_precision_at_k",
     "recall_at_k",
     "sample_average_precision",
     "top_k_accuracy",
+    "unseen_label_recall_at_k",
 ]
+
+PROPENSITY_A = 0.55
+"""Jain et al.'s ``A`` for generic data (Wikipedia: 0.5, Amazon: 0.6)."""
+PROPENSITY_B = 1.5
+"""Jain et al.'s ``B`` for generic data (Wikipedia: 0.4, Amazon: 2.6)."""
+PROPENSITY_MIN_TRAIN = 3
+"""The fewest training items the propensity model takes: below ``e``, ``log N - 1 <= 0``."""
 
 
 # ---------------------------------------------------------------------------
@@ -573,6 +587,178 @@ def sample_average_precision(
                 total += hits / rank
         per_item.append(total / len(g))
     return _mean_over_nonempty_gold(per_item)
+
+
+# ---------------------------------------------------------------------------
+# Extreme classification (long tail)
+# ---------------------------------------------------------------------------
+
+
+def ndcg_at_k(gold: Sequence[Collection[str]], rankings: Sequence[Sequence[str]], k: int) -> float:
+    """Normalised discounted cumulative gain at K, nDCG@K, with binary relevance.
+
+    Per item: ``DCG = sum over ranks i <= K holding a gold label of 1 / log2(i + 1)``, divided
+    by the best DCG possible, ``sum_{i=1}^{min(K, |gold|)} 1 / log2(i + 1)`` (the XMC repository
+    convention). Averaged over items with a non-empty gold set; items with empty gold are
+    skipped, as for :func:`rank_precision_at_k`.
+
+    Args:
+        gold: Gold label set per item.
+        rankings: Per-item labels, best first, without duplicates.
+        k: Cut-off, ``>= 1``.
+
+    Returns:
+        Mean nDCG@K in ``[0, 1]``.
+
+    Raises:
+        ValueError: If inputs are empty or of different lengths, ``k < 1``, a
+            ranking has duplicates, or every gold set is empty.
+        TypeError: If an item is a bare ``str``.
+    """
+    _check_k(k)
+    _check_same_length("gold", gold, "rankings", rankings)
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    per_item: list[float | None] = []
+    for g, r in zip(_as_label_sets("gold", gold), _as_rankings("rankings", rankings), strict=True):
+        if not g:
+            per_item.append(None)
+            continue
+        dcg = sum(discounts[i] for i, label in enumerate(r[:k]) if label in g)
+        per_item.append(float(dcg / discounts[: min(k, len(g))].sum()))
+    return _mean_over_nonempty_gold(per_item)
+
+
+def inverse_propensity(
+    count: int, n_train: int, a: float = PROPENSITY_A, b: float = PROPENSITY_B
+) -> float:
+    """Inverse propensity ``1 / p_l`` of a label (Jain, Prabhu and Varma, KDD 2016).
+
+    The propensity model is ``p_l = 1 / (1 + C exp(-A log(N_l + B)))`` with
+    ``C = (log N - 1) (B + 1)^A``, so ``1 / p_l = 1 + C (N_l + B)^(-A)``: a label seen in few
+    training items was likely missed by annotators and weighs more. A label never seen
+    (``N_l = 0``) gets the largest weight.
+
+    Args:
+        count: ``N_l``, the training items carrying the label, ``0 <= count <= n_train``.
+        n_train: ``N``, the training items, ``>= 3`` (below ``e``, ``C <= 0`` and the weights
+            would no longer favour rare labels).
+        a: ``A``; 0.55 for generic data.
+        b: ``B``; 1.5 for generic data.
+
+    Returns:
+        ``1 / p_l``, at least 1.
+
+    Raises:
+        ValueError: If a count is not an integer in ``[0, n_train]``, ``n_train < 3``, or ``a``
+            or ``b`` is not a positive finite number.
+    """
+    for name, value, low in (("n_train", n_train, PROPENSITY_MIN_TRAIN), ("count", count, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if count > n_train:
+        raise ValueError(f"count {count} exceeds n_train {n_train}")
+    for name, param in (("a", a), ("b", b)):
+        if not (math.isfinite(param) and param > 0):
+            raise ValueError(f"{name} must be a positive finite number, got {param!r}")
+    c = (math.log(n_train) - 1.0) * (b + 1.0) ** a
+    return 1.0 + c * (count + b) ** -a
+
+
+def propensity_scored_precision_at_k(
+    gold: Sequence[Collection[str]],
+    rankings: Sequence[Sequence[str]],
+    k: int,
+    label_counts: Mapping[str, int],
+    n_train: int,
+    a: float = PROPENSITY_A,
+    b: float = PROPENSITY_B,
+) -> float:
+    """Propensity-scored precision at K, PSP@K (Jain, Prabhu and Varma, KDD 2016), normalised.
+
+    Each hit in the top K counts its label's :func:`inverse_propensity` instead of 1, so tail
+    labels weigh more. Convention of the XMC repository (``pyxclib``'s ``psprecision``): the
+    sum of the weighted hits over all items is divided by the sum over all items of the best
+    achievable one (each item's K heaviest gold labels ranked first). It is a ratio of sums,
+    not a mean of per-item ratios, and 1 means every item's heaviest gold labels are in its
+    top K. Items with empty gold add 0 to both sums.
+
+    Args:
+        gold: Gold label set per item.
+        rankings: Per-item labels, best first, without duplicates.
+        k: Cut-off, ``>= 1``.
+        label_counts: ``N_l``: how many training items carry each label; a label missing
+            from the mapping counts 0.
+        n_train: ``N``: how many training items there are, ``>= 3``.
+        a: Propensity parameter ``A``; 0.55 for generic data.
+        b: Propensity parameter ``B``; 1.5 for generic data.
+
+    Returns:
+        Normalised PSP@K in ``[0, 1]``.
+
+    Raises:
+        ValueError: If inputs are empty or of different lengths, ``k < 1``, a ranking has
+            duplicates, every gold set is empty, or a count or parameter is invalid (see
+            :func:`inverse_propensity`).
+        TypeError: If an item is a bare ``str``.
+    """
+    _check_k(k)
+    _check_same_length("gold", gold, "rankings", rankings)
+    weights: dict[str, float] = {}
+
+    def weight(label: str) -> float:
+        if label not in weights:
+            weights[label] = inverse_propensity(label_counts.get(label, 0), n_train, a, b)
+        return weights[label]
+
+    scored = best = 0.0
+    for g, r in zip(_as_label_sets("gold", gold), _as_rankings("rankings", rankings), strict=True):
+        scored += sum(weight(label) for label in r[:k] if label in g)
+        best += sum(sorted((weight(label) for label in g), reverse=True)[:k])
+    if best == 0.0:
+        raise ValueError("every gold set is empty; the metric is undefined")
+    return scored / best
+
+
+def unseen_label_recall_at_k(
+    gold: Sequence[Collection[str]],
+    rankings: Sequence[Sequence[str]],
+    k: int,
+    label_counts: Mapping[str, int],
+) -> float:
+    """Recall at K of the gold labels never seen in training (zero training count).
+
+    Pooled over every (item, gold label) pair whose label has count 0: the share of those
+    pairs whose label is in the item's top K. It measures how far labels known only by their
+    name and description are reachable. Items without such a gold label add nothing.
+
+    Args:
+        gold: Gold label set per item.
+        rankings: Per-item labels, best first, without duplicates.
+        k: Cut-off, ``>= 1``.
+        label_counts: How many training items carry each label; a label missing from the
+            mapping counts 0.
+
+    Returns:
+        The recall in ``[0, 1]``.
+
+    Raises:
+        ValueError: If inputs are empty or of different lengths, ``k < 1``, a ranking has
+            duplicates, a count is negative, or no gold label has a zero count.
+        TypeError: If an item is a bare ``str``.
+    """
+    _check_k(k)
+    _check_same_length("gold", gold, "rankings", rankings)
+    hits = total = 0
+    for g, r in zip(_as_label_sets("gold", gold), _as_rankings("rankings", rankings), strict=True):
+        counts = {label: label_counts.get(label, 0) for label in g}
+        if any(c < 0 for c in counts.values()):
+            raise ValueError(f"label counts must be non-negative, got {counts}")
+        unseen = {label for label, c in counts.items() if c == 0}
+        total += len(unseen)
+        hits += len(unseen.intersection(r[:k]))
+    if total == 0:
+        raise ValueError("no gold label has a zero training count; the metric is undefined")
+    return hits / total
 
 
 # ---------------------------------------------------------------------------

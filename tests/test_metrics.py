@@ -15,16 +15,20 @@ from icl_cl.metrics import (
     backward_transfer,
     expected_calibration_error,
     forgetting,
+    inverse_propensity,
     last_accuracy,
     macro_f1,
     mean_average_precision,
     micro_f1,
     multilabel_ece,
+    ndcg_at_k,
     precision_at_k,
+    propensity_scored_precision_at_k,
     rank_precision_at_k,
     recall_at_k,
     sample_average_precision,
     top_k_accuracy,
+    unseen_label_recall_at_k,
 )
 
 NAN = math.nan
@@ -294,6 +298,123 @@ def test_ranking_errors() -> None:
         sample_average_precision([], [])
     # P@K is defined even with empty gold.
     assert precision_at_k([set()], [["a"]], 1) == 0.0
+
+
+# ---------------------------------------------------------------------------
+# Extreme classification (long tail)
+# ---------------------------------------------------------------------------
+
+
+def test_ndcg_at_k_hand_example() -> None:
+    # Discounts 1/log2(i + 1): rank 1 -> 1, rank 2 -> 1/log2(3) = 0.63093, rank 3 -> 1/2.
+    d2 = 1 / math.log2(3)
+    # k=2: item0 hit at rank 1, ideal 2 hits -> 1 / (1 + d2) = 0.61315;
+    #   item1 hit at rank 2, ideal 1 hit -> d2 / 1 = 0.63093; item2 (empty gold) skipped.
+    assert ndcg_at_k(RANK_GOLD, RANKINGS, 2) == pytest.approx((1 / (1 + d2) + d2) / 2)
+    assert ndcg_at_k(RANK_GOLD, RANKINGS, 2) == pytest.approx(0.622038, abs=1e-6)
+    # k=3: item0 hits at ranks 1 and 3 -> 1.5 / (1 + d2 + 1/2) = 0.70392; item1 as before.
+    assert ndcg_at_k(RANK_GOLD, RANKINGS, 3) == pytest.approx((1.5 / (1.5 + d2) + d2) / 2)
+    # Gold labels ranked first in any order: 1; one hit at rank 3 of 5: 1/log2(4) = 1/2.
+    assert ndcg_at_k([{"a", "b"}], [["b", "a", "x"]], 5) == pytest.approx(1.0)
+    assert ndcg_at_k([{"a"}], [["x", "y", "a"]], 5) == pytest.approx(0.5)
+    assert ndcg_at_k([{"a"}], [["x", "y", "a"]], 2) == 0.0
+
+
+def test_inverse_propensity_hand_values() -> None:
+    # 1/p = 1 + C (N_l + B)^-A with C = (ln N - 1)(B + 1)^A.
+    # N_l = 1: (N_l + B) = B + 1, so 1/p = 1 + (ln N - 1) = ln N, whatever A.
+    assert inverse_propensity(1, 100) == pytest.approx(math.log(100))
+    assert inverse_propensity(1, 100, a=0.9) == pytest.approx(math.log(100))
+    # N_l = 0, N = 100: 1 + 3.6051702 * (2.5 / 1.5)^0.55 = 1 + 3.6051702 * 1.3243928 = 5.774661
+    assert inverse_propensity(0, 100) == pytest.approx(5.774661, abs=1e-6)
+    # N_l = 5: 1 + 3.6051702 * (2.5 / 6.5)^0.55 = 1 + 3.6051702 * 0.5912412 = 3.131525
+    assert inverse_propensity(5, 100) == pytest.approx(3.131525, abs=1e-6)
+    # A = 1, B = 1, N = 20, N_l = 3: 1 + 2 (ln 20 - 1) / 4 = 1 + 1.995732 / 2 = 1.997866
+    assert inverse_propensity(3, 20, a=1.0, b=1.0) == pytest.approx(1.997866, abs=1e-6)
+    # The rarer, the heavier; the most frequent label weighs least but still at least 1.
+    weights = [inverse_propensity(n, 1000) for n in (0, 1, 10, 100, 1000)]
+    assert weights == sorted(weights, reverse=True) and weights[-1] > 1.0
+
+
+@pytest.mark.parametrize(
+    "count, n_train, a, b",
+    [
+        (-1, 100, 0.55, 1.5),  # negative count
+        (101, 100, 0.55, 1.5),  # more than the training items
+        (0, 2, 0.55, 1.5),  # log N - 1 < 0
+        (True, 100, 0.55, 1.5),  # a bool is not a count
+        (1.0, 100, 0.55, 1.5),  # nor a float
+        (0, 100, 0.0, 1.5),
+        (0, 100, 0.55, -1.0),
+        (0, 100, 0.55, math.nan),
+    ],
+)
+def test_inverse_propensity_errors(count: object, n_train: int, a: float, b: float) -> None:
+    with pytest.raises(ValueError):
+        inverse_propensity(count, n_train, a, b)  # type: ignore[arg-type]
+
+
+def test_psp_at_k_hand_example() -> None:
+    # N = 100; counts a: 0, b: 5, c: 1 -> weights a 5.774661, b 3.131525, c ln 100 = 4.605170.
+    wa, wb, wc = 5.774661, 3.131525, math.log(100)
+    gold = [{"a", "b"}, {"c"}, set()]
+    rankings = [["b", "x"], ["y", "c"], ["a"]]
+    counts = {"b": 5, "c": 1}  # a is missing: count 0
+    # k=1: hits b (item0) only; best per item: the heaviest gold label (a; c; nothing).
+    #   w_b / (w_a + w_c) = 3.131525 / 10.379831 = 0.301693, a ratio of sums: the mean of
+    #   per-item ratios would be (w_b / w_a + 0) / 2 = 0.271144.
+    got = propensity_scored_precision_at_k(gold, rankings, 1, counts, 100)
+    assert got == pytest.approx(wb / (wa + wc), abs=1e-6)
+    assert got == pytest.approx(0.301693, abs=1e-6)
+    # k=2: hits b and c; best: a + b, and c -> (w_b + w_c) / (w_a + w_b + w_c) = 0.572607
+    got = propensity_scored_precision_at_k(gold, rankings, 2, counts, 100)
+    assert got == pytest.approx((wb + wc) / (wa + wb + wc), abs=1e-6)
+    # Every gold label ranked first: 1.
+    best = propensity_scored_precision_at_k(gold, [["a", "b"], ["c"], []], 2, counts, 100)
+    assert best == pytest.approx(1.0)
+
+
+def test_psp_with_equal_counts_is_pooled_precision() -> None:
+    # Equal weights cancel: hits over the best achievable count, pooled over items.
+    # k=2: hits 1 (item0) + 1 (item1) = 2; best min(2, 3) + min(2, 1) = 3 -> 2/3.
+    counts = {label: 4 for label in "abcdxyz"}
+    got = propensity_scored_precision_at_k(RANK_GOLD, RANKINGS, 2, counts, 50)
+    assert got == pytest.approx(2 / 3)
+
+
+def test_psp_errors() -> None:
+    with pytest.raises(ValueError):
+        propensity_scored_precision_at_k([set()], [["a"]], 1, {}, 100)
+    with pytest.raises(ValueError):
+        propensity_scored_precision_at_k([{"a"}], [["a"]], 1, {"a": 200}, 100)
+    with pytest.raises(ValueError):
+        propensity_scored_precision_at_k([{"a"}], [["a"]], 0, {}, 100)
+    with pytest.raises(ValueError):
+        propensity_scored_precision_at_k([{"a"}], [["a"], ["b"]], 1, {}, 100)
+    with pytest.raises(TypeError):
+        propensity_scored_precision_at_k(["a"], [["a"]], 1, {}, 100)
+
+
+def test_unseen_label_recall_hand_example() -> None:
+    # Unseen gold labels (count 0 or absent): u1 (item0), u2 (item1), u3 (item2).
+    gold = [{"a", "u1"}, {"u2", "b"}, {"u3"}, {"a"}]
+    rankings = [["u1", "a"], ["b", "x"], ["y", "z", "u3"], ["a"]]
+    counts = {"a": 3, "b": 1, "u3": 0}
+    # k=2: u1 in item0's top 2; u2 never ranked; u3 at rank 3 -> 1/3. Seen labels don't count.
+    assert unseen_label_recall_at_k(gold, rankings, 2, counts) == pytest.approx(1 / 3)
+    # k=3: u3 now in -> 2/3
+    assert unseen_label_recall_at_k(gold, rankings, 3, counts) == pytest.approx(2 / 3)
+
+
+def test_unseen_label_recall_errors() -> None:
+    with pytest.raises(ValueError, match="zero training count"):
+        unseen_label_recall_at_k([{"a"}], [["a"]], 10, {"a": 2})
+    with pytest.raises(ValueError):
+        unseen_label_recall_at_k([{"a"}], [["a"]], 10, {"a": -1})
+    with pytest.raises(ValueError):
+        unseen_label_recall_at_k([{"a"}], [["a", "a"]], 10, {})
+    with pytest.raises(TypeError):
+        unseen_label_recall_at_k(["a"], [["a"]], 10, {})
 
 
 # ---------------------------------------------------------------------------
