@@ -9,21 +9,91 @@ import logging
 import os
 import sqlite3
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from icl_cl.config import LABEL_SET_RULES, SCORERS, ClassifierConfig, DecisionConfig
-from icl_cl.errors import IclClError, OutputError, StoreCorruptError, StoreError
-from icl_cl.evaluation.cli import progress_bars
+from icl_cl.errors import ConfigError, IclClError, OutputError, StoreCorruptError, StoreError
 from icl_cl.inputs import ID_MODES
 from icl_cl.service.settings import ServiceSettings
+from icl_cl.types import Progress
 
 logger = logging.getLogger("icl_cl.cli")
 
 IDS_HELP = 'field (default): each line\'s "id", required and unique; line: the line number'
 # A process whose reader closed the pipe (icl-cl info | head) ends as if killed by SIGPIPE.
 EXIT_BROKEN_PIPE = 141
+# The optional engines a command may reach, by the top-level module that is missing: the extra
+# of this package that installs it.
+EXTRA_OF_MODULE = {
+    "uvicorn": "serve",
+    "fastapi": "serve",
+    "starlette": "serve",
+    "httptools": "serve",
+    "uvloop": "serve",
+    "httpx": "serve",
+    "prometheus_client": "serve",
+    "ray": "ray",
+    "pyarrow": "ray",
+    "onnxruntime": "onnx",
+    "onnx": "onnx",
+    "onnxscript": "onnx",
+    "vllm": "vllm",
+    "transformers": "llm",
+    "gguf": "llm",
+    "accelerate": "llm",
+    "PIL": "image",
+    "matplotlib": "eval",
+    "datasets": "eval",
+}
+# What a stage's progress bar counts, by the start of the stage's name; any other stage counts
+# items.
+UNIT_OF_STAGE = (("fitting: choosing the ECL scorer", "scorer"), ("shards", "shard"))
+
+
+def missing_extra(exc: ImportError) -> ConfigError | None:
+    """The one-line error for an optional module that is not installed, naming the extra that
+    installs it; ``None`` when the missing module is none of the optional engines'."""
+    module = (exc.name or "").split(".")[0]
+    extra = EXTRA_OF_MODULE.get(module)
+    if extra is None:
+        return None
+    return ConfigError(
+        f"this needs the [{extra}] extra, which is not installed (no module {module!r}): "
+        f"pip install 'icl-cl[{extra}]'"
+    )
+
+
+def progress_bars(quiet: bool) -> Progress:
+    """A progress callback drawing one bar per stage on stderr (none when ``quiet``).
+
+    A stage may first report after its first batch is done: its bar's clock then starts at the
+    last report of any stage (or when this callback was made), so the rate it shows is honest.
+    """
+    bars: dict[str, Any] = {}
+    last = time.time()
+
+    def progress(stage: str, done: int, total: int) -> None:
+        nonlocal last
+        if quiet or total <= 0:
+            return
+        from tqdm import tqdm
+
+        bar = bars.get(stage)
+        if bar is None:
+            unit = next((u for start, u in UNIT_OF_STAGE if stage.startswith(start)), "item")
+            bar = bars[stage] = tqdm(
+                total=total, desc=stage, unit=unit, file=sys.stderr, dynamic_ncols=True
+            )
+            bar.start_t = bar.last_print_t = last
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+        last = time.time()
+
+    return progress
 
 
 def _open(args: argparse.Namespace, must_exist: bool = True) -> Any:
@@ -147,8 +217,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             f"--threshold applies to --decision threshold only, not {args.decision} "
             "(label_thresholds fits its thresholds on held-out stored examples)"
         )
+    start = time.perf_counter()
     if args.engine == "ray":
-        return _predict_on_ray(args)
+        return _predict_on_ray(args, start)
     out = check_output_path(Path(args.output))
     clf = _open(args)
     with clf:
@@ -163,12 +234,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 }
             )
         ids, texts = read_inputs(args.input, max_chars=clf.config.max_text_chars, ids=args.ids)
+        progress = progress_bars(args.quiet)
+        progress("embedding", 0, len(texts))  # the first bar shows from the start of the work
         predictions = clf.predict(
             texts,
             k=args.k,
             scorer=args.scorer,
             use_llm=not args.no_llm,
-            progress=progress_bars(args.quiet),
+            progress=progress,
             confidence=args.confidence,
             abstain_below=args.abstain_below,
         )
@@ -180,11 +253,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for ident, pred in zip(ids, predictions, strict=True)
     ]
     write_output(out, rows)
-    logger.info("wrote %d predictions to %s", len(predictions), out)
+    _print_written(args, len(predictions), out, start)
     return 0
 
 
-def _predict_on_ray(args: argparse.Namespace) -> int:
+def _print_written(args: argparse.Namespace, n: int, out: Path, start: float) -> None:
+    """predict's one line on stderr: what was written, where, and how long it took."""
+    if not args.quiet:
+        seconds = time.perf_counter() - start
+        print(f"icl-cl: wrote {n} predictions to {out} in {seconds:.1f} s", file=sys.stderr)
+
+
+def _predict_on_ray(args: argparse.Namespace, start: float) -> int:
     """``predict --engine ray``: Ray Data over an actor pool; ``--output`` ending in ``.jsonl``
     is one file in input order, anything else a folder of ``part-NNNNN.jsonl`` files."""
     from icl_cl import distributed
@@ -224,7 +304,7 @@ def _predict_on_ray(args: argparse.Namespace) -> int:
         for i, batch in enumerate(batches):
             write_output(out / f"part-{i:05d}.jsonl", [f"{line}\n" for line in batch["prediction"]])
             n += len(batch["prediction"])
-    logger.info("wrote %d predictions to %s", n, out)
+    _print_written(args, n, out, start)
     return 0
 
 
@@ -299,12 +379,8 @@ def cmd_summarize(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        from icl_cl.service.server import serve
-    except ImportError as exc:
-        raise IclClError(
-            f"serve needs the [serve] extra (pip install 'icl-cl[serve]'): {exc}"
-        ) from exc
+    from icl_cl.service.server import serve  # uvicorn and fastapi: see missing_extra
+
     config = ClassifierConfig.from_yaml(args.config) if args.config else None
     settings = ServiceSettings(
         max_body_bytes=args.max_body_bytes,
@@ -479,7 +555,14 @@ def _engine_flags(p: argparse.ArgumentParser, batch: bool) -> None:
 
 
 def _add_store_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("labels", parents=[common], help="list labels with counts and sessions")
+    p = sub.add_parser(
+        "labels",
+        parents=[common],
+        help="list labels with counts and sessions",
+        description="List the labels of a store, one a line: the label, its stored examples "
+        "(count), the session that brought it in and its group (--json: one JSON object a line, "
+        "with the label's name too). Reads the store only.",
+    )
     p.add_argument("--store", required=True, help="store directory")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_labels)
@@ -501,6 +584,11 @@ def _add_store_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         "info",
         parents=[common],
         help="show config, models, sizes, sessions and fitted heads of a store",
+        description="Show a store as JSON: its config and embedder, its size (examples, labels, "
+        "bytes on disk), every session, the ECL scorer chosen for 'auto', and every fit of the "
+        "heads: its settings, fusion weights and the held-out items they were fitted on, "
+        "whether the LLM earned weight, and whether the fit is stale (made before the last "
+        "sessions). Reads the store only.",
     )
     p.add_argument("--store", required=True, help="store directory")
     p.set_defaults(func=cmd_info)
@@ -592,6 +680,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except IclClError as exc:
         return _fail(str(exc), exc.exit_code)
+    except ImportError as exc:
+        error = missing_extra(exc)
+        if error is None:
+            raise
+        return _fail(str(error), error.exit_code)
     except sqlite3.DatabaseError as exc:  # a read that met damage after the store was opened
         store = getattr(args, "store", "the store")
         error = StoreCorruptError(f"{store}: database: {exc}; run icl-cl verify")

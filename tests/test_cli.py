@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from icl_cl.cli import main
+from icl_cl.cli import build_parser, main, missing_extra, progress_bars
 from icl_cl.memory.store import Store
 
 SAMPLE = Path(__file__).resolve().parents[1] / "eval" / "data" / "wordnet-sample"
@@ -384,3 +387,89 @@ def test_learn_with_labels_only_adds_labels_without_examples(tmp_path, capsys):
     assert "nothing to learn" in capsys.readouterr().err and _snapshot(copy) == after
     assert main(["-q", "learn", "--store", str(copy)]) == 2
     assert "give --data" in capsys.readouterr().err
+
+
+def test_labels_and_info_help_describe_the_command():
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("labels", "info"):
+        text = commands.choices[name].format_help()
+        # The description: a paragraph of its own between the usage and the options.
+        description = text.split("\n\n")[1]
+        assert "store" in description and not description.lstrip().startswith("options:"), name
+    assert "held-out items" in commands.choices["info"].format_help()
+
+
+def test_predict_prints_a_summary_on_stderr_unless_quiet(store, tmp_path, capsys):
+    out = tmp_path / "p.jsonl"
+    n = len((SAMPLE / "test.jsonl").read_text().splitlines())
+    args = ["predict", "--store", str(store), "--input", str(SAMPLE / "test.jsonl")]
+    assert main([*args, "--output", str(out)]) == 0
+    err = capsys.readouterr().err
+    line = rf"^icl-cl: wrote {n} predictions to {re.escape(str(out))} in \d+\.\d s$"
+    assert re.search(line, err, re.MULTILINE), err
+    assert re.search(rf"embedding:\s+0%\|\s*\| 0/{n} ", err)  # the bar shows from the start
+    assert main(["-q", *args, "--output", str(out)]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_bars_name_what_they_count_and_an_honest_rate(capsys):
+    progress = progress_bars(quiet=False)
+    time.sleep(0.5)
+    # A stage whose first report comes after all its work: the rate counts from the start.
+    progress("embedding", 96, 96)
+    progress("fitting: choosing the ECL scorer on 240 held-out items", 4, 4)
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    embedding = [line for line in lines if line.startswith("embedding") and "96/96" in line]
+    rate = re.search(r"([\d.]+)item/s\]", embedding[-1])
+    assert rate and float(rate.group(1)) < 96 / 0.45, embedding[-1]
+    scorers = [line for line in lines if "4/4" in line][-1]
+    assert "scorer" in scorers.split("4/4")[1] and "item" not in scorers.split("4/4")[1]
+    quiet = progress_bars(quiet=True)
+    quiet("embedding", 1, 2)
+    assert capsys.readouterr().err == ""
+
+
+def _one_line_error(capsys, extra: str) -> None:
+    err = capsys.readouterr().err
+    assert err.startswith("icl-cl: error:") and err.count("\n") == 1, err
+    assert f"icl-cl[{extra}]" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("module", ["uvicorn", "fastapi"])
+def test_serve_without_its_extra_says_which_to_install(tmp_path, capsys, monkeypatch, module):
+    # Fault injection: the module is missing (None in sys.modules makes its import fail).
+    monkeypatch.setitem(sys.modules, module, None)
+    monkeypatch.delitem(sys.modules, "icl_cl.service.app", raising=False)
+    assert main(["serve", "--store", str(tmp_path / "s")]) == 3
+    _one_line_error(capsys, "serve")
+    assert "pip install 'icl-cl[serve]'" in missing_extra(ModuleNotFoundError(name=module)).args[0]
+
+
+def test_ray_engine_without_ray_says_which_extra_to_install(store, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    data = ["--data", str(SAMPLE / "train.jsonl")]
+    assert main(["learn", "--store", str(tmp_path / "s"), *data, "--engine", "ray"]) == 3
+    _one_line_error(capsys, "ray")
+    inputs = ["--input", str(SAMPLE / "test.jsonl"), "--output", str(tmp_path / "p.jsonl")]
+    assert main(["predict", "--store", str(store), *inputs, "--engine", "ray"]) == 3
+    _one_line_error(capsys, "ray")
+    assert not (tmp_path / "s").exists() and not (tmp_path / "p.jsonl").exists()
+
+
+def test_onnx_embedder_without_onnxruntime_says_which_extra_to_install(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    monkeypatch.setenv("ICL_CL_CACHE", str(tmp_path / "cache"))  # no export made before
+    config = tmp_path / "onnx.yaml"
+    config.write_text("embedder: {backend: onnx}\n")
+    data = ["--data", str(SAMPLE / "train.jsonl"), "--config", str(config)]
+    assert main(["-q", "learn", "--store", str(tmp_path / "s"), *data]) == 3
+    _one_line_error(capsys, "onnx")
+
+
+def test_a_missing_module_of_no_extra_is_not_hidden():
+    assert missing_extra(ModuleNotFoundError(name="numpy")) is None
+    assert missing_extra(ModuleNotFoundError(name="icl_cl.memory")) is None
+    assert missing_extra(ModuleNotFoundError(name="vllm.sampling_params")).exit_code == 3
