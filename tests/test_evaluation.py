@@ -18,9 +18,12 @@ from icl_cl.embedding.cache import CachedEmbedder
 from icl_cl.errors import ConfigError
 from icl_cl.evaluation.datasets import DatasetSpec, load_dataset
 from icl_cl.evaluation.llm_pool import SharedBackend
-from icl_cl.evaluation.protocol import EvalConfig, run_protocol
+from icl_cl.evaluation.outputs import Decision
+from icl_cl.evaluation.protocol import EvalConfig, TrainCounts, run_protocol, score_decisions
 from icl_cl.evaluation.rag_icl import _map_answer, answer_parts
 from icl_cl.evaluation.report import write_report
+from icl_cl.evaluation.sessions import SessionSpec, split_sessions
+from icl_cl.types import Example, Label
 from tests.conftest import SAMPLES
 from tests.tiny_models import tiny_backend
 
@@ -302,3 +305,53 @@ def test_queries_go_through_the_stores_transform_as_in_predict(tmp_path, embedde
     accuracy = np.mean([p.labels[0] in ex.labels for p, ex in zip(preds, test, strict=True)])
     assert stage["n_test"] == len(test)
     assert stage["accuracy"] == pytest.approx(accuracy)
+
+
+def test_group_sessions_define_the_labels_without_examples_of_their_group():
+    labels = [
+        Label("a", group="g1"),
+        Label("b", group="g1"),
+        Label("c", group="g2"),
+        Label("d", group="g1"),  # no example: joins g1's session
+        Label("e", group="g3"),  # no example, and no label of g3 has one: left out
+    ]
+    train = [Example("1", "x", ["a", "c"]), Example("2", "y", ["b"])]
+    assert split_sessions(SessionSpec(by="group"), labels, train) == [["a", "b", "d"], ["c"]]
+    random_split = split_sessions(SessionSpec(by="random", n=2), labels, train)
+    assert sorted(lab for s in random_split for lab in s) == ["a", "b", "c"]
+
+
+def test_long_tail_metrics_need_the_training_counts():
+    gold = [Example("1", "x", ["a", "u"]), Example("2", "y", ["b"])]
+    decisions = [
+        Decision(("u",), ("u", "x", "a"), (0.9, 0.5, 0.4)),
+        Decision(("c",), ("c", "b"), (0.9, 0.8)),
+    ]
+    plain = score_decisions(gold, decisions, True, 3)
+    # P@1: 1/1 and 0/1; nDCG@5: item1 (1 + 1/2) / (1 + 1/log2(3)), item2 (1/log2(3)) / 1.
+    d2 = 1 / np.log2(3)
+    assert plain["p@1"] == pytest.approx(0.5)
+    assert plain["ndcg@5"] == pytest.approx((1.5 / (1 + d2) + d2) / 2)
+    assert "psp@5" not in plain and "unseen_recall@10" not in plain
+    # u has no training example: found at rank 1, so its recall is 1. With b as frequent as a,
+    # PSP@5 = (w_u + w_a + w_b) / (w_u + w_a + w_b) = 1: every gold label is in the top 5.
+    tail = score_decisions(gold, decisions, True, 3, train=TrainCounts({"a": 4, "b": 4}, 10))
+    assert tail["unseen_recall@10"] == 1.0 and tail["psp@5"] == pytest.approx(1.0)
+    # Every gold label seen in training: no unseen recall; too few items: no propensity model.
+    seen = score_decisions(gold, decisions, True, 3, train=TrainCounts({"a": 1, "b": 1, "u": 1}, 2))
+    assert "unseen_recall@10" not in seen and "psp@5" not in seen
+
+
+def test_multi_label_runs_report_the_long_tail_metrics(tmp_path, embedder):
+    """debtags-sample declares tags that no training item carries: by group they are defined
+    in their facet's session and stay in the test items' gold sets."""
+    config = eval_config([{"name": "knn", "scorer": "knn"}], dataset="debtags-sample")
+    config = config.model_copy(update={"sessions": SessionSpec(by="group")})
+    results = run_protocol(config, tmp_path, embedder=embedder)
+    train_tags = {lab for ex in load_dataset(config.dataset).train for lab in ex.labels}
+    session_tags = {lab for s in results["sessions"] for lab in s}
+    assert session_tags - train_tags, "tags without examples are in their group's session"
+    last = results["methods"]["knn"]["stages"][-1]
+    for key in ("p@1", "p@5", "rp@5", "ndcg@5", "psp@5", "unseen_recall@10"):
+        assert 0.0 <= last[key] <= 1.0, key
+    assert results["methods"]["knn"]["summary"]["psp@5"] == last["psp@5"]

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Collection, Sequence
+from collections import Counter
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,19 @@ def _restrict(test: Sequence[Example], labels: set[str]) -> list[Example]:
     return out
 
 
+@dataclass(frozen=True)
+class TrainCounts:
+    """What the long-tail metrics know of the training data at a stage.
+
+    Attributes:
+        labels: How many training examples of each label were shown up to the stage.
+        n_items: The run's training items (``N`` of the propensity model).
+    """
+
+    labels: Mapping[str, int]
+    n_items: int
+
+
 def score_decisions(
     gold: Sequence[Example],
     decisions: Sequence[Decision],
@@ -135,11 +149,14 @@ def score_decisions(
     k: int,
     full_scores: np.ndarray | None = None,
     label_names: Sequence[str] | None = None,
+    *,
+    train: TrainCounts | None = None,
 ) -> dict[str, float]:
     """Quality metrics of one method on one test set.
 
     mAP ranks items by each label's score: from ``full_scores`` (every label) when given, else
-    from the decision's ranked scores (labels a method did not rank score ``-inf``).
+    from the decision's ranked scores (labels a method did not rank score ``-inf``). With
+    ``train``, multi-label sets also get the long-tail metrics (:func:`tail_metrics`).
     """
     gold_sets = [set(ex.labels) for ex in gold]
     rankings = [list(d.ranking) for d in decisions]
@@ -154,9 +171,11 @@ def score_decisions(
     predicted = [set(d.labels) for d in decisions]
     seen = sorted(set().union(*gold_sets))
     out = {
+        "p@1": metrics.precision_at_k(gold_sets, rankings, 1),
         "rp@5": metrics.rank_precision_at_k(gold_sets, rankings, 5),
         "rp@10": metrics.rank_precision_at_k(gold_sets, rankings, 10),
         "p@5": metrics.precision_at_k(gold_sets, rankings, 5),
+        "ndcg@5": metrics.ndcg_at_k(gold_sets, rankings, 5),
         "micro_f1": metrics.micro_f1(gold_sets, predicted),
         "macro_f1": metrics.macro_f1(gold_sets, predicted, labels=seen),
         f"recall@{k}": metrics.recall_at_k(gold_sets, rankings, k),
@@ -170,7 +189,29 @@ def score_decisions(
             for d in decisions
         ]
     out["map"] = metrics.mean_average_precision(gold_sets, score_dicts, seen)
+    if train is not None:
+        out.update(tail_metrics(gold_sets, rankings, train))
     out.update(calibration_metrics(gold_sets, decisions, multi_label))
+    return out
+
+
+def tail_metrics(
+    gold: Sequence[set[str]], rankings: Sequence[Sequence[str]], train: TrainCounts
+) -> dict[str, float]:
+    """The long-tail metrics of a multi-label test set, where they are defined.
+
+    ``psp@5``: propensity-scored P@5, normalised by the best achievable (needs at least
+    :data:`~icl_cl.metrics.PROPENSITY_MIN_TRAIN` training items). ``unseen_recall@10``: the
+    share of gold labels with no training example that are in the top 10 (needs one such gold
+    label).
+    """
+    out: dict[str, float] = {}
+    if train.n_items >= metrics.PROPENSITY_MIN_TRAIN:
+        out["psp@5"] = metrics.propensity_scored_precision_at_k(
+            gold, rankings, 5, train.labels, train.n_items
+        )
+    if any(train.labels.get(lab, 0) == 0 for g in gold for lab in g):
+        out["unseen_recall@10"] = metrics.unseen_label_recall_at_k(gold, rankings, 10, train.labels)
     return out
 
 
@@ -212,10 +253,13 @@ def _cell_result(
     seconds: float,
     uses_llm: bool,
     few_shot: bool = False,
+    train: TrainCounts | None = None,
 ) -> dict[str, Any]:
     """Quality next to cost for one (method, session) cell, plus its row of the accuracy matrix
     (and, in the few-shot protocol, the base / novel split of :func:`_base_and_novel`)."""
-    quality = score_decisions(items, output.decisions, multi, k, output.full_scores, label_names)
+    quality = score_decisions(
+        items, output.decisions, multi, k, output.full_scores, label_names, train=train
+    )
     # Variants report a few headline numbers only, to keep the tables readable.
     shown = ("rp@5", "micro_f1", "map") if multi else ("accuracy",)
     for prefix, decisions in output.variants.items():
@@ -471,6 +515,7 @@ def _run_sessions(
     label_by_name = {lab.label: lab for lab in plan.data.labels}
     total_cells = sum(plan.planned(m, t) for m in config.methods for t in range(len(plan.sessions)))
     cells_done = reused = n_examples = cardinality_sum = 0
+    shown: Counter[str] = Counter()
     for t, labs in enumerate(plan.sessions):
         if t >= learned:
             # Each method fits the heads it uses (run_method), for its own k and scorer.
@@ -478,6 +523,8 @@ def _run_sessions(
             clf.learn(plan.streams[t], known, fit=False)
         n_examples += len(plan.streams[t])
         cardinality_sum += sum(len(ex.labels) for ex in plan.streams[t])
+        shown.update(lab for ex in plan.streams[t] for lab in ex.labels)
+        train = TrainCounts(dict(shown), len(plan.data.train))
         ctx = StageContext(clf, pool, multi, cardinality_sum / max(n_examples, 1), config.k)
         for m in config.methods:
             if not plan.planned(m, t):
@@ -495,6 +542,7 @@ def _run_sessions(
                     multi,
                     t,
                     tick,
+                    train,
                 )
                 plan.checkpoint.put(m.name, t + 1, plan.cell_fp[m.name], result)
             cells_done += 1
@@ -543,6 +591,7 @@ def _evaluate_cell(
     multi: bool,
     t: int,
     tick: Progress,
+    train: TrainCounts,
 ) -> dict[str, Any]:
     # The same seeded sample at a stage for every method with the same budget: comparable cells.
     items = sample_items(test, config.budget(method), config.dataset.seed + t)
@@ -585,6 +634,7 @@ def _evaluate_cell(
         seconds,
         method.kind in LLM_KINDS,
         few_shot=config.sessions.shots is not None,
+        train=train,
     )
 
 

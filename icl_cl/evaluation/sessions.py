@@ -3,6 +3,7 @@ few-shot protocol (FSCIL), where every session after the first shows a few examp
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Sequence
 from typing import Literal
@@ -11,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from icl_cl.errors import ConfigError
 from icl_cl.types import Example, Label
+
+logger = logging.getLogger(__name__)
 
 
 class SessionSpec(BaseModel):
@@ -30,7 +33,14 @@ class SessionSpec(BaseModel):
 def split_sessions(
     spec: SessionSpec, labels: Sequence[Label], train: Sequence[Example]
 ) -> list[list[str]]:
-    """Partition the labels that occur in ``train`` into ordered sessions."""
+    """Partition the labels into ordered sessions: those that occur in ``train`` and, by group,
+    those known only by their name and description.
+
+    By group, a label of ``labels`` with no training example joins its group's session (it is
+    defined there, known only by its name and description, and stays in the gold sets of the
+    tests); one whose group has no label with an example is left out, as are all such labels in
+    the random and explicit splits.
+    """
     used = list(dict.fromkeys(lab for ex in train for lab in ex.labels))
     if spec.by == "explicit":
         if not spec.explicit:
@@ -47,7 +57,15 @@ def split_sessions(
     if spec.by == "group":
         group = {lab.label: lab.group or "" for lab in labels}
         order = list(dict.fromkeys(group.get(lab, "") for lab in sorted(used)))
-        return [[lab for lab in sorted(used) if group.get(lab, "") == g] for g in order]
+        used_set, groups = set(used), set(order)
+        described = sorted(lab.label for lab in labels if lab.label not in used_set)
+        kept = sorted(used) + [lab for lab in described if group[lab] in groups]
+        if len(kept) < len(used) + len(described):
+            logger.info(
+                "%d labels without examples left out: no label of their group has one",
+                len(used) + len(described) - len(kept),
+            )
+        return [[lab for lab in kept if group.get(lab, "") == g] for g in order]
     rng = random.Random(spec.seed)
     shuffled = sorted(used)
     rng.shuffle(shuffled)
