@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -473,3 +474,56 @@ def test_a_missing_module_of_no_extra_is_not_hidden():
     assert missing_extra(ModuleNotFoundError(name="numpy")) is None
     assert missing_extra(ModuleNotFoundError(name="icl_cl.memory")) is None
     assert missing_extra(ModuleNotFoundError(name="vllm.sampling_params")).exit_code == 3
+
+
+def _eval_config(path: Path, **extra: Any) -> Path:
+    """The quickstart's shape, small: two sessions, the ECL and InCA with a tiny LLM."""
+    inca = {
+        "name": "inca",
+        "kind": "inca",
+        "scorer": "mahalanobis",
+        "evaluate_at": "last_session",
+        "llm": {"backend": "transformers", "model": "tiny-random"},
+        "prompt": {"n_demonstrations": 2, "label_presentation": "names"},
+        "classifier": {"fusion": {"heldout": 10}, "calibration": {"heldout_llm": 10}},
+    }
+    config = {
+        "name": "small",
+        "dataset": {"path": str(SAMPLE), "test_file": "test.jsonl", "max_test": 12},
+        "sessions": {"by": "random", "n": 2, "seed": 0},
+        "k": 3,
+        "methods": [{"name": "ecl", "scorer": "mahalanobis"}, inca],
+        "joint_check": False,
+        **extra,
+    }
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_eval_reads_no_test_item_with_an_llm_fusion_gave_weight_0(tmp_path, capsys, monkeypatch):
+    from icl_cl.evaluation import llm_pool
+    from tests.tiny_models import tiny_backend
+
+    # A random-weight LLM (real transformers code) in place of SmolLM2: fusion gives it weight 0.
+    words = "noun verb adj . animal plant food artifact person motion communication all".split()
+    tiny = llm_pool.SharedBackend(tiny_backend(seed=3, words=words, context=512))
+    monkeypatch.setattr(llm_pool, "registry_factory", lambda llm: tiny)
+    out = tmp_path / "run"
+    config = _eval_config(tmp_path / "small.yaml", score_llm_alone=False)
+    assert main(["-q", "eval", str(config), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    ecl, inca = (results["methods"][m]["summary"] for m in ("ecl", "inca"))
+    assert inca["fusion_llm_weight"] == 0 and inca["fit_llm_calls"] >= 10  # it read held-out items
+    # As predict: no test item read, no cost, and the ECL's decisions.
+    assert inca["llm_calls_per_item"] == 0 and inca["prompt_tokens_per_item"] == 0
+    assert "llm_accuracy" not in inca and inca["accuracy"] == ecl["accuracy"]
+    note = r"inca: on \d+ held-out stored examples the LLM did not improve on the ECL.*"
+    assert re.search(f"{note}it read no test item", printed)
+    assert re.search(f"{note}it read no test item", (out / "report.md").read_text())
+    # With score_llm_alone (the default) it reads every test item to score its own choice.
+    assert main(["-q", "eval", str(_eval_config(tmp_path / "alone.yaml")), "--out", str(out)]) == 0
+    inca = json.loads((out / "results.json").read_text())["methods"]["inca"]["summary"]
+    assert inca["fusion_llm_weight"] == 0 and inca["llm_calls_per_item"] == 1
+    assert 0 <= inca["llm_accuracy"] <= 1
+    assert "it read no test item" not in capsys.readouterr().out

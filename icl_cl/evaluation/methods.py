@@ -23,7 +23,8 @@ from icl_cl.evaluation.llm_pool import SharedBackend
 from icl_cl.evaluation.outputs import Decision, MethodOutput, StageContext, chunks
 from icl_cl.evaluation.rag_icl import run_rag_icl
 from icl_cl.evaluation.specs import EclMethod, IncaMethod, IrrMethod, ZeroShotMethod
-from icl_cl.types import Example
+from icl_cl.reading import Reading
+from icl_cl.types import Example, Prediction
 
 
 def view(ctx: StageContext, config: ClassifierConfig) -> ContinualClassifier:
@@ -75,29 +76,45 @@ def run_inca(
 ) -> MethodOutput:
     clf = view(ctx, config)
     scorer = clf.memory.resolve_scorer(spec.scorer)
-    out = MethodOutput(decisions=[], variants={"llm": [], "ecl": []}, setup=_fit(clf, ctx, scorer))
+    setup = _fit(clf, ctx, scorer)
+    # As predict: an LLM that fusion gave weight 0 reads nothing, unless the run asks for the
+    # LLM's own choice (the llm_* columns) all the same.
+    read = setup["fusion_llm_weight"] > 0 or ctx.score_llm_alone
+    variants: dict[str, list[Decision]] = {"llm": [], "ecl": []} if read else {"ecl": []}
+    out = MethodOutput(decisions=[], variants=variants, setup=setup)
     reader = clf.reader()
     for part in chunks(len(test)):
         texts, q = [ex.item for ex in test[part]], queries[part]
         preds = clf.predict_vectors(q, ctx.k, scorer=scorer, texts=texts, confidence=ctx.confidence)
         ranked = clf.memory.candidates(q, ctx.k, scorer)
-        # The same prompts the fused prediction sent (a cache hit then), or the LLM's reading
-        # when fusion gave it weight 0 and it was not asked.
-        readings = reader.read(texts, q, [[lab for lab, _ in r] for r in ranked]).readings
+        # The same prompts the fused prediction sent (a cache hit then), or, at weight 0, the
+        # LLM's reading for its own choice alone.
+        labels = [[lab for lab, _ in r] for r in ranked]
+        readings = reader.read(texts, q, labels).readings if read else [None] * len(texts)
         for pred, cands, reading in zip(preds, ranked, readings, strict=True):
-            n_chosen = len(pred.labels)
-            labels = [lab for lab, _ in cands]
-            ecl = np.array([s for _, s in cands])
-            out.decisions.append(Decision.from_prediction(pred))
-            out.variants["ecl"].append(Decision.from_scores(labels, ecl, n_chosen))
-            if reading.scores is None:  # no reading: the LLM-alone answer falls back to the ECL
-                out.cost.fallbacks += 1
-                out.variants["llm"].append(out.variants["ecl"][-1])
-            else:
-                out.variants["llm"].append(Decision.from_scores(labels, reading.scores, n_chosen))
-            out.cost.count(reading)
+            _add_inca_item(out, pred, cands, reading)
         ctx.progress(len(texts))
     return out
+
+
+def _add_inca_item(
+    out: MethodOutput, pred: Prediction, cands: list[tuple[str, float]], reading: Reading | None
+) -> None:
+    """One item's fused decision, the ECL's alone and, with a ``reading``, the LLM's alone."""
+    n_chosen = len(pred.labels)
+    labels = [lab for lab, _ in cands]
+    out.decisions.append(Decision.from_prediction(pred))
+    ecl = np.array([s for _, s in cands])
+    out.variants["ecl"].append(Decision.from_scores(labels, ecl, n_chosen))
+    if reading is None:  # not read: the prediction's own cost (no LLM call at weight 0)
+        out.cost.count_prediction(pred)
+        return
+    if reading.scores is None:  # no reading: the LLM-alone answer falls back to the ECL
+        out.cost.fallbacks += 1
+        out.variants["llm"].append(out.variants["ecl"][-1])
+    else:
+        out.variants["llm"].append(Decision.from_scores(labels, reading.scores, n_chosen))
+    out.cost.count(reading)
 
 
 def run_zero_shot(

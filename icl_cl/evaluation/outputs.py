@@ -98,7 +98,8 @@ class MethodOutput:
 
 @dataclass
 class StageContext:
-    """What every method needs to evaluate one stage."""
+    """What every method needs to evaluate one stage (``score_llm_alone``: see
+    :class:`~icl_cl.evaluation.protocol.EvalConfig`)."""
 
     classifier: ContinualClassifier
     pool: BackendPool
@@ -108,6 +109,7 @@ class StageContext:
     progress: Callable[[int], None] = lambda n: None
     confidence: float | None = None
     fit_progress: Progress | None = None
+    score_llm_alone: bool = True
 
 
 def chunks(n: int) -> list[slice]:

@@ -64,6 +64,12 @@ class EvalConfig(BaseModel):
         lt=1,
         description="conformal sets at this coverage: report coverage and set size (null: off)",
     )
+    score_llm_alone: bool = Field(
+        True,
+        description="inca methods also have the LLM read every test item where fusion gave it "
+        "weight 0, to score its own choice among the candidates (the llm_* columns; its reads "
+        "count in the cost columns); false: they read as predict does, nothing at weight 0",
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> EvalConfig:
@@ -363,6 +369,8 @@ class _Plan:
                     config.method_k(m),
                     config.budget(m),
                     config.dataset.seed,
+                    # Only when off, so that the cells of runs made before it stay valid.
+                    *([] if config.score_llm_alone or m.kind != "inca" else ["unread at weight 0"]),
                 ]
             )
             for m in config.methods
@@ -620,6 +628,7 @@ def _evaluate_cell(
         items_done,
         config.confidence,
         fitting if method.kind in LLM_KINDS else None,
+        config.score_llm_alone,
     )
     start = time.perf_counter()
     output = run_method(method, stage_ctx, method_cfg, items, queries)

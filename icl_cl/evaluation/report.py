@@ -65,8 +65,27 @@ def session_tables(results: dict[str, Any]) -> str:
 
 
 def summary_table(results: dict[str, Any]) -> str:
+    """The summary of every method after the last session, and a line for each method whose
+    LLM earned no fusion weight there."""
     rows = [{"method": name, **m["summary"]} for name, m in results["methods"].items()]
-    return markdown_table(rows, columns(rows))
+    return "\n\n".join([markdown_table(rows, columns(rows)), *unweighted_llm_notes(results)])
+
+
+def unweighted_llm_notes(results: dict[str, Any]) -> list[str]:
+    """One line per method whose LLM fusion gave weight 0 after the last session: there the
+    LLM adds nothing, and the method decides as the ECL does."""
+    notes = []
+    for name, m in results["methods"].items():
+        summary = m["summary"]
+        if summary.get("fusion_llm_weight") != 0:
+            continue
+        unread = "" if summary.get("llm_calls_per_item") else "; it read no test item"
+        notes.append(
+            f"{name}: on {int(summary.get('fusion_heldout_items', 0))} held-out stored examples "
+            "the LLM did not improve on the ECL, so fusion gave it weight 0 and it adds nothing "
+            f"here: the decision is the ECL's{unread}."
+        )
+    return notes
 
 
 def write_report(results: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -115,21 +134,40 @@ def write_report(results: dict[str, Any], out_dir: Path) -> list[Path]:
     return written
 
 
+# Coincident points and lines stay visible: each series gets its own hollow marker, size and
+# line style, and the names go in a legend beside the axes rather than on the points.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def _style(i: int) -> dict[str, Any]:
+    return {
+        "marker": MARKERS[i % len(MARKERS)],
+        "markersize": 10 - 1.5 * (i % 4),
+        "markerfacecolor": "none",
+        "markeredgewidth": 1.5,
+    }
+
+
+def _legend_beside(ax: Any) -> None:
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+
+
 def quality_cost_plot(
     points: Sequence[tuple[str, float, float]], metric: str, title: str, path: Path
 ) -> Path | None:
-    """Scatter of ``(name, prompt tokens per item, quality)``, each point labelled."""
+    """Scatter of ``(name, prompt tokens per item, quality)``, each point named in the legend."""
     plt = _pyplot()
     if plt is None:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, tokens, quality in points:
-        ax.scatter([tokens], [quality])
-        ax.annotate(name, (tokens, quality), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (name, tokens, quality) in enumerate(points):
+        ax.plot([tokens], [quality], linestyle="none", label=name, **_style(i))
     ax.set_xlabel("prompt tokens per item")
     ax.set_ylabel(metric)
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    _legend_beside(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -153,19 +191,21 @@ def _plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     if plt is None:
         return []
     metric = results["headline"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, m in results["methods"].items():
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, (name, m) in enumerate(results["methods"].items()):
         ax.plot(
             [s["session"] for s in m["stages"]],
             [s[metric] for s in m["stages"]],
-            marker="o",
             label=name,
+            linestyle=LINESTYLES[i % len(LINESTYLES)],
+            **_style(i),
         )
+    ax.set_xticks(range(1, len(results["sessions"]) + 1))  # sessions are whole numbers
     ax.set_xlabel("session")
     ax.set_ylabel(metric)
     ax.set_title(f"{results['name']}: {metric} on all labels seen so far")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend_beside(ax)
     fig.tight_layout()
     per_session = out_dir / "per_session.png"
     fig.savefig(per_session, dpi=120)
