@@ -1,15 +1,27 @@
 """Checksums of a store's parts: of each session's block of vectors, and of each sealed unit of
 its database (a row; for ``examples``, a session's rows; the schema). The store writes them in
-the transaction of what they cover; opening and ``verify`` check them."""
+the transaction of what they cover; ``verify`` checks them all, and the store's reads check what
+they return before it is used (:func:`read_sealed`, :func:`check_blocks`).
+
+A block of vectors checked once is not hashed again in this process while its file stays cached
+(see :func:`check_blocks`); sealed rows are checked on every read, since rows can be rewritten.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 import struct
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from icl_cl.errors import StoreCorruptError
 
 # The column that names a sealed unit of each table: one row, or for examples a session's rows.
 SEALED = {
@@ -59,14 +71,29 @@ def unit_digests(
         where = f" WHERE {column} IN ({','.join('?' * len(params))})"
     cursor = conn.execute(f"SELECT * FROM {table}{where} ORDER BY {column}, rowid", params)
     names = [d[0] for d in cursor.description]
-    at = names.index(column)
+    return _digests(names, names.index(column), cursor)
+
+
+def _digests(names: Sequence[str], at: int, rows: Any) -> dict[str, str]:
+    """SHA-256 of each unit of ``rows`` (in unit order; ``at``: the unit's column)."""
     digests: dict[str, Any] = {}
-    for row in cursor:
+    for row in rows:
         unit = str(row[at])
         if unit not in digests:
             digests[unit] = hashlib.sha256()
         digests[unit].update(_encode_row(names, row))
     return {unit: h.hexdigest() for unit, h in digests.items()}
+
+
+def unit_problem(table: str, unit: str, actual: str | None, sealed: str | None) -> str | None:
+    """What is wrong with one unit of ``table`` given its digest and its seal (``None``: either
+    absent); ``None`` when nothing is. The wording ``verify`` and the checked reads share."""
+    name = f"{table} {SEALED[table]} {unit}"
+    if sealed is None:
+        return None if actual is None else f"{name} has no checksum"
+    if actual is None:
+        return f"{name} is missing"
+    return None if actual == sealed else f"{name} does not match its checksum"
 
 
 def schema_digest(conn: sqlite3.Connection) -> str:
@@ -93,19 +120,27 @@ def seal_schema(conn: sqlite3.Connection) -> None:
     )
 
 
-def block_digest(data: bytes) -> str:
+def block_digest(data: bytes | memoryview) -> str:
     """SHA-256 of one session's block of the vector file."""
     return hashlib.sha256(data).hexdigest()
 
 
 def check_block(
-    file: Path, dim: int, session: int, first_row: int, n_rows: int, sha256: str
+    file: Path,
+    dim: int,
+    session: int,
+    first_row: int,
+    n_rows: int,
+    sha256: str,
+    data: bytes | memoryview | None = None,
 ) -> str | None:
-    """What is wrong with one session's block of vectors in ``file`` (``None``: nothing)."""
+    """What is wrong with one session's block of vectors in ``file`` (``None``: nothing);
+    ``data``: the block's bytes as already read (else they are read from ``file``)."""
     width = 4 * dim
-    with open(file, "rb") as f:
-        f.seek(first_row * width)
-        data = f.read(n_rows * width)
+    if data is None:
+        with open(file, "rb") as f:
+            f.seek(first_row * width)
+            data = f.read(n_rows * width)
     if len(data) < n_rows * width:
         return f"{file}: session {session}'s vectors are cut short (file damaged)"
     if block_digest(data) != sha256:
@@ -114,3 +149,144 @@ def check_block(
             f"{first_row + n_rows - 1}) do not match their checksum (file damaged)"
         )
     return None
+
+
+# ---- checked reads ------------------------------------------------------------------------------
+
+
+@dataclass
+class ReadChecks:
+    """What this process's checked reads did, for benchmarks: seconds spent checking, vector
+    blocks hashed (and their bytes), blocks found already checked, sealed units checked."""
+
+    seconds: float = 0.0
+    blocks_hashed: int = 0
+    bytes_hashed: int = 0
+    blocks_cached: int = 0
+    units: int = 0
+
+
+READ_CHECKS = ReadChecks()
+
+
+def read_sealed(
+    conn: sqlite3.Connection,
+    table: str,
+    units: Sequence[Any] | None = None,
+    *,
+    source: Path,
+    check: bool = True,
+) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """The rows of ``table`` (all, or those of ``units``) and their column names, each unit
+    checked against its seal as ``verify`` checks it. Rows and seals come from one statement,
+    so a commit by another connection is seen entirely or not at all.
+
+    Args:
+        source: The database file, named in the error.
+        check: Check the seals (``False``: only read, for ``verify``, which checks them itself).
+
+    Raises:
+        StoreCorruptError: A unit read does not match its seal or has none; with all units, a
+            sealed unit is missing.
+    """
+    start = time.perf_counter()
+    column = SEALED[table]
+    where, params = "", list(units or [])
+    if units is not None:
+        if not params:
+            return [], []
+        where = f" WHERE t.{column} IN ({','.join('?' * len(params))})"
+    cursor = conn.execute(
+        f"SELECT t.*, s.sha256, (SELECT COUNT(*) FROM seals WHERE tbl = ?) FROM {table} AS t "
+        f"LEFT JOIN seals AS s ON s.tbl = ? AND s.unit = CAST(t.{column} AS TEXT){where} "
+        f"ORDER BY t.{column}, t.rowid",
+        [table, table, *params],
+    )
+    names = [d[0] for d in cursor.description][:-2]
+    found = cursor.fetchall()
+    rows = [row[:-2] for row in found]
+    if check:
+        at = names.index(column)
+        sealed = {str(row[at]): row[-2] for row in found}
+        problems = [
+            unit_problem(table, unit, digest, sealed[unit])
+            for unit, digest in _digests(names, at, rows).items()
+        ]
+        if units is None and found and found[0][-1] > len(sealed):
+            problems.append(f"{table}: {found[0][-1] - len(sealed)} sealed units are missing")
+        READ_CHECKS.units += len(sealed)
+        READ_CHECKS.seconds += time.perf_counter() - start
+        damaged = [p for p in problems if p]
+        if damaged:
+            raise StoreCorruptError(f"{source}: {damaged[0]} (store damaged){_verify_hint(source)}")
+    return names, rows
+
+
+def _verify_hint(file: Path) -> str:
+    return f"; icl-cl verify --store {file.parent} checks all"
+
+
+class _VerifiedBlocks:
+    """Blocks of vector files whose checksum this process has checked, by file. Each cached file
+    is held open, so that its inode number cannot be reused by another file while its blocks are
+    trusted; the least recently used file is dropped beyond ``max_files``."""
+
+    def __init__(self, max_files: int = 32) -> None:
+        self.max_files = max_files
+        self._files: OrderedDict[tuple[int, int], tuple[IO[bytes], set[tuple[Any, ...]]]]
+        self._files = OrderedDict()
+        self._lock = threading.Lock()
+
+    def entry(self, file: Path) -> set[tuple[Any, ...]]:
+        """The checked blocks of ``file`` (the file it is now: its inode)."""
+        handle = open(file, "rb")
+        stat = os.fstat(handle.fileno())
+        key = (stat.st_dev, stat.st_ino)
+        with self._lock:
+            if key in self._files:
+                self._files.move_to_end(key)
+                handle.close()
+            else:
+                self._files[key] = (handle, set())
+                while len(self._files) > self.max_files:
+                    self._files.popitem(last=False)[1][0].close()
+            return self._files[key][1]
+
+    def clear(self) -> None:
+        with self._lock:
+            for handle, _ in self._files.values():
+                handle.close()
+            self._files.clear()
+
+
+VERIFIED_BLOCKS = _VerifiedBlocks()
+
+
+def check_blocks(
+    file: Path, dim: int, blocks: Sequence[tuple[int, int, int, str]], data: Any = None
+) -> None:
+    """Check the blocks ``(session, first_row, n_rows, sha256)`` of the vector file: those not
+    checked before in this process are hashed, from ``data`` (the file's bytes from row 0, as
+    just read) or else from the file.
+
+    Raises:
+        StoreCorruptError: A block does not match its checksum or is cut short; names it.
+    """
+    start = time.perf_counter()
+    checked = VERIFIED_BLOCKS.entry(file)
+    try:
+        for block in blocks:
+            if block in checked:
+                READ_CHECKS.blocks_cached += 1
+                continue
+            session, first_row, n_rows, sha256 = block
+            width = 4 * dim
+            part = None if data is None else data[first_row * width : (first_row + n_rows) * width]
+            problem = check_block(file, dim, session, first_row, n_rows, sha256, part)
+            if problem:
+                raise StoreCorruptError(problem + _verify_hint(file))
+            checked.add(block)
+            READ_CHECKS.blocks_hashed += 1
+            READ_CHECKS.bytes_hashed += n_rows * width
+    finally:
+        READ_CHECKS.seconds += time.perf_counter() - start

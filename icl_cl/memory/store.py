@@ -16,7 +16,10 @@ unfinished session are ignored on open and truncated by the next learn.
 Integrity: each session's block of ``examples.f32`` has a SHA-256 in ``blocks``, and every unit
 of the database a write touches (a row; for ``examples``, a session's rows; the schema) has a
 SHA-256 of its content in ``seals``, both written in the same transaction as what they cover.
-Opening checks the last session's block and the dimension; ``verify.verify_store`` checks all.
+Opening checks the last session's block and the dimension; the reads that predictions use (the
+vectors, the label and statistics rows, fitted parameters, meta values) check what they return
+against its checksum first (once per block and process for vectors); ``verify.verify_store``
+checks all.
 
 A store on storage that cannot be written (or opened with ``read_only=True``) is opened through
 SQLite's read-only URI (``mode=ro``, or ``immutable=1`` where SQLite cannot even create its
@@ -44,7 +47,7 @@ import numpy as np
 from icl_cl.errors import StoreBusyError, StoreCorruptError, StoreError
 from icl_cl.images import Image
 from icl_cl.inputs.checks import check_vectors
-from icl_cl.memory.checksums import block_digest, check_block, seal, seal_schema
+from icl_cl.memory.checksums import block_digest, check_blocks, read_sealed, seal, seal_schema
 from icl_cl.memory.idempotency import stored_session, write_idempotency
 from icl_cl.memory.statistics import RunningStatistics, StatisticsDelta
 from icl_cl.types import Example, Label
@@ -193,6 +196,8 @@ class Store:
 
     Attributes:
         read_only: Opened without the right (or the wish) to write; writes are refused.
+        check_reads: Reads check what they return against its checksum (off for ``verify``,
+            which checks everything itself).
     """
 
     def __init__(
@@ -208,6 +213,7 @@ class Store:
         self.manifest = manifest
         self.dim = int(manifest["dim"])
         self.read_only = read_only
+        self.check_reads = True
         self._images: dict[str, Image] = {}
         self._idempotency: tuple[str, str] | None = None  # see idempotency_key
         self._lock_depth = 0
@@ -276,7 +282,8 @@ class Store:
             read_only: Open without writing (``None``: when the directory or the database
                 cannot be written).
             check: Check the dimension and the last session's block of vectors against its
-                checksum (:func:`icl_cl.memory.verify.verify_store` checks everything).
+                checksum, and what reads return against theirs (``False`` for
+                :func:`icl_cl.memory.verify.verify_store`, which checks everything).
 
         Raises:
             StoreError: Not a store, or another format version.
@@ -294,6 +301,7 @@ class Store:
         except sqlite3.DatabaseError as exc:
             raise _damaged(path / DATABASE, exc) from exc
         store = cls(path, conn, manifest, read_only=read_only)
+        store.check_reads = check
         try:
             if check:
                 store.check_quick()
@@ -349,8 +357,14 @@ class Store:
     # ---- reading ---------------------------------------------------------------------------
 
     def meta(self, key: str) -> Any:
-        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else json.loads(row[0])
+        rows = self._sealed("meta", [key])
+        return json.loads(rows[0]["value"]) if rows else None
+
+    def _sealed(self, table: str, units: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+        """Rows of ``table`` (all, or those of ``units``), checked against their seals."""
+        source = self.path / DATABASE
+        names, rows = read_sealed(self._conn, table, units, source=source, check=self.check_reads)
+        return [dict(zip(names, row, strict=True)) for row in rows]
 
     def n_examples(self) -> int:
         return int(self._conn.execute("SELECT COUNT(*) FROM examples").fetchone()[0])
@@ -370,20 +384,18 @@ class Store:
         stats = RunningStatistics(self.dim)
         labels: list[Label] = []
         vectors: list[np.ndarray] = []
-        rows = self._conn.execute(
-            "SELECT label, name, description, grp, count, total, vector FROM labels ORDER BY col"
-        )
-        for label, name, description, group, count, total, vector in rows:
+        for row in self._sealed("labels"):
+            label, count, total, vector = row["label"], row["count"], row["total"], row["vector"]
             if len(total) != 8 * self.dim or len(vector) != 4 * self.dim:
                 raise StoreCorruptError(
                     f"{self.path / DATABASE}: label {label!r} has statistics of another "
                     f"dimension than the manifest's {self.dim} (store damaged)"
                 )
             stats.add_label(label, count, np.frombuffer(total, dtype=np.float64))
-            labels.append(Label(label, name=name, description=description, group=group))
+            labels.append(Label(label, row["name"], row["description"], row["grp"]))
             vectors.append(np.frombuffer(vector, dtype=np.float32))
         shapes = {"gram": stats.gram.shape, "weighted_gram": stats.weighted_gram.shape}
-        for key, value in self._conn.execute("SELECT key, value FROM statistics"):
+        for key, value in ((r["key"], r["value"]) for r in self._sealed("statistics")):
             if key not in shapes:
                 continue
             if len(value) != 8 * shapes[key][0] * shapes[key][1]:
@@ -403,12 +415,16 @@ class Store:
         count (all committed ones if none were); ignores rows of an unfinished session."""
         n = self._loaded[1] if self._loaded is not None else self.n_examples()
         file = self.path / VECTORS
-        available = file.stat().st_size // (4 * self.dim)
+        data = bytearray(n * 4 * self.dim)
+        with open(file, "rb") as f:
+            available = f.readinto(data) // (4 * self.dim)
         if available < n:
             raise StoreCorruptError(
                 f"{file}: holds {available} vectors but {n} examples were committed (file damaged)"
             )
-        return np.fromfile(file, dtype=np.float32, count=n * self.dim).reshape(n, self.dim)
+        if self.check_reads:
+            check_blocks(file, self.dim, _blocks_of(file, self._sealed("blocks"), n), data)
+        return np.frombuffer(data, dtype=np.float32).reshape(n, self.dim)
 
     def row_labels(self) -> list[list[str]]:
         """Labels of every stored example, by row."""
@@ -466,10 +482,8 @@ class Store:
 
     def fitted(self, key: str) -> tuple[dict[str, Any], int] | None:
         """Fitted parameters (fusion, calibration) and the example count they were fitted at."""
-        row = self._conn.execute(
-            "SELECT value, n_examples FROM fitted WHERE key = ?", (key,)
-        ).fetchone()
-        return None if row is None else (json.loads(row[0]), int(row[1]))
+        rows = self._sealed("fitted", [key])
+        return (json.loads(rows[0]["value"]), int(rows[0]["n_examples"])) if rows else None
 
     def fitted_keys(self, prefix: str) -> list[str]:
         """Keys of the stored fitted parameters that start with ``prefix``."""
@@ -584,9 +598,27 @@ def _check_quick(conn: sqlite3.Connection, path: Path, dim: int) -> None:
         "ORDER BY session DESC LIMIT 1"
     ).fetchone()
     if last is not None:
-        problem = check_block(path / VECTORS, dim, *last)
-        if problem:
-            raise StoreCorruptError(f"{problem}; icl-cl verify --store {path} checks all")
+        check_blocks(path / VECTORS, dim, [tuple(last)])
+
+
+def _blocks_of(file: Path, rows: list[dict[str, Any]], n: int) -> list[tuple[int, int, int, str]]:
+    """The blocks ``(session, first_row, n_rows, sha256)`` that hold rows 0 to ``n - 1`` of the
+    vector file, from the rows of ``blocks`` in session order; they must follow each other."""
+    blocks: list[tuple[int, int, int, str]] = []
+    end = 0
+    for row in rows:
+        if row["n_rows"] == 0 or row["first_row"] >= n:  # empty, or committed after the load
+            continue
+        if row["first_row"] != end:
+            break
+        blocks.append((row["session"], row["first_row"], row["n_rows"], row["sha256"]))
+        end += row["n_rows"]
+    if end != n:
+        raise StoreCorruptError(
+            f"{file}: the blocks of vectors do not hold exactly the {n} committed rows (store "
+            f"damaged); icl-cl verify --store {file.parent} checks all"
+        )
+    return blocks
 
 
 def _append_vectors(path: Path, dim: int, n_committed: int, vectors: np.ndarray) -> str:

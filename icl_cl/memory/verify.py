@@ -1,6 +1,7 @@
 """The full check of a store (``icl-cl verify``); it only reads (read-only storage is fine).
 
-Opening a store checks the last session's vectors; this checks everything:
+Opening a store checks the last session's vectors, and reads check what they return (see
+:mod:`icl_cl.memory.checksums`); this checks everything, hashing every block again:
 
 - the database: SQLite's integrity check, and the application id and format in its header;
 - the checksum (seal) of the schema and of every sealed unit of every table: a row, or a
@@ -24,7 +25,14 @@ from typing import Any
 import numpy as np
 
 from icl_cl.errors import StoreError
-from icl_cl.memory.checksums import SCHEMA_SEAL, SEALED, check_block, schema_digest, unit_digests
+from icl_cl.memory.checksums import (
+    SCHEMA_SEAL,
+    SEALED,
+    check_block,
+    schema_digest,
+    unit_digests,
+    unit_problem,
+)
 from icl_cl.memory.item_groups import add_rows
 from icl_cl.memory.statistics import RunningStatistics
 from icl_cl.memory.store import APPLICATION_ID, FORMAT_VERSION, ITEM_STATISTICS, VECTORS, Store
@@ -148,14 +156,9 @@ def _check_seals(store: Store, report: VerifyReport) -> None:
         actual = unit_digests(conn, table) if table in tables else {}
         sealed = seals.get(table, {})
         for unit in sorted(actual.keys() | sealed.keys()):
-            if unit not in sealed:
-                found.append(f"{database}: {table} {SEALED[table]} {unit} has no checksum")
-            elif unit not in actual:
-                found.append(f"{database}: {table} {SEALED[table]} {unit} is missing")
-            elif actual[unit] != sealed[unit]:
-                found.append(
-                    f"{database}: {table} {SEALED[table]} {unit} does not match its checksum"
-                )
+            problem = unit_problem(table, unit, actual.get(unit), sealed.get(unit))
+            if problem:
+                found.append(f"{database}: {problem}")
     _add(report, found, "units that do not match their checksums")
 
 
