@@ -355,3 +355,11 @@ def test_multi_label_runs_report_the_long_tail_metrics(tmp_path, embedder):
     for key in ("p@1", "p@5", "rp@5", "ndcg@5", "psp@5", "unseen_recall@10"):
         assert 0.0 <= last[key] <= 1.0, key
     assert results["methods"]["knn"]["summary"]["psp@5"] == last["psp@5"]
+
+
+def test_the_wordnet_hypernyms_config_asks_for_what_the_extreme_tagging_runs_need():
+    config = EvalConfig.from_yaml(SAMPLES.parent / "configs" / "wordnet-hypernyms.yaml")
+    assert config.sessions.by == "group" and config.joint_check
+    assert {m.scorer for m in config.methods} == {"knn", "auto"}  # type: ignore[union-attr]
+    # Relative to the config file, like every shipped config: never an absolute path.
+    assert config.dataset.path == "../../../shared/datasets/wordnet-hypernyms"
