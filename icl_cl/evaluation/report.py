@@ -163,6 +163,9 @@ def quality_cost_plot(
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, (name, tokens, quality) in enumerate(points):
         ax.plot([tokens], [quality], linestyle="none", label=name, **_style(i))
+    span = max([tokens for _, tokens, _ in points] + [1.0])
+    ax.set_xlim(-0.05 * span, 1.05 * span)  # no negative token counts, even when all are 0
+    ax.margins(y=0.1)
     ax.set_xlabel("prompt tokens per item")
     ax.set_ylabel(metric)
     ax.set_title(title)
@@ -192,9 +195,11 @@ def _plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
         return []
     metric = results["headline"]
     fig, ax = plt.subplots(figsize=(8, 4))
-    for i, (name, m) in enumerate(results["methods"].items()):
+    methods = results["methods"]
+    for i, (name, m) in enumerate(methods.items()):
+        dodge = 0.03 * (i - (len(methods) - 1) / 2)  # methods that agree stay side by side
         ax.plot(
-            [s["session"] for s in m["stages"]],
+            [s["session"] + dodge for s in m["stages"]],
             [s[metric] for s in m["stages"]],
             label=name,
             linestyle=LINESTYLES[i % len(LINESTYLES)],
