@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from icl_cl.errors import StoreCorruptError
 
@@ -189,7 +189,6 @@ def read_sealed(
         StoreCorruptError: A unit read does not match its seal or has none; with all units, a
             sealed unit is missing.
     """
-    start = time.perf_counter()
     column = SEALED[table]
     where, params = "", list(units or [])
     if units is not None:
@@ -204,6 +203,7 @@ def read_sealed(
     )
     names = [d[0] for d in cursor.description][:-2]
     found = cursor.fetchall()
+    start = time.perf_counter()  # the rows are read in any case: the check is what follows
     rows = [row[:-2] for row in found]
     if check:
         at = names.index(column)
@@ -226,35 +226,57 @@ def _verify_hint(file: Path) -> str:
     return f"; icl-cl verify --store {file.parent} checks all"
 
 
+def _state(stat: os.stat_result) -> tuple[int, int]:
+    return stat.st_size, stat.st_mtime_ns
+
+
 class _VerifiedBlocks:
-    """Blocks of vector files whose checksum this process has checked, by file. Each cached file
-    is held open, so that its inode number cannot be reused by another file while its blocks are
-    trusted; the least recently used file is dropped beyond ``max_files``."""
+    """Blocks of vector files whose checksum this process has checked, by file (its inode).
+
+    A file's checked blocks are trusted while the file keeps the size and modification time it
+    had when they were checked, or that an append by this process gave it (:meth:`appended`);
+    any other change (a write elsewhere in it, another process's learn) has them checked again.
+    Each cached file is held open, so that its inode number cannot be reused by another file
+    while its blocks are trusted; the least recently used file is dropped beyond ``max_files``.
+    """
 
     def __init__(self, max_files: int = 32) -> None:
         self.max_files = max_files
-        self._files: OrderedDict[tuple[int, int], tuple[IO[bytes], set[tuple[Any, ...]]]]
-        self._files = OrderedDict()
+        # (device, inode) -> [the open file, its state when checked, the blocks checked]
+        self._files: OrderedDict[tuple[int, int], list[Any]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def entry(self, file: Path) -> set[tuple[Any, ...]]:
-        """The checked blocks of ``file`` (the file it is now: its inode)."""
-        handle = open(file, "rb")
-        stat = os.fstat(handle.fileno())
+    def checked(self, file: Path, stat: os.stat_result) -> set[tuple[Any, ...]]:
+        """The blocks of ``file`` checked as it was when ``stat`` was taken (before its bytes
+        were read); the caller adds those it checks."""
         key = (stat.st_dev, stat.st_ino)
         with self._lock:
-            if key in self._files:
-                self._files.move_to_end(key)
-                handle.close()
-            else:
-                self._files[key] = (handle, set())
+            entry = self._files.get(key)
+            if entry is None:
+                handle = open(file, "rb")  # kept open while cached
+                now = os.fstat(handle.fileno())
+                if (now.st_dev, now.st_ino) != key:  # replaced meanwhile: check, do not keep
+                    handle.close()
+                    return set()
+                entry = self._files[key] = [handle, _state(stat), set()]
                 while len(self._files) > self.max_files:
                     self._files.popitem(last=False)[1][0].close()
-            return self._files[key][1]
+            elif entry[1] != _state(stat):
+                entry[1:] = [_state(stat), set()]
+            self._files.move_to_end(key)
+            return entry[2]
+
+    def appended(self, before: os.stat_result, after: os.stat_result) -> None:
+        """This process appended to a vector file (``before`` and ``after`` its write): the
+        blocks checked before stay trusted, if nothing else changed the file since."""
+        with self._lock:
+            entry = self._files.get((before.st_dev, before.st_ino))
+            if entry is not None and entry[1] == _state(before):
+                entry[1] = _state(after)
 
     def clear(self) -> None:
         with self._lock:
-            for handle, _ in self._files.values():
+            for handle, _, _ in self._files.values():
                 handle.close()
             self._files.clear()
 
@@ -263,30 +285,39 @@ VERIFIED_BLOCKS = _VerifiedBlocks()
 
 
 def check_blocks(
-    file: Path, dim: int, blocks: Sequence[tuple[int, int, int, str]], data: Any = None
+    file: Path,
+    dim: int,
+    blocks: Sequence[tuple[int, int, int, str]],
+    data: tuple[os.stat_result, Any] | None = None,
 ) -> None:
     """Check the blocks ``(session, first_row, n_rows, sha256)`` of the vector file: those not
-    checked before in this process are hashed, from ``data`` (the file's bytes from row 0, as
-    just read) or else from the file.
+    checked before in this process (see :class:`_VerifiedBlocks`) are hashed, from ``data``
+    (the file's status and then its bytes from row 0, as just read) or else from the file.
 
     Raises:
         StoreCorruptError: A block does not match its checksum or is cut short; names it.
     """
     start = time.perf_counter()
-    checked = VERIFIED_BLOCKS.entry(file)
     try:
-        for block in blocks:
-            if block in checked:
-                READ_CHECKS.blocks_cached += 1
-                continue
-            session, first_row, n_rows, sha256 = block
+        with open(file, "rb") as f:
+            stat, content = data if data is not None else (os.fstat(f.fileno()), None)
+            checked = VERIFIED_BLOCKS.checked(file, stat)
             width = 4 * dim
-            part = None if data is None else data[first_row * width : (first_row + n_rows) * width]
-            problem = check_block(file, dim, session, first_row, n_rows, sha256, part)
-            if problem:
-                raise StoreCorruptError(problem + _verify_hint(file))
-            checked.add(block)
-            READ_CHECKS.blocks_hashed += 1
-            READ_CHECKS.bytes_hashed += n_rows * width
+            for block in blocks:
+                if block in checked:
+                    READ_CHECKS.blocks_cached += 1
+                    continue
+                session, first_row, n_rows, sha256 = block
+                if content is not None:
+                    part = content[first_row * width : (first_row + n_rows) * width]
+                else:
+                    f.seek(first_row * width)
+                    part = f.read(n_rows * width)
+                problem = check_block(file, dim, session, first_row, n_rows, sha256, part)
+                if problem:
+                    raise StoreCorruptError(problem + _verify_hint(file))
+                checked.add(block)
+                READ_CHECKS.blocks_hashed += 1
+                READ_CHECKS.bytes_hashed += n_rows * width
     finally:
         READ_CHECKS.seconds += time.perf_counter() - start

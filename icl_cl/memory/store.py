@@ -47,7 +47,14 @@ import numpy as np
 from icl_cl.errors import StoreBusyError, StoreCorruptError, StoreError
 from icl_cl.images import Image
 from icl_cl.inputs.checks import check_vectors
-from icl_cl.memory.checksums import block_digest, check_blocks, read_sealed, seal, seal_schema
+from icl_cl.memory.checksums import (
+    VERIFIED_BLOCKS,
+    block_digest,
+    check_blocks,
+    read_sealed,
+    seal,
+    seal_schema,
+)
 from icl_cl.memory.idempotency import stored_session, write_idempotency
 from icl_cl.memory.statistics import RunningStatistics, StatisticsDelta
 from icl_cl.types import Example, Label
@@ -417,13 +424,15 @@ class Store:
         file = self.path / VECTORS
         data = bytearray(n * 4 * self.dim)
         with open(file, "rb") as f:
+            stat = os.fstat(f.fileno())  # before the read: a later change is checked again
             available = f.readinto(data) // (4 * self.dim)
         if available < n:
             raise StoreCorruptError(
                 f"{file}: holds {available} vectors but {n} examples were committed (file damaged)"
             )
         if self.check_reads:
-            check_blocks(file, self.dim, _blocks_of(file, self._sealed("blocks"), n), data)
+            blocks = _blocks_of(file, self._sealed("blocks"), n)
+            check_blocks(file, self.dim, blocks, (stat, memoryview(data)))
         return np.frombuffer(data, dtype=np.float32).reshape(n, self.dim)
 
     def row_labels(self) -> list[list[str]]:
@@ -626,11 +635,13 @@ def _append_vectors(path: Path, dim: int, n_committed: int, vectors: np.ndarray)
     returns the block's checksum."""
     data = np.ascontiguousarray(vectors, dtype=np.float32).tobytes()
     with open(path / VECTORS, "r+b") as f:
+        before = os.fstat(f.fileno())
         f.truncate(n_committed * 4 * dim)
         f.seek(n_committed * 4 * dim)
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+        VERIFIED_BLOCKS.appended(before, os.fstat(f.fileno()))  # its checked blocks stay so
     return block_digest(data)
 
 
