@@ -1,19 +1,30 @@
-"""How long ``icl-cl verify`` takes per 100k vectors, and what share of random byte flips it finds.
+"""How long ``icl-cl verify`` takes per 100k vectors, what share of random byte flips it finds, and
+what share of a predict the checks on read take.
 
     python eval/bench/verify_speed.py --vectors 100000 --sessions 10 --flips 100
+    python eval/bench/verify_speed.py --store STORE --input test.jsonl --repeat 3
+    python eval/bench/verify_speed.py --train train.jsonl --label-file labels.jsonl --input test.jsonl
 
-Builds a store of ``--vectors`` random unit vectors (dim 384, as MiniLM's) with short texts and
-``--labels`` single labels, learned in ``--sessions`` sessions through the store's own commit
-(no embedder, so the time is the store's), then times :func:`verify_store` (each check and the
-total, best of ``--repeat``). With ``--flips N``, it then flips one random byte of the vector
-file N times and of the database N times, one at a time on a fresh copy, and counts the flips
-verify reports; a flip it does not report is checked to have left the database's dump and the
-vectors unchanged (bytes SQLite keeps no data in).
+Without ``--input``: builds a store of ``--vectors`` random unit vectors (dim 384, as MiniLM's)
+with short texts and ``--labels`` single labels, learned in ``--sessions`` sessions through the
+store's own commit (no embedder, so the time is the store's), then times :func:`verify_store`
+(each check and the total, best of ``--repeat``), and the reads a predict makes on open (label
+and statistics rows, all vectors) with and without their checks. With ``--flips N``, it then
+flips one random byte of the vector file N times and of the database N times, one at a time on a
+fresh copy, and counts the flips verify reports; a flip it does not report is checked to have
+left the database's dump and the vectors unchanged (bytes SQLite keeps no data in).
+
+With ``--input``: runs ``icl-cl predict`` in this process on ``--store`` (or on a store learned
+first from ``--train``), ``--repeat`` times, each with the cache of checked blocks emptied as in a
+new process, and reports the seconds the checks on read took (hashing the vector blocks, checking
+the rows' seals) beside the whole predict's, and their ratio, then the same for one more predict
+with the blocks already checked (as a service that opened the store before).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import random
@@ -25,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from icl_cl.cli import main as cli
+from icl_cl.memory.checksums import READ_CHECKS, VERIFIED_BLOCKS
 from icl_cl.memory.statistics import RunningStatistics
 from icl_cl.memory.store import DATABASE, VECTORS, Store
 from icl_cl.memory.verify import verify_store
@@ -99,6 +112,70 @@ def flips(clean: Path, name: str, n: int, seed: int) -> dict[str, int]:
     }
 
 
+def checked_reads(path: Path) -> dict[str, float]:
+    """Seconds of the reads a predict makes on open (label and statistics rows, all vectors),
+    without checks and with them (cold: no block checked before), and the checks' share."""
+    seconds = {}
+    for check in (False, True):
+        VERIFIED_BLOCKS.clear()
+        store = Store.open(path, read_only=True, check=False)
+        store.check_reads = check
+        checks_before = READ_CHECKS.seconds
+        start = time.perf_counter()
+        store.load_statistics()
+        store.load_vectors()
+        seconds["checked" if check else "unchecked"] = time.perf_counter() - start
+        store.close()
+    seconds["checks"] = READ_CHECKS.seconds - checks_before
+    return {key: round(value, 3) for key, value in seconds.items()}
+
+
+def timed_predict(args: argparse.Namespace, store: Path, output: Path, cold: bool) -> dict:
+    """One ``icl-cl predict`` in this process: its seconds and those of the checks on read."""
+    if cold:
+        VERIFIED_BLOCKS.clear()  # as in a new process
+    before = dataclasses.replace(READ_CHECKS)
+    argv = ["-q", "predict", "--store", str(store), "--input", args.input, "--output", str(output)]
+    argv += ["--k", str(args.k), *(["--scorer", args.scorer] if args.scorer else [])]
+    start = time.perf_counter()
+    code = cli(argv)
+    seconds = time.perf_counter() - start
+    if code != 0:
+        raise SystemExit(f"predict failed with exit code {code}")
+    checks = READ_CHECKS.seconds - before.seconds
+    return {
+        "blocks": "hashed" if cold else "checked before",
+        "predict_seconds": round(seconds, 3),
+        "check_seconds": round(checks, 4),
+        "ratio": round(checks / seconds, 4),
+        "blocks_hashed": READ_CHECKS.blocks_hashed - before.blocks_hashed,
+        "mb_hashed": round((READ_CHECKS.bytes_hashed - before.bytes_hashed) / 1e6, 1),
+        "blocks_cached": READ_CHECKS.blocks_cached - before.blocks_cached,
+        "units_checked": READ_CHECKS.units - before.units,
+    }
+
+
+def predict_cost(args: argparse.Namespace) -> None:
+    """The checks on read as a share of ``icl-cl predict`` (see the module)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(args.store) if args.store else Path(tmp) / "store"
+        if not args.store:
+            argv = ["-q", "learn", "--store", str(store), "--data", args.train]
+            if cli(argv + (["--labels", args.label_file] if args.label_file else [])) != 0:
+                raise SystemExit("learn failed")
+        sizes = {p.name: p.stat().st_size for p in store.iterdir() if p.is_file()}
+        opened = Store.open(store, read_only=True, check=False)
+        n_examples = opened.n_examples()
+        opened.close()
+        output = Path(tmp) / "predictions.jsonl"
+        runs = [timed_predict(args, store, output, cold=True) for _ in range(args.repeat)]
+        runs.append(timed_predict(args, store, output, cold=False))
+        cold = sorted(r["ratio"] for r in runs[:-1])
+        summary = {"examples": n_examples, "bytes": sizes, "input": args.input, "k": args.k}
+        summary["median_ratio_blocks_hashed"] = cold[len(cold) // 2]
+        print(json.dumps({**summary, "runs": runs}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vectors", type=int, default=100_000)
@@ -107,7 +184,18 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--flips", type=int, default=0, help="byte flips per file (0: none)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--input", help="JSONL of inputs: time the checks on read in predict")
+    parser.add_argument("--store", help="with --input: the store to predict from")
+    parser.add_argument("--train", help="with --input and no --store: learn this JSONL first")
+    parser.add_argument("--label-file", help="with --train: label definitions (JSONL)")
+    parser.add_argument("--k", type=int, default=10, help="with --input: candidates per input")
+    parser.add_argument("--scorer", help="with --input: the ECL scorer (default: the store's)")
     args = parser.parse_args()
+    if args.input:
+        if not (args.store or args.train):
+            parser.error("--input needs --store or --train")
+        predict_cost(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "store"
         build(path, args.vectors, args.sessions, args.labels, args.seed)
@@ -129,6 +217,7 @@ def main() -> None:
                     "seconds": round(seconds, 3),
                     "seconds_per_100k_vectors": round(seconds * 100_000 / args.vectors, 3),
                     "checks": report.to_dict()["seconds"],
+                    "reads_on_open": checked_reads(path),
                 }
             )
         )
