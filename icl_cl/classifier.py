@@ -174,16 +174,22 @@ class ContinualClassifier:
         scorer: str | None = None,
         use_llm: bool = True,
         progress: Progress | None = None,
+        full: bool = False,
     ) -> FittedHeads:
         """Fit the heads of predictions with ``k`` candidates, ``scorer`` and (``use_llm``) the
         configured LLM on held-out stored examples, and store them; a current fit is returned
-        as it is. The only step that reads held-out items with the LLM."""
+        as it is. The only step that reads held-out items with the LLM. The ECL's choices
+        (``auto``, strengths) are made again once the store has doubled since, or with
+        ``full``, and then the heads too."""
         self.memory.require_examples()
         self.memory.store.require_writable()  # before the work, not at its end
         steps = self._steps(writing=True)
-        steps.refresh_scorer_choice(scorer, progress)
+        steps.refresh_scorer_choice(scorer, progress, full=full)
+        self.memory.refresh_strengths(scorer, full=full)
         spec = steps.spec(checks.check_prediction_options(k), scorer, use_llm)
-        return self.heads.fit_and_save(spec, lambda: steps.heldout(spec, progress))
+        heads = self.heads.fit_and_save(spec, lambda: steps.heldout(spec, progress), full=full)
+        self.memory.save_derived()
+        return heads
 
     def predict(
         self,

@@ -194,7 +194,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise IclClError(f"--k must be a positive integer, got {args.k}")
     with _open(args) as clf:
         heads = clf.fit(
-            args.k, scorer=args.scorer, use_llm=not args.no_llm, progress=progress_bars(args.quiet)
+            args.k,
+            scorer=args.scorer,
+            use_llm=not args.no_llm,
+            progress=progress_bars(args.quiet),
+            full=args.full,
         )
         print(json.dumps(heads.summary(clf.memory.n_examples)))
     return 0
@@ -463,13 +467,21 @@ def _add_fit(sub: Any, common: argparse.ArgumentParser) -> None:
         help="fit the heads of a store on held-out stored examples, and store them",
         description="Fit the fusion weights, the probability calibration and the label-set rule "
         "for predictions with --k candidates on held-out stored examples (read by the LLM when "
-        "one is configured), and store them; predict then uses them. A fit made at the store's "
-        "current size is reused.",
+        "one is configured), and store them; predict then uses them. The heads are fitted "
+        "again once the store has grown by 10%% since their fit, and the ECL's choices (what "
+        "'auto' stands for, the feature scorers' strengths) once it has doubled; --full makes "
+        "both again now.",
     )
     p.add_argument("--store", required=True, help="store directory")
     p.add_argument("--k", type=int, default=10, help="candidates per input (default 10)")
     p.add_argument("--scorer", choices=[*SCORERS, "auto"], help="ECL scorer (default: the store's)")
     p.add_argument("--no-llm", action="store_true", help="fit for predictions with --no-llm")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="choose the ECL scorer and strengths and fit the heads again, however little the "
+        "store has grown",
+    )
     p.add_argument("--config", help="YAML config whose query-time settings apply (as predict's)")
     p.set_defaults(func=cmd_fit)
 

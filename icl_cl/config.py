@@ -136,10 +136,11 @@ class MemoryConfig(_Strict):
         description="TEEN: softmax temperature over the cosines to the populated labels' means",
     )
     ranpac_features: int = Field(
-        8192,
+        4096,
         ge=256,
         description="the most random ReLU features of the ranpac scorer (RanPAC); the width is "
-        "the smallest power of two >= the stored examples, from 256 up to this",
+        "the smallest power of two >= the stored examples, from 256 up to this (state: an M x M "
+        "inverse Gram, 64 MiB at 4,096; a session costs O(n M^2))",
     )
     ranpac_lambda: float = Field(
         1e-3,
@@ -148,7 +149,7 @@ class MemoryConfig(_Strict):
         "(the fit step chooses it on held-out stored examples)",
     )
     klda_features: int = Field(
-        8192,
+        4096,
         ge=256,
         description="the most random Fourier features of the kernel LDA scorer (klda); sized "
         "like ranpac's",
@@ -165,9 +166,10 @@ class MemoryConfig(_Strict):
     )
     feature_seed: int = Field(0, description="seed of the random feature maps (fixed per store)")
     exact_search_max: int = Field(
-        50_000,
+        200_000,
         gt=0,
-        description="stored examples up to which the example index is exact (flat); above it, HNSW",
+        description="stored examples up to which the example index is exact (flat); above it, "
+        "HNSW, saved beside the store (about 1.8 KB an example)",
     )
     label_exact_search_max: int = Field(
         20_000,

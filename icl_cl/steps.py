@@ -130,14 +130,18 @@ class Steps:
         """The spec of predictions with ``k`` candidates, ``scorer`` and (``use_llm``) the LLM."""
         return HeadSpec.of(self.config, k, self.memory.resolve_scorer(scorer), use_llm=use_llm)
 
-    def refresh_scorer_choice(self, scorer: str | None, progress: Progress | None) -> None:
+    def refresh_scorer_choice(
+        self, scorer: str | None, progress: Progress | None, *, full: bool = False
+    ) -> None:
         """Choose anew on held-out stored examples what ``auto`` stands for (and ranpac's
-        strength) when ``scorer`` depends on it and the store has grown since (a fit step)."""
+        strength) when ``scorer`` depends on it and the store has outgrown the last choice, or
+        with ``full`` (a fit step)."""
         memory = self.config.memory
         requested = scorer or memory.scorer
         refresh_scorer_choice(
-            self.memory, requested, memory.auto_heldout, self.config.fusion.seed, progress
-        )
+            self.memory, requested, memory.auto_heldout, self.config.fusion.seed, progress,
+            full=full,
+        )  # fmt: skip
 
     def reader(self) -> LLMReader:
         """The LLM reader of the configured prompt strategy."""

@@ -10,6 +10,7 @@ from icl_cl.config import SCORERS, MemoryConfig
 from icl_cl.evaluation.sessions import SessionSpec, session_examples, split_sessions
 from icl_cl.heads.scorer_selection import refresh_scorer_choice
 from icl_cl.memory.ecl import ExternalContinualLearner
+from icl_cl.memory.feature_space import Strength
 from icl_cl.memory.store import Store
 from icl_cl.memory.verify import verify_store
 from icl_cl.types import Example, Label
@@ -41,11 +42,11 @@ def test_sessions_equal_union_for_every_scorer(tmp_path, embedder, dataset, requ
     np.testing.assert_allclose(a.gram, b.gram, atol=1e-8)
     np.testing.assert_allclose(a.weighted_gram, b.weighted_gram, atol=1e-8)
     assert a.n_examples == b.n_examples
-    for name in ("ranpac", "klda"):  # the random-feature statistics too
-        fa, fb = inc.memory.feature_space(name).stats, joint.memory.feature_space(name).stats
-        assert fa.labels == fb.labels == a.labels
-        np.testing.assert_allclose(fa.sums, fb.sums, rtol=1e-9, atol=1e-9)
-        np.testing.assert_allclose(fa.gram, fb.gram, rtol=1e-9, atol=1e-7)
+    for name in ("ranpac", "klda"):  # the random-feature state too
+        sa, sb = inc.memory.feature_space(name), joint.memory.feature_space(name)
+        assert sa.stats.labels == sb.stats.labels == a.labels
+        np.testing.assert_allclose(sa.stats.sums, sb.stats.sums, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(sa.solver.inverse, sb.solver.inverse, rtol=1e-7, atol=1e-9)
     queries = embedder.encode([ex.text for ex in test])
     for scorer in SCORERS:
         sa = inc.memory.score_matrix(queries, scorer)
@@ -108,22 +109,28 @@ def test_multilabel_store_returns_label_sets(tmp_path, embedder, debtags):
 
 
 def test_feature_statistics_follow_learning_and_survive_reopening(tmp_path, embedder, wordnet):
-    """Loaded random-feature statistics are updated by a learn; a reopened store catches them up
-    from the stored vectors (checkpoint or not) to the same values."""
+    """A loaded random-feature state is updated by a learn (Woodbury, at the same strength); a
+    reopened store reads it, catching up the rows it lacks from the stored vectors, to the same
+    values; a prediction reads the solved weights."""
     train, test, labels = wordnet
     clf = ContinualClassifier.open(tmp_path / "s", embedder=embedder)
     clf.learn(train[:100], labels)
-    before = clf.memory.feature_space("ranpac").stats.gram.copy()
+    before = clf.memory.feature_space("ranpac").solver
+    strength, inverse = before.strength, before.inverse.copy()
     clf.learn(train[100:150])  # same width (256): updated in place
     live = clf.memory.feature_space("ranpac")
     assert live.rows == 150 and live.stats.n_examples == 150
-    assert not np.allclose(live.stats.gram, before)
+    assert live.solver.strength == strength  # the choice (made at 100) holds until 200
+    assert not np.allclose(live.solver.inverse, inverse)
     queries = embedder.encode([ex.text for ex in test[:20]])
     expected = clf.memory.score_matrix(queries, "ranpac")
     clf.close()
     reopened = ContinualClassifier.open(tmp_path / "s", embedder=embedder)
-    np.testing.assert_allclose(reopened.memory.feature_space("ranpac").stats.gram, live.stats.gram)
     np.testing.assert_allclose(reopened.memory.score_matrix(queries, "ranpac"), expected, rtol=1e-5)
+    assert "ranpac" not in reopened.memory._spaces._spaces  # the solved weights, not the state
+    np.testing.assert_allclose(
+        reopened.memory.feature_space("ranpac").solver.inverse, live.solver.inverse, atol=1e-9
+    )
     # Past 256 examples the map widens (512 features); the statistics are rebuilt exactly.
     more = train[150:] + test[20:]
     reopened.learn(more)
@@ -203,6 +210,12 @@ def _assert_same_statistics(a, b):
     assert a.n_examples == b.n_examples
 
 
+def _assert_same_space(a, b):
+    _assert_same_statistics(a.stats, b.stats)
+    assert a.solver.strength == pytest.approx(b.solver.strength, rel=1e-9)
+    np.testing.assert_allclose(a.solver.inverse, b.solver.inverse, rtol=1e-7, atol=1e-9)
+
+
 def test_facet_sessions_equal_the_union_of_their_labels(tmp_path):
     """A multi-label store learned facet by facet (items copied into several sessions and
     repeated within one) has the statistics, scores and auto choice of the store that learned
@@ -213,8 +226,8 @@ def test_facet_sessions_equal_the_union_of_their_labels(tmp_path):
     assert facets.n_examples > union.n_examples == FACET_ITEMS == facets.n_items
     _assert_same_statistics(facets.stats, union.stats)
     for name in ("ranpac", "klda"):
-        assert facets.features_of(name) == union.features_of(name)
-        _assert_same_statistics(facets.feature_space(name).stats, union.feature_space(name).stats)
+        assert facets.feature_space(name).features == union.feature_space(name).features
+        _assert_same_space(facets.feature_space(name), union.feature_space(name))
     queries = _facet_items()[1][:40] + 0.05
     for scorer in ("ranpac", "klda", "mahalanobis", "knn", "ridge", "ncm"):
         np.testing.assert_allclose(
@@ -239,7 +252,7 @@ def test_facet_sessions_equal_the_union_of_their_labels(tmp_path):
     facets.store.close()
     again = ExternalContinualLearner(Store.open(tmp_path / "facets"), MemoryConfig())
     _assert_same_statistics(again.stats, union.stats)
-    _assert_same_statistics(again.feature_space("klda").stats, union.feature_space("klda").stats)
+    _assert_same_space(again.feature_space("klda"), union.feature_space("klda"))
     assert verify_store(tmp_path / "facets").ok
 
 
@@ -258,8 +271,12 @@ def test_a_heldout_item_is_scored_as_if_never_learned(tmp_path):
     queries = vectors[held]
     keys = [key.lower() for key in facets.store.input_keys()]
     for scorer in ("ranpac", "klda", "mahalanobis", "knn", "ridge", "ncm"):
-        if scorer in ("ranpac", "klda"):  # the held-out store keeps its feature map
-            assert without.features_of(scorer) == facets.features_of(scorer)
+        if scorer in ("ranpac", "klda"):  # the held-out store keeps its feature map ...
+            assert without.feature_space(scorer).features == facets.feature_space(scorer).features
+            # ... and held-out scores keep the store's strength (fixed between choices).
+            full = facets.feature_space(scorer)
+            strength = Strength(full.solver.strength, full.scale, 0.0)
+            without.feature_space(scorer).restrengthen(strength)
         firsts = sorted({min(r for r in rows if keys[r] == keys[q]) for q in rows})
         np.testing.assert_allclose(  # one copy of each names the whole item
             facets.heldout_scorer(firsts, scorer).scores(queries),

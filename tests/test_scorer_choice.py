@@ -16,6 +16,7 @@ from icl_cl.heads.scorer_selection import (
     refresh_scorer_choice,
 )
 from icl_cl.memory.ecl import ExternalContinualLearner
+from icl_cl.memory.feature_space import Strength
 from icl_cl.memory.scorer_choice import ScorerChoice
 from icl_cl.memory.store import Store
 from icl_cl.types import Example, Label
@@ -52,7 +53,15 @@ def test_heldout_scores_equal_a_store_that_never_learned_the_fold(tmp_path, name
     rows = {r for i in fold for r in sample.rows[i]}
     keep = [i for i in range(len(examples)) if i not in rows]
     without = _memory(tmp_path / "without", [examples[i] for i in keep], vectors[keep])
-    assert without.features_of("klda") == memory.features_of("klda")  # the same feature map
+    assert (
+        without.feature_space("klda").features == memory.feature_space("klda").features
+    )  # the same feature map
+    if name == "klda":
+        # Held-out scores keep the store's strength (fixed between choices): the store that
+        # never learned the fold is given the same one.
+        full = memory.feature_space("klda")
+        strength = Strength(full.solver.strength, full.scale, 0.0)
+        without.feature_space("klda").restrengthen(strength)
     direct = without.score_matrix(sample.vectors[fold.start : fold.stop], name)
     np.testing.assert_allclose(held[fold.start : fold.stop], direct, rtol=1e-4, atol=1e-4)
 
@@ -68,18 +77,29 @@ def test_choice_is_the_best_heldout_scorer_and_is_stored(tmp_path):
     assert choice.ranpac_rho in {float(r) for r in choice.rho_accuracy}
     assert memory.resolve_scorer("auto") == choice.scorer
     assert best in choice.reason() and "200 held-out" in choice.reason()
-    # Stored: a reopened memory resolves auto the same way, and builds ranpac with that rho.
+    # Stored: a reopened memory resolves auto the same way, and solves ranpac at that rho.
+    ranpac = memory.feature_space("ranpac")
+    values, _ = ranpac.eigen()
+    assert ranpac.solver.strength == pytest.approx(choice.ranpac_rho * values.mean(), rel=1e-6)
     memory.store.close()
     again = ExternalContinualLearner(Store.open(tmp_path / "s"), MemoryConfig())
     assert again.choice == choice
     assert again.resolve_scorer("auto") == choice.scorer
-    assert again._config_for("ranpac").ranpac_lambda == choice.ranpac_rho
-    # Current: not fitted again; after a session, fitted again on the larger store.
+    assert again.feature_space("ranpac").solver.strength == pytest.approx(ranpac.solver.strength)
+    # Kept until the store has doubled: a session of 60 keeps it (and ranpac's strength) ...
     assert refresh_scorer_choice(again, "auto", n=200, seed=0) is again.choice
     more, more_vectors = _data(60, seed=1)
     again.learn(more, more_vectors, [], np.zeros((0, DIM), np.float32), multi_label=False)
-    refitted = refresh_scorer_choice(again, "auto", n=200, seed=0)
+    assert refresh_scorer_choice(again, "auto", n=200, seed=0) is again.choice
+    assert (
+        not again.choice.due(360) and again.choice.summary(360)["chosen_again_at_examples"] == 600
+    )
+    # ... a full fit makes it again on the store as it is, and so does doubling.
+    refitted = refresh_scorer_choice(again, "auto", n=200, seed=0, full=True)
     assert refitted is not None and refitted.n_examples == 360
+    most, most_vectors = _data(400, seed=2)
+    again.learn(most, most_vectors, [], np.zeros((0, DIM), np.float32), multi_label=False)
+    assert refresh_scorer_choice(again, "auto", n=200, seed=0).n_examples == 760
 
 
 def test_explicit_scorers_other_than_ranpac_never_fit_a_choice(tmp_path):

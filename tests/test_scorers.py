@@ -208,7 +208,7 @@ def test_auto_shrinkage_is_large_with_few_examples_and_small_with_many():
 
 
 def test_ridge_path_equals_ridge_learned_without_each_fold():
-    from icl_cl.memory.ridge_path import heldout_ridge_scores, relative_to_absolute
+    from icl_cl.memory.ridge_path import heldout_ridge_scores
 
     x, labels = _data(9, n=120)
     features = RandomFeatures("relu", x.shape[1], 40, seed=0)
@@ -216,12 +216,16 @@ def test_ridge_path_equals_ridge_learned_without_each_fold():
     st.apply(st.delta(x, labels, transform=features.transform))
     folds = [np.arange(0, 30), np.arange(30, 45)]
     rhos = (1e-3, 0.1)
+    values, vectors = np.linalg.eigh(st.gram)
     path = heldout_ridge_scores(
-        st, [(features.transform(x[f]), [labels[i] for i in f]) for f in folds], rhos
+        (values, vectors),
+        st,
+        [(features.transform(x[f]), [labels[i] for i in f]) for f in folds],
+        rhos,
     )
     for rho in rhos:
         for fold, got in zip(folds, path[rho], strict=True):
             held = st.without(st.delta(x[fold], [labels[i] for i in fold], features.transform))
-            lam = relative_to_absolute(st, rho)  # the strength is relative to the full store
+            lam = rho * np.trace(st.gram) / len(st.gram)  # relative to the full store
             expected = Ridge(held, lam).scores(features.transform(x[fold]).astype(np.float32))
             np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)

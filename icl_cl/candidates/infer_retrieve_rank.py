@@ -172,7 +172,8 @@ class InferRetrieveRank:
             assert ecl is not None
             return [list(c[:k]) for c in ecl]
         labels = self.memory.labels
-        prior = self.memory.label_prior() if self.config.prior > 0 else None
+        stats = self.memory.stats  # the share of stored examples that carry each label
+        prior = stats.counts / max(stats.n_examples, 1) if self.config.prior > 0 else None
         # One search for every input's probes (the input itself, then its queries).
         probes = np.vstack(
             [np.vstack([v[None, :], q]) for v, q in zip(vectors, queries, strict=True)]

@@ -19,6 +19,10 @@ logger = logging.getLogger(__name__)
 
 # Stored fits are keyed by this prefix and their spec's digest.
 KEY_PREFIX = "heads:"
+# A fit serves as current until the store has grown by this factor since it was made: the heads
+# (fusion weights, temperature, conformal quantile, label-set rule) are fitted on a few thousand
+# held-out items and move little with a few percent more, while a refit reads them all again.
+REFIT_GROWTH = 1.1
 
 
 class KeptHeads:
@@ -46,8 +50,10 @@ class KeptHeads:
         return heads
 
     def current(self, heads: FittedHeads) -> bool:
-        """Whether ``heads`` were fitted on the store as it is now."""
-        return heads.n_examples == self.memory.n_examples
+        """Whether ``heads`` serve the store as it is now: fitted on it, or on a store it has
+        outgrown by less than :data:`REFIT_GROWTH`."""
+        n = self.memory.n_examples
+        return heads.n_examples <= n < max(REFIT_GROWTH * heads.n_examples, heads.n_examples + 1)
 
     def fit(
         self, spec: HeadSpec, heldout: HeldOutSource, fusion: FusionWeights | None = None
@@ -65,11 +71,13 @@ class KeptHeads:
             self._in_memory[spec.digest] = heads
         return heads
 
-    def fit_and_save(self, spec: HeadSpec, heldout: Callable[[], HeldOutSource]) -> FittedHeads:
-        """The fit of ``spec`` on the store as it is: the stored one if it is current, else a
-        new one (on ``heldout()``), stored."""
+    def fit_and_save(
+        self, spec: HeadSpec, heldout: Callable[[], HeldOutSource], *, full: bool = False
+    ) -> FittedHeads:
+        """The fit of ``spec`` on the store as it is: the stored one if it is current (and not
+        ``full``), else a new one (on ``heldout()``), stored."""
         heads = self.find(spec)
-        if heads is None or not self.current(heads):
+        if full or heads is None or not self.current(heads):
             heads = self.fit(spec, heldout())
             self.save(heads)
         return heads

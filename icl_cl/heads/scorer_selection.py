@@ -18,8 +18,10 @@ import numpy as np
 from icl_cl.heads.fusion import FUSED, fit_fusion
 from icl_cl.heads.heldout import Sample, draw_sample, fold_size
 from icl_cl.memory.ecl import ExternalContinualLearner
+from icl_cl.memory.feature_spaces import MAX_LABELS
 from icl_cl.memory.ridge_path import RHO_GRID, heldout_ridge_scores
 from icl_cl.memory.scorer_choice import ScorerChoice
+from icl_cl.memory.scorers import FEATURE_SCORERS
 from icl_cl.types import Progress
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,8 @@ def fit_scorer_choice(
         pool: Scorers to choose among.
         progress: Told ``fitting: choosing the ECL scorer on N held-out items``.
     """
+    if len(memory.labels) > MAX_LABELS:  # feature spaces keep no state for so many labels
+        pool = [name for name in pool if name not in FEATURE_SCORERS]
     sample = draw_sample(memory, n, seed)
     gold = _gold_columns(memory, sample)
     stage = f"fitting: choosing the ECL scorer on {len(gold)} held-out items"
@@ -134,7 +138,9 @@ def _ranpac_path(
         folds.append((space.features.transform(held.vectors), held.labels, held.firsts, fold))
     # The path scores each held-out item of a fold (in a single-label store each stored row);
     # a sampled item's score is that of its first row.
-    paths = heldout_ridge_scores(space.stats, [(f, lab) for f, lab, _, _ in folds], RHO_GRID)
+    paths = heldout_ridge_scores(
+        space.eigen(), space.stats, [(f, lab) for f, lab, _, _ in folds], RHO_GRID
+    )
     firsts = []
     for _, _, rows, fold in folds:
         at = {r: j for j, r in enumerate(rows)}
@@ -158,15 +164,17 @@ def refresh_scorer_choice(
     n: int,
     seed: int,
     progress: Progress | None = None,
+    *,
+    full: bool = False,
 ) -> ScorerChoice | None:
     """Fit and store the choice when the ``requested`` scorer depends on it (``auto``, or
-    ``ranpac`` for its strength) and the stored one predates the store's last session; on
+    ``ranpac`` for its strength) and the store has outgrown the stored one (or ``full``); on
     ``heldout_size(n_examples, n)`` held-out items."""
     current = memory.choice
     # Sizes follow the item count, so sessions learned one by one and their union choose alike.
     if requested not in ("auto", "ranpac") or memory.n_items < MIN_EXAMPLES:
         return current
-    if current is not None and current.n_examples == memory.n_examples:
+    if not full and current is not None and not current.due(memory.n_examples):
         return current
     choice = fit_scorer_choice(memory, heldout_size(memory.n_items, n), seed, progress=progress)
     memory.set_choice(choice, save=True)

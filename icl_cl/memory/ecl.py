@@ -13,9 +13,8 @@ import numpy as np
 from icl_cl.config import AUTO_SCORER, SCORERS, MemoryConfig
 from icl_cl.errors import ConfigError, DataError
 from icl_cl.memory.example_index import EXAMPLES_FILE, LABELS_FILE, ExampleIndex
-from icl_cl.memory.feature_space import FeatureSpace
-from icl_cl.memory.feature_spaces import FeatureSpaces
-from icl_cl.memory.features import RandomFeatures
+from icl_cl.memory.feature_space import FeatureSpace, SpaceDelta
+from icl_cl.memory.feature_spaces import MAX_LABELS, FeatureSpaces
 from icl_cl.memory.item_groups import ItemGroups
 from icl_cl.memory.scorer_choice import (
     CHOICE_KEY,
@@ -33,6 +32,7 @@ from icl_cl.memory.stored_items import (
     group_rows,
     held_out,
     input_of,
+    nearest_rows,
     recompute,
     session_additions,
 )
@@ -48,7 +48,7 @@ class _Session:
     base: RunningStatistics  # the statistics it adds to (recomputed when the store regroups)
     delta: StatisticsDelta
     regrouped: bool  # the store changes kind (single- to multi-label, or back)
-    space_deltas: dict[str, StatisticsDelta]  # per feature space that keeps its width
+    space_deltas: dict[str, SpaceDelta]  # per feature space that keeps its width
     labels: list[Label]  # the new label columns, in order
     label_vectors: np.ndarray
     late_labels: list[str]  # declared labels with no example yet (the last new columns)
@@ -74,9 +74,9 @@ class ExternalContinualLearner:
         self._items: ItemGroups | None = None
         self._scorers: dict[str, Scorer] = {}
         self._label_index: ExampleIndex | None = None
-        # Random-feature statistics of the scorers that need them, built on first use.
-        self._spaces = FeatureSpaces(store, self.index, config)
         self._choice: ScorerChoice | None = self._load_choice()
+        # Random-feature state of the scorers that need it, loaded on first use.
+        self._spaces = FeatureSpaces(store, self.index, config, lambda: self._choice)
         self.multi_label: bool | None = store.meta("multi_label")
         # A multi-label store written before its statistics counted items (each row counted
         # apart): recomputed from the stored vectors here, rewritten in full by the next session.
@@ -225,6 +225,7 @@ class ExternalContinualLearner:
         for label in plan.late_labels:
             self.stats.add_label(label)
         self._spaces.apply(plan.space_deltas, len(examples), plan.late_labels)
+        self._spaces.persist()
         self._labels.extend(plan.labels)
         if plan.labels:
             self._label_vector_chunks.append(plan.label_vectors)
@@ -267,7 +268,10 @@ class ExternalContinualLearner:
             return name
         if self._choice is not None:
             return self._choice.scorer
-        return AUTO_SCORER[bool(self.multi_label)]
+        default = AUTO_SCORER[bool(self.multi_label)]
+        if default in FEATURE_SCORERS and len(self._labels) > MAX_LABELS:
+            return "mahalanobis"  # too many labels for a feature space's per-label state
+        return default
 
     @property
     def choice(self) -> ScorerChoice | None:
@@ -279,18 +283,29 @@ class ExternalContinualLearner:
         if save:
             self.store.save_fitted(CHOICE_KEY, choice.to_dict(), choice.n_examples)
         self._choice = choice
+        # The loaded feature spaces take the new strengths (those on disk when they are loaded);
+        # a saved choice keeps the state of only the feature scorers it uses.
+        if save:
+            self._spaces.keep_only(combination_parts(choice.scorer))
+        self._spaces.restrengthen()
+        if save:
+            self._spaces.persist()
         self._scorers.clear()
 
     def _load_choice(self) -> ScorerChoice | None:
         stored = self.store.fitted(CHOICE_KEY)
         return ScorerChoice.from_dict(stored[0]) if stored is not None else None
 
-    def _config_for(self, name: str) -> MemoryConfig:
-        """The config a scorer is built with: ranpac takes the fitted ridge strength."""
-        rho = self._choice.ranpac_rho if self._choice is not None else None
-        if name == "ranpac" and rho is not None:
-            return self.config.model_copy(update={"ranpac_lambda": rho})
-        return self.config
+    def refresh_strengths(self, name: str | None = None, *, full: bool = False) -> None:
+        """Set the strengths of the feature scorers scorer ``name`` uses again once the store
+        has doubled since they were set, or with ``full`` (a fit step)."""
+        parts = combination_parts(self.resolve_scorer(name))
+        self._spaces.refresh_strengths(parts, full=full, **self._space_args())
+        self._scorers.clear()
+
+    def save_derived(self) -> None:
+        """Save the feature spaces' state and solved weights (a writing step: learn, fit)."""
+        self._spaces.persist()
 
     def scorer(self, name: str | None = None) -> Scorer:
         """The named scorer (default: the configured one), built lazily from current statistics;
@@ -304,35 +319,30 @@ class ExternalContinualLearner:
                 weights = weights_of(self._choice, name)
                 parts = [(self.scorer(part), w) for part, w in weights.items()]
                 self._scorers[name] = Combination(parts)
+            elif name in FEATURE_SCORERS:
+                self._scorers[name] = self._spaces.scorer(name, **self._space_args())
             else:
-                self._scorers[name] = self._build(name, self._stats_for(name))
+                self._scorers[name] = self._build(name, self.stats)
         return self._scorers[name]
 
     def _build(
         self, name: str, stats: RunningStatistics, excluded: frozenset[int] = frozenset()
     ) -> Scorer:
         items = self.items() if name == "knn" else None
-        features = self.features_of(name) if name in FEATURE_SCORERS else None
-        config = self._config_for(name)
-        return build_scorer(name, stats, config, self.index, items, excluded, features=features)
+        return build_scorer(name, stats, self.config, self.index, items, excluded)
+
+    def _space_args(self) -> dict[str, Any]:
+        return {
+            "n_items": self.n_items,
+            "n_rows": self.n_examples,
+            "labels": self.stats.labels,
+            "multi_label": self.multi_label,
+        }
 
     def feature_space(self, name: str) -> FeatureSpace:
-        """The random-feature statistics a feature scorer (``ranpac``, ``klda``) is built on
-        (see :class:`~icl_cl.memory.feature_spaces.FeatureSpaces`)."""
-        return self._spaces.space(
-            name,
-            n_items=self.n_items,
-            n_rows=self.n_examples,
-            labels=self.stats.labels,
-            multi_label=self.multi_label,
-        )
-
-    def features_of(self, name: str) -> RandomFeatures:
-        """The random feature map of a feature scorer at this store's size."""
-        return self._spaces.features(name, self.n_items)
-
-    def _stats_for(self, name: str) -> RunningStatistics:
-        return self.feature_space(name).stats if name in FEATURE_SCORERS else self.stats
+        """The learner state a feature scorer (``ranpac``, ``klda``) is solved from (see
+        :class:`~icl_cl.memory.feature_spaces.FeatureSpaces`)."""
+        return self._spaces.space(name, **self._space_args())
 
     def heldout_items(self, rows: Sequence[int]) -> HeldOutItems:
         """The stored items at ``rows`` as the statistics count them (see :func:`held_out`)."""
@@ -351,9 +361,11 @@ class ExternalContinualLearner:
             weights = weights_of(self._choice, name)
             return Combination([(self.heldout_scorer(rows, p), w) for p, w in weights.items()])
         held = self.heldout_items(rows)
-        stats = self._stats_for(name)
-        transform = self.feature_space(name).features.transform if name in FEATURE_SCORERS else None
-        stats = stats.without(stats.delta(held.vectors, held.labels, transform=transform))
+        if name in FEATURE_SCORERS:
+            return self._spaces.heldout_scorer(
+                name, held.vectors, held.labels, **self._space_args()
+            )
+        stats = self.stats.without(self.stats.delta(held.vectors, held.labels))
         return self._build(name, stats, frozenset(held.rows))
 
     def ranked(self, scores: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
@@ -402,10 +414,6 @@ class ExternalContinualLearner:
             )
         return self._label_index
 
-    def label_prior(self) -> np.ndarray:
-        """Share of stored examples that carry each label, in column order."""
-        return self.stats.counts / max(self.stats.n_examples, 1)
-
     def neighbours(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Nearest stored examples: ``(similarities, rows)``."""
         self.require_examples()
@@ -424,19 +432,8 @@ class ExternalContinualLearner:
         if n <= 0 or self.index.size == 0:
             return []
         _sims, rows = self.neighbours(query[None, :], max(n, pool) if labels else n)
-        wanted = None if labels is None else set(labels)
-        chosen: list[int] = []
-        items = self.items() if wanted is not None else None
-        names = self.stats.labels
-        for row in rows[0]:
-            if row < 0:
-                continue
-            if items is not None and not wanted & {names[c] for c in items.labels_of_row(row)}:  # type: ignore[operator]
-                continue
-            chosen.append(int(row))
-            if len(chosen) == n:
-                break
-        return self.store.examples(chosen)
+        items = self.items() if labels is not None else None
+        return self.store.examples(nearest_rows(rows[0], items, self.stats.labels, labels, n))
 
     def require_examples(self) -> None:
         if self.stats.n_examples == 0:

@@ -1,182 +1,258 @@
-"""Running statistics of the stored examples in a random feature space (RanPAC, KLDA).
+"""A random feature space's learner state (RanPAC, KLDA): per-label sums and the regularised
+inverse of the Gram matrix, updated by each session for what it adds.
 
-They are sums over items like the embedding-space statistics (see
-:mod:`~icl_cl.memory.item_groups`), but ``M x M`` with ``M`` in the
-thousands, so they are not rewritten into SQLite at every session. They are *derived* state: a
-pure function of the stored vectors and labels. A checkpoint file beside the store records how
-many stored rows it covers; opening reads it and adds the rows learned since (exact: sums do not
-depend on order), and a missing, stale or damaged checkpoint is rebuilt from the stored vectors.
-Nothing acknowledged can be lost through it, and a read-only store still opens.
+- ``ridge`` (ranpac): the ridge from features ``[phi, 1]`` to label indicators,
+  ``W = (G + lambda I)^-1 X^T Y``; ``G`` counts every item once.
+- ``lda`` (klda): the shared-covariance discriminant, whose shrunk covariance is, up to a scale,
+  ``S + beta I`` with ``S = A - sum_c s_c s_c^T / n_c`` the within-class scatter (``A``: the Gram
+  of the features, each row weighted by its label count in a multi-label store). The space keeps
+  ``(A + beta I)^-1``; the class-mean term is a rank-``C`` correction applied when solving.
+
+A session adds its rows to ``(G + s I)^-1`` by the recursive update of analytic class-incremental
+learning (:class:`~icl_cl.memory.inverse_gram.InverseGram`): ``O(n M^2)`` for ``n`` rows, never a
+new ``O(M^3)`` factorisation. The strength ``s`` is fixed between the fit step's choices (a
+choice is made again once the store has grown by a stated factor), so for a fixed strength,
+sessions learned one by one equal their union. What ``predict`` needs is solved here into a
+:class:`~icl_cl.memory.scorers.LinearHead` (float32 weights and biases), which
+:mod:`~icl_cl.memory.feature_checkpoint` saves apart from the learner state.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from icl_cl.memory.features import RandomFeatures
-from icl_cl.memory.item_groups import Additions, add_rows
+from icl_cl.memory.inverse_gram import InverseGram, Operator, low_rank_update
+from icl_cl.memory.item_groups import Additions, ItemGroups
+from icl_cl.memory.scorers import LinearHead, oas_shrinkage
 from icl_cl.memory.statistics import RunningStatistics, StatisticsDelta
 
 logger = logging.getLogger(__name__)
 
-# A checkpoint is rewritten once this many learned rows are not in it yet: catching up that many
-# rows on open costs about as much as one rewrite.
-CHECKPOINT_EVERY = 2048
+SpaceKind = Literal["ridge", "lda"]
+# Rows turned into features at a time.
+_BLOCK = 2048
+# The most shrinkage klda's strength is derived from (at 1 the covariance is the identity, and
+# its strength infinite).
+_MOST_SHRINKAGE = 0.99
+
+
+@dataclass(frozen=True)
+class SpaceDelta:
+    """What a session adds to a feature space: its label sums (``stats``) and its rows."""
+
+    stats: StatisticsDelta
+    added: Additions
+
+
+@dataclass
+class Strength:
+    """The regularisation of a space and the scale of its scores.
+
+    Attributes:
+        value: Added to the Gram's diagonal (ranpac's ``lambda``, klda's ``beta``).
+        scale: klda's ``1 / (1 - a)`` for the shrinkage ``a`` it was derived from (scores then
+            equal the shrunk-covariance discriminant's); 1 for ranpac.
+        relative: What ``value`` was derived from (ranpac's relative ``rho``, klda's ``a``).
+    """
+
+    value: float
+    scale: float
+    relative: float
 
 
 class FeatureSpace:
-    """Per-label sums and Gram matrices of the stored examples' random features.
+    """Label sums and the inverse Gram of the stored items' random features.
 
     Args:
+        kind: ``ridge`` (ranpac) or ``lda`` (klda).
         features: The fixed feature map.
-        stats: Statistics over the features, label columns aligned with the store's.
-        rows: Stored rows (from the first) that ``stats`` covers.
+        stats: Counts and sums of the features, label columns aligned with the store's.
+        solver: ``(G + s I)^-1``.
+        scale: The scores' scale (see :class:`Strength`).
+        rows: Stored rows (from the first) that the state covers.
+        items: Rows grouped into items (a multi-label store).
     """
 
-    def __init__(self, features: RandomFeatures, stats: RunningStatistics, rows: int) -> None:
-        self.features = features
-        self.stats = stats
-        self.rows = rows
-        self._saved_rows = rows
-        # Whether rows are grouped into items (a multi-label store): kept in the checkpoint, so
-        # that one written with every row counted apart is never read as item statistics.
-        self.items = False
+    def __init__(
+        self,
+        kind: SpaceKind,
+        features: RandomFeatures,
+        stats: RunningStatistics,
+        solver: InverseGram,
+        scale: float,
+        rows: int,
+        items: bool,
+    ) -> None:
+        self.kind, self.features, self.stats, self.solver = kind, features, stats, solver
+        self.scale, self.rows, self.items = scale, rows, items
+        self._eigen: tuple[np.ndarray, np.ndarray] | None = None
+        # The stored choice (its store size) the strength was set for; ``None``: the config's.
+        self.choice: int | None = None
+        # Items the strength was set at: it is set again once the store has doubled.
+        self.strength_items = stats.n_examples
+
+    def eigen(self) -> tuple[np.ndarray, np.ndarray]:
+        """The Gram's eigendecomposition (``O(M^3)``, kept until the state changes): ranpac's
+        strength path and its new strength share one."""
+        if self._eigen is None:
+            self._eigen = self.solver.eigen()
+        return self._eigen
+
+    @property
+    def weighted(self) -> bool:
+        """Whether rows enter the Gram weighted by their label count (klda, multi-label)."""
+        return self.kind == "lda" and self.items
+
+    # ---- building --------------------------------------------------------------------------
 
     @classmethod
     def build(
         cls,
+        kind: SpaceKind,
         features: RandomFeatures,
         *,
-        weighted: bool,
         labels: Sequence[str],
         vectors: np.ndarray,
         row_labels: Sequence[Sequence[str]],
-        inputs: Sequence[str] | None,
-        checkpoint: Path | None = None,
+        inputs: Sequence[str | None],
+        items: bool,
+        strength: Callable[[FeatureSpace, np.ndarray], Strength],
     ) -> FeatureSpace:
-        """The statistics of ``vectors`` (every stored row), starting from ``checkpoint`` when it
-        is valid for this map, and adding the rows it does not cover; rows are grouped into
-        items by their ``inputs`` (``None``: every row is an item, as in a single-label store)."""
-        items = inputs is not None
-        space = cls._read(checkpoint, features, weighted, labels, items) if checkpoint else None
-        if space is None:
-            stats = RunningStatistics(features.size, weighted=weighted)
-            space = cls(features, stats, 0)
-            space._saved_rows = -1  # nothing valid on disk
-        space.items = items
-        # Every store column first (in the store's order), so the rows added below find theirs.
+        """The state of every stored row, from scratch: sums and Gram from the vectors (grouped
+        into items by ``inputs``), then one factorisation at the ``strength`` it gives."""
+        stats = RunningStatistics(features.size, weighted=False, gram=False)
         for label in labels:
-            if label not in space.stats.col:
-                space.stats.add_label(label)
-        missing = len(vectors) - space.rows
-        if missing:
-            logger.info("feature space %s: adding %d stored rows", features.name, missing)
-            add_rows(
-                space.stats,
-                vectors,
-                row_labels,
-                [None] * len(vectors) if inputs is None else inputs,
-                start=space.rows,
-                transform=features.transform,
+            stats.add_label(label)
+        space = cls(kind, features, stats, InverseGram(np.zeros((0, 0)), 0.0), 1.0, 0, items)
+        size = features.size + (1 if kind == "ridge" else 0)
+        gram = np.zeros((size, size))
+        groups = ItemGroups()
+        for lo in range(0, len(vectors), _BLOCK):
+            hi = min(lo + _BLOCK, len(vectors))
+            added = groups.additions(
+                inputs[lo:hi], row_labels[lo:hi], stats.col, vectors[lo:hi], lambda r: vectors[r]
             )
-            space.rows = len(vectors)
-        if space.stats.labels != list(labels):
-            raise ValueError(
-                f"feature space {features.name}: label columns differ from the store's"
+            stats.apply(added.delta(stats, features.transform))
+            for x in space.gram_rows(added):
+                gram += x.T @ x
+            groups.add(
+                inputs[lo:hi], [[stats.col[lab] for lab in labs] for labs in row_labels[lo:hi]]
             )
+        space.rows = len(vectors)
+        chosen = strength(space, gram)
+        space.solver = InverseGram.of_gram(gram, chosen.value)
+        space.scale = chosen.scale
         return space
 
-    def delta(self, added: Additions) -> StatisticsDelta:
-        """What new rows add in this space (computed block by block)."""
-        return added.delta(self.stats, self.features.transform)
+    def gram_rows(self, added: Additions) -> list[np.ndarray]:
+        """Per block, the rows ``added`` contributes to the Gram: ranpac's ``[phi, 1]`` of each
+        new item; klda's ``sqrt(m) phi`` of each row adding ``m`` labels (multi-label) or
+        ``phi`` of each new example."""
+        out = []
+        for lo in range(0, len(added.vectors), _BLOCK):
+            x = self.features.transform(added.vectors[lo : lo + _BLOCK])
+            if self.kind == "ridge":
+                x = np.hstack([x, np.ones((len(x), 1))])[added.opens[lo : lo + _BLOCK]]
+            elif self.weighted:
+                m = np.array([len(labs) for labs in added.labels[lo : lo + _BLOCK]], np.float64)
+                x = x * np.sqrt(m)[:, None]
+            else:
+                x = x[added.opens[lo : lo + _BLOCK]]
+            out.append(x)
+        return out
 
-    def apply(self, delta: StatisticsDelta, rows: int) -> None:
-        """Add the delta of ``rows`` new stored rows (copies of stored items add no example)."""
-        self.stats.apply(delta)
+    # ---- sessions --------------------------------------------------------------------------
+
+    def delta(self, added: Additions) -> SpaceDelta:
+        """What new rows add (label sums now; their Gram rows when applied)."""
+        return SpaceDelta(added.delta(self.stats, self.features.transform), added)
+
+    def apply(self, delta: SpaceDelta, rows: int) -> None:
+        """Take a committed session's delta of ``rows`` stored rows: ``O(n M^2)``."""
+        self.stats.apply(delta.stats)
+        for x in self.gram_rows(delta.added):
+            self.solver.add_rows(x)
         self.rows += rows
+        self._eigen = None
 
-    def save_if_behind(self, checkpoint: Path) -> bool:
-        """Rewrite the checkpoint when enough rows are missing from it; ``False`` when the store
-        cannot be written (read-only): the statistics are then caught up in memory on open."""
-        if self.rows - self._saved_rows < CHECKPOINT_EVERY:
-            return True
-        try:
-            self._write(checkpoint)
-            # Checkpoints of this kind at another width are obsolete once the store has grown.
-            for old in checkpoint.parent.glob(f"features-{self.features.kind}-*.npz"):
-                if old != checkpoint:
-                    old.unlink()
-        except OSError as exc:
-            logger.warning("cannot write %s (%s): it will be caught up on open", checkpoint, exc)
-            return False
-        self._saved_rows = self.rows
-        return True
+    # ---- solving ---------------------------------------------------------------------------
 
-    def _write(self, path: Path) -> None:
-        stats = self.stats
-        header = {
-            "features": self.features.name,
-            "digest": self.features.digest,
-            "rows": self.rows,
-            "labels": stats.labels,
-            "weighted": stats.weighted_gram is not None,
-            "items": self.items,
-        }
-        arrays = {
-            "header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
-            "counts": stats.counts,
-            "sums": stats.sums,
-            "gram": stats.gram,
-            "n_examples": np.array([stats.n_examples]),
-        }
-        if stats.weighted_gram is not None:
-            arrays["weighted_gram"] = stats.weighted_gram
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+    def head(self, prototypes: np.ndarray | None) -> LinearHead:
+        """The linear scorer of the current state (``prototypes``: klda's class means)."""
+        return self._solve(self.solver.apply, self.stats, prototypes)
 
-    @classmethod
-    def _read(
-        cls,
-        path: Path,
-        features: RandomFeatures,
-        weighted: bool,
-        labels: Sequence[str],
-        items: bool,
-    ) -> FeatureSpace | None:
-        """The checkpoint at ``path`` if it exists and fits this map and these labels."""
-        if not path.is_file():
-            return None
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                header = json.loads(data["header"].tobytes().decode())
-                ok = (
-                    header["digest"] == features.digest
-                    and header["weighted"] == weighted
-                    and header.get("items", False) == items
-                    and header["labels"] == list(labels[: len(header["labels"])])
-                )
-                if not ok:
-                    logger.warning("%s does not match this store's feature map: rebuilt", path)
-                    return None
-                stats = RunningStatistics(features.size, weighted=weighted)
-                counts, sums = data["counts"], data["sums"]
-                for i, label in enumerate(header["labels"]):
-                    stats.add_label(label, int(counts[i]), sums[i])
-                stats.gram = np.array(data["gram"])
-                if weighted:
-                    stats.weighted_gram = np.array(data["weighted_gram"])
-                stats.n_examples = int(data["n_examples"][0])
-        except (OSError, ValueError, KeyError) as exc:
-            logger.warning("unreadable feature checkpoint %s (%s): rebuilt", path, exc)
-            return None
-        return cls(features, stats, int(header["rows"]))
+    def heldout_head(
+        self,
+        vectors: np.ndarray,
+        labels: Sequence[Sequence[str]],
+        prototypes: Callable[[RunningStatistics], np.ndarray | None],
+    ) -> LinearHead:
+        """The scorer had the items ``vectors`` (with all their ``labels``) never been learned:
+        exact, by Woodbury, ``O(n M^2)`` with no new factorisation."""
+        held = Additions(vectors, [list(x) for x in labels], np.ones(len(vectors), bool), True)
+        stats = self.stats.without(held.delta(self.stats, self.features.transform))
+        rows = np.vstack(self.gram_rows(held)) if len(vectors) else np.zeros((0, 1))
+        apply = self.solver.without_rows(rows) if len(vectors) else self.solver.apply
+        return self._solve(apply, stats, prototypes(stats))
+
+    def _solve(
+        self, apply: Operator, stats: RunningStatistics, prototypes: np.ndarray | None
+    ) -> LinearHead:
+        counts = stats.counts
+        if self.kind == "ridge":
+            targets = np.hstack([stats.sums, counts[:, None].astype(np.float64)]).T
+            w = apply(targets)  # (M + 1, C)
+            return LinearHead(w[:-1].T, w[-1], counts)
+        seen = counts > 0
+        means = stats.sums[seen] / np.sqrt(counts[seen])[:, None]
+        precision = low_rank_update(apply, means.T, sign=-1.0)  # (S + beta I)^-1
+        protos = stats.means() if prototypes is None else prototypes
+        w = precision(protos.T)  # (M, C)
+        dof = max(int(counts.sum()) - int(seen.sum()), 1)
+        s = dof * self.scale
+        return LinearHead(2 * s * w.T, -s * np.einsum("cm,mc->c", protos, w), counts)
+
+    # ---- strength --------------------------------------------------------------------------
+
+    def ridge_strength(self, trace: float, rho: float) -> Strength:
+        """ranpac's ``lambda = rho * trace(G) / dim(G)``."""
+        return Strength(rho * max(trace / (self.features.size + 1), 1e-12), 1.0, rho)
+
+    def lda_strength(self, gram: np.ndarray, shrinkage: float | str) -> Strength:
+        """klda's ``beta`` for the shrinkage ``a`` (``auto``: the Oracle Approximating Shrinkage
+        estimate of the covariance ``S / dof``): ``(1 - a) S / dof + a tr(S) / (d dof) I`` is
+        ``(1 - a) / dof (S + beta I)`` with ``beta = a tr(S) / ((1 - a) d)``."""
+        counts = self.stats.counts
+        seen = counts > 0
+        means = self.stats.sums[seen] / np.sqrt(counts[seen])[:, None]
+        scatter = gram - means.T @ means
+        dof = max(int(counts.sum()) - int(seen.sum()), 1)
+        a = oas_shrinkage(scatter / dof, dof) if shrinkage == "auto" else float(shrinkage)
+        a = min(a, _MOST_SHRINKAGE)
+        d = len(gram)
+        beta = a * max(float(np.trace(scatter)), 1e-12) / ((1 - a) * d)
+        return Strength(max(beta, 1e-12), 1.0 / (1.0 - a), a)
+
+    def restrengthen(
+        self,
+        strength: Strength,
+        *,
+        eigen: tuple[np.ndarray, np.ndarray] | None = None,
+        gram: np.ndarray | None = None,
+    ) -> None:
+        """Use another strength, from the Gram's eigendecomposition or the Gram itself (each
+        ``O(M^3)``: only when a choice is made again)."""
+        if eigen is not None:
+            self.solver = InverseGram.of_eigen(*eigen, strength.value)
+        else:
+            self.solver = InverseGram.of_gram(
+                self.solver.gram() if gram is None else gram, strength.value
+            )
+        self.scale = strength.scale
+        self._eigen = None

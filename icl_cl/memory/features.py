@@ -88,12 +88,19 @@ class RandomFeatures:
             h.update(phase.tobytes())
         return h.hexdigest()
 
+    @cached_property
+    def _projection64(self) -> tuple[np.ndarray, np.ndarray | None]:
+        # Computed in float64: float32 products round differently with the shape of the batch
+        # (BLAS kernels), and a row's features must not depend on the rows beside it.
+        weights, phase = self._projection
+        return weights.astype(np.float64), None if phase is None else phase.astype(np.float64)
+
     def transform(self, vectors: np.ndarray) -> np.ndarray:
         """Features of ``vectors (n, dim)`` as float64 ``(n, size)``."""
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float64)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"expected vectors of shape (n, {self.dim}), got {vectors.shape}")
-        weights, phase = self._projection
+        weights, phase = self._projection64
         out = np.empty((len(vectors), self.size), dtype=np.float64)
         scale = np.sqrt(2.0 / self.size)
         for lo in range(0, len(vectors), _BLOCK):

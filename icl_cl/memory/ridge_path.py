@@ -25,13 +25,8 @@ from icl_cl.memory.statistics import RunningStatistics
 RHO_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 
 
-def relative_to_absolute(stats: RunningStatistics, rho: float) -> float:
-    """``lambda`` for a relative strength ``rho``: ``rho * trace(G) / dim(G)``."""
-    gram = stats.gram
-    return float(rho * max(np.trace(gram) / len(gram), 1e-12))
-
-
 def heldout_ridge_scores(
+    eigen: tuple[np.ndarray, np.ndarray],
     stats: RunningStatistics,
     folds: Sequence[tuple[np.ndarray, Sequence[Sequence[str]]]],
     rhos: Sequence[float] = RHO_GRID,
@@ -39,20 +34,20 @@ def heldout_ridge_scores(
     """Held-out scores ``(n_f, n_labels)`` of every fold, for each relative strength.
 
     Args:
-        stats: The statistics of every stored row (the folds' rows included), in the space the
-            ridge lives in.
+        eigen: The eigendecomposition ``(e, Q)`` of the Gram of every stored row's features with
+            the bias column (the folds' rows included).
+        stats: The label counts and sums of those features.
         folds: Per fold, the features of its rows (without the bias column) and their labels.
-        rhos: Relative strengths (see :func:`relative_to_absolute`).
+        rhos: Relative strengths: ``lambda = rho * mean(e)``, so the grid does not depend on the
+            store's size or the feature scale.
 
-    Labels with no example left once a fold is out score ``-inf`` for that fold, as in
-    :class:`~icl_cl.memory.scorers.Ridge`.
+    Labels with no example left once a fold is out score ``-inf`` for that fold, as the ridge
+    does.
     """
-    gram = stats.gram
-    eigenvalues, q = np.linalg.eigh(gram)
-    eigenvalues = np.maximum(eigenvalues, 0.0)
+    eigenvalues, q = eigen
     targets = np.hstack([stats.sums, stats.counts[:, None].astype(np.float64)]).T  # X~^T Y
     qb = q.T @ targets
-    scale = max(np.trace(gram) / len(gram), 1e-12)
+    scale = max(float(eigenvalues.mean()), 1e-12)
     col = stats.col
     out: dict[float, list[np.ndarray]] = {rho: [] for rho in rhos}
     for features, label_lists in folds:

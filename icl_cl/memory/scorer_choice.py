@@ -19,6 +19,10 @@ from icl_cl.memory.scorers import Scorer
 CHOICE_KEY = "ecl:scorer_choice"
 # Joins the scorers of a combination in its name: ``klda+knn``.
 SEPARATOR = "+"
+# The choice is made again once the store has this many times the examples it was made on (or
+# on ``icl-cl fit --full``): a choice costs O(M^3) (an eigendecomposition, new strengths), so it
+# is made O(log n) times, and a session in between costs what it adds.
+CHOICE_GROWTH = 2.0
 
 
 @dataclass(frozen=True)
@@ -93,8 +97,13 @@ class ScorerChoice:
             "ranpac_rho": self.ranpac_rho,
             "heldout_items": self.heldout_items,
             "fitted_at_examples": self.n_examples,
-            "stale": self.n_examples != store_size,
+            "chosen_again_at_examples": int(CHOICE_GROWTH * self.n_examples),
+            "due": self.due(store_size),
         }
+
+    def due(self, n_examples: int) -> bool:
+        """Whether a store of ``n_examples`` has outgrown this choice (it is made again)."""
+        return not self.n_examples <= n_examples < CHOICE_GROWTH * self.n_examples
 
 
 class Combination:

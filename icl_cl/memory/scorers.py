@@ -195,6 +195,21 @@ class KnnVote:
         return scores
 
 
+class LinearHead:
+    """A solved linear scorer, ``q W^T + b``: what a prediction needs of a feature scorer (its
+    weights and biases in float32), apart from the learner state they were solved from."""
+
+    name = "linear"
+
+    def __init__(self, weights: np.ndarray, bias: np.ndarray, counts: np.ndarray) -> None:
+        self.weights = np.ascontiguousarray(weights, np.float32)  # (C, M)
+        self.bias = np.asarray(bias, np.float32)
+        self.counts = np.asarray(counts).copy()
+
+    def scores(self, queries: np.ndarray) -> np.ndarray:
+        return _mask_unseen(queries @ self.weights.T + self.bias[None, :], self.counts)
+
+
 class InFeatureSpace:
     """A scorer over a random feature space (RanPAC, KLDA): queries are mapped first, in blocks
     so that the wide features of a large batch are never held at once."""
@@ -220,7 +235,7 @@ class InFeatureSpace:
 FEATURE_SCORERS = ("ranpac", "klda")
 
 
-def _prototypes(stats: RunningStatistics, config: MemoryConfig) -> np.ndarray:
+def class_prototypes(stats: RunningStatistics, config: MemoryConfig) -> np.ndarray:
     """The class means the mean-based scorers use: few-shot labels' calibrated (TEEN)."""
     return calibrated_means(stats, config.teen_max_examples, config.teen_alpha, config.teen_tau)
 
@@ -232,27 +247,14 @@ def build_scorer(
     index: ExampleIndex,
     items: ItemGroups | None,
     excluded: frozenset[int] = frozenset(),
-    features: RandomFeatures | None = None,
 ) -> Scorer:
-    """Construct the named scorer from the current statistics (for a feature scorer: the
-    statistics of its feature space, and its ``features`` map)."""
+    """Construct the named scorer (not a feature scorer) from the current statistics."""
     if name in FEATURE_SCORERS:
-        if features is None:
-            raise ValueError(f"the {name} scorer needs its random feature map")
-        from icl_cl.memory.ridge_path import relative_to_absolute
-
-        inner: Scorer = (
-            Ridge(stats, relative_to_absolute(stats, config.ranpac_lambda))
-            if name == "ranpac"
-            else Mahalanobis(
-                stats, config.shrinkage, distances=False, prototypes=_prototypes(stats, config)
-            )
-        )
-        return InFeatureSpace(name, features, inner)
+        raise ValueError(f"the {name} scorer is solved from its feature space, not built here")
     if name == "ncm":
-        return NearestClassMean(stats, _prototypes(stats, config))
+        return NearestClassMean(stats, class_prototypes(stats, config))
     if name == "mahalanobis":
-        return Mahalanobis(stats, config.shrinkage, prototypes=_prototypes(stats, config))
+        return Mahalanobis(stats, config.shrinkage, prototypes=class_prototypes(stats, config))
     if name == "ridge":
         return Ridge(stats, config.ridge_lambda)
     if name == "knn":
@@ -273,6 +275,7 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 __all__ = [
     "KnnVote",
+    "LinearHead",
     "Mahalanobis",
     "NearestClassMean",
     "Ridge",

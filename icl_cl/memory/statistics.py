@@ -55,25 +55,46 @@ def _add_segment_sums(
     sums[sorted_groups[starts]] += np.add.reduceat(x[rows[order]], starts, axis=0)
 
 
+def _add_grams(
+    gram: np.ndarray,
+    weighted: np.ndarray | None,
+    x: np.ndarray,
+    counted: np.ndarray,
+    multiplicity: np.ndarray,
+) -> None:
+    """Add a block of rows to the Gram of ``[x, 1]`` (its counted rows; the last row is filled
+    in at the end: one (d x d) product instead of (d+1) x (d+1)) and to the weighted Gram."""
+    xc = x if counted.all() else x[counted]
+    gram[:-1, :-1] += xc.T @ xc
+    gram[:-1, -1] += xc.sum(axis=0)
+    if weighted is not None:
+        weighted += (x * multiplicity[:, None]).T @ x
+
+
 def augment(vectors: np.ndarray) -> np.ndarray:
     """Append a constant 1 to each vector (the ridge bias term), in float64."""
     return np.hstack([vectors.astype(np.float64), np.ones((len(vectors), 1))])
 
 
 class RunningStatistics:
-    """Per-label counts and sums, plus the two Gram matrices, with amortised O(1) label growth."""
+    """Per-label counts and sums, plus the two Gram matrices, with amortised O(1) label growth.
 
-    def __init__(self, dim: int, weighted: bool = True) -> None:
+    ``gram=False`` keeps counts and sums only: a random feature space keeps the inverse of its
+    Gram instead (:class:`~icl_cl.memory.inverse_gram.InverseGram`), not ``M x M`` sums twice.
+    """
+
+    def __init__(self, dim: int, weighted: bool = True, gram: bool = True) -> None:
         self.dim = dim
-        self.weighted = weighted
+        self.weighted = weighted and gram
+        self.has_gram = gram
         self.labels: list[str] = []
         self.col: dict[str, int] = {}
         self._counts = np.zeros(16, dtype=np.int64)
         self._sums = np.zeros((16, dim), dtype=np.float64)
-        self.gram = np.zeros((dim + 1, dim + 1), dtype=np.float64)
-        # Only the Mahalanobis scorers need it; the ridge scorers' feature spaces skip it.
+        self.gram = np.zeros((dim + 1, dim + 1) if gram else (0, 0), dtype=np.float64)
+        # Only the Mahalanobis scorer needs it.
         self.weighted_gram: np.ndarray | None = (
-            np.zeros((dim, dim), dtype=np.float64) if weighted else None
+            np.zeros((dim, dim), dtype=np.float64) if self.weighted else None
         )
         self.n_examples = 0
 
@@ -121,7 +142,7 @@ class RunningStatistics:
         single = bool(np.all(multiplicity == 1) and counts_once.all())
         dim = self.dim
         sums = np.zeros((len(touched), dim))
-        gram = np.zeros((dim + 1, dim + 1))
+        gram = np.zeros((dim + 1, dim + 1) if self.has_gram else (0, 0))
         weighted = np.zeros((dim, dim)) if self.weighted and not single else None
         block = len(vectors) if transform is None else _BLOCK
         for lo in range(0, len(vectors), max(block, 1)):
@@ -132,14 +153,11 @@ class RunningStatistics:
                 raise ValueError(f"expected vectors of dimension {dim}, got {x64.shape[1]}")
             in_block = (rows >= lo) & (rows < hi)
             _add_segment_sums(sums, x64, rows[in_block] - lo, local[in_block])
-            # Gram of [x, 1] assembled from blocks: one (d x d) product instead of (d+1) x (d+1).
-            xc = x64 if counts_once[lo:hi].all() else x64[counts_once[lo:hi]]
-            gram[:-1, :-1] += xc.T @ xc
-            gram[:-1, -1] += xc.sum(axis=0)
-            if weighted is not None:
-                weighted += (x64 * multiplicity[lo:hi, None]).T @ x64
-        gram[-1, :-1] = gram[:-1, -1]
-        gram[-1, -1] = n_counted = int(counts_once.sum())
+            if self.has_gram:
+                _add_grams(gram, weighted, x64, counts_once[lo:hi], multiplicity[lo:hi])
+        n_counted = int(counts_once.sum())
+        if self.has_gram:
+            gram[-1, :-1], gram[-1, -1] = gram[:-1, -1], n_counted
         if self.weighted and weighted is None:
             weighted = gram[:-1, :-1].copy()  # single-label: every example counts once
         counts = np.bincount(local, minlength=len(touched)).astype(np.int64)
@@ -169,7 +187,7 @@ class RunningStatistics:
         learned (used to hold stored examples out when fitting fusion weights)."""
         if delta.new_labels:
             raise ValueError("a held-out delta cannot introduce labels")
-        out = RunningStatistics(self.dim, weighted=self.weighted)
+        out = RunningStatistics(self.dim, weighted=self.weighted, gram=self.has_gram)
         out.labels = list(self.labels)
         out.col = dict(self.col)
         out._counts = self._counts.copy()

@@ -108,3 +108,26 @@ def held_out(
     firsts = [groups.first_row[i] for i in chosen]
     labels = [[names[c] for c in groups.labels[i]] for i in chosen]
     return HeldOutItems(index.vectors(firsts), labels, firsts, groups.rows_of_items(chosen))
+
+
+def nearest_rows(
+    rows: np.ndarray,
+    items: ItemGroups | None,
+    names: Sequence[str],
+    labels: Sequence[str] | None,
+    n: int,
+) -> list[int]:
+    """The first ``n`` of the neighbour ``rows`` (nearest first; ``-1``: an empty slot) whose
+    item carries one of ``labels`` (``None``: any), label columns named by ``names``."""
+    wanted = None if labels is None else set(labels)
+    chosen: list[int] = []
+    for row in rows:
+        if row < 0:
+            continue
+        if items is not None and wanted is not None:
+            if not wanted & {names[c] for c in items.labels_of_row(int(row))}:
+                continue
+        chosen.append(int(row))
+        if len(chosen) == n:
+            break
+    return chosen

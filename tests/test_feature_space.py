@@ -1,0 +1,138 @@
+"""The random feature spaces' learner state: the inverse Gram updated by each session equals
+the one factorised from all rows, held-out heads equal heads learned without the items, and a
+prediction reads only the solved weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from icl_cl.memory.feature_space import FeatureSpace, Strength
+from icl_cl.memory.features import RandomFeatures
+from icl_cl.memory.inverse_gram import InverseGram, low_rank_update
+from icl_cl.memory.item_groups import Additions, ItemGroups
+
+
+def _rows(seed: int, n: int, d: int = 12) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, d))
+
+
+def test_rows_added_by_woodbury_equal_a_new_factorisation():
+    x = _rows(0, 300)
+    grown = InverseGram.of_gram(x[:100].T @ x[:100], 0.5)
+    grown.add_rows(x[100:250])  # one block of rows
+    grown.add_rows(x[250:])
+    direct = InverseGram.of_gram(x.T @ x, 0.5)
+    np.testing.assert_allclose(grown.inverse, direct.inverse, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(grown.inverse, grown.inverse.T)
+
+
+def test_rows_left_out_and_low_rank_terms_are_exact():
+    x = _rows(1, 200)
+    k = InverseGram.of_gram(x.T @ x, 0.3)
+    z = _rows(2, 12, 5)
+    held = x[:40]
+    expected = np.linalg.solve(x[40:].T @ x[40:] + 0.3 * np.eye(12), z)
+    np.testing.assert_allclose(k.without_rows(held)(z), expected, rtol=1e-8, atol=1e-10)
+    u = _rows(3, 12, 3)
+    plus = low_rank_update(k.apply, u, sign=1.0)(z)
+    expected = np.linalg.solve(x.T @ x + 0.3 * np.eye(12) + u @ u.T, z)
+    np.testing.assert_allclose(plus, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_the_gram_and_its_eigenvalues_are_recovered_from_the_inverse():
+    x = _rows(4, 80)
+    k = InverseGram.of_gram(x.T @ x, 0.2)
+    np.testing.assert_allclose(k.gram(), x.T @ x, rtol=1e-8, atol=1e-8)
+    values, vectors = k.eigen()
+    np.testing.assert_allclose((vectors * values) @ vectors.T, x.T @ x, rtol=1e-8, atol=1e-8)
+    again = InverseGram.of_eigen(values, vectors, 0.2)
+    np.testing.assert_allclose(again.inverse, k.inverse, rtol=1e-8, atol=1e-10)
+
+
+def _data(seed: int, n: int, multi: bool) -> tuple[np.ndarray, list[list[str]]]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(5, 16))
+    y = rng.integers(0, 5, n)
+    x = centres[y] + 0.6 * rng.normal(size=(n, 16))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    labels = [[f"c{c}"] for c in y]
+    if multi:
+        labels = [labs + ([f"c{(c + 1) % 5}"] if i % 3 == 0 else []) for i, (labs, c) in
+                  enumerate(zip(labels, y, strict=True))]  # fmt: skip
+    return x.astype(np.float32), labels
+
+
+def _build(kind, features, x, labels, multi, strength):
+    names = sorted({lab for labs in labels for lab in labs})
+    return FeatureSpace.build(
+        kind, features, labels=names, vectors=x, row_labels=labels,
+        inputs=[f"t{i}" for i in range(len(x))] if multi else [None] * len(x),
+        items=multi, strength=strength,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("multi", [False, True])
+@pytest.mark.parametrize("kind", ["ridge", "lda"])
+def test_sessions_equal_their_union_at_a_fixed_strength(kind, multi):
+    x, labels = _data(5, 300, multi)
+    features = RandomFeatures("relu" if kind == "ridge" else "rff", 16, 64, seed=1)
+    fixed = lambda space, gram: Strength(0.7, 1.3 if kind == "lda" else 1.0, 0.0)  # noqa: E731
+    union = _build(kind, features, x, labels, multi, fixed)
+    first = _build(kind, features, x[:120], labels[:120], multi, fixed)
+    groups = ItemGroups()
+    inputs = [f"t{i}" for i in range(len(x))] if multi else [None] * len(x)
+    groups.add(inputs[:120], [[first.stats.col[lab] for lab in labs] for labs in labels[:120]])
+    added = groups.additions(inputs[120:], labels[120:], first.stats.col, x[120:], lambda r: x[r])
+    first.apply(first.delta(added), 180)
+    assert first.stats.labels == union.stats.labels
+    np.testing.assert_allclose(first.solver.inverse, union.solver.inverse, rtol=1e-7, atol=1e-9)
+    q = x[:20]
+    np.testing.assert_allclose(
+        first.head(None).scores(features.transform(q)),
+        union.head(None).scores(features.transform(q)),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
+def _fixed(kind):
+    def strength(space, gram):
+        return space.ridge_strength(float(np.trace(gram)), 1e-2) if kind == "ridge" else (
+            space.lda_strength(gram, 0.3))  # fmt: skip
+
+    return strength
+
+
+@pytest.mark.parametrize("kind", ["ridge", "lda"])
+def test_a_heldout_head_equals_the_head_learned_without_the_items(kind):
+    x, labels = _data(6, 240, multi=False)
+    features = RandomFeatures("relu" if kind == "ridge" else "rff", 16, 64, seed=2)
+    full = _build(kind, features, x, labels, False, _fixed(kind))
+    held = full.heldout_head(x[:30], labels[:30], lambda stats: None)
+    # The same strength and scale, without the first 30 rows.
+    without = _build(kind, features, x[30:], labels[30:], False, lambda s, g: _strength_of(full))
+    order = [without.stats.col[label] for label in full.stats.labels]
+    q = features.transform(x[:30])
+    np.testing.assert_allclose(
+        held.scores(q), without.head(None).scores(q)[:, order], rtol=1e-3, atol=1e-3
+    )
+
+
+def _strength_of(space):
+    return Strength(space.solver.strength, space.scale, 0.0)
+
+
+def test_additions_of_a_copy_add_only_labels_in_a_multi_label_space():
+    x, labels = _data(7, 60, multi=True)
+    features = RandomFeatures("rff", 16, 32, seed=0)
+    space = _build("lda", features, x, labels, True, _fixed("lda"))
+    before = space.solver.inverse.copy()
+    copy = Additions(x[:1], [["c9"]], np.array([False]), trivial=False)
+    space.stats.add_label("c9")
+    space.apply(space.delta(copy), 1)
+    # A copy adding one label enters the label-weighted Gram once, weighted by that one label.
+    phi = features.transform(x[:1])
+    expected = np.linalg.inv(np.linalg.inv(before) + phi.T @ phi)
+    np.testing.assert_allclose(space.solver.inverse, expected, rtol=1e-6, atol=1e-8)
+    assert space.stats.counts[space.stats.col["c9"]] == 1
