@@ -4,13 +4,18 @@ prediction reads only the solved weights."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from icl_cl import ContinualClassifier
+from icl_cl.config import SCORERS
 from icl_cl.memory.feature_space import FeatureSpace, Strength
 from icl_cl.memory.features import RandomFeatures
 from icl_cl.memory.inverse_gram import InverseGram, low_rank_update
 from icl_cl.memory.item_groups import Additions, ItemGroups
+from icl_cl.memory.scorers import FEATURE_SCORERS
 
 
 def _rows(seed: int, n: int, d: int = 12) -> np.ndarray:
@@ -136,3 +141,47 @@ def test_additions_of_a_copy_add_only_labels_in_a_multi_label_space():
     expected = np.linalg.inv(np.linalg.inv(before) + phi.T @ phi)
     np.testing.assert_allclose(space.solver.inverse, expected, rtol=1e-6, atol=1e-8)
     assert space.stats.counts[space.stats.col["c9"]] == 1
+
+
+def _files(store: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(store.iterdir()) if p.is_file()}
+
+
+def test_predict_reads_solved_weights_and_never_writes(tmp_path, embedder, wordnet):
+    """After learn + fit a prediction reads the solved weights only; with weights that no longer
+    describe the store (a session learned without a fit) or damaged ones, it solves in memory
+    from the state, to the same scores, and writes nothing with any scorer."""
+    train, test, labels = wordnet
+    store = tmp_path / "s"
+    queries = embedder.encode([ex.text for ex in test[:8]])
+    with ContinualClassifier.open(store, embedder=embedder) as clf:
+        clf.learn(train[:200], labels)
+        for name in FEATURE_SCORERS:  # a space is kept once a fit asks for it
+            clf.fit(scorer=name)
+        expected = {name: clf.memory.score_matrix(queries, name) for name in FEATURE_SCORERS}
+    with ContinualClassifier.open(store, embedder=embedder) as clf:
+        for name in FEATURE_SCORERS:
+            np.testing.assert_allclose(clf.memory.score_matrix(queries, name), expected[name])
+        assert not clf.memory._spaces._spaces  # no learner state was loaded
+    for solved in store.glob("features-*.solved.npy"):  # damage one byte of each
+        data = bytearray(solved.read_bytes())
+        data[-5] ^= 0x40
+        solved.write_bytes(bytes(data))
+    before = _files(store)
+    with ContinualClassifier.open(store, embedder=embedder) as clf:
+        for name in FEATURE_SCORERS:
+            np.testing.assert_allclose(
+                clf.memory.score_matrix(queries, name), expected[name], rtol=1e-5, atol=1e-5
+            )
+        clf.learn(train[200:], fit=False)  # the weights no longer describe the store
+    before = _files(store)
+    with ContinualClassifier.open(store, embedder=embedder) as clf:
+        for scorer in [*SCORERS, "auto"]:
+            clf.predict([ex.text for ex in test[:4]], k=3, scorer=scorer)
+    assert _files(store) == before
+    # The next writing step repairs them.
+    with ContinualClassifier.open(store, embedder=embedder) as clf:
+        clf.fit(scorer="ranpac")
+    with ContinualClassifier.open(store, embedder=embedder) as clf:
+        clf.memory.score_matrix(queries, "ranpac")
+        assert not clf.memory._spaces._spaces
