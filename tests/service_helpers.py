@@ -18,6 +18,7 @@ import httpx
 import uvicorn
 
 from icl_cl.classifier import ContinualClassifier
+from icl_cl.service.server import uvicorn_options
 from icl_cl.types import Example, Label
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,9 +32,12 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running(app: Any, timeout: float = 60.0) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on 127.0.0.1 in a thread; yields its URL; stops it after."""
+    """Serve ``app`` with uvicorn on 127.0.0.1 in a thread, with the timeouts ``icl-cl serve``
+    sets; yields its URL; stops it after."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    options = uvicorn_options(app.state.settings) if hasattr(app.state, "settings") else {}
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **options)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

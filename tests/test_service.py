@@ -251,7 +251,6 @@ def test_learn_is_all_or_nothing_and_errors_name_the_item(served: Any, wordnet: 
             ["body", "examples", 2, "labels"],
         ),
         ([*good, {**good[0], "id": good[1]["id"]}], ["body", "examples", 1, "id"]),
-        ([*good, as_json(wordnet[0][:1])[0]], ["body", "examples", 2, "id"]),  # stored already
         (
             [*good, {"id": "x2", "text": "", "labels": ["noun.animal"]}],
             ["body", "examples", 2, "text"],
@@ -262,6 +261,10 @@ def test_learn_is_all_or_nothing_and_errors_name_the_item(served: Any, wordnet: 
         answer = _post(url, "/v1/learn", {"examples": examples}, key=WRITE)
         assert answer.status_code == 422, answer.text
         assert answer.json()["detail"][0]["loc"][: len(loc)] == loc, answer.text
+    stored = [*good, as_json(wordnet[0][:1])[0]]  # an id the store holds: a conflict, 409
+    answer = _post(url, "/v1/learn", {"examples": stored}, key=WRITE)
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["detail"][0]["loc"] == ["body", "examples", 2, "id"]
     too_many = _post(url, "/v1/learn", {"examples": as_json(wordnet[0][:17])}, key=WRITE)
     assert too_many.status_code == 422
     assert _get(url, "/v1/info").json()["examples"] == before
@@ -272,7 +275,11 @@ def test_new_labels_without_examples(served: Any) -> None:
     body = {"labels": [{"label": "noun.weather", "name": "weather", "description": "rain, snow"}]}
     answer = _post(url, "/v1/learn", body, key=WRITE)
     assert answer.status_code == 200 and answer.json()["new_labels"] == 1
-    assert _post(url, "/v1/learn", body, key=WRITE).status_code == 422  # nothing new to learn
+    assert _post(url, "/v1/learn", body, key=WRITE).status_code == 409  # nothing new to learn
+    other = {"labels": [{"label": "noun.weather", "name": "climate"}]}
+    conflict = _post(url, "/v1/learn", other, key=WRITE)
+    assert conflict.status_code == 409
+    assert conflict.json()["detail"][0]["loc"] == ["body", "labels", 0, "name"]
 
 
 # ---- labels, info, readiness, metrics ----------------------------------------------------------

@@ -5,6 +5,7 @@ item (and its file and line when known), raised before anything is written."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -17,6 +18,12 @@ from icl_cl.images import Image, load_image
 from icl_cl.types import Example, Label
 
 logger = logging.getLogger(__name__)
+
+
+class StoreConflictError(DataError):
+    """A well-formed session that contradicts what the store holds: an id it has already, a
+    label definition unlike the stored one, a label count its label mode refuses, or nothing
+    new. The same request may pass against another store (the service answers 409, not 422)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,9 @@ def check_text(text: object, *, max_chars: int, field: str = "text", **where: An
         raise DataError(f"must be a string, got {type(text).__name__}", field=field, **where)
     if not text.strip():
         raise DataError("is empty", field=field, **where)
+    at = surrogate_at(text)
+    if at is not None:
+        raise DataError(_surrogate_message(text, at), field=field, **where)
     if len(text) > max_chars:
         raise DataError(
             f"is {len(text)} characters; the limit is {max_chars} (max_text_chars)",
@@ -49,6 +59,57 @@ def check_text(text: object, *, max_chars: int, field: str = "text", **where: An
             **where,
         )
     return text
+
+
+def surrogate_at(text: str) -> int | None:
+    """Where the first lone surrogate of ``text`` is (half of a UTF-16 pair, e.g. from a JSON
+    ``"\\ud800"`` escape): not a character, so it cannot be encoded or embedded."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def _surrogate_message(text: str, at: int) -> str:
+    return f"has a lone surrogate (U+{ord(text[at]):04X}) at character {at}: not valid Unicode"
+
+
+def printable(text: str) -> str:
+    """``text`` with any lone surrogate written as its escape, so that it can be shown."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def first_unclean(
+    data: object, *, max_nodes: int = 1_000_000
+) -> tuple[list[str | int], str] | None:
+    """Where the first value that no check downstream should see is in parsed JSON ``data``:
+    a string (value or key) with a lone surrogate, or a float that is NaN or infinite (JSON's
+    ``NaN``/``Infinity`` literals, which Python's parser accepts). Returns its path (keys and
+    list positions; a bad key is shown escaped) and what is wrong, or ``None``. At most
+    ``max_nodes`` values are looked at: a JSON text of ``n`` bytes holds fewer than ``n + 1``."""
+    stack: list[tuple[list[str | int], object]] = [([], data)]
+    for _ in range(max_nodes):
+        if not stack:
+            return None
+        path, value = stack.pop()
+        if isinstance(value, str):
+            at = surrogate_at(value)
+            if at is not None:
+                return path, _surrogate_message(value, at)
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                return path, f"{value} is not a finite number"
+        elif isinstance(value, dict):
+            bad = next((key for key in value if surrogate_at(key) is not None), None)
+            if bad is not None:
+                return [*path, printable(bad)], "a key with a lone surrogate: not valid Unicode"
+            stack.extend(([*path, key], item) for key, item in reversed(list(value.items())))
+        elif isinstance(value, list):
+            stack.extend(([*path, i], item) for i, item in reversed(list(enumerate(value))))
+    raise DataError(f"nested beyond {max_nodes} values")
 
 
 def validate_examples(
@@ -62,10 +123,13 @@ def validate_examples(
             raise DataError(f"expected an Example, got {type(ex).__name__}", item=str(i), **at)
         if not isinstance(ex.id, str) or not ex.id.strip():
             raise DataError("missing or empty", field="id", item=str(i), **at)
+        bad = surrogate_at(ex.id)
+        if bad is not None:
+            raise DataError(_surrogate_message(ex.id, bad), field="id", item=str(i), **at)
         if ex.image is None or ex.text:
             check_text(ex.text, max_chars=max_chars, item=ex.id, **at)
         for label in ex.labels:
-            if not isinstance(label, str) or not label.strip():
+            if not isinstance(label, str) or not label.strip() or surrogate_at(label) is not None:
                 raise DataError(f"invalid label {label!r}", field="labels", item=ex.id, **at)
         if ex.id in seen:
             first = seen[ex.id]
@@ -96,7 +160,7 @@ def check_new_ids(
     clash = set(existing)
     if clash:
         i = next(i for i, ex in enumerate(examples) if ex.id in clash)
-        raise DataError(
+        raise StoreConflictError(
             f"id already in the store ({len(clash)} such ids in this session)",
             field="id",
             item=examples[i].id,
@@ -124,7 +188,7 @@ def new_labels(
         if stored is not None:
             for field in ("name", "description", "group"):
                 if getattr(stored, field) != getattr(lab, field):
-                    raise DataError(
+                    raise StoreConflictError(
                         f"conflicts with the stored label ({field} {getattr(stored, field)!r} "
                         f"vs {getattr(lab, field)!r})",
                         field=field,
@@ -153,7 +217,7 @@ def multi_label_after(
     if setting is False:
         for i, ex in enumerate(examples):
             if len(ex.labels) != 1:
-                raise DataError(
+                raise StoreConflictError(
                     f"a single-label store needs exactly one label, got {len(ex.labels)}",
                     field="labels",
                     item=ex.id,
@@ -167,7 +231,7 @@ def multi_label_after(
     first = next((i for i, ex in enumerate(examples) if len(ex.labels) != 1), None)
     if first is not None and stored is False:
         # A silent switch would change every later score; the caller must ask for it.
-        raise DataError(
+        raise StoreConflictError(
             f"the store is single-label and this example has {len(examples[first].labels)} "
             "labels; to make the store multi-label for good, learn with multi_label=True "
             "(icl-cl learn --multi-label)",
@@ -263,7 +327,10 @@ def check_prediction_options(
     """``k`` (candidates per input) as an int, once it and the other options are valid."""
     if isinstance(k, bool) or not isinstance(k, Integral) or k <= 0:
         raise DataError(f"k must be a positive integer, got {k!r}")
-    if confidence is not None and not (isinstance(confidence, Real) and 0 < confidence < 1):
+    # 1 - confidence is the conformal error rate: it must stay below 1 in floating point too.
+    if confidence is not None and not (
+        isinstance(confidence, Real) and 0 < confidence < 1 and 1.0 - float(confidence) < 1
+    ):
         raise DataError(f"confidence must be in (0, 1), got {confidence!r}")
     if abstain_below is not None and not (
         isinstance(abstain_below, Real) and 0 <= abstain_below <= 1
@@ -306,7 +373,9 @@ def check_learn(
     check_new_ids(examples, existing_ids([ex.id for ex in examples]), locations)
     new = new_labels(examples, labels, known, label_locations)
     if not examples and not new:
-        raise DataError("nothing to learn: no examples, and every label given is already known")
+        raise StoreConflictError(
+            "nothing to learn: no examples, and every label given is already known"
+        )
     multi = multi_label_after(examples, multi_label, stored_multi_label, locations)
     items, ids = [ex.item for ex in examples], [ex.id for ex in examples]
     check_embedder_reads(

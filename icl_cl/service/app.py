@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -20,9 +21,10 @@ from icl_cl.config import ClassifierConfig, DecisionConfig
 from icl_cl.describe import prediction_row
 from icl_cl.errors import DataError, IclClError, StoreError
 from icl_cl.images import Image, load_image
-from icl_cl.inputs.checks import check_text
+from icl_cl.inputs.checks import StoreConflictError, check_text, printable
 from icl_cl.service.auth import BearerAuth, KeySet
 from icl_cl.service.batcher import BusyError, Job, MicroBatcher
+from icl_cl.service.edge import invalid_request
 from icl_cl.service.limits import BodyLimit
 from icl_cl.service.metrics import RequestMetrics, ServiceMetrics
 from icl_cl.service.models import (
@@ -38,6 +40,7 @@ from icl_cl.service.models import (
     validation_problem,
 )
 from icl_cl.service.predictor import Answer, PredictOptions, Predictor
+from icl_cl.service.schema import describe_limits
 from icl_cl.service.serving import EmptyStoreError, IdempotencyConflictError, Serving
 from icl_cl.service.settings import ServiceSettings
 from icl_cl.types import Example, Label
@@ -54,6 +57,7 @@ _COMMON = {
 }
 _POST = {
     **_COMMON,
+    400: {"model": Problem, "description": "the body is not text (UTF-8, -16 or -32)"},
     413: {"model": Problem, "description": "request body over max_body_bytes"},
     429: {"model": Problem, "description": "too much work waiting: retry after Retry-After"},
 }
@@ -111,6 +115,7 @@ def create_app(
     _predict_route(app, secured)
     _learn_route(app, secured)
     _read_routes(app, secured)
+    describe_limits(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if keys is not None:
         app.add_middleware(BearerAuth, keys=keys)
@@ -198,10 +203,7 @@ def _learn_route(app: FastAPI, secured: list[Any]) -> None:
         "/v1/learn",
         response_model=LearnResponse,
         dependencies=secured,
-        responses={
-            **_POST,
-            409: {"model": Problem, "description": "another process writes the store"},
-        },
+        responses={**_POST, 409: _LEARN_CONFLICT},
         summary="Learn one session of labelled examples (all or nothing)",
     )
     async def learn(
@@ -224,11 +226,42 @@ def _learn_route(app: FastAPI, secured: list[Any]) -> None:
             future = app.state.serving.learn(examples, labels, idempotency_key)
             session, n_examples, new_labels = await _within(app, asyncio.wrap_future(future))
         except DataError as exc:
-            ids = [ex.id for ex in examples]
-            index = ids.index(exc.item) if exc.item in ids else None
-            loc: list[str | int] = ["body", "examples"] + ([] if index is None else [index])
-            return _unprocessable([*loc, exc.field] if exc.field else loc, str(exc))  # type: ignore[return-value]
+            return _learn_problem(exc, body)  # type: ignore[return-value]
         return LearnResponse(session=session, examples=n_examples, new_labels=new_labels)
+
+
+_LABEL_FIELDS = ("label", "name", "description", "group")
+_LEARN_CONFLICT = {
+    "description": "the session contradicts the store (an id it holds, a label defined "
+    "otherwise, a label count its label mode refuses, nothing new; detail[0].loc names "
+    "where), or another process writes the store",
+    "content": {
+        "application/json": {
+            "schema": {
+                "anyOf": [
+                    {"$ref": "#/components/schemas/HTTPValidationError"},
+                    {"$ref": "#/components/schemas/Problem"},
+                ]
+            }
+        }
+    },
+}
+
+
+def _learn_problem(exc: DataError, body: LearnRequest) -> JSONResponse:
+    """A learn's refusal naming the example or label definition: 409 when it contradicts the
+    store (:class:`StoreConflictError`), else 422."""
+    loc: list[str | int] = ["body", "examples"]
+    if exc.field in _LABEL_FIELDS:
+        names = [lab.label for lab in body.labels]
+        loc = ["body", "labels"] + ([names.index(exc.item)] if exc.item in names else [])
+    else:
+        ids = [ex.id for ex in body.examples]
+        loc += [ids.index(exc.item)] if exc.item in ids else []
+    if exc.field:
+        loc.append(exc.field)
+    status = 409 if isinstance(exc, StoreConflictError) else 422
+    return JSONResponse(validation_problem(loc, printable(str(exc))), status_code=status)
 
 
 def _read_routes(app: FastAPI, secured: list[Any]) -> None:
@@ -257,7 +290,7 @@ def _read_routes(app: FastAPI, secured: list[Any]) -> None:
         response_model=Readiness,
         dependencies=secured,
         responses={**_COMMON, 503: {"model": Readiness, "description": "not ready, and why"}},
-        summary="The store is open and the heads are fitted",
+        summary="The models are loaded, the store is open and the heads are fitted",
     )
     async def readyz() -> Any:
         ready, session, reason = await _in_thread(app, app.state.serving.ready)
@@ -276,7 +309,7 @@ def _read_routes(app: FastAPI, secured: list[Any]) -> None:
 
 
 def _unprocessable(loc: Sequence[str | int], message: str) -> JSONResponse:
-    return JSONResponse(validation_problem(list(loc), message), status_code=422)
+    return JSONResponse(validation_problem(list(loc), printable(message)), status_code=422)
 
 
 def _error_answers(app: FastAPI) -> None:
@@ -296,6 +329,7 @@ def _error_answers(app: FastAPI) -> None:
 
         return answer
 
+    app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(DataError, invalid(_input_loc))
     app.add_exception_handler(
         IdempotencyConflictError, invalid(lambda _: ["header", "Idempotency-Key"])

@@ -1,15 +1,20 @@
-"""The request body limit: an ASGI middleware that answers 413 past ``max_body_bytes``."""
+"""The request body limit: an ASGI middleware that answers 413 past ``max_body_bytes``, and 422
+for a JSON body with what no field may hold (see :mod:`icl_cl.service.edge`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from icl_cl.service.asgi import send_problem
+from icl_cl.service.asgi import send_json, send_problem
+from icl_cl.service.edge import unclean_body
 
 
 class BodyLimit:
     """Reads a request body up to ``max_bytes`` (refusing a larger declared or sent one with
-    413 before the app sees it), then hands the app the body it read."""
+    413 before the app sees it), checks it, then hands the app the body it read.
+
+    How long a client may take to send it is the HTTP protocol's read timeout
+    (:mod:`icl_cl.service.protocol`)."""
 
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app = app
@@ -23,8 +28,10 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._too_large(send)
             return
-        chunks, size, more = [], 0, True
-        while more:
+        chunks, size = [], 0
+        # Each message but the last carries at least a byte, so a body within the limit takes
+        # at most max_bytes + 1 of them (an empty chunk with more to come is skipped over).
+        for _ in range(self.max_bytes + 2):
             message = await receive()
             if message["type"] == "http.disconnect":
                 return
@@ -34,8 +41,13 @@ class BodyLimit:
                 await self._too_large(send)
                 return
             chunks.append(chunk)
-            more = message.get("more_body", False)
+            if not message.get("more_body", False):
+                break
         body, sent = b"".join(chunks), False
+        problem = unclean_body(scope, body)
+        if problem is not None:  # the whole body was read: the connection stays usable
+            await send_json(send, 422, problem)
+            return
 
         async def replay() -> dict[str, Any]:
             nonlocal sent

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from icl_cl.config import LabelSetRuleName, ScorerName
+
+_SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+NOT_BLANK = rf"^[{_SPACE}]*[^{_SPACE}]"
+"""A string with a character that is not whitespace (an empty or blank text, id or label is
+refused). The whitespace is spelled out, as ``str.isspace`` sees it: regex engines disagree
+on what ``\\s`` holds."""
+
+DATA_URL = r"^data:[^,]*;base64,([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+"""A base64 ``data:`` URL (whether its bytes are an image is known once they are decoded)."""
+
+MIN_CONFIDENCE = 1e-6
+"""The smallest ``confidence`` taken: a set that holds the truth less often means nothing, and
+far below it ``1 - confidence`` (the conformal error rate) rounds to 1 in floating point."""
+
+NotBlank = Annotated[str, Field(min_length=1, pattern=NOT_BLANK)]
 
 
 class _Body(BaseModel):
@@ -16,10 +31,20 @@ class _Body(BaseModel):
 class PredictInput(_Body):
     """One input: a text, or an image as a ``data:`` URL (base64)."""
 
+    # The schema says what the validator below checks: exactly one of the two is a string.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["text"], "properties": {"text": {"type": "string"}}},
+                {"required": ["image"], "properties": {"image": {"type": "string"}}},
+            ]
+        }
+    )
+
     id: str = Field(min_length=1, description="echoed in the prediction")
-    text: str | None = Field(None, description="the text to classify")
+    text: NotBlank | None = Field(None, description="the text to classify")
     image: str | None = Field(
-        None, pattern=r"^data:", description="an image as a data: URL (base64-encoded)"
+        None, pattern=DATA_URL, description="an image as a data: URL (base64-encoded)"
     )
 
     @model_validator(mode="after")
@@ -32,11 +57,28 @@ class PredictInput(_Body):
 class PredictRequest(_Body):
     """``POST /v1/predict``: inputs and the options of ``icl-cl predict``."""
 
+    # The schema says what the validator below checks: a threshold goes with its rule only.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"properties": {"threshold": {"type": "null"}}},
+                {"properties": {"decision": {"enum": ["threshold", None]}}},
+            ],
+            "examples": [
+                {"inputs": [{"id": "q1", "text": "a small dog that barks at night"}]},
+                {"inputs": [{"id": "q2", "text": "the tallest oak"}], "k": 5, "confidence": 0.9},
+            ],
+        }
+    )
+
     inputs: list[PredictInput] = Field(min_length=1, description="at most the service's max_items")
     k: int | None = Field(None, ge=1, description="candidate labels per input (default 10)")
     scorer: ScorerName | Literal["auto"] | None = Field(None, description="ECL scorer")
     confidence: float | None = Field(
-        None, gt=0, lt=1, description="add a conformal label set holding the truth at this rate"
+        None,
+        ge=MIN_CONFIDENCE,
+        lt=1,
+        description="add a conformal label set holding the truth at this rate",
     )
     abstain_below: float | None = Field(
         None, ge=0, le=1, description="abstain when the top probability is below this"
@@ -81,15 +123,15 @@ class PredictResponse(BaseModel):
 class ExampleIn(_Body):
     """A labelled example, as a line of ``icl-cl learn --data``."""
 
-    id: str = Field(min_length=1)
-    text: str = Field(min_length=1)
-    labels: list[str] = Field(description="one label (single-label) or several")
+    id: NotBlank
+    text: NotBlank
+    labels: list[NotBlank] = Field(description="one label (single-label) or several")
 
 
 class LabelIn(_Body):
     """A label definition, as a line of ``icl-cl learn --labels``."""
 
-    label: str = Field(min_length=1)
+    label: NotBlank
     name: str = ""
     description: str = ""
     group: str = ""
@@ -98,8 +140,24 @@ class LabelIn(_Body):
 class LearnRequest(_Body):
     """``POST /v1/learn``: one session of examples and label definitions (all or nothing)."""
 
+    # The schema says what the validator below checks: a session is not empty.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["examples"], "properties": {"examples": {"minItems": 1}}},
+                {"required": ["labels"], "properties": {"labels": {"minItems": 1}}},
+            ]
+        }
+    )
+
     examples: list[ExampleIn] = Field(default_factory=list)
     labels: list[LabelIn] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> LearnRequest:
+        if not self.examples and not self.labels:
+            raise ValueError("a session needs at least one example or one label definition")
+        return self
 
 
 class LearnResponse(BaseModel):

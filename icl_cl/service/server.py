@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import logging
+import logging.config
 from pathlib import Path
+from typing import Any
 
 from icl_cl.config import ClassifierConfig
 from icl_cl.errors import ConfigError
 from icl_cl.service.auth import KeySet
+from icl_cl.service.protocol import timed_protocol
 from icl_cl.service.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -22,6 +26,33 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def uvicorn_options(settings: ServiceSettings) -> dict[str, Any]:
+    """The timeouts of ``settings`` as ``uvicorn.Config`` keyword arguments: the protocol's
+    read deadline, the keep-alive timeout, and a graceful shutdown bounded by the request
+    timeout (the requests in flight finish, or get 503, before it ends)."""
+    return {
+        "http": timed_protocol(settings.read_timeout_s),
+        "timeout_keep_alive": settings.keep_alive_s,
+        "timeout_graceful_shutdown": int(settings.request_timeout_s) + 5,
+    }
+
+
+def log_config() -> dict[str, Any]:
+    """uvicorn's logging, with the service's own messages (start-up, refits, shutdown) at INFO
+    beside uvicorn's, or quieter when the caller's logging is (``-q``)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    root = logging.getLogger().getEffectiveLevel()
+    level = min(root, logging.INFO) if root <= logging.WARNING else root
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["icl_cl"] = {
+        "handlers": ["default"],
+        "level": logging.getLevelName(level),
+        "propagate": False,
+    }
+    return config
 
 
 def serve(
@@ -47,23 +78,29 @@ def serve(
 
     settings = settings or ServiceSettings()
     keys = KeySet.load(api_key_file) if api_key_file is not None else None
+    if keys is None and not is_loopback(host):
+        raise ConfigError(
+            f"refusing to serve on {host} without --api-key-file: without keys the "
+            "service binds to loopback only (127.0.0.1)"
+        )
+    logging_config = log_config()
+    logging.config.dictConfig(logging_config)  # now, so that the lines below show as well
     if keys is None:
-        if not is_loopback(host):
-            raise ConfigError(
-                f"refusing to serve on {host} without --api-key-file: without keys the "
-                "service binds to loopback only (127.0.0.1)"
-            )
-        logger.warning(
-            "no --api-key-file: no authentication, so serving on loopback only (%s:%d)", host, port
+        logger.info(
+            "serving %s on %s:%d without authentication (no --api-key-file: loopback only)",
+            store,
+            host,
+            port,
         )
     else:
-        logger.warning("serving on %s:%d with %d API keys", host, port, len(keys.keys))
+        logger.info("serving %s on %s:%d with %d API keys", store, host, port, len(keys.keys))
     app = create_app(store, config, settings=settings, keys=keys)
     uvicorn.run(
         app,
         host=host,
         port=port,
         log_level="info",
+        log_config=logging_config,
         access_log=access_log,
-        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+        **uvicorn_options(settings),
     )

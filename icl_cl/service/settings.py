@@ -28,3 +28,12 @@ class ServiceSettings(BaseModel):
     request_timeout_s: float = Field(
         60.0, gt=0, description="a request still running then gets 503"
     )
+    read_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="a request (headers and body) not received whole this long after its first "
+        "byte, or a new connection with no whole request, is disconnected",
+    )
+    keep_alive_s: float = Field(
+        5.0, gt=0, description="an idle keep-alive connection is closed after this (uvicorn's)"
+    )
