@@ -41,7 +41,12 @@ from icl_cl.service.models import (
 )
 from icl_cl.service.predictor import Answer, PredictOptions, Predictor
 from icl_cl.service.schema import describe_limits
-from icl_cl.service.serving import EmptyStoreError, IdempotencyConflictError, Serving
+from icl_cl.service.serving import (
+    STOP_WAIT_S,
+    EmptyStoreError,
+    IdempotencyConflictError,
+    Serving,
+)
 from icl_cl.service.settings import ServiceSettings
 from icl_cl.types import Example, Label
 
@@ -99,7 +104,8 @@ def create_app(
         try:
             yield
         finally:  # uvicorn has drained the requests in flight; finish the queues, then close
-            await asyncio.to_thread(batcher.close)
+            # Bounded: a batch still running answers requests that timed out already.
+            await asyncio.to_thread(batcher.close, STOP_WAIT_S)
             await asyncio.to_thread(serving.close)
 
     app = FastAPI(

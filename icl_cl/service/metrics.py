@@ -49,6 +49,9 @@ class ServiceMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.refitting = Gauge(
+            "icl_cl_refit_running", "1 while a background refit runs, else 0", registry=r
+        )
         self.batch_items = Histogram(
             "icl_cl_predict_batch_items",
             "Inputs per micro-batch",

@@ -45,6 +45,16 @@ class IdempotencyConflictError(IclClError):
     """An idempotency key came back with another request than the one it was first used for."""
 
 
+class RefitCancelledError(IclClError):
+    """The service is closing: a running refit stops at its next step (nothing it would have
+    stored is needed: the next start refits from the committed sessions)."""
+
+
+STOP_WAIT_S = 5.0
+"""How long closing waits for a cancelled refit to reach its next step, or for the predict
+batch running, before leaving it to end with the process."""
+
+
 class _OneAtATime:
     """An embedder that encodes for one thread at a time (the writer's learns and the
     predict batches share it; tokenizers are not safe to share between threads)."""
@@ -165,11 +175,13 @@ class Serving:
         self.metrics.serving_session.set(self._current.session)
         self._waiting: Snapshot | None = None  # opened after a learn, not fitted yet
         self._refits = threading.Condition()
-        self._closing = False
+        self._closing = threading.Event()
         self._refitter = threading.Thread(target=self._refit_loop, name="icl-cl-refit", daemon=True)
         self._refitter.start()
         if self._current.clf.memory.n_examples and not self._fit_ready(self._current):
             self._submit(lambda: self._offer(self._open_snapshot()))
+        self._warm: str | None = "loading the models"  # None once they are loaded
+        threading.Thread(target=self._warm_up, name="icl-cl-warm-up", daemon=True).start()
 
     @property
     def uses_llm(self) -> bool:
@@ -195,6 +207,8 @@ class Serving:
     def ready(self) -> tuple[bool, int, str | None]:
         """Whether predictions are served from heads fitted on the state they read, that
         state's session, and why not."""
+        if self._warm is not None:  # before the snapshot's lock, which the warm-up holds
+            return False, self._current.session, self._warm
         with self.reading() as snapshot:
             if snapshot.clf.memory.n_examples == 0:
                 return False, snapshot.session, "the store is empty: learn a session first"
@@ -210,12 +224,21 @@ class Serving:
         return self._submit(lambda: self._learn(examples, labels, key))
 
     def close(self) -> None:
-        """Finish queued learns, drop a refit not started, then close every classifier."""
-        self._executor.shutdown(wait=True)
+        """Cancel a running refit (it stops at its next step; one stuck longer than
+        :data:`STOP_WAIT_S` is left to end with the process), drop one not started,
+        finish queued learns, then close every classifier. The store holds only committed
+        sessions, so nothing is lost: the next start refits."""
         with self._refits:
-            self._closing = True
+            self._closing.set()
             self._refits.notify()
-        self._refitter.join()
+        self._executor.shutdown(wait=True)
+        self._refitter.join(STOP_WAIT_S)
+        if self._refitter.is_alive():
+            logger.warning(
+                "a refit did not stop within %.0fs of the shutdown; leaving it to end with the "
+                "process (the next start refits)",
+                STOP_WAIT_S,
+            )
         if self._waiting is not None:
             self._waiting.retire()
         self._current.retire()
@@ -270,16 +293,24 @@ class Serving:
     def _refit_loop(self) -> None:
         while True:
             with self._refits:
-                while self._waiting is None and not self._closing:
+                while self._waiting is None and not self._closing.is_set():
                     self._refits.wait()
-                if self._closing:
+                if self._closing.is_set():
                     return
                 snapshot, self._waiting = self._waiting, None
+            self.metrics.refitting.set(1)
             try:
                 self._refit(snapshot)
+            except RefitCancelledError:
+                logger.info(
+                    "refit of session %d cancelled: the service is closing", snapshot.session
+                )
+                snapshot.retire()
             except Exception:  # the thread must survive: the last fit keeps serving
                 logger.exception("refit of session %d failed", snapshot.session)
                 snapshot.retire()
+            finally:
+                self.metrics.refitting.set(0)
 
     def _refit(self, snapshot: Snapshot) -> None:
         """Fit the heads of ``snapshot`` (stored with it), then serve from it."""
@@ -287,9 +318,12 @@ class Serving:
         if snapshot.clf.memory.n_examples:
             for use_llm in (True, False) if self.uses_llm else (False,):
                 try:
-                    snapshot.clf.fit(self.settings.default_k, use_llm=use_llm)
+                    snapshot.clf.fit(
+                        self.settings.default_k, use_llm=use_llm, progress=self._unless_closing
+                    )
                 except (BackendError, DataError) as exc:
                     logger.warning("refit (use_llm=%s) failed; serving on: %s", use_llm, exc)
+        self._unless_closing()
         with self._swap:
             old, self._current = self._current, snapshot
         old.retire()
@@ -297,6 +331,27 @@ class Serving:
         self.metrics.serving_session.set(snapshot.session)
         self.metrics.refit.observe(seconds)
         logger.info("serving session %d (heads fitted in %.2fs)", snapshot.session, seconds)
+
+    def _unless_closing(self, *_progress: Any) -> None:
+        """A refit's progress callback: raises :class:`RefitCancelledError` once closing."""
+        if self._closing.is_set():
+            raise RefitCancelledError("the service is closing")
+
+    def _warm_up(self) -> None:
+        """Load the embedder, and the index and heads of the state served (a predict of one
+        text), so that the first request does not wait for them; ``ready`` says so till then."""
+        start = time.perf_counter()
+        try:
+            self.embedder.encode(["warm-up"])
+            with self.reading() as snapshot:
+                if snapshot.clf.memory.n_examples:
+                    snapshot.clf.predict(["warm-up"], self.settings.default_k, use_llm=False)
+        except Exception as exc:  # the service still answers; readyz says why it is not ready
+            logger.warning("loading the models failed: %s", exc)
+            self._warm = f"loading the models failed: {exc}"
+            return
+        self._warm = None
+        logger.info("models loaded in %.1fs", time.perf_counter() - start)
 
     def _open_snapshot(self) -> Snapshot:
         clf = ContinualClassifier.open(
