@@ -10,6 +10,7 @@ refit that reads held-out items with it cannot finish by itself.
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ from icl_cl.service.app import SESSION_HEADER
 from tests.service_helpers import as_json, free_port, learned_store, start_cli, wait_healthy
 
 EXIT_WITHIN_S = 10.0
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -90,6 +92,7 @@ def test_sigterm_during_a_refit_exits_within_10s_and_loses_nothing(
                 server.kill()
                 server.wait(30)
     text = log.read_text(encoding="utf-8")
+    logger.warning("exit %.2fs after SIGTERM, a refit running", seconds)
     assert seconds < EXIT_WITHIN_S, f"exit took {seconds:.1f}s\n{text[-3000:]}"
     assert code in (-signal.SIGTERM, 0), text[-3000:]
     assert "Traceback" not in text, text[-3000:]
