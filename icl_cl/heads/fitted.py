@@ -108,8 +108,8 @@ class FittedHeads:
         acc = self.fusion.heldout_accuracy
         return Fallback(
             FallbackReason.LLM_WEIGHT_ZERO,
-            f"on {self.fusion.heldout_items} held-out stored examples the ECL alone "
-            f"({acc['ecl']:.3f}) was at least as good as fused ({acc[FUSED]:.3f})",
+            f"on {self.fusion.heldout_items} held-out stored examples fused "
+            f"({acc[FUSED]:.3f}) did not beat the ECL alone ({acc['ecl']:.3f}) beyond noise",
         )
 
     def decide(
