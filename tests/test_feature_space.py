@@ -16,6 +16,7 @@ from icl_cl.memory.features import RandomFeatures
 from icl_cl.memory.inverse_gram import InverseGram, low_rank_update
 from icl_cl.memory.item_groups import Additions, ItemGroups
 from icl_cl.memory.scorers import FEATURE_SCORERS
+from icl_cl.memory.verify import verify_store
 
 
 def _rows(seed: int, n: int, d: int = 12) -> np.ndarray:
@@ -167,7 +168,8 @@ def test_predict_reads_solved_weights_and_never_writes(tmp_path, embedder, wordn
         data = bytearray(solved.read_bytes())
         data[-5] ^= 0x40
         solved.write_bytes(bytes(data))
-    before = _files(store)
+    found = verify_store(store).problems
+    assert len(found) == 2 and all("derived: solved again on use" in p for p in found)
     with ContinualClassifier.open(store, embedder=embedder) as clf:
         for name in FEATURE_SCORERS:
             np.testing.assert_allclose(
@@ -185,3 +187,4 @@ def test_predict_reads_solved_weights_and_never_writes(tmp_path, embedder, wordn
     with ContinualClassifier.open(store, embedder=embedder) as clf:
         clf.memory.score_matrix(queries, "ranpac")
         assert not clf.memory._spaces._spaces
+    assert verify_store(store).ok
