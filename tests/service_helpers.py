@@ -98,3 +98,14 @@ def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 12
                 return
         time.sleep(0.1)
     raise RuntimeError("the server did not answer /healthz in time")
+
+
+def wait_ready(url: str, headers: dict[str, str] | None = None, timeout: float = 120.0) -> None:
+    """Wait (bounded) until ``/readyz`` answers 200: the models are loaded at start in the
+    background, and a learned store's heads are fitted."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if httpx.get(f"{url}/readyz", headers=headers, timeout=30).status_code == 200:
+            return
+        time.sleep(0.05)
+    raise RuntimeError("the service was not ready in time")

@@ -18,7 +18,14 @@ from icl_cl.config import ClassifierConfig, LLMConfig
 from icl_cl.service.app import SESSION_HEADER, create_app
 from icl_cl.service.auth import KeySet
 from icl_cl.service.settings import ServiceSettings
-from tests.service_helpers import as_json, free_port, label_json, learned_store, running
+from tests.service_helpers import (
+    as_json,
+    free_port,
+    label_json,
+    learned_store,
+    running,
+    wait_ready,
+)
 
 READ, WRITE = "read-key-0123456789", "write-key-9876543210"
 SETTINGS = ServiceSettings(max_items=16, max_body_bytes=64 * 1024, max_k=20)
@@ -42,6 +49,7 @@ def served(
     )
     app = create_app(store, settings=SETTINGS, keys=KeySet.load(keys), embedder=embedder)
     with running(app) as url:
+        wait_ready(url, {"Authorization": f"Bearer {READ}"})
         yield url, store
 
 
