@@ -4,9 +4,9 @@ can always be encoded.
 
 JSON lets a string hold a lone surrogate (``"\\ud800"``), and Python's parser takes the
 ``NaN``, ``Infinity`` and ``-Infinity`` literals. Neither is valid data here: a surrogate is
-not a character (it cannot be encoded, stored or embedded), and a non-finite number passes
-comparisons it should fail. The docs refuse non-UTF-8 text rather than repair it, so these
-are refused too, in every field, in the same way.
+not a character (it cannot be encoded, stored or embedded), and no option takes a non-finite
+number (nor can a JSON answer that echoes one be written). The docs refuse non-UTF-8 text
+rather than repair it, so these are refused too, in every field, in the same way.
 """
 
 from __future__ import annotations
