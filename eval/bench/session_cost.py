@@ -57,6 +57,8 @@ class _Precomputed:
         self.name, self.dim = inner.name, inner.dim
 
     def encode(self, items: Sequence[Any], progress: Any = None) -> np.ndarray:
+        if not items:
+            return np.zeros((0, self.dim), np.float32)
         missing = [x for x in items if x not in self._vectors]
         if missing:
             self._vectors.update(zip(missing, self.inner.encode(missing), strict=True))

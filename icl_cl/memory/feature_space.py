@@ -145,6 +145,7 @@ class FeatureSpace:
                 inputs[lo:hi], [[stats.col[lab] for lab in labs] for labs in row_labels[lo:hi]]
             )
         space.rows = len(vectors)
+        space.strength_items = stats.n_examples
         chosen = strength(space, gram)
         space.solver = InverseGram.of_gram(gram, chosen.value)
         space.scale = chosen.scale
