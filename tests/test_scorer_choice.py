@@ -136,3 +136,14 @@ def test_a_fitted_choice_on_a_small_store_is_a_scorer_of_the_pool(tmp_path):
     memory = _memory(tmp_path / "s", examples, vectors)
     choice = fit_scorer_choice(memory, 80, seed=0)
     assert set(choice.scorer.split("+")) <= {"klda", "ranpac", "mahalanobis", "knn"}
+
+
+def test_a_stored_combination_keeps_its_name():
+    """The name of a combination (the best scorer first) keys its fitted heads: it survives
+    the store's JSON, which sorts keys."""
+    import json
+
+    choice = ScorerChoice({"ranpac": 1.0, "mahalanobis": 0.4}, 0.01, 100, {"fused": 0.9}, 500)
+    again = ScorerChoice.from_dict(json.loads(json.dumps(choice.to_dict(), sort_keys=True)))
+    assert again.scorer == choice.scorer == "ranpac+mahalanobis"
+    assert again == choice

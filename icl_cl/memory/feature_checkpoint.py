@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 # Written by this version; another is rebuilt.
 FORMAT = 2
+# Columns mirrored at a time when a packed triangle is unpacked.
+_BAND = 256
 
 
 def _fsynced(tmp: Path, path: Path) -> None:
@@ -52,8 +54,13 @@ def unpack_upper(packed: np.ndarray, size: int) -> np.ndarray:
     at = 0
     for i in range(size):
         out[i, i:] = packed[at : at + size - i]
-        out[i:, i] = out[i, i:]
         at += size - i
+    # The lower triangle, a band of columns at a time (whole-row copies, not strided writes).
+    for lo in range(0, size, _BAND):
+        hi = min(lo + _BAND, size)
+        out[hi:, lo:hi] = out[lo:hi, hi:].T
+        block = out[lo:hi, lo:hi]
+        block[:] = np.triu(block) + np.triu(block, 1).T
     return out
 
 

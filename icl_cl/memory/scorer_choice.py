@@ -70,6 +70,9 @@ class ScorerChoice:
     def to_dict(self) -> dict[str, Any]:
         return {
             "weights": dict(self.weights),
+            # The best scorer first: stored JSON may sort the keys, and the order names the
+            # combination (``ranpac+mahalanobis``), which keys its fitted heads.
+            "order": list(self.weights),
             "ranpac_rho": self.ranpac_rho,
             "heldout_items": self.heldout_items,
             "heldout_accuracy": dict(self.heldout_accuracy),
@@ -79,8 +82,10 @@ class ScorerChoice:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ScorerChoice:
+        weights = {str(k): float(v) for k, v in data["weights"].items()}
+        order = data.get("order", list(weights))
         return cls(
-            {str(k): float(v) for k, v in data["weights"].items()},
+            {name: weights[name] for name in order},
             None if data["ranpac_rho"] is None else float(data["ranpac_rho"]),
             int(data["heldout_items"]),
             {str(k): float(v) for k, v in data["heldout_accuracy"].items()},
