@@ -58,9 +58,11 @@ def learned_store(
     examples: Sequence[Example],
     labels: Sequence[Label],
     k: int = 10,
+    config: Any = None,
 ) -> Path:
-    """A store at ``path`` that learned ``examples`` in one session, with heads fitted (ECL)."""
-    with ContinualClassifier.open(path, embedder=embedder) as clf:
+    """A store at ``path`` (created with ``config``) that learned ``examples`` in one session,
+    with heads fitted (ECL)."""
+    with ContinualClassifier.open(path, config, embedder=embedder) as clf:
         clf.learn(examples, labels, fit=False)
         clf.fit(k, use_llm=False)
     return path

@@ -205,15 +205,20 @@ class Serving:
             snapshot.leave()
 
     def ready(self) -> tuple[bool, int, str | None]:
-        """Whether predictions are served from heads fitted on the state they read, that
-        state's session, and why not."""
+        """Whether predictions are served, the session they read, and why not, or what is
+        under way: a store that is empty is not ready; one whose heads are being fitted again
+        serves (with the last fit, said stale in the evidence) and says so."""
         if self._warm is not None:  # before the snapshot's lock, which the warm-up holds
             return False, self._current.session, self._warm
         with self.reading() as snapshot:
             if snapshot.clf.memory.n_examples == 0:
                 return False, snapshot.session, "the store is empty: learn a session first"
             if not self._fit_ready(snapshot):
-                return False, snapshot.session, "the heads are being fitted"
+                return (
+                    True,
+                    snapshot.session,
+                    "refitting: the heads of the last fit serve meanwhile",
+                )
             return True, snapshot.session, None
 
     def learn(
@@ -276,9 +281,20 @@ class Serving:
         with store.idempotency_key(key, digest) if key else contextlib.nullcontext():
             report = self._writer.learn(examples, labels, fit=False)
         self.metrics.sessions.inc()
-        # Opened here, between two commits, so that it holds one state of the store.
+        # Served at once: its exact statistics with the heads of the last fit (stale in the
+        # evidence once the store has outgrown them); a second view of the same state is
+        # refitted and swapped in when done. Both are opened here, between two commits, so that
+        # each holds one state of the store.
+        self._serve(self._open_snapshot())
         self._offer(self._open_snapshot())
         return report.session, report.n_examples, len(report.new_labels)
+
+    def _serve(self, snapshot: Snapshot) -> None:
+        """Serve predictions from ``snapshot`` from now on."""
+        with self._swap:
+            old, self._current = self._current, snapshot
+        old.retire()
+        self.metrics.serving_session.set(snapshot.session)
 
     # ---- the refit thread -----------------------------------------------------------------
 
@@ -324,11 +340,11 @@ class Serving:
                 except (BackendError, DataError) as exc:
                     logger.warning("refit (use_llm=%s) failed; serving on: %s", use_llm, exc)
         self._unless_closing()
-        with self._swap:
-            old, self._current = self._current, snapshot
-        old.retire()
+        if snapshot.session < self._current.session:  # a later session is served already
+            snapshot.retire()
+            return
+        self._serve(snapshot)
         seconds = time.perf_counter() - start
-        self.metrics.serving_session.set(snapshot.session)
         self.metrics.refit.observe(seconds)
         logger.info("serving session %d (heads fitted in %.2fs)", snapshot.session, seconds)
 
