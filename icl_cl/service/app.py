@@ -299,8 +299,13 @@ def _read_routes(app: FastAPI, secured: list[Any]) -> None:
         summary="The models are loaded, the store is open and the heads are fitted",
     )
     async def readyz() -> Any:
-        ready, session, reason = await _in_thread(app, app.state.serving.ready)
-        body = {"ready": ready, "serving_session": session, "reason": reason}
+        ready, session, reason, refitting = await _in_thread(app, app.state.serving.ready)
+        body = {
+            "ready": ready,
+            "serving_session": session,
+            "reason": reason,
+            "refitting": refitting,
+        }
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get(

@@ -198,6 +198,9 @@ class Readiness(BaseModel):
     ready: bool
     serving_session: int | None = None
     reason: str | None = None
+    refitting: bool = Field(
+        False, description="the heads of the state served are being fitted again (it serves)"
+    )
 
 
 class Problem(BaseModel):

@@ -204,22 +204,16 @@ class Serving:
         finally:
             snapshot.leave()
 
-    def ready(self) -> tuple[bool, int, str | None]:
-        """Whether predictions are served, the session they read, and why not, or what is
-        under way: a store that is empty is not ready; one whose heads are being fitted again
-        serves (with the last fit, said stale in the evidence) and says so."""
+    def ready(self) -> tuple[bool, int, str | None, bool]:
+        """Whether predictions are served, the session they read, why not, and whether its
+        heads are being fitted again (a store that is empty is not ready; one being refitted
+        serves, with the last fit, said stale in the evidence)."""
         if self._warm is not None:  # before the snapshot's lock, which the warm-up holds
-            return False, self._current.session, self._warm
+            return False, self._current.session, self._warm, False
         with self.reading() as snapshot:
             if snapshot.clf.memory.n_examples == 0:
-                return False, snapshot.session, "the store is empty: learn a session first"
-            if not self._fit_ready(snapshot):
-                return (
-                    True,
-                    snapshot.session,
-                    "refitting: the heads of the last fit serve meanwhile",
-                )
-            return True, snapshot.session, None
+                return False, snapshot.session, "the store is empty: learn a session first", False
+            return True, snapshot.session, None, not self._fit_ready(snapshot)
 
     def learn(
         self, examples: Sequence[Example], labels: Sequence[Label], key: str | None
