@@ -28,7 +28,7 @@ import numpy as np
 
 from icl_cl.memory.features import RandomFeatures
 from icl_cl.memory.inverse_gram import InverseGram, Operator, low_rank_update
-from icl_cl.memory.item_groups import Additions, ItemGroups
+from icl_cl.memory.item_groups import Additions, stored_additions
 from icl_cl.memory.scorers import LinearHead, oas_shrinkage
 from icl_cl.memory.statistics import RunningStatistics, StatisticsDelta
 
@@ -132,18 +132,10 @@ class FeatureSpace:
         space = cls(kind, features, stats, InverseGram(np.zeros((0, 0)), 0.0), 1.0, 0, items)
         size = features.size + (1 if kind == "ridge" else 0)
         gram = np.zeros((size, size))
-        groups = ItemGroups()
-        for lo in range(0, len(vectors), _BLOCK):
-            hi = min(lo + _BLOCK, len(vectors))
-            added = groups.additions(
-                inputs[lo:hi], row_labels[lo:hi], stats.col, vectors[lo:hi], lambda r: vectors[r]
-            )
+        for added, _rows in stored_additions(vectors, row_labels, inputs, stats.col, chunk=_BLOCK):
             stats.apply(added.delta(stats, features.transform))
             for x in space.gram_rows(added):
                 gram += x.T @ x
-            groups.add(
-                inputs[lo:hi], [[stats.col[lab] for lab in labs] for labs in row_labels[lo:hi]]
-            )
         space.rows = len(vectors)
         space.strength_items = stats.n_examples
         chosen = strength(space, gram)

@@ -22,7 +22,7 @@ from icl_cl.memory import feature_checkpoint as checkpoints
 from icl_cl.memory.example_index import ExampleIndex
 from icl_cl.memory.feature_space import FeatureSpace, SpaceDelta, SpaceKind, Strength
 from icl_cl.memory.features import RandomFeatures, feature_width
-from icl_cl.memory.item_groups import Additions, ItemGroups
+from icl_cl.memory.item_groups import Additions, stored_additions
 from icl_cl.memory.scorer_choice import CHOICE_GROWTH, ScorerChoice
 from icl_cl.memory.scorers import InFeatureSpace, LinearHead, class_prototypes
 from icl_cl.memory.statistics import RunningStatistics
@@ -317,12 +317,7 @@ def _catch_up(
     logger.info(
         "feature space %s: adding %d stored rows", space.features.name, len(vectors) - start
     )
-    groups = ItemGroups()
-    groups.add(inputs[:start], [[stats.col[lab] for lab in labs] for labs in row_labels[:start]])
-    for lo in range(start, len(vectors), _CHUNK):
-        hi = min(lo + _CHUNK, len(vectors))
-        added = groups.additions(
-            inputs[lo:hi], row_labels[lo:hi], stats.col, vectors[lo:hi], lambda r: vectors[r]
-        )
-        space.apply(space.delta(added), hi - lo)
-        groups.add(inputs[lo:hi], [[stats.col[lab] for lab in labs] for labs in row_labels[lo:hi]])
+    for added, rows in stored_additions(
+        vectors, row_labels, inputs, stats.col, start=start, chunk=_CHUNK
+    ):
+        space.apply(space.delta(added), rows)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -199,6 +199,29 @@ def _vectors(
     return out
 
 
+def stored_additions(
+    vectors: np.ndarray,
+    row_labels: Sequence[Sequence[str]],
+    inputs: Sequence[str | None],
+    col: Mapping[str, int],
+    *,
+    start: int = 0,
+    chunk: int = _CHUNK,
+) -> Iterator[tuple[Additions, int]]:
+    """What stored rows ``start:`` add to statistics that hold rows ``:start`` already, as
+    items (``inputs[i]``: row i's input, ``None`` when every row is its own item), ``chunk``
+    rows at a time: each chunk's additions and its row count. ``col`` must name every label."""
+    groups = ItemGroups()
+    groups.add(inputs[:start], [[col[lab] for lab in labs] for labs in row_labels[:start]])
+    for lo in range(start, len(vectors), chunk):
+        hi = min(lo + chunk, len(vectors))
+        added = groups.additions(
+            inputs[lo:hi], row_labels[lo:hi], col, vectors[lo:hi], lambda r: vectors[r]
+        )
+        yield added, hi - lo
+        groups.add(inputs[lo:hi], [[col[lab] for lab in labs] for labs in row_labels[lo:hi]])
+
+
 def add_rows(
     stats: RunningStatistics,
     vectors: np.ndarray,
@@ -210,12 +233,5 @@ def add_rows(
 ) -> None:
     """Add stored rows ``start:`` to ``stats``, which holds rows ``:start`` already, as items
     (``inputs[i]``: row i's input, ``None`` when every row is its own item)."""
-    groups = ItemGroups()
-    groups.add(inputs[:start], [[stats.col[lab] for lab in labs] for labs in row_labels[:start]])
-    for lo in range(start, len(vectors), _CHUNK):
-        hi = min(lo + _CHUNK, len(vectors))
-        added = groups.additions(
-            inputs[lo:hi], row_labels[lo:hi], stats.col, vectors[lo:hi], lambda r: vectors[r]
-        )
+    for added, _rows in stored_additions(vectors, row_labels, inputs, stats.col, start=start):
         stats.apply(added.delta(stats, transform))
-        groups.add(inputs[lo:hi], [[stats.col[lab] for lab in labs] for labs in row_labels[lo:hi]])
