@@ -370,3 +370,24 @@ def test_with_the_llm_server_down_the_ecl_serves_and_says_so(
         assert "llm" not in ecl.json()["predictions"][0]
         metrics = _get(url, "/metrics", key=None).text
     assert 'icl_cl_llm_fallbacks_total{reason="backend_error"} 2.0' in metrics
+
+
+def test_damage_found_while_serving_is_a_server_error_and_the_last_state_serves_on(
+    tmp_path: Path, embedder: Any, wordnet: Any
+) -> None:
+    """A learn whose new snapshot finds the stored vectors damaged answers 500 naming the
+    part (never a 4xx, never a traceback); predictions keep the state already checked."""
+    train, test, labels = wordnet
+    store = learned_store(tmp_path / "s", embedder, train[:40], labels)
+    with running(create_app(store, settings=SETTINGS, embedder=embedder)) as url:
+        wait_ready(url)
+        vectors = store / "examples.f32"
+        data = bytearray(vectors.read_bytes())
+        data[10 * 1536 + 3] ^= 64  # a bit of row 10, in session 1's block
+        vectors.write_bytes(bytes(data))
+        client = Client(url)
+        with pytest.raises(ServiceError) as damaged:
+            client.learn(as_json(train[40:44]))
+        assert damaged.value.status == 500 and "examples.f32" in str(damaged.value)
+        predicted = client.predict([test[0].text], k=3)
+        assert predicted and predicted[0]["labels"]

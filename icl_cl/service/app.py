@@ -19,7 +19,7 @@ from icl_cl._version import __version__
 from icl_cl.backends.base import LLMBackend
 from icl_cl.config import ClassifierConfig, DecisionConfig
 from icl_cl.describe import prediction_row
-from icl_cl.errors import DataError, IclClError, StoreError
+from icl_cl.errors import DataError, IclClError, StoreCorruptError, StoreError
 from icl_cl.images import Image, load_image
 from icl_cl.inputs.checks import StoreConflictError, check_text, printable
 from icl_cl.service.auth import BearerAuth, KeySet
@@ -347,6 +347,8 @@ def _error_answers(app: FastAPI) -> None:
     )
     app.add_exception_handler(EmptyStoreError, problem(409))
     app.add_exception_handler(StoreError, problem(409))
+    # Damage is the server's fault, not the request's: never a 4xx, never a traceback.
+    app.add_exception_handler(StoreCorruptError, problem(500))
     app.add_exception_handler(BusyError, problem(429, retry=True))
     app.add_exception_handler(TimeoutError, problem(503, retry=True))
     app.add_exception_handler(IclClError, invalid(lambda _: ["body"]))
