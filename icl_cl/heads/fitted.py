@@ -25,6 +25,18 @@ logger = logging.getLogger(__name__)
 SOURCES = ("ecl", "llm")
 
 
+# A fit serves as current until the store has grown by this factor since it was made: the heads
+# (fusion weights, temperature, conformal quantile, label-set rule) are fitted on a few thousand
+# held-out items and move little with a few percent more, while a refit reads them all again.
+REFIT_GROWTH = 1.1
+
+
+def serves_as_current(fitted_at: int, n_examples: int) -> bool:
+    """Whether heads fitted on ``fitted_at`` stored examples serve a store of ``n_examples`` as
+    current: the same store, or one grown by less than :data:`REFIT_GROWTH`."""
+    return fitted_at <= n_examples < max(REFIT_GROWTH * fitted_at, fitted_at + 1)
+
+
 @dataclass(frozen=True)
 class FittedHeads:
     """Everything fitted on held-out stored examples for one :class:`HeadSpec`.
@@ -231,7 +243,7 @@ class FittedHeads:
             "calibration_default": self.calibrator.default_reason,
             "label_set_rule": self.rule.rule if self.rule is not None else None,
             "fitted_at_examples": self.n_examples,
-            "stale": self.n_examples != store_size,
+            "stale": not serves_as_current(self.n_examples, store_size),
         }
 
 

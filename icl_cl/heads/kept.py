@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from icl_cl.errors import BackendError
-from icl_cl.heads.fitted import SOURCES, FittedHeads
+from icl_cl.heads.fitted import SOURCES, FittedHeads, serves_as_current
 from icl_cl.heads.fusion import FusionWeights
 from icl_cl.heads.heldout import HeldOutSource
 from icl_cl.heads.spec import HeadSpec
@@ -19,10 +19,6 @@ logger = logging.getLogger(__name__)
 
 # Stored fits are keyed by this prefix and their spec's digest.
 KEY_PREFIX = "heads:"
-# A fit serves as current until the store has grown by this factor since it was made: the heads
-# (fusion weights, temperature, conformal quantile, label-set rule) are fitted on a few thousand
-# held-out items and move little with a few percent more, while a refit reads them all again.
-REFIT_GROWTH = 1.1
 
 
 class KeptHeads:
@@ -52,8 +48,7 @@ class KeptHeads:
     def current(self, heads: FittedHeads) -> bool:
         """Whether ``heads`` serve the store as it is now: fitted on it, or on a store it has
         outgrown by less than :data:`REFIT_GROWTH`."""
-        n = self.memory.n_examples
-        return heads.n_examples <= n < max(REFIT_GROWTH * heads.n_examples, heads.n_examples + 1)
+        return serves_as_current(heads.n_examples, self.memory.n_examples)
 
     def fit(
         self, spec: HeadSpec, heldout: HeldOutSource, fusion: FusionWeights | None = None
