@@ -223,7 +223,12 @@ class FeatureSpaces:
                     checkpoints.write_state(space, path)
                     self._saved[name] = space.rows
                     self._drop_other_widths(space.features, path)
-                describes = self._describes(name, space.features, space.rows, space.stats.labels)
+                # The strength too: a fit may set it again at the same size.
+                describes = {
+                    **self._describes(name, space.features, space.rows, space.stats.labels),
+                    "strength": space.solver.strength,
+                    "scale": space.scale,
+                }
                 if checkpoints.read_solved(path, describes) is None:
                     checkpoints.write_solved(self._solved(name, space), path, describes)
             except OSError as exc:
@@ -284,11 +289,15 @@ class FeatureSpaces:
         labels: Sequence[str],
         multi_label: bool | None,
     ) -> InFeatureSpace:
-        """The feature scorer ``name`` for predictions: its solved weights from disk when they
-        describe this store, else solved in memory from the learner state."""
+        """The feature scorer ``name`` for predictions: solved from the learner state when this
+        process holds it (it may have set a new strength since the weights on disk were
+        written), else the solved weights from disk when they describe this store, else solved
+        in memory from the state read from disk."""
         features = self.features(name, n_items)
-        head = self._heads.get(name) if name in self._spaces else None
-        if head is None:
+        head = None
+        if name in self._spaces:
+            head = self._solved(name, self._spaces[name])
+        else:
             describes = self._describes(name, features, n_rows, labels)
             head = checkpoints.read_solved(self.checkpoint(features), describes)
         if head is None:
