@@ -63,7 +63,8 @@ def test_two_sources_give_the_weights_of_the_two_source_fit(seed, strength):
         w.heldout_accuracy["llm"],
         w.heldout_accuracy["fused"],
     )
-    assert got == pytest.approx(BEFORE[(seed, strength)], rel=1e-9, abs=1e-12)
+    # The weights come from an iterative fit: BLAS builds move its last digits (2e-8 seen).
+    assert got == pytest.approx(BEFORE[(seed, strength)], rel=1e-6, abs=1e-12)
     assert w.uses("llm") == (strength == 2.0)
 
 
