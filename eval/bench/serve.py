@@ -20,6 +20,9 @@ The target: the service at concurrency 32 reaches >= 0.8x the CLI's in-process b
 median over rounds of each round's ratio (the CLI call, then at once the service at
 concurrency 32), with every round's ratio, and the ratio of the two medians, beside it.
 
+Last, three learns of 8 examples each: the seconds from each learn's 200 to ``/readyz`` naming
+its session as the one served (``learn_to_served``; a session is served before its 200).
+
 Usage: python eval/bench/serve.py [--items 480] [--rounds 3] [--out runs/bench/serve.json]
 """
 
@@ -237,6 +240,33 @@ def bench(store: Path, items: list[dict[str, str]], tmp: Path, rounds: int) -> d
     }
 
 
+def learn_to_served(store: Path, tmp: Path, sessions: int = 3) -> dict[str, Any]:
+    """Seconds from a learn's 200 to ``/readyz`` naming its session as the one served, and the
+    learn request's own seconds, for ``sessions`` learns of 8 new examples each."""
+    rows = [json.loads(line) for line in (SAMPLE / "test.jsonl").read_text().splitlines()]
+    acked, served = [], []
+    with running_service(store, tmp) as url:
+        for t in range(sessions):
+            batch = [
+                {"id": f"served-{t}-{i}", "text": r["text"], "labels": r["labels"]}
+                for i, r in enumerate(rows[8 * t : 8 * (t + 1)])
+            ]
+            start = time.perf_counter()
+            answer = httpx.post(f"{url}/v1/learn", json={"examples": batch}, timeout=300)
+            answer.raise_for_status()
+            ack = time.perf_counter()
+            while (
+                httpx.get(f"{url}/readyz", timeout=30).json()["serving_session"]
+                != answer.json()["session"]
+            ):
+                if time.perf_counter() - ack > 300:
+                    raise RuntimeError("the session was not served within 300 s")
+                time.sleep(0.01)
+            acked.append(round(ack - start, 3))
+            served.append(round(time.perf_counter() - ack, 3))
+    return {"learn_request_s": acked, "served_after_200_s": served}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=480)
@@ -254,6 +284,7 @@ def main() -> None:
         subprocess.run([*CLI, *learn, "--labels", str(SAMPLE / "labels.jsonl"), "-q"], check=True)
         process = cli_process(store, items, tmp)
         measured = bench(store, items, tmp, args.rounds)
+        measured["learn_to_served"] = learn_to_served(store, tmp)
     at32 = next(row for row in measured["service"] if row["concurrency"] == 32)
     ratios = [
         round(service / cli, 3)
