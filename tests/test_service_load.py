@@ -35,6 +35,7 @@ from tests.service_helpers import (
     running,
     start_cli,
     wait_healthy,
+    wait_ready,
 )
 
 pytestmark = pytest.mark.slow
@@ -217,6 +218,9 @@ def test_sigterm_drains_requests_in_flight_and_exits_cleanly(
     server = start_cli(store, port, log, "--batch-wait-ms", "300")
     try:
         wait_healthy(url, server)
+        # Ready: the models are loaded, so the predict below waits in its micro-batch (not
+        # behind the start-up's loading) when the signal comes.
+        wait_ready(url)
         body = {"inputs": [{"id": ex.id, "text": ex.text} for ex in test[:32]]}
         answers: list[httpx.Response] = []
         request = threading.Thread(
