@@ -83,7 +83,7 @@ def _build(kind, features, x, labels, multi, strength):
 def test_sessions_equal_their_union_at_a_fixed_strength(kind, multi):
     x, labels = _data(5, 300, multi)
     features = RandomFeatures("relu" if kind == "ridge" else "rff", 16, 64, seed=1)
-    fixed = lambda space, gram: Strength(0.7, 1.3 if kind == "lda" else 1.0, 0.0)  # noqa: E731
+    fixed = lambda space, gram: Strength(0.7, 1.3 if kind == "lda" else 1.0)  # noqa: E731
     union = _build(kind, features, x, labels, multi, fixed)
     first = _build(kind, features, x[:120], labels[:120], multi, fixed)
     groups = ItemGroups()
@@ -126,7 +126,7 @@ def test_a_heldout_head_equals_the_head_learned_without_the_items(kind):
 
 
 def _strength_of(space):
-    return Strength(space.solver.strength, space.scale, 0.0)
+    return Strength(space.solver.strength, space.scale)
 
 
 def test_additions_of_a_copy_add_only_labels_in_a_multi_label_space():

@@ -275,7 +275,7 @@ def test_a_heldout_item_is_scored_as_if_never_learned(tmp_path):
             assert without.feature_space(scorer).features == facets.feature_space(scorer).features
             # ... and held-out scores keep the store's strength (fixed between choices).
             full = facets.feature_space(scorer)
-            strength = Strength(full.solver.strength, full.scale, 0.0)
+            strength = Strength(full.solver.strength, full.scale)
             without.feature_space(scorer).restrengthen(strength)
         firsts = sorted({min(r for r in rows if keys[r] == keys[q]) for q in rows})
         np.testing.assert_allclose(  # one copy of each names the whole item

@@ -60,7 +60,7 @@ def test_heldout_scores_equal_a_store_that_never_learned_the_fold(tmp_path, name
         # Held-out scores keep the store's strength (fixed between choices): the store that
         # never learned the fold is given the same one.
         full = memory.feature_space("klda")
-        strength = Strength(full.solver.strength, full.scale, 0.0)
+        strength = Strength(full.solver.strength, full.scale)
         without.feature_space("klda").restrengthen(strength)
     direct = without.score_matrix(sample.vectors[fold.start : fold.stop], name)
     np.testing.assert_allclose(held[fold.start : fold.stop], direct, rtol=1e-4, atol=1e-4)

@@ -58,12 +58,19 @@ class Strength:
         value: Added to the Gram's diagonal (ranpac's ``lambda``, klda's ``beta``).
         scale: klda's ``1 / (1 - a)`` for the shrinkage ``a`` it was derived from (scores then
             equal the shrunk-covariance discriminant's); 1 for ranpac.
-        relative: What ``value`` was derived from (ranpac's relative ``rho``, klda's ``a``).
     """
 
     value: float
     scale: float
-    relative: float
+
+
+def _class_terms(stats: RunningStatistics) -> tuple[np.ndarray, int]:
+    """``s_c / sqrt(n_c)`` of each label with examples (so that their outer products sum to
+    ``sum_c s_c s_c^T / n_c``), and the scatter's degrees of freedom."""
+    counts = stats.counts
+    seen = counts > 0
+    dof = max(int(counts.sum()) - int(seen.sum()), 1)
+    return stats.sums[seen] / np.sqrt(counts[seen])[:, None], dof
 
 
 class FeatureSpace:
@@ -202,12 +209,10 @@ class FeatureSpace:
             targets = np.hstack([stats.sums, counts[:, None].astype(np.float64)]).T
             w = apply(targets)  # (M + 1, C)
             return LinearHead(w[:-1].T, w[-1], counts)
-        seen = counts > 0
-        means = stats.sums[seen] / np.sqrt(counts[seen])[:, None]
-        precision = low_rank_update(apply, means.T, sign=-1.0)  # (S + beta I)^-1
+        terms, dof = _class_terms(stats)
+        precision = low_rank_update(apply, terms.T, sign=-1.0)  # (S + beta I)^-1
         protos = stats.means() if prototypes is None else prototypes
         w = precision(protos.T)  # (M, C)
-        dof = max(int(counts.sum()) - int(seen.sum()), 1)
         s = dof * self.scale
         return LinearHead(2 * s * w.T, -s * np.einsum("cm,mc->c", protos, w), counts)
 
@@ -215,22 +220,19 @@ class FeatureSpace:
 
     def ridge_strength(self, trace: float, rho: float) -> Strength:
         """ranpac's ``lambda = rho * trace(G) / dim(G)``."""
-        return Strength(rho * max(trace / (self.features.size + 1), 1e-12), 1.0, rho)
+        return Strength(rho * max(trace / (self.features.size + 1), 1e-12), 1.0)
 
     def lda_strength(self, gram: np.ndarray, shrinkage: float | str) -> Strength:
         """klda's ``beta`` for the shrinkage ``a`` (``auto``: the Oracle Approximating Shrinkage
         estimate of the covariance ``S / dof``): ``(1 - a) S / dof + a tr(S) / (d dof) I`` is
         ``(1 - a) / dof (S + beta I)`` with ``beta = a tr(S) / ((1 - a) d)``."""
-        counts = self.stats.counts
-        seen = counts > 0
-        means = self.stats.sums[seen] / np.sqrt(counts[seen])[:, None]
-        scatter = gram - means.T @ means
-        dof = max(int(counts.sum()) - int(seen.sum()), 1)
+        terms, dof = _class_terms(self.stats)
+        scatter = gram - terms.T @ terms
         a = oas_shrinkage(scatter / dof, dof) if shrinkage == "auto" else float(shrinkage)
         a = min(a, _MOST_SHRINKAGE)
         d = len(gram)
         beta = a * max(float(np.trace(scatter)), 1e-12) / ((1 - a) * d)
-        return Strength(max(beta, 1e-12), 1.0 / (1.0 - a), a)
+        return Strength(max(beta, 1e-12), 1.0 / (1.0 - a))
 
     def restrengthen(
         self,

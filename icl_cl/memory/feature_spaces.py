@@ -215,11 +215,9 @@ class FeatureSpaces:
         that cannot be written keeps them in memory (caught up again on the next open)."""
         for name, space in self._spaces.items():
             path = self.checkpoint(space.features)
+            saved = self._saved.get(name, -1)  # -1: nothing valid on disk
             try:
-                if (
-                    space.rows - self._saved.get(name, -1) >= CHECKPOINT_EVERY
-                    or self._saved.get(name, -1) < 0
-                ):
+                if saved < 0 or space.rows - saved >= CHECKPOINT_EVERY:
                     checkpoints.write_state(space, path)
                     self._saved[name] = space.rows
                     self._drop_other_widths(space.features, path)
