@@ -17,6 +17,7 @@ from typing import Any
 from icl_cl.config import LABEL_SET_RULES, SCORERS, ClassifierConfig, DecisionConfig
 from icl_cl.errors import ConfigError, IclClError, OutputError, StoreCorruptError, StoreError
 from icl_cl.inputs import ID_MODES
+from icl_cl.labelling.suggest import STRATEGIES
 from icl_cl.service.settings import ServiceSettings
 from icl_cl.types import Progress
 
@@ -266,6 +267,50 @@ def _print_written(args: argparse.Namespace, n: int, out: Path, start: float) ->
     if not args.quiet:
         seconds = time.perf_counter() - start
         print(f"icl-cl: wrote {n} predictions to {out} in {seconds:.1f} s", file=sys.stderr)
+
+
+def cmd_suggest(args: argparse.Namespace) -> int:
+    from icl_cl.classifier import ContinualClassifier
+    from icl_cl.inputs import read_inputs
+    from icl_cl.labelling.suggest import SuggestOptions, suggestion_row
+    from icl_cl.memory.store import MANIFEST
+
+    for name in ("budget", "k", "batch_size"):
+        if getattr(args, name) <= 0:
+            flag = "--" + name.replace("_", "-")
+            raise IclClError(f"{flag} must be a positive integer, got {getattr(args, name)}")
+    if not 0 < args.confidence < 1:
+        raise IclClError(f"--confidence must be between 0 and 1 (e.g. 0.9), got {args.confidence}")
+    if args.neighbours < 0:
+        raise IclClError(f"--neighbours must be >= 0, got {args.neighbours}")
+    start = time.perf_counter()
+    out = check_output_path(Path(args.output))
+    if not (Path(args.store) / MANIFEST).exists():
+        raise StoreError(f"{args.store}: no store here (create one with 'icl-cl learn')")
+    options = SuggestOptions(
+        strategy=args.strategy,
+        k=args.k,
+        confidence=args.confidence,
+        neighbours=args.neighbours,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    with ContinualClassifier.open(args.store, read_only=True) as clf:
+        ids, items = read_inputs(args.pool, max_chars=clf.config.max_text_chars, ids=args.ids)
+        progress = progress_bars(args.quiet)
+        progress("scoring pool", 0, len(items))
+        found = clf.suggest(
+            items, args.budget, ids=ids, options=options, scorer=args.scorer, progress=progress
+        )
+    write_output(out, [json.dumps(suggestion_row(s), ensure_ascii=False) + "\n" for s in found])
+    if not args.quiet:
+        seconds = time.perf_counter() - start
+        print(
+            f"icl-cl: wrote {len(found)} suggestions from a pool of {len(ids)} to {out} "
+            f"in {seconds:.1f} s",
+            file=sys.stderr,
+        )
+    return 0
 
 
 def _predict_on_ray(args: argparse.Namespace, start: float) -> int:
@@ -545,6 +590,45 @@ def _add_predict(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_predict)
 
 
+def _add_suggest(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "suggest",
+        parents=[common],
+        help="rank unlabelled texts by how much labelling them would help (active learning)",
+        description='Rank the lines of a JSONL pool of {"id", "text"} by how much '
+        "labelling them would help the store, and write the top --budget, best first: "
+        '{"id", "rank", "text", "reason", "uncertainty", "labels" (the candidate labels in '
+        'question, with their probabilities and stored examples), "nearest" (stored '
+        "examples)}. Pool inputs whose id the store holds are skipped. The ECL decides alone; "
+        "the pool is scored in batches. Reads the store only.",
+    )
+    p.add_argument("--store", required=True, help="store directory")
+    p.add_argument("--pool", required=True, help='JSONL of unlabelled {"id", "text"}')
+    p.add_argument("--budget", type=int, required=True, help="how many inputs to suggest")
+    p.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default=STRATEGIES[0],
+        help="combined (default): margin of the calibrated probabilities plus coverage of "
+        "labels with few examples, then MMR so the batch is not near-copies; margin; entropy; "
+        "conformal (set size); coverage (labels with few or no examples); diversity (k-center "
+        "greedy over the embeddings); random",
+    )
+    p.add_argument("--output", required=True, help="output JSONL (written atomically)")
+    p.add_argument("--ids", choices=ID_MODES, default="field", help=IDS_HELP)
+    p.add_argument("--k", type=int, default=10, help="candidate labels per input (default 10)")
+    p.add_argument(
+        "--confidence", type=float, default=0.9, help="conformal set coverage (default 0.9)"
+    )
+    p.add_argument(
+        "--neighbours", type=int, default=3, help="nearest stored examples shown (default 3)"
+    )
+    p.add_argument("--batch-size", type=int, default=512, help="pool inputs scored at a time")
+    p.add_argument("--seed", type=int, default=0, help="seed of --strategy random")
+    p.add_argument("--scorer", choices=[*SCORERS, "auto"], help="ECL scorer (default: the store's)")
+    p.set_defaults(func=cmd_suggest)
+
+
 def _engine_flags(p: argparse.ArgumentParser, batch: bool) -> None:
     """``--engine`` and the Ray options of learn and predict."""
     p.add_argument(
@@ -673,6 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_learn(sub, common)
     _add_fit(sub, common)
     _add_predict(sub, common)
+    _add_suggest(sub, common)
     _add_store_commands(sub, common)
     _add_serve(sub, common)
     add_eval_commands(sub, [common])

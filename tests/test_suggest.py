@@ -1,0 +1,190 @@
+"""What to label next: every strategy on a real store of the WordNet sample (real embedder,
+FAISS and SQLite), the ranking checked against the store's own predictions, the CLI and the
+service."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from icl_cl.classifier import ContinualClassifier
+from icl_cl.cli import main
+from icl_cl.errors import DataError
+from icl_cl.labelling.suggest import STRATEGIES, SuggestOptions, suggestion_row
+
+EMPTY = "noun.animal"  # defined, but none of its examples is learned
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory, embedder, wordnet):
+    """A store that learned 4 examples of each label but EMPTY, and the pool of the rest."""
+    train, _, labels = wordnet
+    seed, pool, per_label = [], [], {}
+    for ex in train:
+        n = per_label.get(ex.labels[0], 0)
+        if n < 4 and ex.labels[0] != EMPTY:
+            seed.append(ex)
+            per_label[ex.labels[0]] = n + 1
+        else:
+            pool.append(ex)
+    path = tmp_path_factory.mktemp("suggest") / "store"
+    with ContinualClassifier.open(path, embedder=embedder) as clf:
+        clf.learn(seed, labels)
+    return path, seed, pool
+
+
+@pytest.fixture(scope="module")
+def clf(seeded, embedder):
+    with ContinualClassifier.open(seeded[0], embedder=embedder, read_only=True) as clf:
+        yield clf
+
+
+def _pool(seeded):
+    pool = seeded[2]
+    return [ex.id for ex in pool], [ex.text for ex in pool]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_suggests_new_inputs_with_their_reasons(clf, seeded, strategy):
+    ids, texts = _pool(seeded)
+    found = clf.suggest(texts, 6, ids=ids, strategy=strategy)
+    assert [s.rank for s in found] == [1, 2, 3, 4, 5, 6]
+    assert len({s.id for s in found}) == 6 and {s.id for s in found} <= set(ids)
+    stored = {ex.id: ex for ex in seeded[1]}
+    for s in found:
+        assert s.strategy == strategy and s.reason
+        assert s.text == texts[ids.index(s.id)]
+        assert 0 <= s.margin <= 1 and 0 <= s.entropy <= 1 and s.set_size >= 1
+        assert len(s.labels) >= 2  # the candidate labels in question
+        assert list(s.labels.values()) == sorted(s.labels.values(), reverse=True)
+        assert all(s.counts[lab] == (0 if lab == EMPTY else 4) for lab in s.labels)
+        assert len(s.nearest) == 3
+        sims = [n.similarity for n in s.nearest]
+        assert sims == sorted(sims, reverse=True)
+        for n in s.nearest:  # real stored examples, with their stored labels
+            assert stored[n.id].labels == n.labels
+        row = suggestion_row(s)
+        assert json.loads(json.dumps(row)) == row
+
+
+def _margins(clf, texts):
+    """1 - (p1 - p2) of the calibrated probabilities of the store's own predictions."""
+    out = []
+    for p in clf.predict(texts, k=10, use_llm=False):
+        top = [*sorted(p.scores.values(), reverse=True), 0.0, 0.0]
+        out.append(1 - (top[0] - top[1]))
+    return np.array(out)
+
+
+def test_margin_takes_the_closest_calls_of_the_stores_own_probabilities(clf, seeded):
+    ids, texts = _pool(seeded)
+    margins = _margins(clf, texts)
+    found = clf.suggest(texts, 8, ids=ids, strategy="margin")
+    expected = [ids[i] for i in np.lexsort((np.arange(len(ids)), -margins))[:8]]
+    assert [s.id for s in found] == expected
+    assert [s.margin for s in found] == pytest.approx(sorted(margins, reverse=True)[:8], abs=1e-6)
+    top = found[0]
+    first, second = list(top.labels)[:2]
+    assert first in top.reason and second in top.reason
+
+
+@pytest.mark.parametrize("strategy", ["margin", "combined", "diversity", "random", "coverage"])
+def test_batches_of_the_pool_give_the_ranking_of_the_whole_pool(clf, seeded, strategy):
+    ids, texts = _pool(seeded)
+    whole = clf.suggest(texts, 7, ids=ids, options=SuggestOptions(strategy, batch_size=1000))
+    small = clf.suggest(texts, 7, ids=ids, options=SuggestOptions(strategy, batch_size=9))
+    assert [s.id for s in small] == [s.id for s in whole]
+    assert [s.score for s in small] == pytest.approx([s.score for s in whole])
+
+
+def test_diversity_and_combined_do_not_pick_near_copies(clf, seeded):
+    ids, texts = _pool(seeded)
+    most_uncertain = clf.suggest(texts, 1, ids=ids, strategy="margin")[0]
+    copies = [f"copy-{i}" for i in range(3)]
+    ids, texts = ids + copies, texts + [most_uncertain.text] * 3
+    twins = {most_uncertain.id, *copies}
+    margin = clf.suggest(texts, 4, ids=ids, strategy="margin")
+    assert {s.id for s in margin} == twins  # uncertainty alone takes all four copies
+    for strategy in ("combined", "diversity"):
+        found = clf.suggest(texts, 4, ids=ids, strategy=strategy)
+        assert len({s.id for s in found} & twins) <= 1, strategy
+
+
+def test_coverage_puts_first_the_inputs_of_a_label_with_no_example(clf, seeded, wordnet):
+    ids, texts = _pool(seeded)
+    found = clf.suggest(texts, 5, ids=ids, strategy="coverage")
+    first = found[0]
+    assert EMPTY in first.labels and first.counts[EMPTY] == 0
+    assert f"{EMPTY}, which has no stored example" in first.reason
+    gold = {ex.id: ex.labels[0] for ex in seeded[2]}
+    assert sum(gold[s.id] == EMPTY for s in found) >= 3
+
+
+def test_random_is_a_seeded_sample(clf, seeded):
+    ids, texts = _pool(seeded)
+    a = clf.suggest(texts, 5, ids=ids, options=SuggestOptions("random", seed=1))
+    b = clf.suggest(texts, 5, ids=ids, options=SuggestOptions("random", seed=1))
+    c = clf.suggest(texts, 5, ids=ids, options=SuggestOptions("random", seed=2))
+    assert [s.id for s in a] == [s.id for s in b] != [s.id for s in c]
+
+
+def test_stored_ids_are_skipped_and_a_budget_over_the_pool_takes_it_all(clf, seeded):
+    seed = seeded[1][:3]
+    ids, texts = [ex.id for ex in seed] + ["new"], [ex.text for ex in seed] + ["a red fox"]
+    found = clf.suggest(texts, 10, ids=ids)
+    assert [s.id for s in found] == ["new"]
+    assert clf.suggest(texts[:3], 10, ids=ids[:3]) == []
+
+
+def test_bad_requests_are_refused(clf, seeded):
+    ids, texts = _pool(seeded)
+    with pytest.raises(DataError, match="strategy"):
+        clf.suggest(texts, 3, ids=ids, strategy="loudest")
+    with pytest.raises(DataError, match="budget"):
+        clf.suggest(texts, 0, ids=ids)
+    with pytest.raises(DataError, match="unique"):
+        clf.suggest(texts[:2], 1, ids=["a", "a"])
+    with pytest.raises(DataError, match="empty"):
+        clf.suggest(["   "], 1)
+
+
+def test_a_multi_label_store_suggests_its_undecided_tags(tmp_path, embedder, debtags):
+    train, test, labels = debtags
+    with ContinualClassifier.open(tmp_path / "store", embedder=embedder) as clf:
+        clf.learn(train[:120], labels)
+        texts, ids = [ex.text for ex in test], [ex.id for ex in test]
+        found = clf.suggest(texts, 4, ids=ids, strategy="margin")
+        assert len(clf.suggest(texts, 4, ids=ids)) == 4
+    assert len(found) == 4
+    assert all(0 < s.margin <= 1 and s.labels for s in found)
+    # Multi-label, the margin is that of the most undecided tag: 1 - |2p - 1|.
+    for s in found:
+        undecided = max(1 - abs(2 * p - 1) for p in s.labels.values())
+        assert s.margin == pytest.approx(undecided, abs=1e-5)  # both rounded to 6 places
+    assert [s.score for s in found] == sorted((s.score for s in found), reverse=True)
+
+
+def test_cli_writes_the_suggestions_and_leaves_the_store_as_it_was(seeded, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(seeded[0], store)
+    before = {f.name: f.read_bytes() for f in store.iterdir() if f.is_file()}
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"id": ex.id, "text": ex.text}) + "\n" for ex in seeded[2]))
+    out = tmp_path / "next.jsonl"
+    args = ["-q", "suggest", "--store", str(store), "--pool", str(pool), "--budget", "4"]
+    assert main([*args, "--strategy", "margin", "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4]
+    assert set(rows[0]) == {
+        "id", "rank", "text", "strategy", "score", "reason", "uncertainty", "labels", "nearest"
+    }  # fmt: skip
+    assert rows[0]["labels"][0]["examples"] == 4 and len(rows[0]["nearest"]) == 3
+    after = {f.name: f.read_bytes() for f in store.iterdir() if f.is_file()}
+    # A reader's SQLite leaves an index of the write-ahead log, and the log itself empty.
+    assert after.pop("store.sqlite-wal", b"") == b""
+    after.pop("store.sqlite-shm", None)
+    assert after == before
+    assert main([*args, "--output", str(out), "--budget", "0"]) != 0
