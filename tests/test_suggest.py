@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import httpx
 import numpy as np
 import pytest
 
@@ -188,3 +189,55 @@ def test_cli_writes_the_suggestions_and_leaves_the_store_as_it_was(seeded, tmp_p
     after.pop("store.sqlite-shm", None)
     assert after == before
     assert main([*args, "--output", str(out), "--budget", "0"]) != 0
+
+
+def test_the_service_answers_the_lines_of_icl_cl_suggest_to_a_read_key(seeded, tmp_path, embedder):
+    from icl_cl.service.app import create_app
+    from icl_cl.service.auth import KeySet
+    from icl_cl.service.settings import ServiceSettings
+    from tests.service_helpers import running, wait_ready
+
+    store = tmp_path / "store"
+    shutil.copytree(seeded[0], store)
+    keys = tmp_path / "keys.txt"
+    keys.write_text("read-key-0123456789 read\n")
+    auth = {"Authorization": "Bearer read-key-0123456789"}
+    pool = seeded[2][:16]
+    inputs = [{"id": ex.id, "text": ex.text} for ex in pool]
+    with ContinualClassifier.open(store, embedder=embedder, read_only=True) as clf:
+        expected = clf.suggest([ex.text for ex in pool], 3, ids=[ex.id for ex in pool])
+    settings = ServiceSettings(max_items=16)
+    app = create_app(store, settings=settings, keys=KeySet.load(keys), embedder=embedder)
+    with running(app) as url:
+        wait_ready(url, auth)
+        answer = httpx.post(f"{url}/v1/suggest", json={"inputs": inputs, "budget": 3}, headers=auth)
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"suggestions": [suggestion_row(s) for s in expected]}
+        assert answer.headers["ICL-CL-Session"] == "1"
+        bad = httpx.post(
+            f"{url}/v1/suggest",
+            json={"inputs": inputs, "budget": 3, "strategy": "loudest"},
+            headers=auth,
+        )
+        assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "strategy"]
+        twice = [inputs[0], inputs[0]]
+        bad = httpx.post(f"{url}/v1/suggest", json={"inputs": twice, "budget": 1}, headers=auth)
+        assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == [
+            "body",
+            "inputs",
+            1,
+            "id",
+        ]
+        too_many = {"inputs": [*inputs, {"id": "x", "text": "one more"}], "budget": 1}
+        assert httpx.post(f"{url}/v1/suggest", json=too_many, headers=auth).status_code == 422
+    with ContinualClassifier.open(store, embedder=embedder, read_only=True) as clf:
+        assert len(clf.memory.sessions()) == 1
+
+
+def test_the_service_refuses_to_suggest_from_an_empty_store(tmp_path, embedder):
+    from icl_cl.service.app import create_app
+    from tests.service_helpers import running
+
+    with running(create_app(tmp_path / "empty", embedder=embedder)) as url:
+        body = {"inputs": [{"id": "a", "text": "a hawk"}], "budget": 1}
+        assert httpx.post(f"{url}/v1/suggest", json=body).status_code == 409

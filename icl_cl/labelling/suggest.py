@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -31,7 +31,10 @@ from icl_cl.images import Image
 from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.types import Prediction, Progress
 
-STRATEGIES = ("combined", "margin", "entropy", "conformal", "coverage", "diversity", "random")
+StrategyName = Literal[
+    "combined", "margin", "entropy", "conformal", "coverage", "diversity", "random"
+]
+STRATEGIES: tuple[str, ...] = get_args(StrategyName)
 """The strategies of :func:`suggest`, the default first."""
 
 _NEAREST_TEXT_CHARS = 200
@@ -490,6 +493,7 @@ def suggestion_row(s: Suggestion) -> dict[str, Any]:
 __all__ = [
     "STRATEGIES",
     "Neighbour",
+    "StrategyName",
     "SuggestOptions",
     "Suggestion",
     "suggest",

@@ -22,6 +22,7 @@ from icl_cl.describe import prediction_row
 from icl_cl.errors import DataError, IclClError, StoreCorruptError, StoreError
 from icl_cl.images import Image, load_image
 from icl_cl.inputs.checks import StoreConflictError, check_text, printable
+from icl_cl.labelling.suggest import SuggestOptions, suggestion_row
 from icl_cl.service.auth import BearerAuth, KeySet
 from icl_cl.service.batcher import BusyError, Job, MicroBatcher
 from icl_cl.service.edge import invalid_request
@@ -37,6 +38,8 @@ from icl_cl.service.models import (
     PredictResponse,
     Problem,
     Readiness,
+    SuggestRequest,
+    SuggestResponse,
     validation_problem,
 )
 from icl_cl.service.predictor import Answer, PredictOptions, Predictor
@@ -120,6 +123,7 @@ def create_app(
     secured = [Depends(HTTPBearer(auto_error=False))] if keys is not None else []
     _predict_route(app, secured)
     _learn_route(app, secured)
+    _suggest_route(app, secured)
     _read_routes(app, secured)
     describe_limits(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
@@ -173,7 +177,7 @@ def _predict_route(app: FastAPI, secured: list[Any]) -> None:
         )
 
 
-def _checked_inputs(body: PredictRequest, max_chars: int) -> list[str | Image]:
+def _checked_inputs(body: PredictRequest | SuggestRequest, max_chars: int) -> list[str | Image]:
     """Each input checked (ids unique, texts within max_text_chars, images decoded)."""
     seen: set[str] = set()
     items: list[str | Image] = []
@@ -186,6 +190,44 @@ def _checked_inputs(body: PredictRequest, max_chars: int) -> list[str | Image]:
         else:
             items.append(load_image(item.image, item=str(i)))
     return items
+
+
+def _suggest_route(app: FastAPI, secured: list[Any]) -> None:
+    @app.post(
+        "/v1/suggest",
+        response_model=SuggestResponse,
+        dependencies=secured,
+        responses={**_POST, 409: {"model": Problem, "description": "nothing learned yet"}},
+        summary="What to label next: rank a pool of unlabelled inputs (reads the store only)",
+    )
+    async def suggest(body: SuggestRequest) -> Response:
+        settings: ServiceSettings = app.state.settings
+        serving: Serving = app.state.serving
+        if len(body.inputs) > settings.max_items:
+            limit = f"{len(body.inputs)} inputs; the limit is {settings.max_items} (max_items)"
+            return _unprocessable(["body", "inputs"], limit)
+        k = body.k or settings.default_k
+        if k > settings.max_k:
+            return _unprocessable(["body", "k"], f"k is {k}; the limit is {settings.max_k} (max_k)")
+        items = _checked_inputs(body, serving.current.clf.config.max_text_chars)
+        options = SuggestOptions(
+            body.strategy, k, body.confidence, neighbours=body.neighbours, seed=body.seed
+        )
+
+        def rank() -> tuple[int, list[dict[str, Any]]]:
+            with serving.reading() as snapshot:  # one state throughout, as a predict reads
+                if snapshot.clf.memory.n_examples == 0:
+                    raise EmptyStoreError("the store is empty: learn a session first")
+                ids = [item.id for item in body.inputs]
+                found = snapshot.clf.suggest(items, body.budget, ids=ids, options=options)
+                return snapshot.session, [suggestion_row(s) for s in found]
+
+        session, rows = await _in_thread(app, rank)
+        return Response(
+            json.dumps({"suggestions": rows}, ensure_ascii=False, separators=(",", ":")),
+            media_type="application/json",
+            headers={SESSION_HEADER: str(session)},
+        )
 
 
 def _options(body: PredictRequest, serving: Serving) -> PredictOptions:

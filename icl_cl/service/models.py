@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from icl_cl.config import LabelSetRuleName, ScorerName
+from icl_cl.labelling.suggest import StrategyName
 
 _SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 NOT_BLANK = rf"^[{_SPACE}]*[^{_SPACE}]"
@@ -118,6 +119,68 @@ class PredictionRow(BaseModel):
 
 class PredictResponse(BaseModel):
     predictions: list[PredictionRow]
+
+
+class SuggestRequest(_Body):
+    """``POST /v1/suggest``: a pool of unlabelled inputs and the options of ``icl-cl suggest``."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "inputs": [
+                        {"id": "u1", "text": "a bird of prey"},
+                        {"id": "u2", "text": "a tool for cutting wood"},
+                    ],
+                    "budget": 1,
+                }
+            ]
+        }
+    )
+
+    inputs: list[PredictInput] = Field(
+        min_length=1, description="the pool, at most the service's max_items; ids the store "
+        "holds are skipped"
+    )  # fmt: skip
+    budget: int = Field(ge=1, description="how many inputs to suggest")
+    strategy: StrategyName = Field("combined", description="how to rank the pool")
+    k: int | None = Field(None, ge=1, description="candidate labels per input (default 10)")
+    confidence: float = Field(
+        0.9, ge=MIN_CONFIDENCE, lt=1, description="coverage of the conformal sets"
+    )
+    neighbours: int = Field(3, ge=0, le=50, description="nearest stored examples given")
+    seed: int = Field(0, description="seed of the random strategy")
+
+
+class SuggestedLabel(BaseModel):
+    label: str
+    probability: float
+    examples: int = Field(description="stored examples of the label")
+
+
+class NearExample(BaseModel):
+    id: str
+    labels: list[str]
+    similarity: float
+    text: str
+
+
+class SuggestionRow(BaseModel):
+    """One input to label next, exactly as a line of ``icl-cl suggest``."""
+
+    id: str
+    rank: int
+    text: str
+    strategy: str
+    score: float
+    reason: str
+    uncertainty: dict[str, float]
+    labels: list[SuggestedLabel] = Field(description="the candidate labels in question")
+    nearest: list[NearExample]
+
+
+class SuggestResponse(BaseModel):
+    suggestions: list[SuggestionRow]
 
 
 class ExampleIn(_Body):
