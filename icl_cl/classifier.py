@@ -20,7 +20,7 @@ from icl_cl.errors import BackendError, ConfigError, DataError, StoreError
 from icl_cl.heads import FittedHeads, KeptHeads
 from icl_cl.images import Image
 from icl_cl.inputs import checks
-from icl_cl.labelling.suggest import Suggestion, SuggestOptions, suggest
+from icl_cl.labelling.suggest import Suggestion, SuggestOptions, suggest_from
 from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.memory.statistics import StatisticsDelta
 from icl_cl.memory.store import MANIFEST, Store
@@ -266,50 +266,12 @@ class ContinualClassifier:
         budget: int,
         *,
         ids: Sequence[str] | None = None,
-        strategy: str | None = None,
         options: SuggestOptions | None = None,
-        scorer: str | None = None,
-        use_llm: bool = False,
         progress: Progress | None = None,
     ) -> list[Suggestion]:
         """The ``budget`` inputs of a pool to label next, best first, each with its reason
-        (uncertainty, the labels in question, the nearest stored examples). ``strategy`` (one of
-        :data:`~icl_cl.labelling.suggest.STRATEGIES`, default ``combined``) overrides
-        ``options``'. ``ids`` default to the positions; inputs the store holds by id are
-        skipped. The ECL decides alone unless ``use_llm`` (the LLM then reads every input).
-        Reads the store only; the pool is scored ``options.batch_size`` at a time."""
-        options = options or SuggestOptions()
-        if strategy is not None:
-            options = dataclasses.replace(options, strategy=strategy)
-        checks.check_prediction_options(options.k, options.confidence)
-        items = checks.prediction_inputs(
-            texts,
-            max_chars=self.config.max_text_chars,
-            reads_images=getattr(self.embedder, "reads_images", False),
-            embedder=self.embedder.name,
-        )
-        if use_llm:
-            self._steps().check_reads(self._steps().spec(options.k, scorer, True), items)
-
-        def predict(batch: Sequence[str | Image], queries: np.ndarray) -> list[Prediction]:
-            return self.predict_vectors(
-                queries,
-                options.k,
-                scorer=scorer,
-                texts=batch if use_llm else None,
-                confidence=options.confidence,
-            )
-
-        return suggest(
-            self.memory,
-            [str(i) for i in range(len(items))] if ids is None else list(ids),
-            items,
-            budget,
-            embed=self.embedder.encode,
-            predict=predict,
-            options=options,
-            progress=progress,
-        )
+        (:func:`~icl_cl.labelling.suggest.suggest_from`; ``options`` holds the strategy)."""
+        return suggest_from(self, texts, budget, ids, options or SuggestOptions(), progress)
 
     def candidates(
         self,

@@ -294,14 +294,13 @@ def cmd_suggest(args: argparse.Namespace) -> int:
         neighbours=args.neighbours,
         batch_size=args.batch_size,
         seed=args.seed,
+        scorer=args.scorer,
     )
     with ContinualClassifier.open(args.store, read_only=True) as clf:
         ids, items = read_inputs(args.pool, max_chars=clf.config.max_text_chars, ids=args.ids)
         progress = progress_bars(args.quiet)
         progress("scoring pool", 0, len(items))
-        found = clf.suggest(
-            items, args.budget, ids=ids, options=options, scorer=args.scorer, progress=progress
-        )
+        found = clf.suggest(items, args.budget, ids=ids, options=options, progress=progress)
     write_output(out, [json.dumps(suggestion_row(s), ensure_ascii=False) + "\n" for s in found])
     if not args.quiet:
         seconds = time.perf_counter() - start

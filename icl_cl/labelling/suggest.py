@@ -22,12 +22,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 
+from icl_cl.config import ClassifierConfig
+from icl_cl.embedding import Embedder
 from icl_cl.errors import DataError
 from icl_cl.images import Image
+from icl_cl.inputs import checks
 from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.types import Prediction, Progress
 
@@ -57,6 +60,7 @@ class SuggestOptions:
             already picked (1: uncertainty alone).
         shortlist: ``combined`` and ``diversity`` pick the batch among the ``shortlist x
             budget`` best inputs by their first score.
+        scorer: The ECL scorer (``None``: the store's).
     """
 
     strategy: str = "combined"
@@ -69,6 +73,7 @@ class SuggestOptions:
     coverage_weight: float = 0.5
     mmr_lambda: float = 0.5
     shortlist: int = 10
+    scorer: str | None = None
 
     def check(self, budget: int) -> None:
         """Refuse a budget or an option out of range, naming it."""
@@ -171,6 +176,58 @@ class _Scored:
         )
 
 
+class Classifier(Protocol):
+    """What :func:`suggest_from` needs of a :class:`~icl_cl.classifier.ContinualClassifier`."""
+
+    memory: ExternalContinualLearner
+    embedder: Embedder
+    config: ClassifierConfig
+
+    def predict_vectors(
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        *,
+        scorer: str | None = None,
+        confidence: float | None = None,
+    ) -> list[Prediction]: ...
+
+
+def suggest_from(
+    clf: Classifier,
+    texts: Sequence[object],
+    budget: int,
+    ids: Sequence[str] | None,
+    options: SuggestOptions,
+    progress: Progress | None = None,
+) -> list[Suggestion]:
+    """:func:`suggest` over a classifier's store, from its inputs as ``predict`` takes them
+    (checked first), predicted by the ECL alone: a pool is large, and reading every input of
+    it with the LLM would cost what predicting it does. ``ids`` default to the positions."""
+    checks.check_prediction_options(options.k, options.confidence)
+    items = checks.prediction_inputs(
+        texts,
+        max_chars=clf.config.max_text_chars,
+        reads_images=getattr(clf.embedder, "reads_images", False),
+        embedder=clf.embedder.name,
+    )
+
+    def predict(queries: np.ndarray) -> list[Prediction]:
+        k, scorer, confidence = options.k, options.scorer, options.confidence
+        return clf.predict_vectors(queries, k, scorer=scorer, confidence=confidence)
+
+    return suggest(
+        clf.memory,
+        [str(i) for i in range(len(items))] if ids is None else list(ids),
+        items,
+        budget,
+        embed=clf.embedder.encode,
+        predict=predict,
+        options=options,
+        progress=progress,
+    )
+
+
 def suggest(
     memory: ExternalContinualLearner,
     ids: Sequence[str],
@@ -178,7 +235,7 @@ def suggest(
     budget: int,
     *,
     embed: Callable[[Sequence[str | Image]], np.ndarray],
-    predict: Callable[[Sequence[str | Image], np.ndarray], list[Prediction]],
+    predict: Callable[[np.ndarray], list[Prediction]],
     options: SuggestOptions,
     progress: Progress | None = None,
 ) -> list[Suggestion]:
@@ -193,8 +250,8 @@ def suggest(
         items: The pool's inputs (texts or images), aligned with ``ids``.
         budget: How many to suggest.
         embed: The store's embedder.
-        predict: Predictions of a batch of inputs, given with their vectors, with
-            ``options.k`` candidates and a conformal set at ``options.confidence``.
+        predict: Predictions of embedded inputs with ``options.k`` candidates and a conformal
+            set at ``options.confidence``.
         options: The strategy and its settings.
         progress: Told how far scoring the pool got.
     """
@@ -212,9 +269,8 @@ def suggest(
     done = 0
     for start in range(0, len(todo), options.batch_size):
         positions = np.asarray(todo[start : start + options.batch_size])
-        batch = [items[i] for i in positions]
-        vectors = embed(batch)
-        scored = _score_batch(memory, positions, vectors, predict(batch, vectors), options, rng)
+        vectors = embed([items[i] for i in positions])
+        scored = _score_batch(memory, positions, vectors, predict(vectors), options, rng)
         kept = [_best(_Scored.concat([*kept, scored]), keep)]
         done += len(positions)
         if progress is not None:
@@ -492,10 +548,12 @@ def suggestion_row(s: Suggestion) -> dict[str, Any]:
 
 __all__ = [
     "STRATEGIES",
+    "Classifier",
     "Neighbour",
     "StrategyName",
     "SuggestOptions",
     "Suggestion",
     "suggest",
+    "suggest_from",
     "suggestion_row",
 ]
