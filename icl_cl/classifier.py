@@ -20,6 +20,7 @@ from icl_cl.errors import BackendError, ConfigError, DataError, StoreError
 from icl_cl.heads import FittedHeads, KeptHeads
 from icl_cl.images import Image
 from icl_cl.inputs import checks
+from icl_cl.labelling.audit import AuditReport, audit_store
 from icl_cl.labelling.suggest import Suggestion, SuggestOptions, suggest_from
 from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.memory.statistics import StatisticsDelta
@@ -272,6 +273,36 @@ class ContinualClassifier:
         """The ``budget`` inputs of a pool to label next, best first, each with its reason
         (:func:`~icl_cl.labelling.suggest.suggest_from`; ``options`` holds the strategy)."""
         return suggest_from(self, texts, budget, ids, options or SuggestOptions(), progress)
+
+    def audit(
+        self,
+        k: int = 10,
+        *,
+        scorer: str | None = None,
+        limit: int | None = None,
+        neighbours: int = 5,
+        progress: Progress | None = None,
+    ) -> AuditReport:
+        """Stored examples whose labels are probably wrong, most probably wrong first (at most
+        ``limit``): every stored example scored by the ECL (``scorer``) as if never learned,
+        its top-``k`` and stored labels given probabilities by the store's fitted calibration
+        for these settings, ranked by confident learning; each with the labels it probably
+        should have, and as evidence their probabilities and its ``neighbours`` nearest stored
+        examples. Reads the store only (see :mod:`icl_cl.labelling.audit`)."""
+        checks.check_prediction_options(k)
+        self.memory.require_examples()
+        spec = self._steps().spec(k, scorer, use_llm=False)
+        heads = self.heads.find(spec)
+        return audit_store(
+            self.memory,
+            spec.scorer,
+            k=k,
+            seed=spec.fusion.seed,
+            calibrator=heads.calibrator if heads is not None else None,
+            limit=limit,
+            neighbours=neighbours,
+            progress=progress,
+        )
 
     def candidates(
         self,
