@@ -312,6 +312,45 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from icl_cl.classifier import ContinualClassifier
+    from icl_cl.memory.store import MANIFEST
+
+    if args.k <= 0:
+        raise IclClError(f"--k must be a positive integer, got {args.k}")
+    if args.limit is not None and args.limit <= 0:
+        raise IclClError(f"--limit must be a positive integer, got {args.limit}")
+    if args.neighbours < 0:
+        raise IclClError(f"--neighbours must be >= 0, got {args.neighbours}")
+    out = check_output_path(Path(args.output)) if args.output else None
+    if not (Path(args.store) / MANIFEST).exists():
+        raise StoreError(f"{args.store}: no store here (create one with 'icl-cl learn')")
+    with ContinualClassifier.open(args.store, read_only=True) as clf:
+        report = clf.audit(
+            args.k,
+            scorer=args.scorer,
+            limit=args.limit,
+            neighbours=args.neighbours,
+            progress=progress_bars(args.quiet),
+        )
+    lines = [
+        json.dumps(f.to_dict(report.multi_label), ensure_ascii=False) + "\n"
+        for f in report.findings
+    ]
+    if out is not None:
+        write_output(out, lines)
+    else:
+        sys.stdout.writelines(lines)
+    if not args.quiet:
+        print(
+            f"icl-cl: audited {report.audited} stored examples: {report.flagged} probably "
+            f"wrong ({len(lines)} written{f' to {out}' if out else ''}; scorer {report.scorer}, "
+            f"probabilities from the {report.calibration}) in {report.seconds:.1f} s",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def _predict_on_ray(args: argparse.Namespace, start: float) -> int:
     """``predict --engine ray``: Ray Data over an actor pool; ``--output`` ending in ``.jsonl``
     is one file in input order, anything else a folder of ``part-NNNNN.jsonl`` files."""
@@ -628,6 +667,32 @@ def _add_suggest(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_suggest)
 
 
+def _add_audit(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "audit",
+        parents=[common],
+        help="list stored examples whose labels are probably wrong",
+        description="Score every stored example as if it had never been learned (its fold of "
+        "the store left out exactly), turn its scores into probabilities with the store's "
+        "fitted calibration, and flag by confident learning (per-label thresholds, as "
+        "cleanlab) the examples whose stored labels disagree with the rest of the store. "
+        'Writes one JSON object a line, most probably wrong first: {"id", "text", "labels", '
+        '"suggested" (the label it probably should have; multi-label: its label set, with '
+        '"missing" and "spurious" tags), "score" (how probably its labels are wrong, 0-1), '
+        '"evidence" (held-out probabilities and thresholds of those labels, nearest stored '
+        "examples)}. Reads the store only.",
+    )
+    p.add_argument("--store", required=True, help="store directory")
+    p.add_argument("--output", help="output JSONL (written atomically; default: stdout)")
+    p.add_argument("--k", type=int, default=10, help="labels kept per example (default 10)")
+    p.add_argument("--scorer", choices=[*SCORERS, "auto"], help="ECL scorer (default: the store's)")
+    p.add_argument("--limit", type=int, help="at most this many findings (default: all)")
+    p.add_argument(
+        "--neighbours", type=int, default=5, help="nearest stored examples shown (default 5)"
+    )
+    p.set_defaults(func=cmd_audit)
+
+
 def _engine_flags(p: argparse.ArgumentParser, batch: bool) -> None:
     """``--engine`` and the Ray options of learn and predict."""
     p.add_argument(
@@ -757,6 +822,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit(sub, common)
     _add_predict(sub, common)
     _add_suggest(sub, common)
+    _add_audit(sub, common)
     _add_store_commands(sub, common)
     _add_serve(sub, common)
     add_eval_commands(sub, [common])

@@ -7,18 +7,29 @@ probability 0 for it.
 
 - **Single-label.** A label's threshold is the mean probability of that label over the items
   given it (its mean self-confidence). An item counts for the label that is most probable among
-  those reaching their threshold; it is flagged when that label is not its given one. An item
-  whose given label could not be scored (no other item carries it) is never flagged: nothing
-  speaks against it.
+  those reaching their threshold (the paper's rule: cleanlab takes the most probable label of
+  all when two or more reach theirs); the counts of given against counted labels, the confident
+  joint, are calibrated to the given labels' counts, and each off-diagonal cell flags as many
+  items of its given label as it counts, those with the largest margin ``p(counted) - p(given)``
+  (cleanlab's default filter, pruning by noise rate). An item whose most probable label is its
+  given one is never flagged, nor one whose given label could not be scored (no other item
+  carries it): nothing speaks against it. The label suggested is the most probable one reaching
+  its threshold, else the most probable other label.
 - **Multi-label.** Each label is a yes/no question (one-vs-rest): its yes-threshold is the mean
   probability of the label over the items given it, its no-threshold the mean probability
   against it over the items not given it. A given label is spurious when the item is confidently
   a no (and not more of a yes); a label not given is missing when the item is confidently a yes.
+  With ``decided`` (the default), the change must also be more probable than not (a missing
+  label above 0.5, a spurious one below): in a store of many rare tags a tag's mean
+  probability is small, and reaching it says little (on the debtags sample, without this rule
+  221 of 240 items were flagged).
 
-Scores rank the flagged items, in ``[0, 1]``, higher is more probably wrong: single-label
-``(1 - margin) / 2`` with ``margin = p(given) - max p(other)`` (cleanlab's normalized margin,
-turned around); multi-label the largest of ``p(missing)`` and ``1 - p(spurious)`` over the item's
-labels (the binary margin alike).
+Scores rank the items, in ``[0, 1]``, higher is more probably wrong: single-label
+``1 - p(given)`` (cleanlab's self-confidence, turned around; on WordNet supersenses at 5,000
+items it found more flipped labels in its top ranks than the normalized margin did, 0.67 against
+0.40 with random noise and 0.28 against 0.36 with confusable noise); multi-label the largest of
+``p(missing)`` and ``1 - p(spurious)`` over the flagged labels (over all labels for an item not
+flagged).
 """
 
 from __future__ import annotations
@@ -160,6 +171,7 @@ def multi_label_issues(
         given: ``(n, w)`` which columns are given labels of the item.
         scored: ``(n, w)`` which columns could be scored (a finite held-out score).
         n_labels: Number of label columns.
+        decided: Flag a change only when it is more probable than not (module docstring).
     """
     live = columns >= 0
     n = len(columns)

@@ -29,6 +29,8 @@ from icl_cl.service.edge import invalid_request
 from icl_cl.service.limits import BodyLimit
 from icl_cl.service.metrics import RequestMetrics, ServiceMetrics
 from icl_cl.service.models import (
+    AuditRequest,
+    AuditResponse,
     Health,
     InfoResponse,
     LabelsResponse,
@@ -124,6 +126,7 @@ def create_app(
     _predict_route(app, secured)
     _learn_route(app, secured)
     _suggest_route(app, secured)
+    _audit_route(app, secured)
     _read_routes(app, secured)
     describe_limits(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
@@ -225,6 +228,38 @@ def _suggest_route(app: FastAPI, secured: list[Any]) -> None:
         session, rows = await _in_thread(app, rank)
         return Response(
             json.dumps({"suggestions": rows}, ensure_ascii=False, separators=(",", ":")),
+            media_type="application/json",
+            headers={SESSION_HEADER: str(session)},
+        )
+
+
+def _audit_route(app: FastAPI, secured: list[Any]) -> None:
+    @app.post(
+        "/v1/audit",
+        response_model=AuditResponse,
+        dependencies=secured,
+        responses={**_POST, 409: {"model": Problem, "description": "nothing learned yet"}},
+        summary="Which stored labels are probably wrong (reads the store only)",
+    )
+    async def audit(body: AuditRequest) -> Response:
+        settings: ServiceSettings = app.state.settings
+        k = body.k or settings.default_k
+        if k > settings.max_k:
+            return _unprocessable(["body", "k"], f"k is {k}; the limit is {settings.max_k} (max_k)")
+
+        def run() -> tuple[int, dict[str, Any]]:
+            with app.state.serving.reading() as snapshot:  # one state throughout
+                if snapshot.clf.memory.n_examples == 0:
+                    raise EmptyStoreError("the store is empty: learn a session first")
+                report = snapshot.clf.audit(
+                    k, scorer=body.scorer, limit=body.limit, neighbours=body.neighbours
+                )
+                rows = [f.to_dict(report.multi_label) for f in report.findings]
+                return snapshot.session, {**report.summary(), "findings": rows}
+
+        session, answer = await _in_thread(app, run)
+        return Response(
+            json.dumps(answer, ensure_ascii=False, separators=(",", ":")),
             media_type="application/json",
             headers={SESSION_HEADER: str(session)},
         )

@@ -183,6 +183,59 @@ class SuggestResponse(BaseModel):
     suggestions: list[SuggestionRow]
 
 
+class AuditRequest(_Body):
+    """``POST /v1/audit``: the options of ``icl-cl audit``."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"limit": 20}]})
+
+    k: int | None = Field(None, ge=1, description="labels kept per example (default 10)")
+    scorer: ScorerName | Literal["auto"] | None = Field(None, description="ECL scorer")
+    limit: int = Field(100, ge=1, description="at most this many findings")
+    neighbours: int = Field(5, ge=0, le=50, description="nearest stored examples given")
+
+
+class AuditNeighbour(BaseModel):
+    id: str
+    labels: list[str]
+    similarity: float
+
+
+class AuditEvidence(BaseModel):
+    probabilities: dict[str, float] = Field(
+        description="held-out probability of each stored and suggested label"
+    )
+    thresholds: dict[str, float] = Field(description="their confident-learning thresholds")
+    neighbours: list[AuditNeighbour]
+
+
+class AuditFinding(BaseModel):
+    """One stored example whose labels are probably wrong, exactly as a line of ``icl-cl
+    audit``."""
+
+    id: str
+    text: str
+    labels: list[str]
+    suggested: str | list[str] | None = Field(
+        description="the label it probably should have (multi-label: its label set)"
+    )
+    missing: list[str] | None = None
+    spurious: list[str] | None = None
+    score: float = Field(description="how probably its stored labels are wrong")
+    evidence: AuditEvidence
+    ids: list[str] | None = None
+
+
+class AuditResponse(BaseModel):
+    audited: int
+    flagged: int
+    returned: int
+    scorer: str
+    calibration: str
+    multi_label: bool
+    seconds: float
+    findings: list[AuditFinding]
+
+
 class ExampleIn(_Body):
     """A labelled example, as a line of ``icl-cl learn --data``."""
 
