@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from icl_cl.inputs import checks
 from icl_cl.labelling.audit import AuditReport, audit_store
 from icl_cl.labelling.suggest import Suggestion, SuggestOptions, suggest_from
 from icl_cl.memory.ecl import ExternalContinualLearner
+from icl_cl.memory.forgetting import Edit, EditReport, edit_memory
 from icl_cl.memory.statistics import StatisticsDelta
 from icl_cl.memory.store import MANIFEST, Store
 from icl_cl.reading import LLMHandle, LLMReader, write_summaries
@@ -192,6 +193,45 @@ class ContinualClassifier:
         heads = self.heads.fit_and_save(spec, lambda: steps.heldout(spec, progress), full=full)
         self.memory.save_derived()
         return heads
+
+    def forget(
+        self, ids: Sequence[str] = (), *, labels: Sequence[str] = (), **how: Any
+    ) -> EditReport:
+        """Forget stored examples by id, and ``labels`` with their examples, exactly, as one
+        atomic session (see :mod:`~icl_cl.memory.forgetting`); ``how``: ``fit`` (default
+        True), ``k`` and ``lock_timeout`` as :meth:`learn` takes them."""
+        return self._edit(Edit("forget", ids=tuple(ids), labels=tuple(labels)), **how)
+
+    def relabel(
+        self,
+        new_labels: Mapping[str, Sequence[str]],
+        definitions: Sequence[Label] = (),
+        **how: Any,
+    ) -> EditReport:
+        """Give stored examples (by id) new labels, exactly, as one atomic session; a label the
+        store does not know needs its definition. ``how``: as :meth:`forget` takes it."""
+        relabel = {id_: tuple(labs) for id_, labs in new_labels.items()}
+        return self._edit(Edit("relabel", relabel=relabel, definitions=tuple(definitions)), **how)
+
+    def _edit(
+        self, edit: Edit, fit: bool = True, k: int = 10, lock_timeout: float = 0.0
+    ) -> EditReport:
+        start, store = time.perf_counter(), self.memory.store
+        if fit:
+            checks.check_prediction_options(k)
+        with store.writer_lock(lock_timeout):
+            if store.changed_since_load():  # another process learned: edit what it stored
+                self.memory = ExternalContinualLearner(store, self.memory.config)
+            report = edit_memory(self.memory, edit, self.embedder.encode, start)
+            self.memory = ExternalContinualLearner(store, self.memory.config)
+            self.heads = KeptHeads(self.memory)
+        self._llm.clear_cache()
+        if fit and self.memory.n_items:
+            try:
+                self.fit(k)
+            except (BackendError, DataError) as exc:
+                logger.warning("session %d is stored, but fitting failed: %s", report.session, exc)
+        return report
 
     def predict(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -425,6 +426,39 @@ def write_output(out: Path, lines: list[str]) -> None:
         raise OutputError(f"{out}: cannot write: {exc.strerror or exc}") from exc
 
 
+def cmd_forget(args: argparse.Namespace) -> int:
+    from icl_cl.inputs import read_ids
+
+    if not args.ids and not args.label:
+        raise IclClError(
+            "give --ids FILE (examples to forget) or --label L (a label and its examples)"
+        )
+    ids = read_ids(args.ids) if args.ids else []
+    with _open(args) as clf:
+        report = clf.forget(ids, labels=args.label or (), fit=not args.no_fit, k=args.k,
+                            lock_timeout=args.wait)  # fmt: skip
+    _print_edit(report)
+    return 0
+
+
+def cmd_relabel(args: argparse.Namespace) -> int:
+    from icl_cl.inputs import read_labels, read_relabels
+
+    relabels = read_relabels(args.data)
+    labels = read_labels(args.labels)[0] if args.labels else []
+    with _open(args) as clf:
+        report = clf.relabel(relabels, labels, fit=not args.no_fit, k=args.k,
+                             lock_timeout=args.wait)  # fmt: skip
+    _print_edit(report)
+    return 0
+
+
+def _print_edit(report: Any) -> None:
+    out = dataclasses.asdict(report)
+    out["seconds"] = round(report.seconds, 3)
+    print(json.dumps(out, ensure_ascii=False))
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from icl_cl.memory.verify import verify_store
 
@@ -766,6 +800,43 @@ def _add_store_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_verify)
 
 
+def _add_edit_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "forget",
+        parents=[common],
+        help="forget stored examples, or a label with its examples, exactly",
+        description="Remove examples (--ids) or whole labels (--label) from a store as one "
+        "atomic session: the store becomes exactly the store that learned the rest, and the "
+        "forgotten texts and vectors leave its files. A forget that would leave a label with no "
+        "example is refused (forget the label itself). Then fit, as learn does.",
+    )
+    p.add_argument("--ids", help="file of ids to forget: one a line, or JSONL with an id")
+    p.add_argument("--label", action="append", help="a label to forget (repeatable)")
+    _edit_flags(p)
+    p.set_defaults(func=cmd_forget)
+    p = sub.add_parser(
+        "relabel",
+        parents=[common],
+        help="replace the labels of stored examples, exactly",
+        description="Give stored examples new labels as one atomic session, exactly as if they "
+        "had been learned with them. A label the store does not know needs its definition in "
+        "--labels. Then fit, as learn does.",
+    )
+    p.add_argument("--data", required=True, help='JSONL of {"id", "labels": [...]}')
+    p.add_argument("--labels", help="JSONL of label definitions, as learn takes them")
+    _edit_flags(p)
+    p.set_defaults(func=cmd_relabel)
+
+
+def _edit_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", required=True, help="store directory")
+    p.add_argument("--config", help="YAML config (query-time settings)")
+    p.add_argument("--no-fit", action="store_true", help="do not fit the heads afterwards")
+    p.add_argument("--k", type=int, default=10, help="candidates per input to fit for (default 10)")
+    p.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+                   help="wait up to SECONDS for another writer (default 60)")  # fmt: skip
+
+
 def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "serve",
@@ -824,6 +895,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_suggest(sub, common)
     _add_audit(sub, common)
     _add_store_commands(sub, common)
+    _add_edit_commands(sub, common)
     _add_serve(sub, common)
     add_eval_commands(sub, [common])
     return parser

@@ -31,6 +31,27 @@ def _key(*parts: object) -> str:
     ).hexdigest()
 
 
+def clear_calls(conn: sqlite3.Connection) -> None:
+    """Delete every cached call and leave none of their bytes in the file or its log: a forget
+    clears the cache, whose keys are digests of prompts that may hold the forgotten texts."""
+    conn.execute("PRAGMA secure_delete = ON")
+    conn.execute("DELETE FROM calls")
+    conn.execute("VACUUM")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def clear_cache_file(path: str | Path) -> None:
+    """:func:`clear_calls` on the cache at ``path`` (nothing when there is none)."""
+    if not Path(path).exists():
+        return
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        if conn.execute("SELECT 1 FROM sqlite_schema WHERE name = 'calls'").fetchone():
+            clear_calls(conn)
+    finally:
+        conn.close()
+
+
 class CachedBackend(BackendWrapper):
     """Wraps a backend; ``score`` and deterministic ``generate`` results are kept in SQLite,
     keyed by backend, model, prompt and parameters. Sampled generations are never cached.
@@ -52,6 +73,11 @@ class CachedBackend(BackendWrapper):
     def close(self) -> None:
         self._conn.close()
         self.inner.close()
+
+    def clear(self) -> None:
+        """Forget every cached call (see :func:`clear_calls`)."""
+        with self._lock:
+            clear_calls(self._conn)
 
     def _get(self, keys: list[str]) -> dict[str, str]:
         found: dict[str, str] = {}

@@ -193,3 +193,43 @@ def read_labels(path: str | Path) -> tuple[list[Label], list[Located]]:
         )
         locations.append(Located(str(path), number))
     return labels, locations
+
+
+def read_relabels(path: str | Path) -> dict[str, list[str]]:
+    """Read a relabel file: JSONL ``{"id", "labels": [...]}`` (other fields, such as the text,
+    are ignored), each id once."""
+    relabels: dict[str, list[str]] = {}
+    for number, obj in iter_jsonl(path):
+        where = {"source": str(path), "line": number}
+        ident = _string_field(obj, "id", where, required=True)
+        labels = obj.get("labels")
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise DataError("must be a list of label strings", field="labels", **where)
+        if ident in relabels:
+            raise DataError(f"id {ident!r} repeated", field="id", **where)
+        relabels[ident] = labels
+    return relabels
+
+
+def read_ids(path: str | Path) -> list[str]:
+    """Read ids: one a line, or JSONL objects with an ``id`` (as ``audit`` writes them)."""
+    ids: list[str] = []
+    try:
+        lines = Path(path).read_bytes().decode("utf-8").splitlines()
+    except OSError as exc:
+        raise DataError(f"cannot open: {exc.strerror}", source=str(path)) from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"not valid UTF-8 (byte {exc.start})", source=str(path)) from exc
+    for number, line in enumerate(lines, start=1):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"malformed JSON: {exc.msg}", source=str(path), line=number
+                ) from exc
+            line = _string_field(obj, "id", {"source": str(path), "line": number}, True)
+        if line:
+            ids.append(line)
+    return ids

@@ -35,6 +35,7 @@ SEALED = {
     "images": "key",
     "blocks": "session",
     "idempotency": "key",
+    "edits": "session",
 }
 SCHEMA_SEAL = ("sqlite_schema", "")
 

@@ -57,6 +57,7 @@ from icl_cl.memory.checksums import (
 )
 from icl_cl.memory.idempotency import stored_session, write_idempotency
 from icl_cl.memory.statistics import RunningStatistics, StatisticsDelta
+from icl_cl.memory.vector_swap import finish as finish_vector_swap
 from icl_cl.types import Example, Label
 
 FORMAT = "icl_cl-store"
@@ -310,6 +311,8 @@ class Store:
         store = cls(path, conn, manifest, read_only=read_only)
         store.check_reads = check
         try:
+            # A forget interrupted by a crash is finished (committed) or undone (not) first.
+            finish_vector_swap(path, conn, VECTORS, read_only=read_only or not check)
             if check:
                 store.check_quick()
         except sqlite3.DatabaseError as exc:
@@ -583,6 +586,11 @@ class Store:
             yield
         finally:
             self._idempotency = None
+
+    @property
+    def pending_idempotency(self) -> tuple[str, str] | None:
+        """The key and digest :meth:`idempotency_key` holds now, for another kind of session."""
+        return self._idempotency
 
     def idempotent_session(self, key: str) -> tuple[str, SessionRecord] | None:
         """The digest of the request stored under idempotency ``key`` and the session it made."""

@@ -198,7 +198,10 @@ def _check_blocks(store: Store, report: VerifyReport) -> None:
     blocks = conn.execute(
         "SELECT session, first_row, n_rows, sha256 FROM blocks ORDER BY session"
     ).fetchall()
-    sessions = dict(conn.execute("SELECT session, n_examples FROM sessions"))
+    # A session's rows: those it learned, less those forgotten since (memory.forgetting).
+    edited = any(c[1] == "forgotten" for c in conn.execute("PRAGMA table_info(sessions)"))
+    stored = "n_examples - COALESCE(forgotten, 0)" if edited else "n_examples"
+    sessions = dict(conn.execute(f"SELECT session, {stored} FROM sessions"))
     by_session = {
         s: (lo, hi, n)
         for s, lo, hi, n in conn.execute(

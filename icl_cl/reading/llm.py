@@ -49,6 +49,16 @@ class LLMHandle:
             self._cached = CachedBackend(backend, self.cache_path)
         return self._cached
 
+    def clear_cache(self) -> None:
+        """Empty the store's call cache (a forget or relabel: its entries were read from prompts
+        that may hold the forgotten texts)."""
+        from icl_cl.backends.cache import CachedBackend, clear_cache_file
+
+        if isinstance(self._cached, CachedBackend):
+            self._cached.clear()
+        else:
+            clear_cache_file(self.cache_path)
+
     def close(self) -> None:
         """Close the backend if it was built here (with the call cache, which closes it)."""
         opened = self._cached or self._backend
