@@ -252,6 +252,7 @@ def test_bad_input_changes_nothing(tmp_path, embedder, wordnet):
         (lambda: clf.relabel({train[0].id: ["noun.food", "noun.plant"]}), "exactly one"),
         (lambda: clf.relabel({train[0].id: []}), "forget the example instead"),
         (lambda: clf.relabel({"nope": ["noun.food"]}), "not stored examples"),
+        (lambda: clf.forget([]), "nothing to forget"),
     ]
     for call, message in cases:
         with pytest.raises(DataError, match=message):

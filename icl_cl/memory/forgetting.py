@@ -134,6 +134,8 @@ def plan_edit(
             in a single-label store, or to a label the store does not know and the edit does
             not define, or a label left without examples.
     """
+    if not (edit.ids or edit.labels or edit.relabel):
+        raise DataError(f"nothing to {edit.kind}: give ids or labels")
     ids, before, _sessions = stored_rows(_conn(store))
     row_of = {id_: r for r, id_ in enumerate(ids)}
     known = {lab.label for lab in labels}

@@ -31,6 +31,8 @@ from icl_cl.service.metrics import RequestMetrics, ServiceMetrics
 from icl_cl.service.models import (
     AuditRequest,
     AuditResponse,
+    EditResponse,
+    ForgetRequest,
     Health,
     InfoResponse,
     LabelsResponse,
@@ -40,6 +42,7 @@ from icl_cl.service.models import (
     PredictResponse,
     Problem,
     Readiness,
+    RelabelRequest,
     SuggestRequest,
     SuggestResponse,
     validation_problem,
@@ -127,6 +130,7 @@ def create_app(
     _learn_route(app, secured)
     _suggest_route(app, secured)
     _audit_route(app, secured)
+    _edit_routes(app, secured)
     _read_routes(app, secured)
     describe_limits(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
@@ -345,6 +349,51 @@ def _learn_problem(exc: DataError, body: LearnRequest) -> JSONResponse:
         loc.append(exc.field)
     status = 409 if isinstance(exc, StoreConflictError) else 422
     return JSONResponse(validation_problem(loc, printable(str(exc))), status_code=status)
+
+
+_IDEMPOTENCY = Header(
+    None,
+    alias="Idempotency-Key",
+    min_length=1,
+    max_length=200,
+    description="a retried request with the same key returns the first answer",
+)
+
+
+def _edit_routes(app: FastAPI, secured: list[Any]) -> None:
+    """``POST /v1/forget`` and ``POST /v1/relabel``: writes, served as a learn (one writer, the
+    new state served once the edit is committed, the heads refitted in the background)."""
+
+    async def edit(kind: str, request: dict[str, Any], key: str | None) -> Any:
+        try:
+            future = app.state.serving.edit(kind, request, key)
+            return EditResponse(**await _within(app, asyncio.wrap_future(future)))
+        except DataError as exc:
+            return _unprocessable(["body"], str(exc))
+
+    @app.post(
+        "/v1/forget",
+        response_model=EditResponse,
+        dependencies=secured,
+        responses=_POST,
+        summary="Forget stored examples, or labels with their examples, exactly (atomic)",
+    )
+    async def forget(body: ForgetRequest, idempotency_key: str | None = _IDEMPOTENCY) -> Any:
+        return await edit("forget", {"ids": body.ids, "labels": body.labels}, idempotency_key)
+
+    @app.post(
+        "/v1/relabel",
+        response_model=EditResponse,
+        dependencies=secured,
+        responses=_POST,
+        summary="Replace the labels of stored examples, exactly (atomic)",
+    )
+    async def relabel(body: RelabelRequest, idempotency_key: str | None = _IDEMPOTENCY) -> Any:
+        request = {
+            "examples": {ex.id: ex.labels for ex in body.examples},
+            "definitions": [[x.label, x.name, x.description, x.group] for x in body.labels],
+        }
+        return await edit("relabel", request, idempotency_key)
 
 
 def _read_routes(app: FastAPI, secured: list[Any]) -> None:

@@ -22,7 +22,7 @@ SCOPES = ("read", "write")
 _GRANTS = {"read": {"read"}, "write": {"read", "write"}}
 # Paths served without a key, and paths that need the write scope.
 OPEN_PATHS = frozenset({"/healthz"})
-WRITE_PATHS = frozenset({"/v1/learn"})
+WRITE_PATHS = frozenset({"/v1/learn", "/v1/forget", "/v1/relabel"})
 
 
 @dataclass(frozen=True)

@@ -310,6 +310,41 @@ class Health(BaseModel):
     status: str
 
 
+class ForgetRequest(_Body):
+    """``POST /v1/forget``: stored examples (by id) and labels (with their examples) to forget,
+    exactly and atomically, as ``icl-cl forget`` does."""
+
+    ids: list[NotBlank] = Field(default_factory=list)
+    labels: list[NotBlank] = Field(default_factory=list)
+
+
+class RelabelExample(_Body):
+    """A stored example's new labels, as a line of ``icl-cl relabel --data``."""
+
+    id: NotBlank
+    labels: list[NotBlank] = Field(min_length=1)
+
+
+class RelabelRequest(_Body):
+    """``POST /v1/relabel``: new labels of stored examples, and the definitions of labels the
+    store does not know yet."""
+
+    examples: list[RelabelExample] = Field(min_length=1)
+    labels: list[LabelIn] = Field(default_factory=list)
+
+
+class EditResponse(BaseModel):
+    """What a forget or relabel did, in counts (as the store's history keeps it); for a retried
+    idempotency key, what it did the first time."""
+
+    session: int
+    kind: str
+    examples_forgotten: int
+    examples_relabelled: int
+    labels_removed: int
+    labels_added: int
+
+
 class Readiness(BaseModel):
     ready: bool
     serving_session: int | None = None

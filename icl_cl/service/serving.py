@@ -41,6 +41,10 @@ class EmptyStoreError(IclClError):
     """Nothing is learned yet, so there is nothing to predict with (409)."""
 
 
+def _no_key() -> contextlib.nullcontext[None]:
+    return contextlib.nullcontext()
+
+
 class IdempotencyConflictError(IclClError):
     """An idempotency key came back with another request than the one it was first used for."""
 
@@ -221,6 +225,37 @@ class Serving:
         """Queue one session for the writer; its future gives ``(session, examples, new
         labels)``. With ``key``, a session already learned under it is answered as it was."""
         return self._submit(lambda: self._learn(examples, labels, key))
+
+    def edit(self, kind: str, request: dict[str, Any], key: str | None) -> Future[dict[str, Any]]:
+        """Queue a forget or a relabel (``kind``; ``request``: the arguments of the classifier's
+        call) for the writer, as a learn; its future gives the edit's counts. With ``key``, an
+        edit already made under it is answered as it was."""
+        return self._submit(lambda: self._edit(kind, request, key))
+
+    def _edit(self, kind: str, request: dict[str, Any], key: str | None) -> dict[str, Any]:
+        from icl_cl.memory.forgetting import edits
+
+        digest = hashlib.sha256(json.dumps([kind, request], sort_keys=True).encode()).hexdigest()
+        store = self._writer.memory.store
+        if key is not None:
+            found = store.idempotent_session(key)
+            if found is not None:
+                if found[0] != digest:
+                    raise IdempotencyConflictError(
+                        "this Idempotency-Key was used for another request already"
+                    )
+                return next(e for e in edits(store) if e["session"] == found[1].session)
+        # The edit renumbers the stored rows: the state served waits for it, then is replaced.
+        with self._current.lock, store.idempotency_key(key, digest) if key else _no_key():
+            if kind == "forget":
+                report = self._writer.forget(request["ids"], labels=request["labels"], fit=False)
+            else:
+                definitions = [Label(*lab) for lab in request["definitions"]]
+                report = self._writer.relabel(request["examples"], definitions, fit=False)
+            self._serve(self._open_snapshot())
+        self.metrics.sessions.inc()
+        self._offer(self._open_snapshot())
+        return next(e for e in edits(self._writer.memory.store) if e["session"] == report.session)
 
     def close(self) -> None:
         """Cancel a running refit (it stops at its next step; one stuck longer than
