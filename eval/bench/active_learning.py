@@ -221,6 +221,36 @@ def summary(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The learning curves (dev top-1 at each count of labels) and the headline, as tables."""
+    curves = result["curves"]
+    names = list(curves)
+    counts = sorted({p["labels"] for c in curves.values() for p in c})
+    lines = ["| labels | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for n in counts:
+        cells = [
+            next((f"{p['accuracy']:.3f}" for p in curves[s] if p["labels"] == n), "") for s in names
+        ]
+        lines.append(f"| {n:,} | " + " | ".join(cells) + " |")
+    target = TARGET * result["full_accuracy"]
+    lines += [
+        "",
+        f"All of train: {result['full_accuracy']:.4f}; 95% of it: {target:.4f}.",
+        "",
+        "| strategy | labels to 95% | / random's | last accuracy | pick s a round |",
+        "|---|---|---|---|---|",
+    ]
+    for row in summary(result):
+        needs = row["labels_to_95"]
+        ratio = row["ratio_to_random"]
+        lines.append(
+            f"| {row['strategy']} | {'not reached' if needs is None else f'{needs:,}'} | "
+            f"{'' if ratio is None else f'{ratio:.2f}'} | {row['final_accuracy']:.3f} | "
+            f"{row['pick_s_per_round']} |"
+        )
+    return "\n".join(lines)
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -296,11 +326,20 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--out", default="runs/bench/active_learning.json")
     parser.add_argument("--plot")
     parser.add_argument("--work", help="folder for the stores (default: a temporary one)")
+    parser.add_argument(
+        "--report", action="store_true", help="only the tables and plot of the curves in --out"
+    )
     return parser.parse_args()
 
 
 def main() -> None:
     args = arguments()
+    if args.report:
+        result = json.loads(Path(args.out).read_text())
+        print(markdown(result))
+        if args.plot:
+            plot(result, Path(args.plot))
+        return
     data = load(args)
     out = Path(args.out)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "plot", "work")}
@@ -336,8 +375,7 @@ def main() -> None:
             out.write_text(json.dumps(result, indent=1))
     result["summary"] = summary(result)
     out.write_text(json.dumps(result, indent=1))
-    for row in result["summary"]:
-        print(json.dumps(row))
+    print(markdown(result))
     if args.plot:
         plot(result, Path(args.plot))
 
