@@ -144,6 +144,19 @@ def test_audit_of_a_store_without_a_fit_fits_its_calibration_on_the_audited_item
     assert len({f.id for f in report.findings} & flipped) >= N_FLIPPED // 2
 
 
+def test_audit_of_a_store_of_a_handful_of_examples(tmp_path: Path, embedder: Any, wordnet: Any):
+    train, _test, labels = wordnet
+    few = [ex for ex in train if ex.labels[0] == "noun.animal"][:2]
+    few += [ex for ex in train if ex.labels[0] == "verb.motion"][:2]
+    with ContinualClassifier.open(tmp_path / "store", embedder=embedder) as clf:
+        clf.learn(few, labels)
+        report = clf.audit()
+    # Held out one at a time, each example leaves one of its label to be scored against.
+    assert report.audited == 4
+    assert sorted(ident for ident, _ in report.scores) == sorted(ex.id for ex in few)
+    assert report.calibration == "stored fit"  # the fit's default: scores over their spread
+
+
 def test_multi_label_audit_finds_dropped_and_added_tags(
     tmp_path: Path, embedder: Any, debtags: Any
 ):

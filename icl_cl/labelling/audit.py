@@ -351,6 +351,10 @@ def audit_store(
     memory.require_examples()
     multi = bool(memory.multi_label)
     table = heldout_table(memory, scorer, k, seed, progress)
+    if not table.rows:  # no fold left enough examples to score with (a store of a handful)
+        seconds = time.perf_counter() - start
+        source = STORED_FIT if calibrator is not None else FITTED_ON_AUDIT
+        return AuditReport([], 0, 0, scorer, source, multi, seconds, [])
     probs, source = probabilities(table, calibrator, multi)
     issues = confident_issues(table, probs, multi, len(memory.stats.labels))
     order = np.lexsort((-issues.score, ~issues.flagged))  # flagged first, then by score
