@@ -336,4 +336,8 @@ def test_cli_forget_and_relabel(tmp_path, embedder, wordnet, capsys):
     assert out["examples_relabelled"] == 1 and out["labels_added"] == ["noun.new"]
     assert main(["forget", "--store", str(path), "--ids", str(ids), "-q"]) == 4  # gone already
     assert "not stored examples" in capsys.readouterr().err
+    # A forget after those edits moves their empty blocks too.
+    ids.write_text(json.dumps({"id": train[8].id}) + "\n")  # as audit writes them
+    assert main(["forget", "--store", str(path), "--ids", str(ids), "--no-fit", "-q"]) == 0
+    capsys.readouterr()
     assert main(["verify", "--store", str(path)]) == 0

@@ -428,13 +428,14 @@ def _rewrite_labels(
 
 
 def _rewrite_blocks(conn: sqlite3.Connection, kept: np.ndarray, touched: Sequence[int]) -> None:
-    """Each touched session's block of the new vector file: its rows and their checksum."""
+    """The block of every session from the first touched one on (empty blocks of earlier
+    edits move too): its first row in the new vector file, its rows and their checksum."""
     counts = dict(conn.execute("SELECT session, COUNT(*) FROM examples GROUP BY session"))
-    end, updates = 0, []
-    marked = set(touched)
+    end, updates, marked = 0, [], set()
     for (s,) in conn.execute("SELECT session FROM blocks ORDER BY session").fetchall():
         n = int(counts.get(s, 0))
-        if s in marked:
+        if touched and s >= min(touched):
+            marked.add(s)
             updates.append((end, n, block_digest(kept[end : end + n].tobytes()), s))
         end += n
     conn.executemany(
