@@ -12,7 +12,7 @@ from icl_cl.errors import ConfigError
 
 # Every option list is defined once, here: a Literal (what pydantic validates and modules type
 # with) and, where code lists the options, the tuple of its values.
-ScorerName = Literal["ncm", "mahalanobis", "knn", "ridge", "ranpac", "klda"]
+ScorerName = Literal["ncm", "mahalanobis", "knn", "ridge", "ranpac", "klda", "description"]
 SCORERS: tuple[str, ...] = get_args(ScorerName)
 DemoStrategy = Literal["none", "knn", "per_label", "mmr", "random"]
 LabelPresentation = Literal["names", "descriptions", "summaries"]
@@ -134,6 +134,13 @@ class MemoryConfig(_Strict):
         4.0,
         gt=0,
         description="TEEN: softmax temperature over the cosines to the populated labels' means",
+    )
+    description_prior: float = Field(
+        1.0,
+        ge=0,
+        description="the ncm scorer's class mean of a label with a description counts its "
+        "embedded text as this many examples: a label with few examples leans on its text, one "
+        "with none is its text (0: off)",
     )
     ranpac_features: int = Field(
         4096,

@@ -82,7 +82,7 @@ def test_an_added_source_is_one_more_score_matrix_and_must_earn_its_weight():
     assert list(w.weights) == ["ecl", "llm", "other"]
     assert w.uses("ecl") and w.uses("llm") and not w.uses("other")
     assert w.weights["other"] == 0.0
-    assert set(w.heldout_accuracy) == {"ecl", "llm", "other", "fused"}
+    assert set(w.heldout_accuracy) == {"ecl", "llm", "other", "fused", "kept"}
     # The untrusted source changes nothing; a missing one (None) neither.
     row = {"ecl": ecl[0], "llm": strong[0], "other": noise[0]}
     np.testing.assert_array_equal(w.combine(row), w.combine({**row, "other": None}))

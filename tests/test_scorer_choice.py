@@ -10,7 +10,11 @@ import pytest
 from icl_cl.config import MemoryConfig
 from icl_cl.heads.heldout import draw_sample
 from icl_cl.heads.scorer_selection import (
+    FUSION_COLUMNS,
+    OTHERS_COLUMNS,
+    POOL,
     _folds,
+    _fusion_columns,
     _heldout_matrix,
     fit_scorer_choice,
     refresh_scorer_choice,
@@ -135,7 +139,7 @@ def test_a_fitted_choice_on_a_small_store_is_a_scorer_of_the_pool(tmp_path):
     examples, vectors = _data(80)
     memory = _memory(tmp_path / "s", examples, vectors)
     choice = fit_scorer_choice(memory, 80, seed=0)
-    assert set(choice.scorer.split("+")) <= {"klda", "ranpac", "mahalanobis", "knn"}
+    assert set(choice.scorer.split("+")) <= set(POOL)
 
 
 def test_a_stored_combination_keeps_its_name():
@@ -147,3 +151,49 @@ def test_a_stored_combination_keeps_its_name():
     again = ScorerChoice.from_dict(json.loads(json.dumps(choice.to_dict(), sort_keys=True)))
     assert again.scorer == choice.scorer == "ranpac+mahalanobis"
     assert again == choice
+
+
+def test_fusion_columns_hold_the_base_top_and_each_other_scorers_own_top():
+    rng = np.random.default_rng(0)
+    base, other = rng.normal(size=(3, 100)), rng.normal(size=(3, 100))
+    other[:, 99] = 50.0  # a label only the other scorer ranks high
+    columns = _fusion_columns([base, other])
+    assert columns.shape == (3, FUSION_COLUMNS + OTHERS_COLUMNS)
+    for i in range(3):
+        assert len(set(columns[i])) == columns.shape[1]
+        assert set(np.argsort(-base[i])[:FUSION_COLUMNS]) <= set(columns[i])
+        assert set(np.argsort(-other[i])[:OTHERS_COLUMNS]) <= set(columns[i])
+        assert 99 in columns[i]
+
+
+def test_a_label_known_only_by_its_description_is_reached_through_auto(tmp_path):
+    """A long tail: 12 labels with many examples, 60 with one, and 2 declared with a text and no
+    example. Held-out items of the one-example labels have lost their label's only example to
+    the fold, as a new label's inputs have: on them the scorers of label texts and the standing
+    of labels with no example earn their place, and auto then ranks a label known only by its text
+    among the top 3 for inputs like its own."""
+    rng = np.random.default_rng(5)
+    n_labels = 74
+    centres = rng.normal(size=(n_labels, DIM))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    y = np.concatenate([rng.integers(0, 12, size=360), np.arange(12, 72)])
+    x = centres[y] + 0.3 * rng.normal(size=(len(y), DIM))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    examples = [Example(f"i{i}", f"text {i}", (f"c{v}",)) for i, v in enumerate(y)]
+    store = Store.create(tmp_path / "s", dim=DIM, embedder="synthetic", config={})
+    memory = ExternalContinualLearner(store, MemoryConfig())
+    labels = [Label(f"c{j}", description=f"class {j}") for j in range(n_labels)]
+    texts = centres + 0.2 * rng.normal(size=centres.shape)  # a label's text: near its inputs
+    memory.learn(examples, x, labels, texts.astype(np.float32), multi_label=False)
+    assert memory.score_matrix(x[:1], "knn")[0, memory.stats.col["c72"]] == -np.inf
+    choice = fit_scorer_choice(memory, 200, seed=0)
+    memory.set_choice(choice, save=False)
+    # A scorer that reads label texts (ncm's description prior, or description) joined, and a
+    # label with no example is not counted as the least likely by the others.
+    assert {"ncm", "description"} & set(choice.scorer.split("+"))
+    assert choice.novelty is not None and choice.novelty > 0
+    queries = centres[72] + 0.3 * rng.normal(size=(20, DIM))
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    reached = ["c72" in dict(ranked) for ranked in memory.candidates(queries, 3, "auto")]
+    assert np.mean(reached) >= 0.7  # 0.85 measured; never under a scorer of examples alone
+    assert not any("c72" in dict(ranked) for ranked in memory.candidates(queries, 3, "knn"))

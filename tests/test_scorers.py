@@ -12,9 +12,11 @@ from icl_cl.memory.item_groups import ItemGroups
 from icl_cl.memory.scorers import (
     InFeatureSpace,
     KnnVote,
+    LabelDescription,
     Mahalanobis,
     NearestClassMean,
     Ridge,
+    fill_unseen,
     top_k,
 )
 from icl_cl.memory.statistics import RunningStatistics, augment
@@ -229,3 +231,17 @@ def test_ridge_path_equals_ridge_learned_without_each_fold():
             lam = rho * np.trace(st.gram) / len(st.gram)  # relative to the full store
             expected = Ridge(held, lam).scores(features.transform(x[fold]).astype(np.float32))
             np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
+
+
+def test_description_is_cosine_to_each_label_text_and_needs_no_example():
+    labels = np.array([[2.0, 0, 0], [0, 1, 1]], np.float32)
+    q = np.array([[1, 0, 0], [0, 0.6, 0.8]], np.float32)
+    got = LabelDescription(labels).scores(q)
+    np.testing.assert_allclose(got, [[1, 0], [0, 1.4 / np.sqrt(2)]], atol=1e-6)
+
+
+def test_fill_unseen_raises_minus_inf_to_the_lowest_finite_score_of_the_row():
+    s = np.array([[0.5, -np.inf, -0.2], [-np.inf, -np.inf, -np.inf], [1.0, 2.0, 3.0]])
+    np.testing.assert_array_equal(
+        fill_unseen(s), [[0.5, -0.2, -0.2], [0.0, 0.0, 0.0], [1.0, 2.0, 3.0]]
+    )

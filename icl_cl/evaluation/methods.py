@@ -37,6 +37,12 @@ def view(ctx: StageContext, config: ClassifierConfig) -> ContinualClassifier:
     return ContinualClassifier(classifier.memory, classifier.embedder, config, backend=backend)
 
 
+# mAP ranks the test items by every label's score up to this many labels; above it (an extreme
+# label space, where items times labels does not fit in memory) by the scores of each item's
+# ranked candidates, the others counting as -inf.
+FULL_SCORES_MAX_LABELS = 2048
+
+
 # ---- the methods -------------------------------------------------------------------------
 
 
@@ -61,9 +67,10 @@ def run_ecl(
     clf.fit(ctx.k, scorer=spec.scorer, use_llm=False)
     preds = clf.predict_vectors(queries, ctx.k, scorer=spec.scorer, confidence=ctx.confidence)
     ctx.progress(len(test))
+    full = ctx.multi_label and len(clf.memory.labels) <= FULL_SCORES_MAX_LABELS
     return MethodOutput(
         decisions=[Decision.from_prediction(p) for p in preds],
-        full_scores=clf.memory.score_matrix(queries, spec.scorer) if ctx.multi_label else None,
+        full_scores=clf.memory.score_matrix(queries, spec.scorer) if full else None,
     )
 
 

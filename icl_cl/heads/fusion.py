@@ -25,6 +25,8 @@ _Z = 1.645
 _MAX_WEIGHT = 50.0
 # The accuracy key of the cross-fitted fusion of every source.
 FUSED = "fused"
+# The accuracy key of the cross-fitted fusion of the sources kept (the base's own with none).
+KEPT = "kept"
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class FusionWeights:
     Attributes:
         weights: Weight of each source, the base first; 0 for a source that did not earn one.
         heldout_items: Held-out items the weights were fitted on.
-        heldout_accuracy: Top-1 accuracy on those items of each source alone, and of the
+        heldout_accuracy: Top-1 accuracy (or RP@depth) on those items of each source alone, and of the
             cross-fitted fusion of them all (``fused``); NaN when nothing was fitted.
     """
 
@@ -117,39 +119,50 @@ def _fit(sources: list[np.ndarray], target: np.ndarray, free: Sequence[bool]) ->
     return minimize(_nll, x0=x0, args=(sources, target), bounds=bounds, method="L-BFGS-B").x
 
 
-def _correct(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
-    return target[np.arange(len(scores)), scores.argmax(axis=1)] > 0
+def _quality(scores: np.ndarray, target: np.ndarray, depth: int) -> np.ndarray:
+    """Per item, the gold candidates among the top ``depth`` over as many as could be there
+    (``depth`` 1: whether the top candidate is gold; 5: RP@5)."""
+    if depth == 1:
+        return (target[np.arange(len(scores)), scores.argmax(axis=1)] > 0).astype(np.float64)
+    depth = min(depth, scores.shape[1])
+    top = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
+    hits = (np.take_along_axis(target, top, axis=1) > 0).sum(axis=1)
+    return hits / np.minimum(depth, (target > 0).sum(axis=1))
 
 
-def _cross_fitted_correct(sources: list[np.ndarray], target: np.ndarray) -> np.ndarray:
-    """Per item, whether the fusion of ``sources`` (every weight free) fitted on the other half
-    of the items chose a gold candidate."""
+def _cross_fitted_quality(sources: list[np.ndarray], target: np.ndarray, depth: int) -> np.ndarray:
+    """Per item, the :func:`_quality` of the fusion of ``sources`` (every weight free) fitted on
+    the other half of the items."""
     halves = [np.arange(len(target)) % 2 == 0, np.arange(len(target)) % 2 == 1]
-    correct = np.zeros(len(target), dtype=bool)
+    quality = np.zeros(len(target))
     for fit_on, judge in (halves, halves[::-1]):
         w = _fit([x[fit_on] for x in sources], target[fit_on], [True] * len(sources))
         fused = w[0] * sources[0][judge]
         for weight, x in zip(w[1:], sources[1:], strict=True):
             fused = fused + weight * x[judge]
-        correct[judge] = _correct(fused, target[judge])
-    return correct
+        quality[judge] = _quality(fused, target[judge], depth)
+    return quality
 
 
 def fit_fusion(
-    sources: Mapping[str, Sequence[np.ndarray]], gold: Sequence[set[int]]
+    sources: Mapping[str, Sequence[np.ndarray]], gold: Sequence[set[int]], depth: int = 1
 ) -> FusionWeights:
-    """Fit ``w_s >= 0`` on held-out items, and keep each added source only if it helps the base
-    beyond noise.
+    """Fit ``w_s >= 0`` on held-out items, and keep each added source only if it helps beyond
+    noise.
 
-    The decision is made on cross-fitted predictions (weights of the base and that source fitted
-    on one half, judged on the other, and back), comparing them with the base's decisions item by
-    item with a sign test, and it must win in each half too. The final weights are fitted on
-    every item, the sources that did not earn their place held at 0.
+    Sources join the base one at a time (:func:`_forward_selection`), each judged on
+    cross-fitted predictions (weights fitted on one half of the items, judged on the other, and
+    back) against those of the sources already kept, item by item with a sign test, and it must
+    win in each half too. With one added source (the LLM) that is the base against the base and
+    the source. The final weights are fitted on every item, the sources that did not earn their
+    place held at 0.
 
     Args:
         sources: Per source (the base first), per item, the scores of the item's ``k``
             candidates (``-inf`` where a candidate was dropped).
         gold: Per item, positions of gold labels among the candidates (may be empty).
+        depth: What an item's decision is judged on: its top candidate (1), or the gold share
+            of its top ``depth`` (RP@depth: a ranking of several labels, as in tagging).
     """
     names = list(sources)
     rows = [
@@ -165,20 +178,9 @@ def fit_fusion(
         target[r, list(gold[i])] = 1.0 / len(gold[i])
     standardised, scales = zip(*(_standardise(x) for x in raw), strict=True)
     std = list(standardised)
-    base_correct = _correct(raw[0], target)
-    trusted = [True]
-    halves = np.arange(len(rows)) % 2
-    for s in range(1, len(names)):
-        paired = _cross_fitted_correct([std[0], std[s]], target)
-        win, loss = paired & ~base_correct, ~paired & base_correct
-        wins, losses = int(np.sum(win)), int(np.sum(loss))
-        # It must win beyond noise overall and win in each half: on a small store one lucky
-        # half must not hand the LLM a weight that costs accuracy on new inputs.
-        each_half = all(np.sum(win[halves == h]) > np.sum(loss[halves == h]) for h in (0, 1))
-        trusted.append(wins - losses > _Z * np.sqrt(max(wins + losses, 1)) and each_half)
-        fused_correct = paired
-    if len(names) > 2:
-        fused_correct = _cross_fitted_correct(std, target)
+    trusted, kept_quality = _forward_selection(std, target, depth, _quality(raw[0], target, depth))
+    # What fusing every source scores (reported even where a source was not kept).
+    fused_quality = kept_quality if all(trusted) else _cross_fitted_quality(std, target, depth)
     # Sources that did not earn their place keep weight 0: with none, this is the base alone
     # with its scale calibrated.
     fitted = _fit(std, target, trusted)
@@ -186,6 +188,37 @@ def fit_fusion(
         name: float(w) / scale if ok else 0.0
         for name, w, scale, ok in zip(names, fitted, scales, trusted, strict=True)
     }
-    accuracy = {name: float(_correct(x, target).mean()) for name, x in zip(names, raw, strict=True)}
-    accuracy[FUSED] = float(fused_correct.mean()) if len(names) > 1 else accuracy[names[0]]
+    accuracy = {
+        name: float(_quality(x, target, depth).mean()) for name, x in zip(names, raw, strict=True)
+    }
+    accuracy[FUSED] = float(fused_quality.mean()) if len(names) > 1 else accuracy[names[0]]
+    accuracy[KEPT] = float(kept_quality.mean())
     return FusionWeights(weights, len(rows), accuracy)
+
+
+def _forward_selection(
+    std: list[np.ndarray], target: np.ndarray, depth: int, base_quality: np.ndarray
+) -> tuple[list[bool], np.ndarray]:
+    """Which sources join the base, one at a time: each round, every source not yet kept is
+    fused (cross-fitted) with those kept, and the one that beats them by most is kept if it
+    wins beyond noise, overall and in each half of the items: on a small store one lucky half
+    must not hand the LLM a weight that costs accuracy on new inputs. Returns the kept flags
+    and the per-item quality of the kept fusion (the base's own with none)."""
+    trusted = [True] + [False] * (len(std) - 1)
+    current = base_quality
+    halves = np.arange(len(target)) % 2
+    while True:
+        best, best_margin, best_quality = None, 0.0, current
+        for s in (i for i, ok in enumerate(trusted) if not ok):
+            quality = _cross_fitted_quality(
+                [x for x, ok in zip(std, trusted, strict=True) if ok] + [std[s]], target, depth
+            )
+            win, loss = quality > current, quality < current
+            wins, losses = int(np.sum(win)), int(np.sum(loss))
+            each_half = all(np.sum(win[halves == h]) > np.sum(loss[halves == h]) for h in (0, 1))
+            margin = wins - losses - _Z * np.sqrt(max(wins + losses, 1))
+            if each_half and margin > best_margin:
+                best, best_margin, best_quality = s, margin, quality
+        if best is None:
+            return trusted, current
+        trusted[best], current = True, best_quality

@@ -15,21 +15,32 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from icl_cl.heads.fusion import FUSED, fit_fusion
+from icl_cl.heads.fusion import FUSED, KEPT, FusionWeights, fit_fusion
 from icl_cl.heads.heldout import Sample, draw_sample, fold_size
 from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.memory.feature_spaces import MAX_LABELS
 from icl_cl.memory.ridge_path import RHO_GRID, heldout_ridge_scores
 from icl_cl.memory.scorer_choice import ScorerChoice
-from icl_cl.memory.scorers import FEATURE_SCORERS
+from icl_cl.memory.scorers import FEATURE_SCORERS, row_floor, top_k
 from icl_cl.types import Progress
 
 logger = logging.getLogger(__name__)
 
-# The scorers ``auto`` chooses among and fuses (ncm and linear ridge never won on the corpora).
-POOL = ("klda", "ranpac", "mahalanobis", "knn")
-# Columns of each item the fusion is fitted over: the best scorer's top candidates.
+# The scorers ``auto`` chooses among and fuses (linear ridge never won on the corpora);
+# ``description`` ranks labels by their own text, the only source for labels with no example,
+# and ncm's class means lean on that text where a label has few examples.
+POOL = ("klda", "ranpac", "mahalanobis", "knn", "ncm", "description")
+# Columns of each item the fusion is fitted over: the best scorer's top candidates, and each
+# other scorer's own top few (labels only it ranks high, such as labels with no example, are
+# what its weight is for).
 FUSION_COLUMNS = 20
+OTHERS_COLUMNS = 5
+# A multi-label store's scorers are judged on RP@5 of the held-out items (a ranking of tags),
+# a single-label store's on top-1.
+RANKING_DEPTH = 5
+# Where a scorer knows nothing of a label (no example), the standings tried by the fit: how
+# many standard deviations of its scores above its lowest it counts the label.
+NOVELTY_GRID = (0.0, 0.5, 1.0, 2.0, 3.0)
 # Held-out items are scored in folds of at most this many (see heldout.fold_size): larger folds
 # than the heads' cost fewer solves of the wide feature scorers.
 FOLD = 500
@@ -53,7 +64,10 @@ def fit_scorer_choice(
     pool: Sequence[str] = POOL,
     progress: Progress | None = None,
 ) -> ScorerChoice:
-    """Choose ``auto``'s scorer (or combination) and ranpac's strength on ``n`` held-out items.
+    """Choose ``auto``'s scorer (or combination), ranpac's strength and a combination's bonus
+    for labels with no example on ``n`` held-out items.
+
+    Scorers are judged on the top-1 of a single-label store, on RP@5 of a multi-label one.
 
     Args:
         memory: The ECL (not changed: the caller stores and applies the choice).
@@ -66,6 +80,39 @@ def fit_scorer_choice(
         pool = [name for name in pool if name not in FEATURE_SCORERS]
     sample = draw_sample(memory, n, seed)
     gold = _gold_columns(memory, sample)
+    depth = RANKING_DEPTH if memory.multi_label else 1
+    scores, rho, rho_accuracy = _heldout_scores(memory, sample, gold, pool, progress)
+    accuracy = {name: _quality(s, gold, depth) for name, s in scores.items()}
+    tried = [name for name in pool if name in scores]
+    best = max(tried, key=lambda name: accuracy[name])  # first of the pool on a tie
+    order = [best, *(name for name in tried if name != best)]
+    columns = _fusion_columns([scores[name] for name in order])
+    positions = [
+        {j for j, c in enumerate(cols) if c in g} for cols, g in zip(columns, gold, strict=True)
+    ]
+    novelty, fusion = _fit_with_novelty(
+        {name: scores[name] for name in order}, columns, positions, depth
+    )
+    weights = dict(fusion.weights)
+    if not fusion.uses_added:
+        weights, novelty = {name: 1.0 if name == best else 0.0 for name in order}, None
+    accuracy[FUSED] = fusion.heldout_accuracy.get(FUSED, accuracy[best])
+    choice = ScorerChoice(
+        weights, rho, len(gold), accuracy, memory.n_examples, rho_accuracy, novelty
+    )
+    logger.info("auto scorer: %s", choice.reason())
+    return choice
+
+
+def _heldout_scores(
+    memory: ExternalContinualLearner,
+    sample: Sample,
+    gold: Sequence[set[int]],
+    pool: Sequence[str],
+    progress: Progress | None,
+) -> tuple[dict[str, np.ndarray], float | None, dict[str, float]]:
+    """Every scorer's held-out scores (one left out where it cannot be estimated), ranpac's
+    strength and the accuracy of each strength tried."""
     stage = f"fitting: choosing the ECL scorer on {len(gold)} held-out items"
     scores: dict[str, np.ndarray] = {}
     rho, rho_accuracy = None, {}
@@ -79,25 +126,50 @@ def fit_scorer_choice(
             logger.info("auto scorer: %s left out (%s)", name, exc)
         if progress is not None:
             progress(stage, i + 1, len(pool))
-    accuracy = {name: _top1(s, gold) for name, s in scores.items()}
-    tried = [name for name in pool if name in scores]
-    best = max(tried, key=lambda name: accuracy[name])  # first of the pool on a tie
-    order = [best, *(name for name in tried if name != best)]
-    columns = np.argsort(-scores[best], axis=1)[:, :FUSION_COLUMNS]
-    sources = {name: list(np.take_along_axis(scores[name], columns, axis=1)) for name in order}
-    positions = [
-        {j for j, c in enumerate(cols) if c in g} for cols, g in zip(columns, gold, strict=True)
-    ]
-    fusion = fit_fusion(sources, positions)
-    weights = dict(fusion.weights)
-    if not fusion.uses_added:
-        weights = {name: 1.0 if name == best else 0.0 for name in order}
-    accuracy[FUSED] = fusion.heldout_accuracy.get(FUSED, accuracy[best])
-    choice = ScorerChoice(
-        weights, rho, len(gold), accuracy, memory.n_examples, rho_accuracy=rho_accuracy
-    )
-    logger.info("auto scorer: %s", choice.reason())
-    return choice
+    return scores, rho, rho_accuracy
+
+
+def _fit_with_novelty(
+    scores: dict[str, np.ndarray], columns: np.ndarray, gold: Sequence[set[int]], depth: int
+) -> tuple[float, FusionWeights]:
+    """The fusion of ``scores`` (the best scorer first) over each item's ``columns``, and the
+    standing of labels a scorer knows nothing of (:func:`~icl_cl.memory.scorers.fill_unseen`)
+    that makes the kept fusion score best: a held-out item whose label had one example has lost
+    it to its fold, as an input of a new label has none (0 on a tie, and where every label of
+    every fold has an example)."""
+    at = {name: np.take_along_axis(s, columns, axis=1) for name, s in scores.items()}
+    floors = {name: row_floor(s) for name, s in scores.items()}
+    unseen = any(not np.isfinite(s).all() for s in at.values())
+    fits = {}
+    for novelty in NOVELTY_GRID if unseen else (0.0,):
+        sources = {
+            name: list(np.where(np.isfinite(s), s, floors[name][0] + novelty * floors[name][1]))
+            for name, s in at.items()
+        }
+        fits[novelty] = fit_fusion(sources, gold, depth)
+    novelty = max(fits, key=lambda n: fits[n].heldout_accuracy.get(KEPT, 0.0))
+    return novelty, fits[novelty]
+
+
+def _fusion_columns(scores: Sequence[np.ndarray]) -> np.ndarray:
+    """Per item, the labels the fusion is fitted over: the first scorer's top
+    :data:`FUSION_COLUMNS`, the other scorers' top :data:`OTHERS_COLUMNS` each, then the first
+    scorer's next best until every row has the same width."""
+    n_labels = scores[0].shape[1]
+    width = min(n_labels, FUSION_COLUMNS + OTHERS_COLUMNS * (len(scores) - 1))
+    others = [top_k(s, OTHERS_COLUMNS)[0] for s in scores[1:]]
+    base = top_k(scores[0], width)[0]
+    rows = []
+    for i in range(len(base)):
+        chosen = dict.fromkeys(base[i, :FUSION_COLUMNS].tolist())
+        for top in others:
+            chosen.update(dict.fromkeys(top[i].tolist()))
+        for c in base[i, FUSION_COLUMNS:].tolist():
+            if len(chosen) >= width:
+                break
+            chosen.setdefault(c)
+        rows.append(list(chosen)[:width])
+    return np.array(rows, dtype=np.int64).reshape(len(base), width)
 
 
 def _gold_columns(memory: ExternalContinualLearner, sample: Sample) -> list[set[int]]:
@@ -105,9 +177,14 @@ def _gold_columns(memory: ExternalContinualLearner, sample: Sample) -> list[set[
     return [{col[label] for label in ex.labels} for ex in sample.examples]
 
 
-def _top1(scores: np.ndarray, gold: Sequence[set[int]]) -> float:
-    top = scores.argmax(axis=1)
-    return float(np.mean([int(t) in g for t, g in zip(top, gold, strict=True)]))
+def _quality(scores: np.ndarray, gold: Sequence[set[int]], depth: int = 1) -> float:
+    """Top-1 accuracy (``depth`` 1), or the mean RP@depth, of a held-out score matrix."""
+    top = top_k(scores, depth)[0]
+    hits = [
+        len(set(t.tolist()) & g) / max(min(depth, len(g)), 1)
+        for t, g in zip(top, gold, strict=True)
+    ]
+    return float(np.mean(hits))
 
 
 def _folds(memory: ExternalContinualLearner, sample: Sample) -> list[range]:
@@ -149,7 +226,8 @@ def _ranpac_path(
         rho: np.vstack([m[first] for m, first in zip(mats, firsts, strict=True)]).astype(np.float64)
         for rho, mats in paths.items()
     }
-    accuracy = {f"{rho:g}": _top1(s, gold) for rho, s in by_rho.items()}
+    depth = RANKING_DEPTH if memory.multi_label else 1
+    accuracy = {f"{rho:g}": _quality(s, gold, depth) for rho, s in by_rho.items()}
     best = max(RHO_GRID, key=lambda rho: accuracy[f"{rho:g}"])
     return by_rho[best], float(best), accuracy
 

@@ -41,6 +41,11 @@ from icl_cl.types import Example, Label
 logger = logging.getLogger(__name__)
 
 
+# Scores held at once when ranking a batch of queries (a block of queries times the labels):
+# 16M float64, 128 MB.
+_SCORES_PER_BLOCK = 1 << 24
+
+
 @dataclass(frozen=True)
 class _Session:
     """A session worked out before its commit: what the store writes, then memory applies."""
@@ -318,7 +323,7 @@ class ExternalContinualLearner:
             if SEPARATOR in name:
                 weights = weights_of(self._choice, name)
                 parts = [(self.scorer(part), w) for part, w in weights.items()]
-                self._scorers[name] = Combination(parts)
+                self._scorers[name] = Combination(parts, self._novelty())
             elif name in FEATURE_SCORERS:
                 self._scorers[name] = self._spaces.scorer(name, **self._space_args())
             else:
@@ -329,7 +334,18 @@ class ExternalContinualLearner:
         self, name: str, stats: RunningStatistics, excluded: frozenset[int] = frozenset()
     ) -> Scorer:
         items = self.items() if name == "knn" else None
-        return build_scorer(name, stats, self.config, self.index, items, excluded)
+        if name not in ("description", "ncm"):
+            return build_scorer(name, stats, self.config, self.index, items, excluded)
+        return build_scorer(
+            name,
+            stats,
+            self.config,
+            self.index,
+            items,
+            excluded,
+            label_vectors=self.label_vectors,
+            described=np.array([bool(label.description) for label in self._labels]),
+        )
 
     def _space_args(self) -> dict[str, Any]:
         return {
@@ -359,7 +375,8 @@ class ExternalContinualLearner:
         name = self.resolve_scorer(name)
         if SEPARATOR in name:
             weights = weights_of(self._choice, name)
-            return Combination([(self.heldout_scorer(rows, p), w) for p, w in weights.items()])
+            parts = [(self.heldout_scorer(rows, p), w) for p, w in weights.items()]
+            return Combination(parts, self._novelty())
         held = self.heldout_items(rows)
         if name in FEATURE_SCORERS:
             return self._spaces.heldout_scorer(
@@ -367,6 +384,10 @@ class ExternalContinualLearner:
             )
         stats = self.stats.without(self.stats.delta(held.vectors, held.labels))
         return self._build(name, stats, frozenset(held.rows))
+
+    def _novelty(self) -> float:
+        """The stored choice's standing of labels with no example (see :class:`Combination`)."""
+        return (self._choice.novelty if self._choice is not None else None) or 0.0
 
     def ranked(self, scores: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         """Top-``k`` ``(label, score)`` per row of a score matrix, dropping labels with no example."""
@@ -380,12 +401,18 @@ class ExternalContinualLearner:
     def candidates(
         self, queries: np.ndarray, k: int, scorer: str | None = None
     ) -> list[list[tuple[str, float]]]:
-        """Top-``k`` labels per query vector, best first, as ``(label, score)``."""
+        """Top-``k`` labels per query vector, best first, as ``(label, score)``; scored in
+        blocks, so that a large batch over many labels never holds every score at once."""
         if k <= 0:
             raise DataError(f"k must be a positive integer, got {k}")
         self.require_examples()
-        scores = self.scorer(scorer).scores(np.ascontiguousarray(queries, np.float32))
-        return self.ranked(scores, k)
+        chosen = self.scorer(scorer)
+        queries = np.ascontiguousarray(queries, np.float32)
+        block = max(1, _SCORES_PER_BLOCK // max(len(self._labels), 1))
+        out: list[list[tuple[str, float]]] = []
+        for lo in range(0, len(queries), block):
+            out.extend(self.ranked(chosen.scores(queries[lo : lo + block]), k))
+        return out
 
     def score_matrix(self, queries: np.ndarray, scorer: str | None = None) -> np.ndarray:
         """Scores of every label for each query, ``(n, n_labels)`` in column order."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from icl_cl.memory.scorers import Scorer
+from icl_cl.memory.scorers import Scorer, fill_unseen
 
 # Where the choice is stored among the store's fitted rows.
 CHOICE_KEY = "ecl:scorer_choice"
@@ -35,9 +35,13 @@ class ScorerChoice:
         ranpac_rho: ``ranpac``'s ridge strength relative to the mean eigenvalue of its Gram
             matrix, chosen on the held-out items (``None``: ranpac was not in the pool).
         heldout_items: Held-out stored items the choice was made on.
-        heldout_accuracy: Their top-1 accuracy under each scorer alone, and under the
-            cross-fitted combination (``fused``).
+        heldout_accuracy: Their top-1 accuracy (RP@5 in a multi-label store) under each scorer
+            alone, and under the cross-fitted combination (``fused``).
         n_examples: Stored examples when it was fitted.
+        rho_accuracy: Held-out accuracy of ranpac at each strength tried.
+        novelty: Where a combination's scorer knows nothing of a label (no example), how many
+            standard deviations of its scores above its lowest it counts the label, chosen on
+            the held-out items (``None``: no combination).
     """
 
     weights: Mapping[str, float]
@@ -46,6 +50,7 @@ class ScorerChoice:
     heldout_accuracy: Mapping[str, float]
     n_examples: int
     rho_accuracy: Mapping[str, float] = field(default_factory=dict)
+    novelty: float | None = None
 
     @property
     def scorer(self) -> str:
@@ -59,11 +64,11 @@ class ScorerChoice:
         picked = self.scorer
         if SEPARATOR in picked:
             return (
-                f"{picked}: their fusion scored {acc['fused']:.3f} top-1 on {self.heldout_items} "
+                f"{picked}: their fusion scored {acc['fused']:.3f} on {self.heldout_items} "
                 f"held-out stored items (alone: {others})"
             )
         return (
-            f"{picked}: best top-1 on {self.heldout_items} held-out stored items ({others}); no "
+            f"{picked}: best on {self.heldout_items} held-out stored items ({others}); no "
             "other scorer added to it beyond noise"
         )
 
@@ -78,6 +83,7 @@ class ScorerChoice:
             "heldout_accuracy": dict(self.heldout_accuracy),
             "n_examples": self.n_examples,
             "rho_accuracy": dict(self.rho_accuracy),
+            "novelty": self.novelty,
         }
 
     @classmethod
@@ -86,11 +92,12 @@ class ScorerChoice:
         order = data.get("order", list(weights))
         return cls(
             {name: weights[name] for name in order},
-            None if data["ranpac_rho"] is None else float(data["ranpac_rho"]),
+            _optional_float(data["ranpac_rho"]),
             int(data["heldout_items"]),
             {str(k): float(v) for k, v in data["heldout_accuracy"].items()},
             int(data["n_examples"]),
             {str(k): float(v) for k, v in data.get("rho_accuracy", {}).items()},
+            _optional_float(data.get("novelty")),
         )
 
     def summary(self, store_size: int) -> dict[str, Any]:
@@ -100,6 +107,7 @@ class ScorerChoice:
             "why": self.reason(),
             "weights": dict(self.weights),
             "ranpac_rho": self.ranpac_rho,
+            "novelty": self.novelty,
             "heldout_items": self.heldout_items,
             "fitted_at_examples": self.n_examples,
             "chosen_again_at_examples": int(CHOICE_GROWTH * self.n_examples),
@@ -111,18 +119,27 @@ class ScorerChoice:
         return not self.n_examples <= n_examples < CHOICE_GROWTH * self.n_examples
 
 
-class Combination:
-    """Weighted sum of several scorers' scores (weights include each scorer's scale)."""
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
-    def __init__(self, parts: Sequence[tuple[Scorer, float]]) -> None:
+
+class Combination:
+    """Weighted sum of several scorers' scores (weights include each scorer's scale); a label
+    one scorer knows nothing of (no example) counts as that scorer's least likely one, raised by
+    ``novelty`` standard deviations of its row (:func:`fill_unseen`): where the scorers have no
+    evidence for a described label, its text is all there is, and the fit step measures on
+    held-out items what that is worth against a label that has examples and no votes."""
+
+    def __init__(self, parts: Sequence[tuple[Scorer, float]], novelty: float = 0.0) -> None:
         self._parts = list(parts)
+        self._novelty = novelty
         self.name = SEPARATOR.join(s.name for s, _ in parts)
 
     def scores(self, queries: np.ndarray) -> np.ndarray:
         total: np.ndarray | None = None
         for scorer, weight in self._parts:
-            part = weight * scorer.scores(queries).astype(np.float64)
-            total = part if total is None else total + part
+            filled = fill_unseen(scorer.scores(queries).astype(np.float64), self._novelty)
+            total = weight * filled if total is None else total + weight * filled
         assert total is not None
         return total.astype(np.float32)
 

@@ -6,6 +6,7 @@ likely. Labels that have no example yet score ``-inf`` (they are never candidate
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -35,17 +36,49 @@ def _mask_unseen(scores: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return scores
 
 
+def fill_unseen(scores: np.ndarray, novelty: float = 0.0) -> np.ndarray:
+    """``scores`` with each ``-inf`` (a label the scorer knows nothing of, having no example)
+    raised to the lowest finite score of its row plus ``novelty`` times the row's standard
+    deviation: where another scorer of a combination ranks such a label (by its description),
+    this one counts it as its least likely label (0), or closer to a typical one, as the fit
+    step chose on held-out items."""
+    unseen = ~np.isfinite(scores)
+    if not unseen.any():
+        return scores
+    floor, spread = row_floor(scores)
+    return np.where(unseen, floor + novelty * spread, scores).astype(scores.dtype, copy=False)
+
+
+def row_floor(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, ``(n, 1)`` each: the lowest finite score (0 where there is none) and the
+    standard deviation of the finite scores."""
+    finite = np.isfinite(scores)
+    values = np.where(finite, scores, np.nan)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a row with no finite score
+        floor = np.nanmin(values, axis=1, keepdims=True)
+        spread = np.nanstd(values, axis=1, keepdims=True)
+    return np.nan_to_num(floor), np.nan_to_num(spread)
+
+
 class NearestClassMean:
     """SimpleCIL: cosine similarity to each class mean of frozen embeddings."""
 
     name = "ncm"
 
-    def __init__(self, stats: RunningStatistics, prototypes: np.ndarray | None = None) -> None:
-        """``prototypes`` replaces the class means (calibrated ones); default: the plain means."""
+    def __init__(
+        self,
+        stats: RunningStatistics,
+        prototypes: np.ndarray | None = None,
+        known: np.ndarray | None = None,
+    ) -> None:
+        """``prototypes`` replaces the class means (calibrated ones, or with a description
+        prior); default: the plain means. ``known`` marks the labels it scores (default: those
+        with an example)."""
         means = stats.means() if prototypes is None else prototypes
         norms = np.linalg.norm(means, axis=1, keepdims=True)
         self._prototypes = np.ascontiguousarray((means / np.maximum(norms, 1e-12)).T, np.float32)
-        self._counts = stats.counts.copy()
+        self._counts = (stats.counts if known is None else known.astype(np.int64)).copy()
 
     def scores(self, queries: np.ndarray) -> np.ndarray:
         return _mask_unseen(queries @ self._prototypes, self._counts)
@@ -195,6 +228,38 @@ class KnnVote:
         return scores
 
 
+class LabelDescription:
+    """Cosine similarity of the query to each label's own text (its name and description): the
+    one scorer that ranks labels with no example yet, such as tags known only by description."""
+
+    name = "description"
+
+    def __init__(self, label_vectors: np.ndarray) -> None:
+        self._labels = np.ascontiguousarray(_unit(label_vectors).T, np.float32)
+
+    def scores(self, queries: np.ndarray) -> np.ndarray:
+        return queries @ self._labels
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def described_means(
+    stats: RunningStatistics,
+    means: np.ndarray,
+    label_vectors: np.ndarray,
+    described: np.ndarray,
+    prior: float,
+) -> np.ndarray:
+    """Class means in which each described label's embedded text counts as ``prior`` examples:
+    ``(n m + a t) / (n + a)`` for a label with ``n`` examples, mean ``m`` and unit text vector
+    ``t``; a label with no example is its text (rows of undescribed labels are unchanged)."""
+    n = stats.counts[:, None].astype(np.float64)
+    blended = (n * means + prior * _unit(label_vectors)) / (n + prior)
+    return np.where(described[:, None], blended, means)
+
+
 class LinearHead:
     """A solved linear scorer, ``q W^T + b``: what a prediction needs of a feature scorer (its
     weights and biases in float32), apart from the learner state they were solved from."""
@@ -247,16 +312,31 @@ def build_scorer(
     index: ExampleIndex,
     items: ItemGroups | None,
     excluded: frozenset[int] = frozenset(),
+    label_vectors: np.ndarray | None = None,
+    described: np.ndarray | None = None,
 ) -> Scorer:
-    """Construct the named scorer (not a feature scorer) from the current statistics."""
+    """Construct the named scorer (not a feature scorer) from the current statistics.
+
+    ``label_vectors`` are the embedded label texts in column order (the ``description`` scorer,
+    and ncm's description prior for the labels ``described`` marks)."""
     if name in FEATURE_SCORERS:
         raise ValueError(f"the {name} scorer is solved from its feature space, not built here")
     if name == "ncm":
-        return NearestClassMean(stats, class_prototypes(stats, config))
+        prototypes = class_prototypes(stats, config)
+        if described is None or label_vectors is None or config.description_prior == 0:
+            return NearestClassMean(stats, prototypes)
+        prototypes = described_means(
+            stats, prototypes, label_vectors, described, config.description_prior
+        )
+        return NearestClassMean(stats, prototypes, known=(stats.counts > 0) | described)
     if name == "mahalanobis":
         return Mahalanobis(stats, config.shrinkage, prototypes=class_prototypes(stats, config))
     if name == "ridge":
         return Ridge(stats, config.ridge_lambda)
+    if name == "description":
+        if label_vectors is None:
+            raise ValueError("the description scorer needs the label vectors")
+        return LabelDescription(label_vectors)
     if name == "knn":
         if items is None:
             raise ValueError("the kNN scorer needs the labels of stored items")
@@ -275,11 +355,14 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 __all__ = [
     "KnnVote",
+    "LabelDescription",
     "LinearHead",
     "Mahalanobis",
     "NearestClassMean",
     "Ridge",
     "Scorer",
     "build_scorer",
+    "fill_unseen",
+    "row_floor",
     "top_k",
 ]
