@@ -95,7 +95,8 @@ def test_generated_requests_get_no_5xx_and_agree_with_the_schema(
     with running(app) as url:
         schema = schemathesis.openapi.from_url(f"{url}/openapi.json", headers=AUTH)
         operations = {op.label: op for op in (r.ok() for r in schema.get_all_operations())}
-        assert len(operations) == 7
+        # Every operation of the schema was read (the service grows endpoints).
+        assert len(operations) == sum(len(ops) for ops in app.openapi()["paths"].values())
         predict = operations["POST /v1/predict"]
         for example in app.openapi()["components"]["schemas"]["PredictRequest"]["examples"]:
             tally.call(predict.Case(body=example, media_type="application/json"), "example")
@@ -115,7 +116,7 @@ def test_generated_requests_get_no_5xx_and_agree_with_the_schema(
     assert not tally.failures, (dict(tally.kinds), "\n".join(tally.failures[:20]))
     assert not [status for status in by_status if status >= 500]
     assert tally.count(200, "POST /v1/predict") >= 1
-    assert by_status.total() >= 7 * min(EXAMPLES, 5)
+    assert by_status.total() >= len(operations) * min(EXAMPLES, 5)
 
 
 def _fuzz(operation: Any, mode: GenerationMode, tally: Tally) -> None:

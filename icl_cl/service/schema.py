@@ -27,6 +27,7 @@ def describe_limits(app: FastAPI) -> None:
         models["PredictRequest"]["properties"]["inputs"]["maxItems"] = settings.max_items
         models["LearnRequest"]["properties"]["examples"]["maxItems"] = settings.max_items
         _branch(models["PredictRequest"]["properties"]["k"], "integer")["maximum"] = settings.max_k
+        _branch(models["AuditRequest"]["properties"]["k"], "integer")["maximum"] = settings.max_k
         serving: Serving | None = getattr(app.state, "serving", None)
         if serving is not None:
             max_chars = serving.current.clf.config.max_text_chars
