@@ -10,6 +10,7 @@ from typing import Any
 from icl_cl.config import ClassifierConfig
 from icl_cl.heads import KeptHeads
 from icl_cl.memory.ecl import ExternalContinualLearner
+from icl_cl.memory.forgetting import edits
 from icl_cl.types import Prediction
 
 
@@ -52,6 +53,8 @@ def store_info(
             }
             for s in memory.sessions()
         ],
+        # Forgets and relabels among the sessions: their counts (no content).
+        "edits": edits(store),
         "scorer_choice": (
             memory.choice.summary(memory.n_examples) if memory.choice is not None else None
         ),

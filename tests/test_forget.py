@@ -229,6 +229,7 @@ def test_forgotten_rows_leave_the_files_and_the_history_keeps_counts(tmp_path, e
         {"session": 3, "kind": "forget", "examples_forgotten": 1, "examples_relabelled": 0,
          "labels_removed": 0, "labels_added": 0}
     ]  # fmt: skip
+    assert clf.info()["edits"] == history  # icl-cl info shows them
     sessions = clf.memory.sessions()
     assert [s.n_examples for s in sessions] == [61, 60, 0]  # what each session learned
     assert verify_store(path).ok
