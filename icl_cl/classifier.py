@@ -20,7 +20,7 @@ from icl_cl.errors import BackendError, ConfigError, DataError, StoreError
 from icl_cl.heads import FittedHeads, KeptHeads
 from icl_cl.images import Image
 from icl_cl.inputs import checks
-from icl_cl.labelling.audit import AuditReport, audit_store
+from icl_cl.labelling.audit import AuditReport, audit_classifier
 from icl_cl.labelling.suggest import Suggestion, SuggestOptions, suggest_from
 from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.memory.forgetting import Edit, EditReport, edit_memory
@@ -324,25 +324,13 @@ class ContinualClassifier:
         progress: Progress | None = None,
     ) -> AuditReport:
         """Stored examples whose labels are probably wrong, most probably wrong first (at most
-        ``limit``): every stored example scored by the ECL (``scorer``) as if never learned,
-        its top-``k`` and stored labels given probabilities by the store's fitted calibration
-        for these settings, ranked by confident learning; each with the labels it probably
-        should have, and as evidence their probabilities and its ``neighbours`` nearest stored
-        examples. Reads the store only (see :mod:`icl_cl.labelling.audit`)."""
-        checks.check_prediction_options(k)
-        self.memory.require_examples()
-        spec = self._steps().spec(k, scorer, use_llm=False)
-        heads = self.heads.find(spec)
-        return audit_store(
-            self.memory,
-            spec.scorer,
-            k=k,
-            seed=spec.fusion.seed,
-            calibrator=heads.calibrator if heads is not None else None,
-            limit=limit,
-            neighbours=neighbours,
-            progress=progress,
-        )
+        ``limit``), each with the labels it probably should have, its score and evidence
+        (``neighbours`` nearest stored examples); reads the store only
+        (:func:`~icl_cl.labelling.audit.audit_classifier`)."""
+        return audit_classifier(
+            self.memory, self.config, self.heads, k, scorer=scorer, limit=limit,
+            neighbours=neighbours, progress=progress,
+        )  # fmt: skip
 
     def candidates(
         self,

@@ -24,8 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from icl_cl.config import ClassifierConfig
 from icl_cl.heads.calibrator import ScoreCalibrator
 from icl_cl.heads.heldout import FOLD, draw_sample, fold_size
+from icl_cl.heads.kept import KeptHeads
+from icl_cl.heads.spec import HeadSpec
+from icl_cl.inputs import checks
 from icl_cl.labelling.confident_learning import Issues, multi_label_issues, single_label_issues
 from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.memory.scorers import top_k
@@ -372,4 +376,34 @@ def audit_store(
         multi,
         time.perf_counter() - start,
         [(ident, float(issues.score[i])) for ident, i in zip(ids, order, strict=True)],
+    )
+
+
+def audit_classifier(
+    memory: ExternalContinualLearner,
+    config: ClassifierConfig,
+    heads: KeptHeads,
+    k: int = 10,
+    *,
+    scorer: str | None = None,
+    limit: int | None = None,
+    neighbours: int = 5,
+    progress: Progress | None = None,
+) -> AuditReport:
+    """:func:`audit_store` over a classifier's store (its memory, config and fitted heads), with
+    the calibration of its ECL's predictions of ``k`` candidates by ``scorer`` (the store's
+    default: ``auto``'s choice) when they are fitted."""
+    checks.check_prediction_options(k)
+    memory.require_examples()
+    spec = HeadSpec.of(config, k, memory.resolve_scorer(scorer), use_llm=False)
+    fitted = heads.find(spec)
+    return audit_store(
+        memory,
+        spec.scorer,
+        k=k,
+        seed=spec.fusion.seed,
+        calibrator=fitted.calibrator if fitted is not None else None,
+        limit=limit,
+        neighbours=neighbours,
+        progress=progress,
     )
