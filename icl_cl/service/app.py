@@ -126,11 +126,8 @@ def create_app(
     _error_answers(app)
     # Documents the bearer scheme in the OpenAPI schema; BearerAuth enforces it on every path.
     secured = [Depends(HTTPBearer(auto_error=False))] if keys is not None else []
-    _predict_route(app, secured)
-    _learn_route(app, secured)
-    _suggest_route(app, secured)
-    _audit_route(app, secured)
-    _edit_routes(app, secured)
+    for add_routes in (_predict_route, _learn_route, _suggest_route, _audit_route, _edit_routes):
+        add_routes(app, secured)
     _read_routes(app, secured)
     describe_limits(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
