@@ -149,7 +149,7 @@ class SuggestRequest(_Body):
         0.9, ge=MIN_CONFIDENCE, lt=1, description="coverage of the conformal sets"
     )
     neighbours: int = Field(3, ge=0, le=50, description="nearest stored examples given")
-    seed: int = Field(0, description="seed of the random strategy")
+    seed: int = Field(0, ge=0, description="seed of the random strategy")
 
 
 class SuggestedLabel(BaseModel):

@@ -13,9 +13,9 @@ from icl_cl.service.settings import ServiceSettings
 
 def describe_limits(app: FastAPI) -> None:
     """Write the service's limits into its OpenAPI schema, so that a request the schema allows
-    is within them: inputs or examples per request (``max_items``), ``k`` (``max_k``) and, once
-    the store is open, a text's length (its config's ``max_text_chars``) and, when its embedder
-    reads text only, inputs without images."""
+    is within them: inputs or examples per request (``max_items``), ``k`` (``max_k``) of a
+    predict, a suggest or an audit and, once the store is open, a text's length (its config's
+    ``max_text_chars``) and, when its embedder reads text only, inputs without images."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -27,6 +27,8 @@ def describe_limits(app: FastAPI) -> None:
         models["PredictRequest"]["properties"]["inputs"]["maxItems"] = settings.max_items
         models["LearnRequest"]["properties"]["examples"]["maxItems"] = settings.max_items
         _branch(models["PredictRequest"]["properties"]["k"], "integer")["maximum"] = settings.max_k
+        models["SuggestRequest"]["properties"]["inputs"]["maxItems"] = settings.max_items
+        _branch(models["SuggestRequest"]["properties"]["k"], "integer")["maximum"] = settings.max_k
         _branch(models["AuditRequest"]["properties"]["k"], "integer")["maximum"] = settings.max_k
         serving: Serving | None = getattr(app.state, "serving", None)
         if serving is not None:
