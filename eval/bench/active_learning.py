@@ -17,10 +17,15 @@ Batches grow with the labels used (``--growth`` of them, at least ``--min-batch`
 curve is spaced evenly on a log scale. The reference is a store that learned all of train,
 with the same config and the same dev sample; the headline is the labels a strategy needs to
 reach 95% of its accuracy (linear between rounds), as a fraction of what random needs.
+A strategy named ``combined@coverage_weight=2,mmr_lambda=0.7`` is ``combined`` with those
+options of ``SuggestOptions``.
 
 Baselines besides ``random``, small-text's uncertainty strategies (least confidence,
 prediction entropy, breaking ties) on the plain softmax of the ECL's raw candidate scores,
 without the calibration the store fits: ``lc``, ``plain-entropy``, ``bt``.
+
+Without ``--train-vectors`` the protocol runs within the dev split: the dev items outside the
+seeded sample of ``--dev`` are the train items (and the reference learns all of them).
 
 The pool's vectors are embedded once beforehand (``--train-vectors``, ``--dev-vectors``:
 ``.npy`` aligned with the files): the embedder answers those texts from them and embeds the
@@ -113,12 +118,13 @@ def pick(
         return [pool[i] for i in np.lexsort((np.arange(len(pool)), -score))[:n]]
     from icl_cl.labelling.suggest import SuggestOptions
 
-    found = clf.suggest(
-        [ex.text for ex in pool],
-        n,
-        ids=[ex.id for ex in pool],
-        options=SuggestOptions(strategy, neighbours=0, seed=seed),
+    # A variant names its options: combined@coverage_weight=2,mmr_lambda=0.7
+    name, _, settings = strategy.partition("@")
+    given = dict(kv.split("=") for kv in settings.split(",") if kv)
+    options = SuggestOptions(
+        name, neighbours=0, seed=seed, **{k: float(v) for k, v in given.items()}
     )
+    found = clf.suggest([ex.text for ex in pool], n, ids=[ex.id for ex in pool], options=options)
     by_id = {ex.id: ex for ex in pool}
     return [by_id[s.id] for s in found]
 
@@ -275,14 +281,18 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def load(args: argparse.Namespace) -> dict[str, Any]:
     folder = Path(args.data)
-    train, _ = read_examples(folder / "train.jsonl", max_chars=10**6)
     dev_all, _ = read_examples(folder / "dev.jsonl", max_chars=10**6)
     labels, _ = read_labels(folder / "labels.jsonl")
-    train_vectors = np.load(args.train_vectors)
     dev_vectors = np.load(args.dev_vectors)
-    given = {ex.text: train_vectors[i] for i, ex in enumerate(train)}
     rng = np.random.default_rng(args.seed)
     keep = np.sort(rng.permutation(len(dev_all))[: args.dev])
+    if args.train_vectors:
+        train, _ = read_examples(folder / "train.jsonl", max_chars=10**6)
+        train_vectors = np.load(args.train_vectors)
+    else:  # --within-dev: the dev items left out of the sample are the train items
+        rest = np.setdiff1d(np.arange(len(dev_all)), keep)
+        train, train_vectors = [dev_all[i] for i in rest], dev_vectors[rest]
+    given = {ex.text: train_vectors[i] for i, ex in enumerate(train)}
     seed = seed_examples(train, args.seed_per_label, args.seed)
     start = len(seed)
     return {
@@ -303,7 +313,7 @@ def arguments() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", required=True, help="dataset folder (train, dev, labels)")
-    parser.add_argument("--train-vectors", required=True)
+    parser.add_argument("--train-vectors", help="without it: the protocol runs within dev")
     parser.add_argument("--dev-vectors", required=True)
     parser.add_argument("--strategies", default=",".join(["random", *BASELINES, *STRATEGIES[:-1]]))
     parser.add_argument("--scorer", default="mahalanobis", help="the stores' ECL scorer")
@@ -342,7 +352,8 @@ def main() -> None:
         return
     data = load(args)
     out = Path(args.out)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "plot", "work")}
+    # What a curve depends on: a run resumes the curves of a file with the same.
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "plot", "work", "report")}
     result: dict[str, Any] = {"dataset": Path(args.data).name, "settings": settings}
     if out.exists():  # resume: finished curves of the same settings are kept
         old = json.loads(out.read_text())

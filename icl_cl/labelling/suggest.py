@@ -521,7 +521,7 @@ def _reason(
         return f"the {options.confidence:.0%} conformal set holds {size} labels: {_listed(asked)}"
     if strategy == "entropy":
         return f"probability spread over {_listed(asked)} (entropy {chosen.entropy[row]:.2f})"
-    text = f"uncertain between {_listed(asked)} (margin {1 - chosen.margin[row]:.2f})"
+    text = f"uncertain between {_listed(asked)} (the top two {1 - chosen.margin[row]:.2f} apart)"
     return text + ("; picked unlike the rest of the batch" if strategy == "combined" else "")
 
 
