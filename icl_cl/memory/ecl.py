@@ -24,7 +24,13 @@ from icl_cl.memory.scorer_choice import (
     combination_parts,
     weights_of,
 )
-from icl_cl.memory.scorers import FEATURE_SCORERS, Scorer, build_scorer, top_k
+from icl_cl.memory.scorers import (
+    FEATURE_SCORERS,
+    Scorer,
+    build_scorer,
+    rank_in_blocks,
+    ranked_labels,
+)
 from icl_cl.memory.statistics import RunningStatistics, StatisticsDelta
 from icl_cl.memory.store import ITEM_STATISTICS, SessionRecord, Store
 from icl_cl.memory.stored_items import (
@@ -39,11 +45,6 @@ from icl_cl.memory.stored_items import (
 from icl_cl.types import Example, Label
 
 logger = logging.getLogger(__name__)
-
-
-# Scores held at once when ranking a batch of queries (a block of queries times the labels):
-# 16M float64, 128 MB.
-_SCORES_PER_BLOCK = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -336,16 +337,11 @@ class ExternalContinualLearner:
         items = self.items() if name == "knn" else None
         if name not in ("description", "ncm"):
             return build_scorer(name, stats, self.config, self.index, items, excluded)
-        return build_scorer(
-            name,
-            stats,
-            self.config,
-            self.index,
-            items,
-            excluded,
-            label_vectors=self.label_vectors,
-            described=np.array([bool(label.description) for label in self._labels]),
-        )
+        texts = {"label_vectors": self.label_vectors, "described": self._described()}
+        return build_scorer(name, stats, self.config, self.index, items, excluded, **texts)
+
+    def _described(self) -> np.ndarray:
+        return np.array([bool(label.description) for label in self._labels])
 
     def _space_args(self) -> dict[str, Any]:
         return {
@@ -391,28 +387,16 @@ class ExternalContinualLearner:
 
     def ranked(self, scores: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         """Top-``k`` ``(label, score)`` per row of a score matrix, dropping labels with no example."""
-        cols, values = top_k(scores, k)
-        labels = self.stats.labels
-        return [
-            [(labels[c], float(v)) for c, v in zip(row_c, row_v, strict=True) if np.isfinite(v)]
-            for row_c, row_v in zip(cols, values, strict=True)
-        ]
+        return ranked_labels(scores, self.stats.labels, k)
 
     def candidates(
         self, queries: np.ndarray, k: int, scorer: str | None = None
     ) -> list[list[tuple[str, float]]]:
-        """Top-``k`` labels per query vector, best first, as ``(label, score)``; scored in
-        blocks, so that a large batch over many labels never holds every score at once."""
+        """Top-``k`` labels per query vector, best first, as ``(label, score)``."""
         if k <= 0:
             raise DataError(f"k must be a positive integer, got {k}")
         self.require_examples()
-        chosen = self.scorer(scorer)
-        queries = np.ascontiguousarray(queries, np.float32)
-        block = max(1, _SCORES_PER_BLOCK // max(len(self._labels), 1))
-        out: list[list[tuple[str, float]]] = []
-        for lo in range(0, len(queries), block):
-            out.extend(self.ranked(chosen.scores(queries[lo : lo + block]), k))
-        return out
+        return rank_in_blocks(self.scorer(scorer), queries, self.stats.labels, k)
 
     def score_matrix(self, queries: np.ndarray, scorer: str | None = None) -> np.ndarray:
         """Scores of every label for each query, ``(n, n_labels)`` in column order."""

@@ -7,6 +7,7 @@ likely. Labels that have no example yet score ``-inf`` (they are never candidate
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -344,6 +345,35 @@ def build_scorer(
     raise ValueError(f"unknown scorer {name!r}")
 
 
+# Scores held at once when ranking a batch of queries (a block of queries times the labels):
+# 16M, 128 MB in float64.
+SCORES_PER_BLOCK = 1 << 24
+
+
+def ranked_labels(
+    scores: np.ndarray, labels: Sequence[str], k: int
+) -> list[list[tuple[str, float]]]:
+    """Top-``k`` ``(label, score)`` per row of a score matrix, dropping labels with no score."""
+    cols, values = top_k(scores, k)
+    return [
+        [(labels[c], float(v)) for c, v in zip(row_c, row_v, strict=True) if np.isfinite(v)]
+        for row_c, row_v in zip(cols, values, strict=True)
+    ]
+
+
+def rank_in_blocks(
+    scorer: Scorer, queries: np.ndarray, labels: Sequence[str], k: int
+) -> list[list[tuple[str, float]]]:
+    """:func:`ranked_labels` of each query, scored in blocks, so that a large batch over many
+    labels never holds every score at once."""
+    queries = np.ascontiguousarray(queries, np.float32)
+    block = max(1, SCORES_PER_BLOCK // max(len(labels), 1))
+    out: list[list[tuple[str, float]]] = []
+    for lo in range(0, len(queries), block):
+        out.extend(ranked_labels(scorer.scores(queries[lo : lo + block]), labels, k))
+    return out
+
+
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices and values of the ``k`` best labels per row, best first (``-inf`` entries dropped later)."""
     k = min(k, scores.shape[1])
@@ -363,6 +393,8 @@ __all__ = [
     "Scorer",
     "build_scorer",
     "fill_unseen",
+    "rank_in_blocks",
+    "ranked_labels",
     "row_floor",
     "top_k",
 ]
