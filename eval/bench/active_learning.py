@@ -289,7 +289,7 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
     if args.train_vectors:
         train, _ = read_examples(folder / "train.jsonl", max_chars=10**6)
         train_vectors = np.load(args.train_vectors)
-    else:  # --within-dev: the dev items left out of the sample are the train items
+    else:  # no train vectors: the dev items left out of the sample are the train items
         rest = np.setdiff1d(np.arange(len(dev_all)), keep)
         train, train_vectors = [dev_all[i] for i in rest], dev_vectors[rest]
     given = {ex.text: train_vectors[i] for i, ex in enumerate(train)}
