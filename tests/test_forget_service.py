@@ -44,8 +44,13 @@ def test_forget_and_relabel_over_http(tmp_path: Path, embedder: Any, wordnet: An
             url, "/v1/forget", {"ids": [train[7].id]}, WRITE, **{"Idempotency-Key": "f-1"}
         )
         assert reused.status_code == 422
+        # The store's content refuses it (409, as a learn that contradicts the store); the
+        # schema refuses an empty forget and an id given twice (422).
         unknown = _post(url, "/v1/forget", {"ids": ["no-such-id"]}, WRITE)
-        assert unknown.status_code == 422 and "not stored examples" in unknown.text
+        assert unknown.status_code == 409 and "not stored examples" in unknown.text
+        assert _post(url, "/v1/forget", {}, WRITE).status_code == 422
+        twice = _post(url, "/v1/forget", {"ids": [train[7].id, train[7].id]}, WRITE)
+        assert twice.status_code == 422 and "given twice" in twice.text
         info = httpx.get(url + "/v1/info", headers={"Authorization": f"Bearer {READ}"}).json()
         assert (info["examples"], info["serving_session"]) == (114, 2)
         fix = {
@@ -53,7 +58,7 @@ def test_forget_and_relabel_over_http(tmp_path: Path, embedder: Any, wordnet: An
             "labels": [{"label": "noun.new", "description": "a label made by a relabel"}],
         }
         missing = _post(url, "/v1/relabel", {"examples": fix["examples"]}, WRITE)
-        assert missing.status_code == 422 and "no definition" in missing.text
+        assert missing.status_code == 409 and "no definition" in missing.text
         relabelled = _post(url, "/v1/relabel", fix, WRITE, **{"Idempotency-Key": "r-1"})
         assert relabelled.status_code == 200, relabelled.text
         assert relabelled.json()["examples_relabelled"] == 1

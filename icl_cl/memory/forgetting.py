@@ -32,6 +32,7 @@ from typing import Literal
 import numpy as np
 
 from icl_cl.errors import DataError
+from icl_cl.inputs.checks import StoreConflictError
 from icl_cl.memory import vector_swap
 from icl_cl.memory.checksums import block_digest, seal, seal_schema
 from icl_cl.memory.ecl import ExternalContinualLearner
@@ -130,9 +131,11 @@ def plan_edit(
     examples with none is refused, naming it, since predictions would silently stop giving it.
 
     Raises:
-        DataError: An id or label given twice or not stored, a relabel to no label, to several
-            in a single-label store, or to a label the store does not know and the edit does
-            not define, or a label left without examples.
+        DataError: An empty edit, an id, label or definition given twice, a relabel to no label.
+        StoreConflictError: What the store's content refuses (the service answers 409): an id
+            or label it does not hold, a relabel to several labels in a single-label store or
+            to a label it does not know and the edit does not define, a definition unlike the
+            stored one, or a label left without examples.
     """
     if not (edit.ids or edit.labels or edit.relabel):
         raise DataError(f"nothing to {edit.kind}: give ids or labels")
@@ -170,7 +173,9 @@ def _check_given(given: Sequence[str], known: object, what: str, where: str) -> 
     if unknown:
         shown = ", ".join(repr(v) for v in unknown[:_SHOWN])
         more = f" and {len(unknown) - _SHOWN} more" if len(unknown) > _SHOWN else ""
-        raise DataError(f"{len(unknown)} {what}s are not {where}: {shown}{more}; nothing changed")
+        raise StoreConflictError(
+            f"{len(unknown)} {what}s are not {where}: {shown}{more}; nothing changed"
+        )
 
 
 def _definitions(definitions: Sequence[Label], labels: Sequence[Label]) -> dict[str, Label]:
@@ -184,7 +189,7 @@ def _definitions(definitions: Sequence[Label], labels: Sequence[Label]) -> dict[
         if stored is None:
             new[lab.label] = lab
         elif (stored.name, stored.description) != (lab.name, lab.description):
-            raise DataError(
+            raise StoreConflictError(
                 f"label {lab.label!r} is defined otherwise in the store; leave its definition "
                 "out (or give the stored one)"
             )
@@ -195,10 +200,12 @@ def _check_relabel(id_: str, new: list[str], multi_label: bool | None, usable: s
     if not new:
         raise DataError(f"id {id_!r}: a relabel needs labels (forget the example instead)")
     if not multi_label and len(new) != 1:
-        raise DataError(f"id {id_!r}: a single-label store takes exactly one label, got {new}")
+        raise StoreConflictError(
+            f"id {id_!r}: a single-label store takes exactly one label, got {new}"
+        )
     unknown = [lab for lab in new if lab not in usable]
     if unknown:
-        raise DataError(
+        raise StoreConflictError(
             f"id {id_!r}: label {unknown[0]!r} is not in the store and has no definition; "
             "give its definition with the relabel"
         )
@@ -210,7 +217,7 @@ def _check_left(before: list[list[str]], after: list[list[str]], gone: set[str])
     left = sorted(had - has - gone)
     if left:
         shown = ", ".join(repr(v) for v in left[:_SHOWN])
-        raise DataError(
+        raise StoreConflictError(
             f"this would leave label(s) {shown} without examples; forget a label with its "
             "examples by naming the label (icl-cl forget --label), or keep an example of it; "
             "nothing changed"

@@ -357,6 +357,14 @@ _IDEMPOTENCY = Header(
 )
 
 
+_EDIT_CONFLICT = {
+    **_LEARN_CONFLICT,
+    "description": "the edit contradicts the store (an id or label it does not hold, a label "
+    "count its label mode refuses, a label it does not know without its definition or defined "
+    "otherwise, a label left without examples), or another process writes the store",
+}
+
+
 def _edit_routes(app: FastAPI, secured: list[Any]) -> None:
     """``POST /v1/forget`` and ``POST /v1/relabel``: writes, served as a learn (one writer, the
     new state served once the edit is committed, the heads refitted in the background)."""
@@ -366,13 +374,15 @@ def _edit_routes(app: FastAPI, secured: list[Any]) -> None:
             future = app.state.serving.edit(kind, request, key)
             return EditResponse(**await _within(app, asyncio.wrap_future(future)))
         except DataError as exc:
-            return _unprocessable(["body"], str(exc))
+            status = 409 if isinstance(exc, StoreConflictError) else 422
+            problem = validation_problem(["body"], printable(str(exc)))
+            return JSONResponse(problem, status_code=status)
 
     @app.post(
         "/v1/forget",
         response_model=EditResponse,
         dependencies=secured,
-        responses=_POST,
+        responses={**_POST, 409: _EDIT_CONFLICT},
         summary="Forget stored examples, or labels with their examples, exactly (atomic)",
     )
     async def forget(body: ForgetRequest, idempotency_key: str | None = _IDEMPOTENCY) -> Any:
@@ -382,7 +392,7 @@ def _edit_routes(app: FastAPI, secured: list[Any]) -> None:
         "/v1/relabel",
         response_model=EditResponse,
         dependencies=secured,
-        responses=_POST,
+        responses={**_POST, 409: _EDIT_CONFLICT},
         summary="Replace the labels of stored examples, exactly (atomic)",
     )
     async def relabel(body: RelabelRequest, idempotency_key: str | None = _IDEMPOTENCY) -> Any:

@@ -314,8 +314,35 @@ class ForgetRequest(_Body):
     """``POST /v1/forget``: stored examples (by id) and labels (with their examples) to forget,
     exactly and atomically, as ``icl-cl forget`` does."""
 
-    ids: list[NotBlank] = Field(default_factory=list)
-    labels: list[NotBlank] = Field(default_factory=list)
+    # The schema says what the validators below check: a forget names something, each once.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["ids"], "properties": {"ids": {"minItems": 1}}},
+                {"required": ["labels"], "properties": {"labels": {"minItems": 1}}},
+            ]
+        }
+    )
+
+    ids: list[NotBlank] = Field(
+        default_factory=list,
+        json_schema_extra={"uniqueItems": True},
+        description="stored examples to forget",
+    )
+    labels: list[NotBlank] = Field(
+        default_factory=list,
+        json_schema_extra={"uniqueItems": True},
+        description="labels to forget with their examples",
+    )
+
+    @model_validator(mode="after")
+    def _names_something_once(self) -> ForgetRequest:
+        if not self.ids and not self.labels:
+            raise ValueError("nothing to forget: give ids or labels")
+        for field, given in (("ids", self.ids), ("labels", self.labels)):
+            if len(set(given)) != len(given):
+                raise ValueError(f"{field}: a value is given twice")
+        return self
 
 
 class RelabelExample(_Body):
@@ -329,8 +356,17 @@ class RelabelRequest(_Body):
     """``POST /v1/relabel``: new labels of stored examples, and the definitions of labels the
     store does not know yet."""
 
-    examples: list[RelabelExample] = Field(min_length=1)
-    labels: list[LabelIn] = Field(default_factory=list)
+    examples: list[RelabelExample] = Field(min_length=1, description="ids unique")
+    labels: list[LabelIn] = Field(
+        default_factory=list, description="definitions of new labels (each label once)"
+    )
+
+    @model_validator(mode="after")
+    def _ids_once(self) -> RelabelRequest:
+        ids = [ex.id for ex in self.examples]
+        if len(set(ids)) != len(ids):  # the schema cannot say it of objects
+            raise ValueError("examples: an id is given twice")
+        return self
 
 
 class EditResponse(BaseModel):
