@@ -15,19 +15,18 @@ import numpy as np
 from icl_cl.backends.base import LLMBackend
 from icl_cl.config import ClassifierConfig, MemoryConfig
 from icl_cl.describe import label_table, store_info
-from icl_cl.embedding import Embedder, centred_for_store, load_embedder
-from icl_cl.errors import BackendError, ConfigError, DataError, StoreError
+from icl_cl.embedding import Embedder
 from icl_cl.heads import FittedHeads, KeptHeads
 from icl_cl.images import Image
 from icl_cl.inputs import checks
 from icl_cl.labelling.audit import AuditReport, audit_classifier
+from icl_cl.labelling.edits import edit_classifier, forgetting, relabelling
 from icl_cl.labelling.suggest import Suggestion, SuggestOptions, suggest_from
 from icl_cl.memory.ecl import ExternalContinualLearner
-from icl_cl.memory.forgetting import Edit, EditReport, edit_memory
+from icl_cl.memory.forgetting import Edit, EditReport
 from icl_cl.memory.statistics import StatisticsDelta
-from icl_cl.memory.store import MANIFEST, Store
 from icl_cl.reading import LLMHandle, LLMReader, write_summaries
-from icl_cl.steps import Steps
+from icl_cl.steps import Steps, open_parts
 from icl_cl.types import Example, Label, LearnReport, Prediction, Progress, Ranked, counter
 
 logger = logging.getLogger(__name__)
@@ -82,36 +81,8 @@ class ContinualClassifier:
         use instead of building the configured ones. ``read_only``: open an existing store
         without writing (``None``: when its storage cannot be written).
         """
-        path = Path(path)
-        if (path / MANIFEST).exists():
-            store = Store.open(path, read_only=read_only)
-            stored = ClassifierConfig.from_dict(store.meta("config"), source=str(path))
-            try:
-                embedder = embedder or load_embedder((config or stored).embedder)
-            except BaseException:
-                store.close()
-                raise
-            # The name says model, backend and quantisation: vectors of two never mix in a store.
-            if embedder.name != store.manifest["embedder"]:
-                store.close()
-                raise ConfigError(
-                    f"{path}: store was built with embedder {store.manifest['embedder']!r}, "
-                    f"not {embedder.name!r}"
-                )
-            config = stored.with_query_settings(config) if config is not None else stored
-        elif read_only:
-            raise StoreError(f"{path}: no store here to open read-only")
-        else:
-            config = config or ClassifierConfig()
-            embedder = embedder or load_embedder(config.embedder)
-            dump = config.model_dump(mode="json")
-            store = Store.create(path, dim=embedder.dim, embedder=embedder.name, config=dump)
-        if memory is not None:
-            config = config.model_copy(update={"memory": memory})
-        embedder = centred_for_store(embedder, config.embedder, store)
-        return cls(
-            ExternalContinualLearner(store, config.memory), embedder, config, backend=backend
-        )
+        ecl, embedder, config = open_parts(Path(path), config, memory, embedder, read_only)
+        return cls(ecl, embedder, config, backend=backend)
 
     def close(self) -> None:
         self._llm.close()
@@ -156,18 +127,11 @@ class ContinualClassifier:
                 examples, labels, start, progress, locations, label_locations, embedded
             )
         self.heads.forget()
-        if self.config.llm is not None and self.config.prompt.label_presentation == "summaries":
-            try:
-                self.write_summaries(list(report.new_labels))
-            except BackendError as exc:
-                logger.warning("could not write class summaries now: %s", exc)
+        steps = self._steps(writing=True)
+        steps.summarise(report.new_labels)
         if fit and self.memory.n_examples:
-            fit_start = time.perf_counter()
-            try:
-                self.fit(k, progress=progress)
-            except (BackendError, DataError) as exc:  # e.g. images for a text-only LLM
-                logger.warning("session %d is stored, but fitting failed: %s", report.session, exc)
-            report = dataclasses.replace(report, fit_seconds=time.perf_counter() - fit_start)
+            seconds = steps.fit_after_write(self.heads, report.session, k, progress)
+            report = dataclasses.replace(report, fit_seconds=seconds)
         return report
 
     def fit(
@@ -184,15 +148,7 @@ class ContinualClassifier:
         as it is. The only step that reads held-out items with the LLM. The ECL's choices
         (``auto``, strengths) are made again once the store has doubled since, or with
         ``full``, and then the heads too."""
-        self.memory.require_examples()
-        self.memory.store.require_writable()  # before the work, not at its end
-        steps = self._steps(writing=True)
-        steps.refresh_scorer_choice(scorer, progress, full=full)
-        self.memory.refresh_strengths(scorer, full=full)
-        spec = steps.spec(checks.check_prediction_options(k), scorer, use_llm)
-        heads = self.heads.fit_and_save(spec, lambda: steps.heldout(spec, progress), full=full)
-        self.memory.save_derived()
-        return heads
+        return self._steps(writing=True).fit(self.heads, k, scorer, use_llm, progress, full)
 
     def forget(
         self, ids: Sequence[str] = (), *, labels: Sequence[str] = (), **how: Any
@@ -200,7 +156,7 @@ class ContinualClassifier:
         """Forget stored examples by id, and ``labels`` with their examples, exactly, as one
         atomic session (see :mod:`~icl_cl.memory.forgetting`); ``how``: ``fit`` (default
         True), ``k`` and ``lock_timeout`` as :meth:`learn` takes them."""
-        return self._edit(Edit("forget", ids=tuple(ids), labels=tuple(labels)), **how)
+        return self._edit(forgetting(ids, labels), **how)
 
     def relabel(
         self,
@@ -210,27 +166,17 @@ class ContinualClassifier:
     ) -> EditReport:
         """Give stored examples (by id) new labels, exactly, as one atomic session; a label the
         store does not know needs its definition. ``how``: as :meth:`forget` takes it."""
-        relabel = {id_: tuple(labs) for id_, labs in new_labels.items()}
-        return self._edit(Edit("relabel", relabel=relabel, definitions=tuple(definitions)), **how)
+        return self._edit(relabelling(new_labels, definitions), **how)
 
     def _edit(
         self, edit: Edit, fit: bool = True, k: int = 10, lock_timeout: float = 0.0
     ) -> EditReport:
-        start, store = time.perf_counter(), self.memory.store
         if fit:
             checks.check_prediction_options(k)
-        with store.writer_lock(lock_timeout):
-            if store.changed_since_load():  # another process learned: edit what it stored
-                self.memory = ExternalContinualLearner(store, self.memory.config)
-            report = edit_memory(self.memory, edit, self.embedder.encode, start)
-            self.memory = ExternalContinualLearner(store, self.memory.config)
-            self.heads = KeptHeads(self.memory)
+        report = edit_classifier(self, edit, lock_timeout)
         self._llm.clear_cache()
         if fit and self.memory.n_items:
-            try:
-                self.fit(k)
-            except (BackendError, DataError) as exc:
-                logger.warning("session %d is stored, but fitting failed: %s", report.session, exc)
+            self._steps(writing=True).fit_after_write(self.heads, report.session, k)
         return report
 
     def predict(
@@ -250,14 +196,10 @@ class ContinualClassifier:
         conformal label set holding the truth at that rate; ``abstain_below`` abstains when the
         top probability is below it. ``progress`` is told how far embedding and reading got."""
         checks.check_prediction_options(k, confidence, abstain_below)
-        items = checks.prediction_inputs(
-            texts,
-            max_chars=self.config.max_text_chars,
-            reads_images=getattr(self.embedder, "reads_images", False),
-            embedder=self.embedder.name,
-        )
+        steps = self._steps()
+        items = steps.inputs(texts)
         self.memory.require_examples()
-        self._steps().check_reads(self._steps().spec(k, scorer, use_llm), items)
+        steps.check_reads(steps.spec(k, scorer, use_llm), items)
         queries = self.embedder.encode(items, progress=counter(progress, "embedding", len(items)))
         return self.predict_vectors(
             queries,
@@ -285,21 +227,7 @@ class ContinualClassifier:
         without any, fits them in memory."""
         steps, k = self._steps(), checks.check_prediction_options(k, confidence, abstain_below)
         spec = steps.spec(k, scorer, use_llm=texts is not None)
-        found = steps.candidates(spec, texts, queries)
-        heads, fallback = self.heads.for_prediction(spec, lambda: steps.heldout(spec, progress))
-        readings = None
-        if texts is not None and heads.fusion is not None and heads.fusion.uses_added:
-            readings = steps.read(texts, queries, found, progress)
-        multi = bool(self.memory.multi_label)
-        return heads.decide(
-            found.ranked,
-            [r.scores for r in readings] if readings is not None else None,
-            cardinality=self.memory.expected_cardinality(queries) if multi else None,
-            upstream=steps.upstream(spec, found, readings, fallback or heads.llm_fallback()),
-            confidence=confidence,
-            abstain_below=abstain_below,
-            stale=not self.heads.current(heads),
-        )
+        return steps.predict(self.heads, spec, queries, texts, progress, confidence, abstain_below)
 
     def suggest(
         self,

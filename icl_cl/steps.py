@@ -1,6 +1,6 @@
-"""The steps of a learn, a prediction and a fit, wired for one classifier: the session's checks
-and embedding, the candidate source, the LLM's reading and the held-out items the heads are
-fitted on.
+"""The steps of a learn, a prediction and a fit, wired for one classifier: the store opened with
+its config and embedder, the session's checks and embedding, the candidate source, the LLM's
+reading and the held-out items the heads are fitted on.
 
 Held-out items go through the same candidate and reading steps as predictions, so the heads are
 fitted on the scores they will be applied to.
@@ -12,33 +12,87 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from icl_cl.backends.base import LLMBackend
 from icl_cl.candidates import Candidates, candidate_source
-from icl_cl.config import ClassifierConfig
-from icl_cl.embedding import Embedder
-from icl_cl.heads import HeadSpec, HeldOutItems
+from icl_cl.config import ClassifierConfig, MemoryConfig
+from icl_cl.embedding import Embedder, centred_for_store, load_embedder
+from icl_cl.errors import BackendError, ConfigError, DataError, StoreError
+from icl_cl.heads import FittedHeads, HeadSpec, HeldOutItems, KeptHeads
 from icl_cl.heads.scorer_selection import refresh_scorer_choice
 from icl_cl.images import Image
 from icl_cl.inputs import checks
 from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.memory.partial import merge
 from icl_cl.memory.statistics import StatisticsDelta
-from icl_cl.reading import LLMHandle, LLMReader, Reading
+from icl_cl.memory.store import MANIFEST, Store
+from icl_cl.reading import LLMHandle, LLMReader, Reading, write_summaries
 from icl_cl.types import (
     EclRanker,
     Example,
     Fallback,
     Label,
     LearnReport,
+    Prediction,
     Progress,
     Upstream,
     counter,
 )
 
 logger = logging.getLogger(__name__)
+
+
+def open_parts(
+    path: Path,
+    config: ClassifierConfig | None,
+    memory: MemoryConfig | None,
+    embedder: Embedder | None,
+    read_only: bool | None,
+) -> tuple[ExternalContinualLearner, Embedder, ClassifierConfig]:
+    """The ECL, embedder and config of the store at ``path``, created if it does not exist (see
+    :meth:`~icl_cl.classifier.ContinualClassifier.open`)."""
+    store, config, embedder = _open_store(path, config, embedder, read_only)
+    if memory is not None:
+        config = config.model_copy(update={"memory": memory})
+    embedder = centred_for_store(embedder, config.embedder, store)
+    return ExternalContinualLearner(store, config.memory), embedder, config
+
+
+def _open_store(
+    path: Path,
+    config: ClassifierConfig | None,
+    embedder: Embedder | None,
+    read_only: bool | None,
+) -> tuple[Store, ClassifierConfig, Embedder]:
+    """An existing store keeps its embedder (``config``'s must agree) and takes the query
+    settings of ``config``; a new one is created with ``config`` (or the default config)."""
+    if (path / MANIFEST).exists():
+        store = Store.open(path, read_only=read_only)
+        stored = ClassifierConfig.from_dict(store.meta("config"), source=str(path))
+        try:
+            embedder = embedder or load_embedder((config or stored).embedder)
+        except BaseException:
+            store.close()
+            raise
+        # The name says model, backend and quantisation: vectors of two never mix in a store.
+        if embedder.name != store.manifest["embedder"]:
+            store.close()
+            raise ConfigError(
+                f"{path}: store was built with embedder {store.manifest['embedder']!r}, "
+                f"not {embedder.name!r}"
+            )
+        config = stored.with_query_settings(config) if config is not None else stored
+        return store, config, embedder
+    if read_only:
+        raise StoreError(f"{path}: no store here to open read-only")
+    config = config or ClassifierConfig()
+    embedder = embedder or load_embedder(config.embedder)
+    dump = config.model_dump(mode="json")
+    store = Store.create(path, dim=embedder.dim, embedder=embedder.name, config=dump)
+    return store, config, embedder
 
 
 class Steps:
@@ -118,6 +172,87 @@ class Steps:
         logger.info("learned session %d: %d examples, %d new labels", session, len(items), len(new))
         return LearnReport(
             session, len(examples), names, time.perf_counter() - start, embed_end - embed_start
+        )
+
+    def fit(
+        self,
+        heads: KeptHeads,
+        k: int,
+        scorer: str | None,
+        use_llm: bool,
+        progress: Progress | None = None,
+        full: bool = False,
+    ) -> FittedHeads:
+        """:meth:`~icl_cl.classifier.ContinualClassifier.fit` (on writing steps): the ECL's
+        choices made again when due, then the heads of this spec fitted and stored in ``heads``
+        unless a current fit is kept."""
+        self.memory.require_examples()
+        self.memory.store.require_writable()  # before the work, not at its end
+        self.refresh_scorer_choice(scorer, progress, full=full)
+        self.memory.refresh_strengths(scorer, full=full)
+        spec = self.spec(checks.check_prediction_options(k), scorer, use_llm)
+        fitted = heads.fit_and_save(spec, lambda: self.heldout(spec, progress), full=full)
+        self.memory.save_derived()
+        return fitted
+
+    def fit_after_write(
+        self, heads: KeptHeads, session: int, k: int, progress: Progress | None = None
+    ) -> float:
+        """:meth:`fit` after a learn or an edit, in seconds; ``session`` is stored, so a failing
+        fit is only logged."""
+        start = time.perf_counter()
+        try:
+            self.fit(heads, k, None, True, progress)
+        except (BackendError, DataError) as exc:  # e.g. images for a text-only LLM
+            logger.warning("session %d is stored, but fitting failed: %s", session, exc)
+        return time.perf_counter() - start
+
+    def summarise(self, labels: Sequence[str]) -> None:
+        """InCA class summaries of new ``labels`` (on writing steps) when the prompt presents
+        labels by their summaries; the session is stored, so a failing LLM is only logged."""
+        if self.config.llm is not None and self.config.prompt.label_presentation == "summaries":
+            try:
+                write_summaries(self.backend(), self.memory, list(labels), n_examples=5)
+            except BackendError as exc:
+                logger.warning("could not write class summaries now: %s", exc)
+
+    def inputs(self, values: Sequence[object]) -> list[str | Image]:
+        """Prediction inputs checked: texts within the config's length, images loaded and
+        refused when the embedder reads text only."""
+        return checks.prediction_inputs(
+            values,
+            max_chars=self.config.max_text_chars,
+            reads_images=getattr(self.embedder, "reads_images", False),
+            embedder=self.embedder.name,
+        )
+
+    def predict(
+        self,
+        heads: KeptHeads,
+        spec: HeadSpec,
+        queries: np.ndarray,
+        texts: Sequence[str | Image] | None,
+        progress: Progress | None,
+        confidence: float | None,
+        abstain_below: float | None,
+    ) -> list[Prediction]:
+        """Predictions of embedded inputs by the kept heads of ``spec`` (stale or not, said in
+        the evidence; without any, fitted in memory); the LLM reads ``texts`` (when given) if
+        fusion gave it weight."""
+        found = self.candidates(spec, texts, queries)
+        fitted, fallback = heads.for_prediction(spec, lambda: self.heldout(spec, progress))
+        readings = None
+        if texts is not None and fitted.fusion is not None and fitted.fusion.uses_added:
+            readings = self.read(texts, queries, found, progress)
+        multi = bool(self.memory.multi_label)
+        return fitted.decide(
+            found.ranked,
+            [r.scores for r in readings] if readings is not None else None,
+            cardinality=self.memory.expected_cardinality(queries) if multi else None,
+            upstream=self.upstream(spec, found, readings, fallback or fitted.llm_fallback()),
+            confidence=confidence,
+            abstain_below=abstain_below,
+            stale=not heads.current(fitted),
         )
 
     def backend(self) -> LLMBackend:
