@@ -82,6 +82,7 @@ def fit_scorer_choice(
     gold = _gold_columns(memory, sample)
     depth = RANKING_DEPTH if memory.multi_label else 1
     scores, rho, rho_accuracy = _heldout_scores(memory, sample, gold, pool, progress)
+    gold = _by_name(memory.stats.labels, scores, gold)
     accuracy = {name: _quality(s, gold, depth) for name, s in scores.items()}
     tried = [name for name in pool if name in scores]
     best = max(tried, key=lambda name: accuracy[name])  # first of the pool on a tie
@@ -170,6 +171,21 @@ def _fusion_columns(scores: Sequence[np.ndarray]) -> np.ndarray:
             chosen.setdefault(c)
         rows.append(list(chosen)[:width])
     return np.array(rows, dtype=np.int64).reshape(len(base), width)
+
+
+def _by_name(
+    labels: Sequence[str], scores: dict[str, np.ndarray], gold: Sequence[set[int]]
+) -> list[set[int]]:
+    """Put the label columns of ``scores`` (in place) and of ``gold`` in the order of the
+    labels' names: ties (tags that always occur together score alike) then break by name, not
+    by the column a store gave a label when it met it, so sessions learned one by one and their
+    union make the same choice."""
+    order = np.argsort(np.asarray(labels))
+    for name in scores:
+        scores[name] = scores[name][:, order]
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
+    return [{int(position[c]) for c in g} for g in gold]
 
 
 def _gold_columns(memory: ExternalContinualLearner, sample: Sample) -> list[set[int]]:
