@@ -45,7 +45,6 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,28 +53,13 @@ import numpy as np
 from icl_cl import ClassifierConfig, ContinualClassifier, MemoryConfig
 from icl_cl.config import EmbedderConfig
 from icl_cl.embedding import load_embedder
+from icl_cl.embedding.given import GivenVectors
 from icl_cl.inputs import read_examples, read_labels
 from icl_cl.labelling.suggest import STRATEGIES
 from icl_cl.types import Example
 
 BASELINES = ("lc", "plain-entropy", "bt")
 TARGET = 0.95
-
-
-class _Vectors:
-    """The real embedder, answering the texts whose vectors are given from them."""
-
-    def __init__(self, inner: Any, vectors: dict[str, np.ndarray]) -> None:
-        self.inner, self._vectors = inner, vectors
-        self.name, self.dim = inner.name, inner.dim
-
-    def encode(self, items: Sequence[Any], progress: Any = None) -> np.ndarray:
-        if not items:
-            return np.zeros((0, self.dim), np.float32)
-        missing = [x for x in items if x not in self._vectors]
-        if missing:
-            self._vectors.update(zip(missing, self.inner.encode(missing), strict=True))
-        return np.stack([self._vectors[x] for x in items]).astype(np.float32)
 
 
 def accuracy(clf: ContinualClassifier, dev: list[Example], vectors: np.ndarray) -> float:
@@ -301,7 +285,7 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
         "index": {ex.id: i for i, ex in enumerate(train)},
         "train_vectors": train_vectors,
         "dev": ([dev_all[i] for i in keep], dev_vectors[keep]),
-        "embedder": _Vectors(load_embedder(EmbedderConfig()), given),
+        "embedder": GivenVectors(load_embedder(EmbedderConfig()), given),
         "config": ClassifierConfig(memory=MemoryConfig(scorer=args.scorer)),
         "seed": seed,
         "schedule": schedule(start, args.max_labels, args.growth, args.min_batch),

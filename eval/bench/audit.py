@@ -42,25 +42,9 @@ import numpy as np
 from icl_cl import ContinualClassifier
 from icl_cl.config import EmbedderConfig
 from icl_cl.embedding import load_embedder
+from icl_cl.embedding.given import GivenVectors
 from icl_cl.inputs import read_examples, read_labels
 from icl_cl.types import Example
-
-
-class _Precomputed:
-    """The real embedder, answering texts whose vectors are given from them; anything else (the
-    label texts) is embedded."""
-
-    def __init__(self, inner: Any, vectors: dict[str, np.ndarray]) -> None:
-        self.inner, self._vectors = inner, vectors
-        self.name, self.dim = inner.name, inner.dim
-
-    def encode(self, items: Sequence[Any], progress: Any = None) -> np.ndarray:
-        if not items:
-            return np.zeros((0, self.dim), np.float32)
-        missing = [x for x in items if x not in self._vectors]
-        if missing:
-            self._vectors.update(zip(missing, self.inner.encode(missing), strict=True))
-        return np.stack([self._vectors[x] for x in items]).astype(np.float32)
 
 
 def confusable_neighbours(vectors: np.ndarray, gold: np.ndarray, n_labels: int) -> np.ndarray:
@@ -105,7 +89,7 @@ def scores(found: set[int], flipped: set[int]) -> dict[str, Any]:
 
 
 def _learned(
-    path: Path, examples: list[Example], labels: list[Any], embedder: _Precomputed
+    path: Path, examples: list[Example], labels: list[Any], embedder: GivenVectors
 ) -> ContinualClassifier:
     shutil.rmtree(path, ignore_errors=True)
     clf = ContinualClassifier.open(path, embedder=embedder)
@@ -120,7 +104,7 @@ def accuracy(clf: ContinualClassifier, dev: list[Example], vectors: np.ndarray) 
 
 
 def ours(
-    work: Path, examples: list[Example], labels: list[Any], embedder: _Precomputed
+    work: Path, examples: list[Example], labels: list[Any], embedder: GivenVectors
 ) -> tuple[ContinualClassifier, Any, dict[str, float]]:
     """The store learned from ``examples``, its audit, and the seconds of each."""
     t = time.perf_counter()
@@ -157,7 +141,7 @@ def gain(
     report: Any,
     train: list[Example],
     labels: list[Any],
-    embedder: _Precomputed,
+    embedder: GivenVectors,
     dev: tuple[list[Example], np.ndarray],
     kinds: Sequence[str],
 ) -> dict[str, float]:
@@ -182,7 +166,7 @@ def run_kind(
     kind: str,
     args: argparse.Namespace,
     data: tuple[list[Example], np.ndarray, list[Any]],
-    embedder: _Precomputed,
+    embedder: GivenVectors,
     work: Path,
     dev: tuple[list[Example], np.ndarray] | None,
 ) -> dict[str, Any]:
@@ -222,7 +206,7 @@ def run_kind(
 
 
 def clean_accuracy(
-    work: Path, data: tuple[list[Example], np.ndarray, list[Any]], embedder: _Precomputed,
+    work: Path, data: tuple[list[Example], np.ndarray, list[Any]], embedder: GivenVectors,
     dev: tuple[list[Example], np.ndarray],
 ) -> float:  # fmt: skip
     """Dev accuracy of a store learned from the train without noise."""
@@ -272,7 +256,7 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     data, dev, given = _load(args)
-    embedder = _Precomputed(load_embedder(EmbedderConfig()), given)
+    embedder = GivenVectors(load_embedder(EmbedderConfig()), given)
     result: dict[str, Any] = {"data": Path(args.data).name, "noise": args.noise, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)

@@ -23,7 +23,6 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,25 +31,10 @@ import numpy as np
 from icl_cl import ContinualClassifier
 from icl_cl.config import EmbedderConfig
 from icl_cl.embedding import load_embedder
+from icl_cl.embedding.given import GivenVectors
 from icl_cl.inputs import read_examples, read_labels
 from icl_cl.memory.verify import verify_store
 from icl_cl.types import Example
-
-
-class _Precomputed:
-    """The real embedder, answering the texts whose vectors are given from them."""
-
-    def __init__(self, inner: Any, vectors: dict[str, np.ndarray]) -> None:
-        self.inner, self._vectors = inner, vectors
-        self.name, self.dim = inner.name, inner.dim
-
-    def encode(self, items: Sequence[Any], progress: Any = None) -> np.ndarray:
-        if not items:
-            return np.zeros((0, self.dim), np.float32)
-        missing = [x for x in items if x not in self._vectors]
-        if missing:
-            self._vectors.update(zip(missing, self.inner.encode(missing), strict=True))
-        return np.stack([self._vectors[x] for x in items]).astype(np.float32)
 
 
 def draw(train: list[Example], fraction: float, seed: int) -> list[str]:
@@ -77,7 +61,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     vectors = np.load(args.vectors)
     if args.limit:
         train, vectors = train[: args.limit], vectors[: args.limit]
-    embedder = _Precomputed(
+    embedder = GivenVectors(
         load_embedder(EmbedderConfig()), {ex.text: v for ex, v in zip(train, vectors, strict=True)}
     )
     work = Path(tempfile.mkdtemp(prefix="forget-bench-"))

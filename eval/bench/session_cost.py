@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,25 +43,9 @@ import numpy as np
 from icl_cl import ContinualClassifier
 from icl_cl.config import EmbedderConfig
 from icl_cl.embedding import load_embedder
+from icl_cl.embedding.given import GivenVectors
 from icl_cl.inputs import read_examples, read_labels
 from icl_cl.types import Example
-
-
-class _Precomputed:
-    """The real embedder, answering texts whose vectors are given from them (the base stores);
-    anything else is embedded."""
-
-    def __init__(self, inner: Any, vectors: dict[str, np.ndarray]) -> None:
-        self.inner, self._vectors = inner, vectors
-        self.name, self.dim = inner.name, inner.dim
-
-    def encode(self, items: Sequence[Any], progress: Any = None) -> np.ndarray:
-        if not items:
-            return np.zeros((0, self.dim), np.float32)
-        missing = [x for x in items if x not in self._vectors]
-        if missing:
-            self._vectors.update(zip(missing, self.inner.encode(missing), strict=True))
-        return np.stack([self._vectors[x] for x in items]).astype(np.float32)
 
 
 def _sizes_on_disk(store: Path) -> dict[str, float]:
@@ -127,7 +110,7 @@ def measure(
     size: int,
     train: list[Example],
     labels: list[Any],
-    embedder: _Precomputed,
+    embedder: GivenVectors,
     session: int,
     work: Path,
     cli: bool,
@@ -197,7 +180,7 @@ def main() -> None:
         vectors = np.load(args.vectors)
         given = {ex.text: vectors[i] for i, ex in enumerate(train)}
     train = [train[i] for i in order]
-    embedder = _Precomputed(inner, given)
+    embedder = GivenVectors(inner, given)
     sizes = [min(int(s), len(train) - args.session - 1) for s in args.sizes.split(",")]
     dev = None
     if args.dev:
