@@ -203,8 +203,10 @@ def test_a_full_queue_gets_429_with_retry_after(
     settings = ServiceSettings(max_queue_items=2, batch_wait_ms=200, max_batch_items=1)
     with running(create_app(store, settings=settings, embedder=embedder)) as url:
         body = {"inputs": [{"id": "a", "text": test[0].text}]}
-        with concurrent.futures.ThreadPoolExecutor(12) as pool:
-            answers = list(pool.map(lambda _: _post(url, "/v1/predict", body, key=None), range(12)))
+        # Enough callers at once that more than two wait while one is predicted, however fast
+        # the machine (with 12, an idle machine once answered every one in time).
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            answers = list(pool.map(lambda _: _post(url, "/v1/predict", body, key=None), range(32)))
     statuses = sorted(a.status_code for a in answers)
     assert 200 in statuses and 429 in statuses and set(statuses) <= {200, 429}
     assert all(a.headers["retry-after"] == "1" for a in answers if a.status_code == 429)
