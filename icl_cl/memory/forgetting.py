@@ -23,8 +23,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -40,7 +39,7 @@ from icl_cl.memory.example_index import EXAMPLES_FILE, LABELS_FILE
 from icl_cl.memory.idempotency import write_idempotency
 from icl_cl.memory.item_groups import add_rows
 from icl_cl.memory.statistics import RunningStatistics
-from icl_cl.memory.store import VECTORS, Store
+from icl_cl.memory.store import VECTORS, Store, transaction
 from icl_cl.memory.stored_items import stored_inputs
 from icl_cl.types import Label
 
@@ -249,17 +248,6 @@ def drop_derived(path: Path) -> None:
         file.unlink(missing_ok=True)
 
 
-@contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
 def commit_edit(
     store: Store,
     edit: Edit,
@@ -279,7 +267,7 @@ def commit_edit(
     staged = vector_swap.stage(path, kept.tobytes())
     conn.execute("PRAGMA secure_delete = ON")  # deleted rows are overwritten, not freed
     try:
-        with _transaction(conn):
+        with transaction(conn):
             session = _write_edit(conn, edit, plan, stats, kept, added_vectors, seconds)
             conn.execute("INSERT INTO meta(key, value) VALUES (?, 'true')", (vector_swap.PENDING,))
             seal(conn, "meta", [vector_swap.PENDING])
@@ -289,7 +277,7 @@ def commit_edit(
         staged.unlink(missing_ok=True)
         raise
     os.replace(staged, path / VECTORS)
-    _fsync_dir(path)
+    vector_swap.fsync_dir(path)
     vector_swap.clear(conn)
     _vacuum(conn)
     return session
@@ -505,14 +493,6 @@ def _vacuum(conn: sqlite3.Connection) -> None:
     conn.execute("VACUUM")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.execute("PRAGMA secure_delete = OFF")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def edit_memory(

@@ -58,6 +58,7 @@ from icl_cl.memory.checksums import (
 from icl_cl.memory.idempotency import stored_session, write_idempotency
 from icl_cl.memory.statistics import RunningStatistics, StatisticsDelta
 from icl_cl.memory.vector_swap import finish as finish_vector_swap
+from icl_cl.memory.vector_swap import fsync_dir
 from icl_cl.types import Example, Label
 
 FORMAT = "icl_cl-store"
@@ -115,14 +116,6 @@ class SessionRecord:
     seconds: float
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -131,7 +124,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _uri(path: Path, **params: str) -> str:
@@ -259,7 +252,7 @@ class Store:
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
             conn.executescript(_SCHEMA)
-            with _transaction(conn):
+            with transaction(conn):
                 conn.executemany(
                     "INSERT INTO meta(key, value) VALUES (?, ?)",
                     [
@@ -275,7 +268,7 @@ class Store:
             (tmp / VECTORS).touch()
             write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
             os.rename(tmp, path)  # replaces an empty directory atomically on POSIX
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -512,7 +505,7 @@ class Store:
 
     def save_fitted(self, key: str, value: dict[str, Any], n_examples: int) -> None:
         self.require_writable()
-        with _transaction(self._conn):
+        with transaction(self._conn):
             self._conn.execute(
                 "INSERT OR REPLACE INTO fitted(key, value, n_examples) VALUES (?, ?, ?)",
                 (key, json.dumps(value, sort_keys=True), n_examples),
@@ -522,7 +515,7 @@ class Store:
     def save_summaries(self, summaries: dict[str, str], model: str) -> None:
         self.require_writable()
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        with _transaction(self._conn):
+        with transaction(self._conn):
             self._conn.executemany(
                 "INSERT OR REPLACE INTO summaries(label, summary, model, created_at) VALUES (?, ?, ?, ?)",
                 [(label, text, model, now) for label, text in summaries.items()],
@@ -563,7 +556,7 @@ class Store:
             last_session, n_before = self._position()
             session = last_session + 1
             digest = _append_vectors(self.path, self.dim, n_before, vectors)
-            with _transaction(self._conn):
+            with transaction(self._conn):
                 labels = (new_labels, new_label_vectors)
                 cols = _write_labels(self._conn, session, labels, delta, stats, rewrite)
                 _write_examples(self._conn, session, examples, n_before)
@@ -813,7 +806,8 @@ def _has_images(conn: sqlite3.Connection) -> bool:
 
 
 @contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """An immediate (write-locked) transaction: committed whole, or rolled back."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield

@@ -53,7 +53,7 @@ def finish(path: Path, conn: sqlite3.Connection, vectors: str, *, read_only: boo
     if pending:
         if staged.exists():
             os.replace(staged, path / vectors)
-            _fsync_dir(path)
+            fsync_dir(path)
         clear(conn)
     else:  # staged by an edit that never committed
         staged.unlink()
@@ -71,7 +71,8 @@ def clear(conn: sqlite3.Connection) -> None:
     conn.execute("COMMIT")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a file created or renamed in it) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
