@@ -89,7 +89,12 @@ def _ray_predictions(store: Path, **options: object) -> list[dict]:
 
 
 class _Killer:
-    """Kills (SIGKILL) the first process of this test's Ray whose title contains ``title``."""
+    """Kills (SIGKILL) the first process of this test's Ray whose title contains ``title``.
+
+    Ray titles a worker ``ray::Class.method`` only while it runs that method, so a title naming the
+    method finds a worker mid-task, never an idle actor an earlier test's ``ray.kill`` is still
+    tearing down.
+    """
 
     def __init__(self, title: str, timeout: float = 120.0) -> None:
         self.title, self.killed = title, None
@@ -288,7 +293,7 @@ def test_a_learn_worker_killed_leaves_the_store_at_its_last_session(
         )
         (long_shards / f"part-{s}.jsonl").write_text("\n".join(lines) + "\n")
     before = _state(learned_once / "store")
-    killer = _Killer("ray::ShardLearner")
+    killer = _Killer("ray::ShardLearner.learn")
     try:
         with pytest.raises(WorkerError, match="died"):
             learn(long_shards, learned_once / "store", actors=2, fit=False)
