@@ -431,3 +431,15 @@ def test_bad_vectors_are_refused(small, embedded):
         make(embedder="minilm").fit(vectors[:16], y[:16])
     with pytest.raises(ValueError, match='embedder="precomputed"'):
         ContinualClassifierEstimator().fit(vectors[:16], y[:16])
+
+
+def test_the_readme_example_of_precomputed_vectors(capsys):
+    """The README's example runs as shown and prints what the README says it prints."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    at = readme.index('ContinualClassifierEstimator(embedder="precomputed")')
+    code_start = readme.rindex("```python\n", 0, at) + len("```python\n")
+    code_end = readme.index("```\n", at)
+    shown_start = readme.index("```\n", code_end + 4) + len("```\n")
+    shown = readme[shown_start : readme.index("```", shown_start)]
+    exec(compile(readme[code_start:code_end], "README.md", "exec"), {})
+    assert capsys.readouterr().out == shown
