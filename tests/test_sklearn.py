@@ -4,7 +4,8 @@ classes, a Pipeline, cross_val_score, pickling, a given store folder, refused in
 option with SmolLM2, and precomputed vectors (the MiniLM vectors of the same texts).
 
 Which of scikit-learn's checks run: all of them on ``embedder="precomputed"`` (X is vectors), one
-declared as an expected failure with its reason. On texts, its generic API checks and the
+declared as an expected failure with its reason (scikit-learn itself skips its array API check
+unless SCIPY_ARRAY_API is set). On texts, its generic API checks and the
 checks of refused targets; every check that fits on numeric arrays is declared an expected
 failure with its reason (the estimator reads texts), and the property it checks is tested below
 with texts where it applies to a text classifier. The expected failures are strict: a declared
