@@ -10,6 +10,7 @@ fast well past the CPU's limit.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -28,6 +29,33 @@ EXAMPLES_FILE = "examples.hnsw"
 """The saved HNSW index of example vectors, in the store directory (above the exact limit)."""
 LABELS_FILE = "labels.hnsw"
 """The saved HNSW index of label vectors, in the store directory (above the exact limit)."""
+
+# A saved index is this tag, the SHA-256 of FAISS's serialization, then that serialization:
+# FAISS does not check what it reads, and a flipped byte in a graph or its vectors would give
+# other neighbours without an error.
+_TAG = b"icl-cl hnsw sha256\n"
+_DIGEST = 32
+
+
+class UncheckedIndexError(ValueError):
+    """A saved index without a checksum: written before saved indexes had one."""
+
+
+def saved_index_bytes(file: Path) -> memoryview:
+    """FAISS's serialization saved in ``file``, its SHA-256 checked.
+
+    Raises:
+        OSError: ``file`` cannot be read.
+        UncheckedIndexError: It was written without a checksum (by an older version).
+        ValueError: It is damaged.
+    """
+    data = memoryview(file.read_bytes())
+    head = len(_TAG) + _DIGEST
+    if bytes(data[: len(_TAG)]) != _TAG:
+        raise UncheckedIndexError("saved without a checksum (by an older version)")
+    if hashlib.sha256(data[head:]).digest() != bytes(data[len(_TAG) : head]):
+        raise ValueError("does not match its checksum (file damaged)")
+    return data[head:]
 
 
 def gpu_count() -> int:
@@ -75,8 +103,8 @@ class ExampleIndex:
         import faiss
 
         try:
-            saved = faiss.read_index(str(file))
-        except RuntimeError as exc:
+            saved = faiss.deserialize_index(np.frombuffer(saved_index_bytes(file), np.uint8))
+        except (OSError, ValueError, RuntimeError) as exc:
             logger.warning("%s: unreadable, rebuilding the index: %s", file, exc)
             return None
         n = int(saved.ntotal)
@@ -95,7 +123,8 @@ class ExampleIndex:
         import faiss
 
         if isinstance(self._index, faiss.IndexHNSWFlat):
-            write_atomic(file, faiss.serialize_index(self._index).tobytes())
+            data = faiss.serialize_index(self._index).tobytes()
+            write_atomic(file, _TAG + hashlib.sha256(data).digest() + data)
 
     @property
     def size(self) -> int:

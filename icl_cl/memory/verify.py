@@ -36,6 +36,7 @@ from icl_cl.memory.checksums import (
     unit_digests,
     unit_problem,
 )
+from icl_cl.memory.example_index import UncheckedIndexError, saved_index_bytes
 from icl_cl.memory.item_groups import add_rows
 from icl_cl.memory.statistics import RunningStatistics
 from icl_cl.memory.store import APPLICATION_ID, FORMAT_VERSION, ITEM_STATISTICS, VECTORS, Store
@@ -124,8 +125,9 @@ def verify_store(path: str | Path) -> VerifyReport:
 def _check_derived(store: Store, report: VerifyReport) -> None:
     """The feature spaces' files (derived from the stored vectors, see
     :mod:`~icl_cl.memory.feature_checkpoint`): the learner state readable whole (each member's
-    CRC), the solved weights matching their header's SHA-256. Damage there loses nothing: it
-    is solved or rebuilt in memory on use, and the next learn or fit rewrites it."""
+    CRC), the solved weights matching their header's SHA-256; each saved HNSW index matching
+    its SHA-256. Damage there loses nothing: it is solved or rebuilt in memory on use, and the
+    next learn or fit rewrites it."""
     found = []
     for state in sorted(Path(store.path).glob("features-*.npz")):
         try:
@@ -144,6 +146,13 @@ def _check_derived(store: Store, report: VerifyReport) -> None:
             ok, expected = False, str(exc)
         if not ok:
             found.append(f"{weights}: does not match its header; derived: solved again on use")
+    for index in sorted(Path(store.path).glob("*.hnsw")):
+        try:
+            saved_index_bytes(index)
+        except UncheckedIndexError as exc:  # not damage: rebuilt on use, rewritten by a learn
+            report.notes.append(f"{index}: {exc}; derived: rebuilt from the vectors on use")
+        except (OSError, ValueError) as exc:
+            found.append(f"{index}: {exc}; derived: rebuilt from the vectors on use")
     _add(report, found, "derived files with problems")
 
 
