@@ -98,31 +98,17 @@ def create_app(
     settings = settings or ServiceSettings()
     metrics = ServiceMetrics()
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        serving = Serving(store, config, settings, metrics, embedder=embedder, backend=backend)
-        batcher = MicroBatcher(
-            Predictor(serving, metrics).run,
-            wait_s=settings.batch_wait_ms / 1000,
-            max_items=settings.max_batch_items,
-            max_queue_items=settings.max_queue_items,
-            on_queue=metrics.queue_items.set,
-        )
-        app.state.serving, app.state.batcher = serving, batcher
-        try:
-            yield
-        finally:  # uvicorn has drained the requests in flight; finish the queues, then close
-            # Bounded: a batch still running answers requests that timed out already.
-            await asyncio.to_thread(batcher.close, STOP_WAIT_S)
-            await asyncio.to_thread(serving.close)
+    def open_serving() -> Serving:
+        return Serving(store, config, settings, metrics, embedder=embedder, backend=backend)
 
     app = FastAPI(
         title="icl_cl",
         version=__version__,
         description="In-context continual classification: learn sessions while serving predictions.",
-        lifespan=lifespan,
+        lifespan=_lifespan,
     )
     app.state.settings, app.state.metrics = settings, metrics
+    app.state.opened, app.state.open_serving = None, open_serving
     _error_answers(app)
     # Documents the bearer scheme in the OpenAPI schema; BearerAuth enforces it on every path.
     secured = [Depends(HTTPBearer(auto_error=False))] if keys is not None else []
@@ -135,6 +121,39 @@ def create_app(
         app.add_middleware(BearerAuth, keys=keys)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: counts 401s and 413s too
     return app
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """The service's store and micro-batcher while the app runs."""
+    settings: ServiceSettings = app.state.settings
+    metrics: ServiceMetrics = app.state.metrics
+    # Opened already by open_store (icl-cl serve), or now (an app served directly).
+    serving = app.state.opened or app.state.open_serving()
+    batcher = MicroBatcher(
+        Predictor(serving, metrics).run,
+        wait_s=settings.batch_wait_ms / 1000,
+        max_items=settings.max_batch_items,
+        max_queue_items=settings.max_queue_items,
+        on_queue=metrics.queue_items.set,
+    )
+    app.state.serving, app.state.batcher = serving, batcher
+    try:
+        yield
+    finally:  # uvicorn has drained the requests in flight; finish the queues, then close
+        # Bounded: a batch still running answers requests that timed out already.
+        await asyncio.to_thread(batcher.close, STOP_WAIT_S)
+        await asyncio.to_thread(serving.close)
+
+
+def open_store(app: FastAPI) -> None:
+    """Open the app's store now, before it serves.
+
+    A store that cannot be served (damaged, of another format, read-only with an unmerged log)
+    raises its error here, for the caller to report as one line with its exit code; raised in
+    the app's start-up instead, uvicorn would log a traceback and exit 3.
+    """
+    app.state.opened = app.state.open_serving()
 
 
 async def _within(app: FastAPI, work: asyncio.Future[T]) -> T:

@@ -71,10 +71,11 @@ def serve(
 
     Raises:
         ConfigError: No key file for a host other than loopback, or an unreadable key file.
+        StoreError: The store cannot be served (``StoreCorruptError``: it is damaged).
     """
     import uvicorn
 
-    from icl_cl.service.app import create_app
+    from icl_cl.service.app import create_app, open_store
 
     settings = settings or ServiceSettings()
     keys = KeySet.load(api_key_file) if api_key_file is not None else None
@@ -95,6 +96,7 @@ def serve(
     else:
         logger.info("serving %s on %s:%d with %d API keys", store, host, port, len(keys.keys))
     app = create_app(store, config, settings=settings, keys=keys)
+    open_store(app)  # a damaged store: one error line and its exit code, never a traceback
     uvicorn.run(
         app,
         host=host,
