@@ -510,6 +510,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         batch_wait_ms=args.batch_wait_ms,
         max_batch_items=args.max_batch_items,
         request_timeout_s=args.request_timeout,
+        read_timeout_s=args.read_timeout,
+        keep_alive_s=args.keep_alive,
     )
     serve(
         args.store,
@@ -867,6 +869,23 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         help="inputs per micro-batch (default %(default)s)",
     )
     p.add_argument("--request-timeout", type=float, default=60.0, help="seconds (default 60)")
+    p.add_argument(
+        "--read-timeout",
+        type=float,
+        default=ServiceSettings.model_fields["read_timeout_s"].default,
+        metavar="SECONDS",
+        help="a request must arrive whole (headers and body) within SECONDS of its first byte, "
+        "and a new connection must send one within SECONDS, or it is closed: stalled clients "
+        "do not hold connections (default %(default)s)",
+    )
+    p.add_argument(
+        "--keep-alive",
+        type=float,
+        default=ServiceSettings.model_fields["keep_alive_s"].default,
+        metavar="SECONDS",
+        help="close a keep-alive connection idle for SECONDS between requests "
+        "(default %(default)s)",
+    )
     p.add_argument(
         "--access-log",
         action="store_true",

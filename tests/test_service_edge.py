@@ -7,9 +7,12 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,7 +21,7 @@ import pytest
 
 from icl_cl.service.app import create_app
 from icl_cl.service.settings import ServiceSettings
-from tests.service_helpers import learned_store, running
+from tests.service_helpers import free_port, learned_store, running, start_cli, wait_healthy
 
 SETTINGS = ServiceSettings(max_items=8, max_k=20, read_timeout_s=1.0, keep_alive_s=5.0)
 TEXT = {"id": "a", "text": "a small dog"}
@@ -261,3 +264,35 @@ def test_read_timeouts_are_settings() -> None:
     options = uvicorn_options(ServiceSettings(read_timeout_s=7.5, keep_alive_s=3.0))
     assert options["timeout_keep_alive"] == 3.0
     assert getattr(options["http"], "timeout", None) == 7.5
+
+
+def test_serve_flags_set_the_read_and_keep_alive_timeouts(tmp_path: Path) -> None:
+    """``icl-cl serve --read-timeout 1 --keep-alive 1``: a connection with half its headers,
+    and an idle one after a whole request, are closed after about 1 s, not after the defaults
+    (30 s and 5 s)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    server = start_cli(tmp_path / "store", port, log, "--read-timeout", "1", "--keep-alive", "1")
+    try:
+        wait_healthy(url, server)
+        with socket.create_connection(("127.0.0.1", port)) as stalled:
+            start = time.monotonic()
+            stalled.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            assert _closed(stalled, limit=4.0), log.read_text()
+            read_closed = time.monotonic() - start
+        with socket.create_connection(("127.0.0.1", port)) as idle:
+            idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            idle.settimeout(30)
+            assert idle.recv(4096).startswith(b"HTTP/1.1 200")
+            start = time.monotonic()
+            assert _closed(idle, limit=4.0), log.read_text()
+            idle_closed = time.monotonic() - start
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(30)
+    assert 0.8 <= read_closed < 4.0 and 0.8 <= idle_closed < 4.0, (read_closed, idle_closed)
