@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from icl_cl.config import SCORERS
 from icl_cl.errors import DataError, StoreError
 from icl_cl.evaluation.sessions import SessionSpec, session_examples, split_sessions
 from icl_cl.memory import forgetting, vector_swap
+from icl_cl.memory.feature_space import FeatureSpace
+from icl_cl.memory.feature_spaces import KINDS
 from icl_cl.memory.store import Store
 from icl_cl.memory.verify import verify_store
 from icl_cl.types import Example, Label
@@ -342,3 +345,111 @@ def test_cli_forget_and_relabel(tmp_path, embedder, wordnet, capsys):
     assert main(["forget", "--store", str(path), "--ids", str(ids), "--no-fit", "-q"]) == 0
     capsys.readouterr()
     assert main(["verify", "--store", str(path)]) == 0
+
+
+def _keep_spaces(clf):
+    """Both feature spaces saved beside the store, whatever the choice uses: an edit carries
+    the spaces the store keeps."""
+    for name in KINDS:
+        clf.memory.feature_space(name)
+    clf.memory.save_derived()
+
+
+def _builds(run):
+    """How many feature spaces ``run()`` builds from every stored vector: the calls of
+    :meth:`FeatureSpace.build`, seen by a profile hook (nothing replaced)."""
+    code = FeatureSpace.build.__func__.__code__
+    calls = []
+
+    def hook(frame, event, _arg):
+        if event == "call" and frame.f_code is code:
+            calls.append(event)
+
+    sys.setprofile(hook)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return len(calls)
+
+
+def _headers(path):
+    """The saved learner states' headers, by map kind."""
+    out = {}
+    for state in path.glob("features-*.npz"):
+        with np.load(state, allow_pickle=False) as data:
+            header = json.loads(data["header"].tobytes().decode())
+        out[header["kind"]] = header
+    return out
+
+
+def _fixes(sessions, multi, every=7):
+    """Relabels spread over the sessions that leave every label some example: a single-label
+    example moves to the next label; a multi-label one loses its last tag or gains one (its
+    label count changes, and with it klda's weight of its row)."""
+    names = sorted({lab for examples, _ in sessions for ex in examples for lab in ex.labels})
+    left: dict[str, int] = {}
+    for examples, _ in sessions:
+        for ex in examples:
+            for lab in ex.labels:
+                left[lab] = left.get(lab, 0) + 1
+    fixes = {}
+    for t, (examples, _) in enumerate(sessions):
+        for i, ex in enumerate(examples[2::every]):
+            if multi and len(ex.labels) > 1 and i % 2 == 0 and left[ex.labels[-1]] > 1:
+                left[ex.labels[-1]] -= 1
+                fixes[ex.id] = tuple(ex.labels[:-1])
+            elif multi:
+                extra = names[(names.index(ex.labels[0]) + 3 + t) % len(names)]
+                if extra not in ex.labels:
+                    fixes[ex.id] = (*ex.labels, extra)
+            elif left[ex.labels[0]] > 1:
+                left[ex.labels[0]] -= 1
+                fixes[ex.id] = (names[(names.index(ex.labels[0]) + 1) % len(names)],)
+    return fixes
+
+
+@pytest.mark.parametrize("dataset", ["wordnet", "debtags"])
+def test_an_edit_downdates_the_saved_feature_spaces(tmp_path, embedder, dataset, request):
+    """A relabel then a forget carry the saved feature spaces (each changed item's label sums
+    and Gram rows out and in, at the strength of a store never fitted), instead of dropping
+    them: right after the edits their states cover the rows that stay; neither opening the
+    edited store nor its fit builds a space from the stored vectors; and the store equals
+    one that learned the corrected data, before and after a fit."""
+    train, test, labels = request.getfixturevalue(dataset)
+    multi = dataset == "debtags"
+    sessions = _sessions(train, labels)
+    edited = _learn(tmp_path / "edited", embedder, sessions, fit_each=True)
+    _keep_spaces(edited)
+    before = _headers(tmp_path / "edited")
+    assert set(before) == {"ridge", "lda"}
+    fixes = _fixes(sessions, multi)
+    edited.relabel(fixes, fit=False)
+    fixed, defined = [], set()
+    for examples, labs in sessions:  # each label defined where it is first used
+        exs = [Example(ex.id, ex.text, fixes.get(ex.id, ex.labels)) for ex in examples]
+        used = {lab.label for lab in labs} | {x for ex in exs for x in ex.labels}
+        fixed.append((exs, [lab for lab in labels if lab.label in used - defined]))
+        defined |= used
+    gone = _spread(fixed, 9)
+    report = edited.forget(sorted(gone), fit=False)
+    kept = [([ex for ex in exs if ex.id not in gone], labs) for exs, labs in fixed]
+    rows = sum(len(exs) for exs, _ in kept)
+    assert report.examples == rows
+    after = _headers(tmp_path / "edited")
+    assert set(after) == {"ridge", "lda"}
+    for header in after.values():
+        assert header["rows"] == rows and header["choice"] is None
+        assert header["labels"] == edited.memory.stats.labels
+    # The edited store reads the states the edit wrote: no space is built.
+    assert _builds(lambda: [edited.memory.feature_space(name) for name in KINDS]) == 0
+    assert all(edited.memory.feature_space(name).rows == rows for name in KINDS)
+    reference = _learn(tmp_path / "reference", embedder, kept)
+    queries = embedder.encode([ex.text for ex in test])
+    assert_same_store(edited, reference, queries)
+    # The fit after the edit makes the choice again on those states, building none.
+    assert _builds(lambda: edited.fit(5)) == 0
+    reference.fit(5)
+    assert_same_store(edited, reference, queries)
+    _same_choice(edited, reference)
+    assert verify_store(tmp_path / "edited").ok

@@ -4,10 +4,12 @@ An edit rewrites the store as if it had learned the corrected data: the forgotte
 database and the vector file (the remaining rows keep their order and sessions), relabelled rows
 carry their new labels, a forgotten label leaves with its examples (in a multi-label store an
 example keeps its other labels), and the statistics are recomputed from the remaining rows as
-items, as ``verify`` recomputes them. Everything derived from the old rows is dropped: the
-feature spaces' state and solved weights and the saved HNSW indexes (rebuilt from the stored
-vectors on use), the fitted heads and the ``auto`` choice (made again by the next fit), the
-class summaries of the labels touched. The edit is a session of the history, with its counts
+items, as ``verify`` recomputes them. The feature spaces the store keeps are edited, not
+rebuilt: the changed items leave and re-enter their sums and Gram, at the strength of a store
+never fitted (:mod:`~icl_cl.memory.edited_spaces`). Everything else derived from the old rows is
+dropped: the spaces' solved weights and the saved HNSW indexes (made again from the stored state
+on use), the fitted heads and the ``auto`` choice (made again by the next fit), the class
+summaries of the labels touched. The edit is a session of the history, with its counts
 and no content (table ``edits``); each earlier session keeps the count it learned, and how many
 of its rows were forgotten since (``sessions.forgotten``).
 
@@ -35,7 +37,9 @@ from icl_cl.inputs.checks import StoreConflictError
 from icl_cl.memory import vector_swap
 from icl_cl.memory.checksums import block_digest, seal, seal_schema
 from icl_cl.memory.ecl import ExternalContinualLearner
+from icl_cl.memory.edited_spaces import EditedRows, saved_spaces, write_edited
 from icl_cl.memory.example_index import EXAMPLES_FILE, LABELS_FILE
+from icl_cl.memory.feature_spaces import FeatureSpaces
 from icl_cl.memory.idempotency import write_idempotency
 from icl_cl.memory.item_groups import add_rows
 from icl_cl.memory.statistics import RunningStatistics
@@ -243,7 +247,8 @@ def edited_statistics(
 
 
 def drop_derived(path: Path) -> None:
-    """Remove every file derived from the stored rows (rebuilt from them on use)."""
+    """Remove every file derived from the stored rows (rebuilt from them on use; the feature
+    spaces' state is written again, edited, after the commit)."""
     for file in [*path.glob("features-*"), path / EXAMPLES_FILE, path / LABELS_FILE]:
         file.unlink(missing_ok=True)
 
@@ -516,8 +521,18 @@ def edit_memory(
     vectors = memory.index.vectors_all()
     inputs = stored_inputs(store, len(vectors), bool(memory.multi_label))
     stats = edited_statistics(plan, vectors, memory.stats.labels, inputs, store.dim)
+    # The feature spaces the store keeps, read (and caught up) before the edit removes them.
+    spaces = FeatureSpaces(store, memory.index, memory.config, lambda: None)
+    carried = {name: memory.feature_space(name) for name in saved_spaces(spaces, memory.n_items)}
+    stored_labels = store.row_labels() if carried else []
     seconds = time.perf_counter() - start
     session = commit_edit(store, edit, plan, stats, vectors, added_vectors, seconds)
+    if carried:
+        changed = np.flatnonzero(~plan.keep).tolist() + plan.relabelled
+        rows = EditedRows(plan.keep, changed, stored_labels, plan.row_labels)
+        write_edited(
+            spaces, carried, rows, vectors, inputs, labels=stats.labels, n_items=stats.n_examples
+        )
     return EditReport(
         session=session,
         kind=edit.kind,
