@@ -17,7 +17,7 @@ from icl_cl.cli import main
 from icl_cl.config import SCORERS
 from icl_cl.errors import DataError, StoreError
 from icl_cl.evaluation.sessions import SessionSpec, session_examples, split_sessions
-from icl_cl.memory import forgetting, vector_swap
+from icl_cl.memory import edited_spaces, forgetting, vector_swap
 from icl_cl.memory.feature_space import FeatureSpace
 from icl_cl.memory.feature_spaces import KINDS
 from icl_cl.memory.store import Store
@@ -453,3 +453,33 @@ def test_an_edit_downdates_the_saved_feature_spaces(tmp_path, embedder, dataset,
     assert_same_store(edited, reference, queries)
     _same_choice(edited, reference)
     assert verify_store(tmp_path / "edited").ok
+
+
+def test_a_crash_while_the_spaces_are_edited_leaves_the_new_store(
+    tmp_path, embedder, wordnet, monkeypatch
+):
+    """The spaces are edited after the commit, their old state removed before it: dying in
+    between leaves the edited store with no state, which is built from its own rows on use,
+    never a state of the old rows."""
+    train, _test, labels = wordnet
+    path = tmp_path / "s"
+    clf = ContinualClassifier.open(path, embedder=embedder)
+    clf.learn(train, labels, fit=False)
+    _keep_spaces(clf)
+    gone = [ex.id for ex in train[::7]]
+
+    def dies(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(edited_spaces, "edit_space", dies)
+    with pytest.raises(KeyboardInterrupt):
+        clf.forget(gone, fit=False)
+    monkeypatch.undo()
+    clf.memory.store.close()
+    assert not list(path.glob("features-*"))
+    assert verify_store(path).ok
+    reopened = ContinualClassifier.open(path, embedder=embedder)
+    rows = len(train) - len(gone)
+    assert reopened.memory.n_examples == rows
+    assert _builds(lambda: [reopened.memory.feature_space(name) for name in KINDS]) == 2
+    assert all(reopened.memory.feature_space(name).rows == rows for name in KINDS)
