@@ -14,12 +14,13 @@ import pytest
 
 from icl_cl import ContinualClassifier
 from icl_cl.cli import main
-from icl_cl.config import SCORERS
+from icl_cl.config import SCORERS, MemoryConfig
 from icl_cl.errors import DataError, StoreError
 from icl_cl.evaluation.sessions import SessionSpec, session_examples, split_sessions
 from icl_cl.memory import edited_spaces, forgetting, vector_swap
-from icl_cl.memory.feature_space import FeatureSpace
+from icl_cl.memory.feature_space import FeatureSpace, Strength
 from icl_cl.memory.feature_spaces import KINDS
+from icl_cl.memory.features import RandomFeatures
 from icl_cl.memory.store import Store
 from icl_cl.memory.verify import verify_store
 from icl_cl.types import Example, Label
@@ -483,3 +484,74 @@ def test_a_crash_while_the_spaces_are_edited_leaves_the_new_store(
     assert reopened.memory.n_examples == rows
     assert _builds(lambda: [reopened.memory.feature_space(name) for name in KINDS]) == 2
     assert all(reopened.memory.feature_space(name).rows == rows for name in KINDS)
+
+
+def _no_choice(kind):
+    """The strength a space is built at before any choice (the config's defaults)."""
+    config = MemoryConfig()
+
+    def strength(space, gram):
+        if kind == "ridge":
+            return space.ridge_strength(float(np.trace(gram)), config.ranpac_lambda)
+        return space.lda_strength(gram, config.shrinkage)
+
+    return strength
+
+
+@pytest.mark.parametrize("multi", [False, True])
+@pytest.mark.parametrize("kind", ["ridge", "lda"])
+def test_an_edited_space_equals_the_space_built_from_the_rows_that_stay(kind, multi):
+    """Rows forgotten (among them an item's first copy, whose next copy has another vector: a
+    copy is the same input up to case and spacing), relabelled (to a new label, and in a
+    multi-label store to fewer or more labels), a label removed: the edited space equals the one
+    built from the rows that stay, whatever strength it had."""
+    rng = np.random.default_rng(3 if multi else 4)
+    n = 90
+    x = rng.normal(size=(n, 16)).astype(np.float32)
+    names = ["a", "b", "c", "d", "e"]
+    before = [
+        [names[i % 5]] + ([names[(i + 2) % 5]] if multi and i % 3 == 0 else []) for i in range(n)
+    ]
+    # Rows 60.. are copies of rows 0..29 (in a multi-label store), written otherwise.
+    inputs = (
+        [f"Text {i % 60}" if i < 60 else f"text  {i % 60}" for i in range(n)]
+        if multi
+        else [None] * n
+    )
+    features = RandomFeatures("relu" if kind == "ridge" else "rff", 16, 64, seed=1)
+    old = FeatureSpace.build(
+        kind, features, labels=names, vectors=x, row_labels=before, inputs=inputs, items=multi,
+        strength=lambda space, gram: Strength(0.37, 1.9 if kind == "lda" else 1.0),
+    )  # fmt: skip
+    keep = np.ones(n, bool)
+    keep[[0, 1, 13, 62, 77]] = False  # row 0: an item's first copy, row 60 its next
+    after = [list(labs) for labs in before]
+    for r in (4, 20, 61, 85):
+        after[r] = ["f"] if not multi else [*after[r][:1], "f"]
+    if multi:
+        after[6] = after[6][:1]  # fewer labels than before
+    after = [[lab for lab in labs if lab != "e"] for labs in after]  # label e removed
+    keep &= np.array([bool(labs) for labs in after])
+    after = [labs if keep[r] else [] for r, labs in enumerate(after)]
+    changed = [r for r in range(n) if not keep[r] or after[r] != before[r]]
+    new_names = ["a", "b", "c", "d", "f"]
+    rows = edited_spaces.EditedRows(keep, changed, before, after)
+    changes = edited_spaces.item_changes(rows, x, inputs)
+    config = MemoryConfig()
+    edited_spaces.edit_space(
+        old, changes, labels=new_names, rows=int(keep.sum()),
+        rho=config.ranpac_lambda, shrinkage=config.shrinkage,
+    )  # fmt: skip
+    stay = np.flatnonzero(keep)
+    built = FeatureSpace.build(
+        kind, features, labels=new_names, vectors=x[stay], row_labels=[after[r] for r in stay],
+        inputs=[inputs[r] for r in stay], items=multi, strength=_no_choice(kind),
+    )  # fmt: skip
+    assert old.stats.labels == built.stats.labels and old.rows == built.rows
+    np.testing.assert_array_equal(old.stats.counts, built.stats.counts)
+    assert old.stats.n_examples == built.stats.n_examples
+    np.testing.assert_allclose(old.stats.sums, built.stats.sums, rtol=1e-9, atol=1e-9)
+    assert old.solver.strength == pytest.approx(built.solver.strength, rel=1e-9)
+    assert old.scale == pytest.approx(built.scale, rel=1e-9)
+    np.testing.assert_allclose(old.solver.inverse, built.solver.inverse, rtol=1e-7, atol=1e-9)
+    assert old.choice is None and old.strength_items == built.strength_items
