@@ -2,18 +2,23 @@
 
 1. A store learns the whole train file (vectors from ``--vectors``, a ``.npy`` aligned with it:
    the base is not what is measured) and fits, as ``icl-cl learn`` does.
-2. A freshly opened classifier forgets ``--fraction`` of the items, drawn at random with
-   ``--seed`` (never a label's last example, which a forget refuses): ``forget_s`` is the edit
-   alone (checks, statistics recomputed from the remaining rows, the vector file and database
-   rewritten and committed, the database vacuumed, the memory reloaded); ``fit_s`` the fit that
-   ``icl-cl forget`` runs after it (the ``auto`` choice and the heads made again: the derived
-   feature state is rebuilt from the stored vectors there).
+2. For each path of ``--paths``, a copy of that store, freshly opened, forgets ``--fraction`` of
+   the items, drawn at random with ``--seed`` (never a label's last example, which a forget
+   refuses): ``forget_s`` is the edit alone (checks, statistics recomputed from the remaining
+   rows, the vector file and database rewritten and committed, the database vacuumed, the saved
+   feature spaces edited, the memory reloaded); ``fit_s`` the fit that ``icl-cl forget`` runs
+   after it (the ``auto`` choice and the heads made again).
+
+   - ``carried``: what ``icl-cl forget`` does: the saved feature spaces are edited (the changed
+     items' rows out of the Gram, one factorisation at the new strength) and kept.
+   - ``rebuilt``: the earlier path, for comparison: the saved feature spaces are removed before
+     the edit (so it carries none), and the fit rebuilds them from every stored vector.
 3. ``predict_s``: a freshly opened classifier predicting one input (what a reader pays after).
 4. ``verify``: ``icl-cl verify``'s verdict on the edited store.
 
 Usage:
     python eval/bench/forget.py --data DATASET_DIR --vectors train.npy [--fraction 0.01]
-        [--limit N] [--out runs/bench/forget.json]
+        [--limit N] [--paths carried,rebuilt] [--out runs/bench/forget.json]
 """
 
 from __future__ import annotations
@@ -54,6 +59,39 @@ def draw(train: list[Example], fraction: float, seed: int) -> list[str]:
     return ids
 
 
+def _edit_and_fit(
+    store: Path, embedder: GivenVectors, gone: list[str], path: str, train: list[Example]
+) -> dict[str, Any]:
+    """One path (see the module) on ``store``, a copy of the learned store."""
+    if path == "rebuilt":  # as the edit did before it carried them: nothing saved to edit
+        for file in store.glob("features-*"):
+            file.unlink()
+    start = time.perf_counter()
+    with ContinualClassifier.open(store, embedder=embedder) as clf:
+        opened = time.perf_counter()
+        report = clf.forget(gone, fit=False)
+        forgotten = time.perf_counter()
+        carried = sorted(f.name for f in store.glob("features-*.npz"))
+        clf.fit()
+        fitted = time.perf_counter()
+        auto = clf.memory.choice.scorer if clf.memory.choice is not None else None
+    with ContinualClassifier.open(store, embedder=embedder) as clf:
+        clf.predict([train[0].text], k=10)
+    predict_s = time.perf_counter() - fitted
+    verdict = verify_store(store)
+    return {
+        "forgotten": report.examples_forgotten,
+        "carried_spaces": carried,
+        "open_s": round(opened - start, 2),
+        "forget_s": round(forgotten - opened, 2),
+        "fit_s": round(fitted - forgotten, 2),
+        "auto_after": auto,
+        "predict_s": round(predict_s, 2),
+        "verify_ok": verdict.ok,
+        "verify_s": round(verdict.seconds.get("total", 0.0), 2),
+    }
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     data = Path(args.data)
     train, _ = read_examples(data / "train.jsonl", max_chars=100_000)
@@ -69,30 +107,19 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         start = time.perf_counter()
         with ContinualClassifier.open(work / "store", embedder=embedder) as clf:
             clf.learn(train, labels)
-        base_s = time.perf_counter() - start
-        gone = draw(train, args.fraction, args.seed)
-        start = time.perf_counter()
-        with ContinualClassifier.open(work / "store", embedder=embedder) as clf:
-            opened = time.perf_counter()
-            report = clf.forget(gone, fit=False)
-            forgotten = time.perf_counter()
-            clf.fit()
-            fitted = time.perf_counter()
-        with ContinualClassifier.open(work / "store", embedder=embedder) as clf:
-            clf.predict([train[0].text], k=10)
-        predict_s = time.perf_counter() - fitted
-        verdict = verify_store(work / "store")
-        return {
+            auto = clf.memory.choice.scorer if clf.memory.choice is not None else None
+        result: dict[str, Any] = {
             "train": len(train),
-            "forgotten": report.examples_forgotten,
-            "base_learn_and_fit_s": round(base_s, 2),
-            "open_s": round(opened - start, 2),
-            "forget_s": round(forgotten - opened, 2),
-            "fit_s": round(fitted - forgotten, 2),
-            "predict_s": round(predict_s, 2),
-            "verify_ok": verdict.ok,
-            "verify_s": round(verdict.seconds.get("total", 0.0), 2),
+            "base_learn_and_fit_s": round(time.perf_counter() - start, 2),
+            "auto_before": auto,
+            "saved_spaces": sorted(f.name for f in (work / "store").glob("features-*.npz")),
         }
+        gone = draw(train, args.fraction, args.seed)
+        for path in args.paths.split(","):
+            shutil.copytree(work / "store", work / path)
+            result[path] = _edit_and_fit(work / path, embedder, gone, path, train)
+            shutil.rmtree(work / path, ignore_errors=True)
+        return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -104,6 +131,9 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, help="only the first N train items")
+    parser.add_argument(
+        "--paths", default="carried,rebuilt", help="carried, rebuilt or both (see the module)"
+    )
     parser.add_argument("--out", help="write the result as JSON here too")
     args = parser.parse_args()
     result = measure(args)
