@@ -24,7 +24,7 @@ from icl_cl.labelling.edits import edit_classifier, forgetting, relabelling
 from icl_cl.labelling.suggest import Suggestion, SuggestOptions, suggest_from
 from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.memory.forgetting import Edit, EditReport
-from icl_cl.memory.statistics import StatisticsDelta
+from icl_cl.memory.partial import ShardSums
 from icl_cl.reading import LLMHandle, LLMReader, write_summaries
 from icl_cl.steps import Steps, open_parts
 from icl_cl.types import Example, Label, LearnReport, Prediction, Progress, Ranked, counter
@@ -105,7 +105,7 @@ class ContinualClassifier:
         locations: Sequence[checks.Located] | None = None,
         label_locations: Sequence[checks.Located] | None = None,
         lock_timeout: float = 0.0,
-        embedded: tuple[np.ndarray, Sequence[StatisticsDelta]] | None = None,
+        embedded: ShardSums | None = None,
     ) -> LearnReport:
         """Learn one session (all-or-nothing: bad input changes nothing), then (``fit``)
         :meth:`fit` the heads for ``k`` candidates; once the session is stored, a failing LLM is
@@ -114,7 +114,7 @@ class ContinualClassifier:
         ``progress`` is told how far embedding and fitting got; ``locations`` and
         ``label_locations`` say where each item came from, for error messages. The writer lock
         is taken (waiting up to ``lock_timeout`` s) before the store is read or anything embedded.
-        ``embedded``: the examples' vectors and each shard's statistics, computed by workers.
+        ``embedded``: the examples' vectors and each shard's sums, computed by workers.
         """
         start, examples = time.perf_counter(), list(examples)
         if fit:

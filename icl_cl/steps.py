@@ -26,8 +26,7 @@ from icl_cl.heads.scorer_selection import refresh_scorer_choice
 from icl_cl.images import Image
 from icl_cl.inputs import checks
 from icl_cl.memory.ecl import ExternalContinualLearner
-from icl_cl.memory.partial import merge
-from icl_cl.memory.statistics import StatisticsDelta
+from icl_cl.memory.partial import ShardSums, merge
 from icl_cl.memory.store import MANIFEST, Store
 from icl_cl.reading import LLMHandle, LLMReader, Reading, write_summaries
 from icl_cl.types import (
@@ -130,11 +129,11 @@ class Steps:
         progress: Progress | None = None,
         locations: Sequence[checks.Located] | None = None,
         label_locations: Sequence[checks.Located] | None = None,
-        embedded: tuple[np.ndarray, Sequence[StatisticsDelta]] | None = None,
+        embedded: ShardSums | None = None,
     ) -> LearnReport:
         """Check one session against the store, embed it and commit it (under the writer lock:
         nothing can change the store between the checks and the commit). ``embedded``: the
-        vectors and each shard's statistics from workers, merged here against the store's."""
+        vectors and each shard's sums from workers, merged here against the store's."""
         new, multi = checks.check_learn(
             examples,
             labels,
@@ -150,13 +149,14 @@ class Steps:
         )
         embed_start = time.perf_counter()
         items = [ex.item for ex in examples]
-        delta = None
+        delta, space_sums = None, None
         if embedded is None:
             vectors = self.embedder.encode(
                 items, progress=counter(progress, "embedding", len(items))
             )
         else:
-            vectors, delta = embedded[0], merge(embedded[1], self.memory.stats)
+            vectors, delta = embedded.vectors, merge(embedded.statistics, self.memory.stats)
+            space_sums = embedded.spaces
         label_vectors = self.embedder.encode([lab.text for lab in new])
         embed_end = time.perf_counter()
         session = self.memory.learn(
@@ -167,6 +167,7 @@ class Steps:
             multi_label=multi,
             seconds=embed_end - start,
             delta=delta,
+            space_sums=space_sums,
         )
         names = tuple(lab.label for lab in new)
         logger.info("learned session %d: %d examples, %d new labels", session, len(items), len(new))

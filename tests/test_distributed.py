@@ -6,6 +6,7 @@ The merge of partial statistics is also checked without Ray, against learning th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -17,9 +18,13 @@ import numpy as np
 import pytest
 
 from icl_cl.classifier import ContinualClassifier
+from icl_cl.config import ClassifierConfig
 from icl_cl.errors import DataError, WorkerError
 from icl_cl.inputs import read_examples
-from icl_cl.memory.partial import merge, shard_statistics
+from icl_cl.memory.feature_space import FeatureSpace, SpaceKind, Strength
+from icl_cl.memory.features import RandomFeatures
+from icl_cl.memory.item_groups import Additions
+from icl_cl.memory.partial import merge, shard_space_statistics, shard_statistics
 from icl_cl.memory.statistics import RunningStatistics
 from icl_cl.memory.store import Store
 from icl_cl.types import Prediction
@@ -50,6 +55,47 @@ def test_merged_shards_equal_the_delta_of_their_union() -> None:
     np.testing.assert_allclose(merged.gram, whole.gram, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(merged.weighted_gram, whole.weighted_gram, rtol=1e-12, atol=1e-12)
     assert merged.n_examples == whole.n_examples
+
+
+@pytest.mark.parametrize(
+    ("kind", "multi_label"), [("ridge", False), ("lda", False), ("lda", True), ("ridge", True)]
+)
+def test_shards_summed_in_a_feature_map_equal_adding_their_rows(
+    kind: SpaceKind, multi_label: bool
+) -> None:
+    """Workers' sums (label sums and the Gram, ranpac's of ``[phi, 1]``, klda's weighted by label
+    count in a multi-label store) taken in one solve equal the row-by-row update."""
+    rng = np.random.default_rng(1)
+    dim, names = 8, [f"l{i}" for i in range(5)]
+
+    def labels(n: int) -> list[list[str]]:
+        size = 2 if multi_label else 1
+        return [list(rng.choice(names[:4], size=size, replace=False)) for _ in range(n)]
+
+    features = RandomFeatures("rff" if kind == "lda" else "relu", dim, 256, 0, 1.0)
+    stored, stored_labels = rng.normal(size=(30, dim)), labels(30)
+    spaces = [
+        FeatureSpace.build(
+            kind, features, labels=names[:4], vectors=stored, row_labels=stored_labels,
+            inputs=[None] * 30, items=multi_label, strength=lambda space, gram: Strength(0.5, 1.0),
+        )
+        for _ in range(2)
+    ]  # fmt: skip
+    shards = [(rng.normal(size=(n, dim)), labels(n)) for n in (7, 12, 5)]
+    shards[1][1][3] = ["l4"]  # a label new to the store
+    vectors = np.vstack([v for v, _ in shards])
+    added = Additions(vectors, [ls for _, part in shards for ls in part], np.ones(24, bool), True)
+    weighted = kind == "lda" and multi_label
+    parts = [shard_space_statistics(features, weighted, v, ls) for v, ls in shards]
+    rows, summed = spaces[0], spaces[1]
+    rows.apply(rows.delta(added), 24)
+    summed.apply(summed.summed_delta(parts, added), 24)
+    assert summed.stats.labels == rows.stats.labels == [*names[:4], "l4"]
+    np.testing.assert_array_equal(summed.stats.counts, rows.stats.counts)
+    np.testing.assert_allclose(summed.stats.sums, rows.stats.sums, rtol=1e-12, atol=1e-12)
+    scale = np.abs(rows.solver.inverse).max()
+    assert np.abs(summed.solver.inverse - rows.solver.inverse).max() <= 1e-9 * scale
+    assert summed.rows == rows.rows == 54
 
 
 # ---- on a local Ray ----------------------------------------------------------------------------
@@ -222,6 +268,45 @@ def test_ray_learn_of_four_shards_equals_serial_learn(local_ray: None, tmp_path:
     for a, b in zip(*predictions, strict=True):
         assert a.labels == b.labels
         assert a.scores == pytest.approx(b.scores, rel=1e-9, abs=1e-12)
+
+
+def test_ray_learn_sums_the_feature_maps_on_workers(
+    local_ray: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session of at least half a store's feature width (M = 256 here) is summed in each kept
+    feature map on the workers and taken in one solve: the same scores as a serial learn."""
+    from icl_cl.distributed import learn
+
+    config = ClassifierConfig(memory={"ranpac_features": 256, "klda_features": 256})
+    examples, _ = read_examples(WORDNET / "train.jsonl", max_chars=10_000)
+    lines = (WORDNET / "train.jsonl").read_text(encoding="utf-8").splitlines()[40:]
+    (tmp_path / "shards").mkdir()
+    for s in range(4):
+        part = lines[s * 50 : (s + 1) * 50]
+        (tmp_path / "shards" / f"part-{s}.jsonl").write_text("\n".join(part) + "\n")
+    for name in ("serial", "ray"):
+        with ContinualClassifier.open(tmp_path / name, config) as clf:
+            clf.learn(examples[:40], fit=False)
+            for scorer in ("ranpac", "klda"):  # their states are saved by the fit
+                clf.fit(K, scorer=scorer, use_llm=False)
+    with ContinualClassifier.open(tmp_path / "serial") as clf:
+        clf.learn(examples[40:240], fit=False)
+    with caplog.at_level(logging.INFO, logger="icl_cl.memory.feature_spaces"):
+        learn(tmp_path / "shards", tmp_path / "ray", actors=2, fit=False)
+    summed = [r.getMessage() for r in caplog.records if "summed on workers" in r.getMessage()]
+    assert len(summed) == 2, summed
+
+    texts = [i["text"] for i in _test_items()]
+    for scorer in ("ranpac", "klda"):
+        predictions = []
+        for name in ("serial", "ray"):
+            with ContinualClassifier.open(tmp_path / name) as clf:
+                predictions.append(clf.predict(texts, k=K, use_llm=False, scorer=scorer))
+        for a, b in zip(*predictions, strict=True):
+            assert a.labels == b.labels
+            # The inverses agree to 1e-15; predict reads float32 solved weights, whose roundings
+            # can differ in the last bit.
+            assert a.scores == pytest.approx(b.scores, rel=1e-4, abs=1e-6)
 
 
 def _state(path: Path) -> tuple[int, int, list[int]]:

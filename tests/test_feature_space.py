@@ -163,7 +163,7 @@ def test_predict_reads_solved_weights_and_never_writes(tmp_path, embedder, wordn
     with ContinualClassifier.open(store, embedder=embedder) as clf:
         for name in FEATURE_SCORERS:
             np.testing.assert_allclose(clf.memory.score_matrix(queries, name), expected[name])
-        assert not clf.memory._spaces._spaces  # no learner state was loaded
+        assert not clf.memory.spaces._spaces  # no learner state was loaded
     for solved in store.glob("features-*.solved.npy"):  # damage one byte of each
         data = bytearray(solved.read_bytes())
         data[-5] ^= 0x40
@@ -186,5 +186,5 @@ def test_predict_reads_solved_weights_and_never_writes(tmp_path, embedder, wordn
         clf.fit(scorer="ranpac")
     with ContinualClassifier.open(store, embedder=embedder) as clf:
         clf.memory.score_matrix(queries, "ranpac")
-        assert not clf.memory._spaces._spaces
+        assert not clf.memory.spaces._spaces
     assert verify_store(store).ok

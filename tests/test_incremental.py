@@ -127,7 +127,7 @@ def test_feature_statistics_follow_learning_and_survive_reopening(tmp_path, embe
     clf.close()
     reopened = ContinualClassifier.open(tmp_path / "s", embedder=embedder)
     np.testing.assert_allclose(reopened.memory.score_matrix(queries, "ranpac"), expected, rtol=1e-5)
-    assert "ranpac" not in reopened.memory._spaces._spaces  # the solved weights, not the state
+    assert "ranpac" not in reopened.memory.spaces._spaces  # the solved weights, not the state
     np.testing.assert_allclose(
         reopened.memory.feature_space("ranpac").solver.inverse, live.solver.inverse, atol=1e-9
     )

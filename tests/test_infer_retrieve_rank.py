@@ -84,7 +84,7 @@ def test_hnsw_label_index_above_the_size_limit_agrees_with_flat(tmp_path, embedd
             tmp_path / "s", memory=MemoryConfig(label_exact_search_max=limit), embedder=embedder
         )
         _, found[limit] = clf.memory.retrieve_labels(queries, 5)
-        assert clf.memory._label_index.kind == ("flat" if limit > len(labels) else "hnsw")
+        assert clf.memory.label_set.index().kind == ("flat" if limit > len(labels) else "hnsw")
         clf.close()
     overlap = np.mean(
         [len(set(a) & set(b)) / 5 for a, b in zip(found[10_000], found[10], strict=True)]

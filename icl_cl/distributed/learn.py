@@ -1,5 +1,6 @@
-"""Map-reduce learn: workers read, check and embed shards and sum their statistics; the driver
-merges the partial sums and commits ONE session in one transaction.
+"""Map-reduce learn: workers read, check and embed shards and sum their statistics (and, for a
+large session, their sums in each kept random feature map); the driver merges the partial sums
+and commits ONE session in one transaction.
 
 Every shard is read and checked before anything is written, so bad input in any shard fails the
 whole session (naming shard, line and field), and so does a worker that dies: the store stays at
@@ -23,7 +24,9 @@ from icl_cl.distributed.sources import input_files, iter_records
 from icl_cl.errors import DataError, WorkerError
 from icl_cl.inputs import Located, validate_examples
 from icl_cl.inputs.jsonl import parse_example
-from icl_cl.memory.partial import shard_statistics
+from icl_cl.memory.ecl import ExternalContinualLearner
+from icl_cl.memory.features import RandomFeatures
+from icl_cl.memory.partial import ShardSums, shard_space_statistics, shard_statistics
 from icl_cl.memory.statistics import StatisticsDelta
 from icl_cl.types import Example, Label, LearnReport, Progress
 
@@ -116,6 +119,50 @@ def map_shards(
     return shards
 
 
+def shard_sums(
+    shards: Sequence[Shard],
+    memory: ExternalContinualLearner,
+    *,
+    num_cpus: float = 1,
+    progress: Progress | None = None,
+) -> ShardSums:
+    """The shards' vectors and statistics, and each shard's sums (``O(n M^2)`` per shard, as Ray
+    tasks) in each feature map where the store would rather take them summed
+    (:meth:`~icl_cl.memory.feature_spaces.FeatureSpaces.summable`): none for a session small
+    enough to be added row by row on the driver.
+
+    The driver holds the shards' vectors already (it stores them), so each goes back to the
+    workers once, through the object store, whatever the number of maps.
+    """
+    n_new = sum(len(s.examples) for s in shards)
+    wanted = memory.spaces.summable(
+        n_items=memory.n_items + n_new, n_rows=n_new, multi_label=memory.multi_label
+    )
+    vectors, statistics = np.vstack([s.vectors for s in shards]), [s.statistics for s in shards]
+    if not wanted:
+        return ShardSums(vectors, statistics)
+    ray = ray_module()
+    task = ray.remote(num_cpus=num_cpus, max_retries=0)(shard_space_statistics)
+    refs = [(ray.put(s.vectors), [ex.labels for ex in s.examples]) for s in shards]
+    pending = {
+        name: [task.remote(features, weighted, ref, row_labels) for ref, row_labels in refs]
+        for name, (features, weighted) in wanted.items()
+    }
+    out: dict[str, tuple[RandomFeatures, list[StatisticsDelta]]] = {}
+    try:
+        for name, tasks in pending.items():
+            out[name] = (wanted[name][0], ray.get(tasks))
+            if progress is not None:
+                progress("feature sums", len(out), len(pending))
+    except ray.exceptions.WorkerCrashedError as exc:
+        raise WorkerError(
+            f"a Ray worker died while summing features; nothing was committed: {exc}"
+        ) from exc
+    except ray.exceptions.RayTaskError as exc:
+        raise unwrapped(exc) from exc
+    return ShardSums(vectors, statistics, out)
+
+
 def learn(
     data: str | Path,
     store: str | Path,
@@ -134,10 +181,9 @@ def learn(
     """Learn the examples of ``data`` (a JSONL or Parquet file, or a folder of them: one shard
     per file) into ``store`` as one session, embedded on Ray workers (see :func:`connect`).
 
-    Workers read, check and embed whole shards and sum their statistics; under the store's
-    writer lock the sums are merged in shard order and committed with the examples and their
-    vectors, exactly as a local learn of the shards' examples in order. Bad input in any shard
-    (:class:`DataError`) or a dead worker (:class:`WorkerError`) writes nothing.
+    Workers read, check, embed and sum shards (:func:`map_shards`, :func:`shard_sums`);
+    under the store's writer lock the sums are merged in shard order and committed with the
+    examples and their vectors, as a local learn of the shards' examples in order would.
 
     Args:
         data: The examples.
@@ -162,7 +208,7 @@ def learn(
             num_gpus=num_gpus,
             progress=progress,
         )
-        vectors = np.vstack([s.vectors for s in shards])
+        sums = shard_sums(shards, clf.memory, num_cpus=num_cpus, progress=progress)
         report = clf.learn(
             [ex for s in shards for ex in s.examples],
             labels,
@@ -172,7 +218,7 @@ def learn(
             locations=[at for s in shards for at in s.locations],
             label_locations=label_locations,
             lock_timeout=lock_timeout,
-            embedded=(vectors, [s.statistics for s in shards]),
+            embedded=sums,
         )
     logger.info("learned %d shards as session %d", len(shards), report.session)
     return report

@@ -12,10 +12,11 @@ import numpy as np
 
 from icl_cl.config import AUTO_SCORER, SCORERS, MemoryConfig
 from icl_cl.errors import ConfigError, DataError
-from icl_cl.memory.example_index import EXAMPLES_FILE, LABELS_FILE, ExampleIndex
+from icl_cl.memory.example_index import EXAMPLES_FILE, ExampleIndex
 from icl_cl.memory.feature_space import FeatureSpace, SpaceDelta
 from icl_cl.memory.feature_spaces import MAX_LABELS, FeatureSpaces
 from icl_cl.memory.item_groups import ItemGroups
+from icl_cl.memory.partial import SpaceSums
 from icl_cl.memory.scorer_choice import (
     CHOICE_KEY,
     SEPARATOR,
@@ -42,6 +43,7 @@ from icl_cl.memory.stored_items import (
     recompute,
     session_additions,
 )
+from icl_cl.memory.stored_labels import StoredLabels
 from icl_cl.types import Example, Label
 
 logger = logging.getLogger(__name__)
@@ -71,18 +73,18 @@ class ExternalContinualLearner:
     def __init__(self, store: Store, config: MemoryConfig) -> None:
         self.store = store
         self.config = config
-        self.stats, self._labels, label_vectors = store.load_statistics()
-        # Kept as chunks so that a session appends without copying all label vectors.
-        self._label_vector_chunks: list[np.ndarray] = [label_vectors]
+        self.stats, labels, label_vectors = store.load_statistics()
+        self.label_set = StoredLabels(
+            labels, label_vectors, self._path, config.label_exact_search_max
+        )
         self.index = ExampleIndex.restore(
             self._path / EXAMPLES_FILE, store.dim, config.exact_search_max, store.load_vectors()
         )
         self._items: ItemGroups | None = None
         self._scorers: dict[str, Scorer] = {}
-        self._label_index: ExampleIndex | None = None
         self._choice: ScorerChoice | None = self._load_choice()
         # Random-feature state of the scorers that need it, loaded on first use.
-        self._spaces = FeatureSpaces(store, self.index, config, lambda: self._choice)
+        self.spaces = FeatureSpaces(store, self.index, config, lambda: self._choice)
         self.multi_label: bool | None = store.meta("multi_label")
         # A multi-label store written before its statistics counted items (each row counted
         # apart): recomputed from the stored vectors here, rewritten in full by the next session.
@@ -109,14 +111,12 @@ class ExternalContinualLearner:
     @property
     def labels(self) -> list[Label]:
         """Known labels in column order."""
-        return list(self._labels)
+        return self.label_set.definitions
 
     @property
     def label_vectors(self) -> np.ndarray:
         """Embeddings of the label texts (name and description), in column order."""
-        if len(self._label_vector_chunks) > 1:
-            self._label_vector_chunks = [np.vstack(self._label_vector_chunks)]
-        return self._label_vector_chunks[0]
+        return self.label_set.vectors
 
     @property
     def n_examples(self) -> int:
@@ -134,7 +134,7 @@ class ExternalContinualLearner:
 
     def label(self, name: str) -> Label | None:
         col = self.stats.col.get(name)
-        return None if col is None else self._labels[col]
+        return None if col is None else self.label_set[col]
 
     # ---- learning --------------------------------------------------------------------------
 
@@ -148,14 +148,19 @@ class ExternalContinualLearner:
         multi_label: bool | None,
         seconds: float = 0.0,
         delta: StatisticsDelta | None = None,
+        space_sums: SpaceSums | None = None,
     ) -> int:
         """Add one session. Inputs must already be validated; returns the session number.
 
         ``delta`` is the session's statistics when they were computed elsewhere (merged from
-        partial sums of shards); by default they are computed here from ``vectors``. The store
-        commits first; memory changes only after the commit succeeded.
+        partial sums of shards); by default they are computed here from ``vectors``. Likewise
+        ``space_sums``: per feature scorer, its map and each shard's sums in it (see
+        :meth:`~icl_cl.memory.feature_spaces.FeatureSpaces.summable`). The store commits first;
+        memory changes only after the commit succeeded.
         """
-        plan = self._plan(examples, vectors, new_labels, new_label_vectors, multi_label, delta)
+        plan = self._plan(
+            examples, vectors, new_labels, new_label_vectors, multi_label, delta, space_sums
+        )
         with self.store.writer_lock():
             session = self.store.commit_session(
                 examples=examples,
@@ -179,6 +184,7 @@ class ExternalContinualLearner:
         new_label_vectors: np.ndarray,
         multi_label: bool | None,
         delta: StatisticsDelta | None,
+        space_sums: SpaceSums | None = None,
     ) -> _Session:
         """Work a session out without changing anything (see :meth:`learn`)."""
         known = self.stats.col
@@ -201,13 +207,19 @@ class ExternalContinualLearner:
         if delta is not None and delta.n_examples != len(examples):
             raise ValueError(f"delta of {delta.n_examples} examples for {len(examples)} examples")
         # Partial sums of shards count every row: kept only where no row is a copy.
-        delta = delta if delta is not None and added.trivial and not switched else added.delta(base)
-        space_deltas = self._spaces.session_deltas(
+        summed = delta is not None and added.trivial and not switched
+        delta = delta if summed else added.delta(base)
+        n_items = base.n_examples + delta.n_examples
+        space_deltas = self.spaces.session_deltas(
             added,
-            n_items=base.n_examples + delta.n_examples,
+            n_items=n_items,
             multi_label=multi_label,
             regrouped=switched,
-        )
+            summed=self.spaces.summed_deltas(
+                space_sums, added, n_items=n_items, n_rows=self.n_examples, labels=base.labels,
+                multi_label=multi_label,
+            ) if space_sums and summed else None,
+        )  # fmt: skip
         # New columns: labels in order of first use (as the delta numbers them), then labels that
         # were declared but have no example yet.
         used = set(delta.new_labels)
@@ -230,18 +242,12 @@ class ExternalContinualLearner:
         self.stats.apply(plan.delta)
         for label in plan.late_labels:
             self.stats.add_label(label)
-        self._spaces.apply(plan.space_deltas, len(examples), plan.late_labels)
-        self._spaces.persist()
-        self._labels.extend(plan.labels)
-        if plan.labels:
-            self._label_vector_chunks.append(plan.label_vectors)
-            if self._label_index is not None:  # new labels are retrievable at once
-                self._label_index.add(plan.label_vectors)
+        self.spaces.apply(plan.space_deltas, len(examples), plan.late_labels)
+        self.spaces.persist()
+        self.label_set.add(plan.labels, plan.label_vectors)
         self.index.add(vectors)
         # Large indexes are saved (a cache of the committed vectors) so that an open reads them.
         self.index.save(self._path / EXAMPLES_FILE)
-        if len(self._labels) > self.config.label_exact_search_max:
-            self._labels_index().save(self._path / LABELS_FILE)
         if self._items is not None and multi_label == self.multi_label and not plan.regrouped:
             self._add_items([input_of(ex) for ex in examples], [ex.labels for ex in examples])
         else:
@@ -275,7 +281,7 @@ class ExternalContinualLearner:
         if self._choice is not None:
             return self._choice.scorer
         default = AUTO_SCORER[bool(self.multi_label)]
-        if default in FEATURE_SCORERS and len(self._labels) > MAX_LABELS:
+        if default in FEATURE_SCORERS and len(self.label_set) > MAX_LABELS:
             return "mahalanobis"  # too many labels for a feature space's per-label state
         return default
 
@@ -292,10 +298,10 @@ class ExternalContinualLearner:
         # The loaded feature spaces take the new strengths (those on disk when they are loaded);
         # a saved choice keeps the state of only the feature scorers it uses.
         if save:
-            self._spaces.keep_only(combination_parts(choice.scorer))
-        self._spaces.restrengthen()
+            self.spaces.keep_only(combination_parts(choice.scorer))
+        self.spaces.restrengthen()
         if save:
-            self._spaces.persist()
+            self.spaces.persist()
         self._scorers.clear()
 
     def _load_choice(self) -> ScorerChoice | None:
@@ -306,12 +312,12 @@ class ExternalContinualLearner:
         """Set the strengths of the feature scorers scorer ``name`` uses again once the store
         has doubled since they were set, or with ``full`` (a fit step)."""
         parts = combination_parts(self.resolve_scorer(name))
-        self._spaces.refresh_strengths(parts, full=full, **self._space_args())
+        self.spaces.refresh_strengths(parts, full=full, **self._space_args())
         self._scorers.clear()
 
     def save_derived(self) -> None:
         """Save the feature spaces' state and solved weights (a writing step: learn, fit)."""
-        self._spaces.persist()
+        self.spaces.persist()
 
     def scorer(self, name: str | None = None) -> Scorer:
         """The named scorer (default: the configured one), built lazily from current statistics;
@@ -326,7 +332,7 @@ class ExternalContinualLearner:
                 parts = [(self.scorer(part), w) for part, w in weights.items()]
                 self._scorers[name] = Combination(parts, self._novelty())
             elif name in FEATURE_SCORERS:
-                self._scorers[name] = self._spaces.scorer(name, **self._space_args())
+                self._scorers[name] = self.spaces.scorer(name, **self._space_args())
             else:
                 self._scorers[name] = self._build(name, self.stats)
         return self._scorers[name]
@@ -337,11 +343,8 @@ class ExternalContinualLearner:
         items = self.items() if name == "knn" else None
         if name not in ("description", "ncm"):
             return build_scorer(name, stats, self.config, self.index, items, excluded)
-        texts = {"label_vectors": self.label_vectors, "described": self._described()}
+        texts = {"label_vectors": self.label_vectors, "described": self.label_set.described()}
         return build_scorer(name, stats, self.config, self.index, items, excluded, **texts)
-
-    def _described(self) -> np.ndarray:
-        return np.array([bool(label.description) for label in self._labels])
 
     def _space_args(self) -> dict[str, Any]:
         return {
@@ -354,7 +357,7 @@ class ExternalContinualLearner:
     def feature_space(self, name: str) -> FeatureSpace:
         """The learner state a feature scorer (``ranpac``, ``klda``) is solved from (see
         :class:`~icl_cl.memory.feature_spaces.FeatureSpaces`)."""
-        return self._spaces.space(name, **self._space_args())
+        return self.spaces.space(name, **self._space_args())
 
     def heldout_items(self, rows: Sequence[int]) -> HeldOutItems:
         """The stored items at ``rows`` as the statistics count them (see :func:`held_out`)."""
@@ -375,9 +378,7 @@ class ExternalContinualLearner:
             return Combination(parts, self._novelty())
         held = self.heldout_items(rows)
         if name in FEATURE_SCORERS:
-            return self._spaces.heldout_scorer(
-                name, held.vectors, held.labels, **self._space_args()
-            )
+            return self.spaces.heldout_scorer(name, held.vectors, held.labels, **self._space_args())
         stats = self.stats.without(self.stats.delta(held.vectors, held.labels))
         return self._build(name, stats, frozenset(held.rows))
 
@@ -411,19 +412,9 @@ class ExternalContinualLearner:
         embedded again) and grows with every session; it is exact up to
         ``label_exact_search_max`` labels, HNSW above (saved by each session, read on open).
         """
-        if not self._labels:
+        if not len(self.label_set):
             raise DataError(f"{self.store.path}: the store has no labels yet")
-        return self._labels_index().search(queries, n)
-
-    def _labels_index(self) -> ExampleIndex:
-        if self._label_index is None:
-            self._label_index = ExampleIndex.restore(
-                self._path / LABELS_FILE,
-                self.dim,
-                self.config.label_exact_search_max,
-                self.label_vectors,
-            )
-        return self._label_index
+        return self.label_set.index().search(queries, n)
 
     def neighbours(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Nearest stored examples: ``(similarities, rows)``."""
@@ -453,7 +444,7 @@ class ExternalContinualLearner:
     def info(self) -> dict[str, Any]:
         return {
             "path": str(Path(self.store.path)),
-            "labels": len(self._labels),
+            "labels": len(self.label_set),
             "examples": self.n_examples,
             "items": self.n_items,
             "dim": self.dim,

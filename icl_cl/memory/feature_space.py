@@ -19,6 +19,7 @@ sessions learned one by one equal their union. What ``predict`` needs is solved 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import numpy as np
 from icl_cl.memory.features import RandomFeatures
 from icl_cl.memory.inverse_gram import InverseGram, Operator, low_rank_update
 from icl_cl.memory.item_groups import Additions, stored_additions
+from icl_cl.memory.partial import merge
 from icl_cl.memory.scorers import LinearHead, oas_shrinkage
 from icl_cl.memory.statistics import RunningStatistics, StatisticsDelta
 
@@ -44,10 +46,12 @@ _MOST_SHRINKAGE = 0.99
 
 @dataclass(frozen=True)
 class SpaceDelta:
-    """What a session adds to a feature space: its label sums (``stats``) and its rows."""
+    """What a session adds to a feature space: its label sums (``stats``) and its rows, or their
+    Gram already summed by workers (``gram``)."""
 
     stats: StatisticsDelta
     added: Additions
+    gram: np.ndarray | None = None
 
 
 @dataclass
@@ -173,11 +177,33 @@ class FeatureSpace:
         """What new rows add (label sums now; their Gram rows when applied)."""
         return SpaceDelta(added.delta(self.stats, self.features.transform), added)
 
+    def summed_delta(self, parts: Sequence[StatisticsDelta], added: Additions) -> SpaceDelta:
+        """The delta of ``added`` from the sums workers computed of its shards, in order
+        (:func:`~icl_cl.memory.partial.shard_space_statistics` with this space's map): their
+        label sums merged into this space's columns, and the Gram of their rows as
+        :meth:`gram_rows` would give it (ranpac: ``[phi, 1]``; klda: each row weighted by its label
+        count in a multi-label store)."""
+        merged = merge(parts, self.stats)
+        if self.kind == "ridge":
+            gram = merged.gram
+        elif self.weighted:
+            gram = merged.weighted_gram
+        else:
+            gram = merged.gram[:-1, :-1]
+        if gram is None or len(gram) != self.solver.size:
+            raise ValueError(f"feature space {self.features.name}: shard sums of another width")
+        stats = dataclasses.replace(merged, gram=np.zeros((0, 0)), weighted_gram=None)
+        return SpaceDelta(stats, added, gram)
+
     def apply(self, delta: SpaceDelta, rows: int) -> None:
-        """Take a committed session's delta of ``rows`` stored rows: ``O(n M^2)``."""
+        """Take a committed session's delta of ``rows`` stored rows: ``O(n M^2)``, or ``O(M^3)``
+        for a Gram summed by workers."""
         self.stats.apply(delta.stats)
-        for x in self.gram_rows(delta.added):
-            self.solver.add_rows(x)
+        if delta.gram is not None:
+            self.solver.add_gram(delta.gram)
+        else:
+            for x in self.gram_rows(delta.added):
+                self.solver.add_rows(x)
         self.rows += rows
         self._eigen = None
 

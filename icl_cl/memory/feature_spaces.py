@@ -10,7 +10,7 @@ then solves in memory without writing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from icl_cl.memory.example_index import ExampleIndex
 from icl_cl.memory.feature_space import FeatureSpace, SpaceDelta, SpaceKind, Strength
 from icl_cl.memory.features import RandomFeatures, feature_width
 from icl_cl.memory.item_groups import Additions, stored_additions
+from icl_cl.memory.partial import SpaceSums
 from icl_cl.memory.scorer_choice import CHOICE_GROWTH, ScorerChoice
 from icl_cl.memory.scorers import InFeatureSpace, LinearHead, class_prototypes
 from icl_cl.memory.statistics import RunningStatistics
@@ -143,17 +144,66 @@ class FeatureSpaces:
         return lambda space, gram: space.lda_strength(gram, self.config.shrinkage)
 
     def session_deltas(
-        self, added: Additions, *, n_items: int, multi_label: bool | None, regrouped: bool
+        self,
+        added: Additions,
+        *,
+        n_items: int,
+        multi_label: bool | None,
+        regrouped: bool,
+        summed: Mapping[str, SpaceDelta] | None = None,
     ) -> dict[str, SpaceDelta]:
         """A session's delta for each loaded space that it leaves at the same width (and
-        grouping), for a store of ``n_items`` items after it; any other is rebuilt on use."""
+        grouping), for a store of ``n_items`` items after it; any other is rebuilt on use.
+        ``summed``: deltas already made from workers' sums (:meth:`summed_deltas`)."""
         if regrouped:
             return {}
-        return {
-            name: space.delta(added)
-            for name, space in self._spaces.items()
-            if space.features == self.features(name, n_items) and space.items == bool(multi_label)
-        }
+        deltas = dict(summed or {})
+        for name, space in self._spaces.items():
+            same = space.features == self.features(name, n_items)
+            if name not in deltas and same and space.items == bool(multi_label):
+                deltas[name] = space.delta(added)
+        return deltas
+
+    def summable(
+        self, *, n_items: int, n_rows: int, multi_label: bool | None
+    ) -> dict[str, tuple[RandomFeatures, bool]]:
+        """The spaces whose sums workers should compute for a session of ``n_rows`` new items
+        that leaves the store at ``n_items``: those with a saved state at that width, when one
+        ``O(M^3)`` solve beats adding the rows one block at a time (``O(n M^2)``, at about
+        ``n = M / 2``). Each with its map and whether its Gram weighs rows by label count."""
+        out = {}
+        for name in KINDS:
+            features = self.features(name, n_items)
+            if 2 * n_rows >= features.size and self.checkpoint(features).exists():
+                out[name] = (features, name == "klda" and bool(multi_label))
+        return out
+
+    def summed_deltas(
+        self,
+        sums: SpaceSums,
+        added: Additions,
+        *,
+        n_items: int,
+        n_rows: int,
+        labels: Sequence[str],
+        multi_label: bool | None,
+    ) -> dict[str, SpaceDelta]:
+        """A session's deltas from the sums workers computed per shard in a space's map (see
+        :meth:`summable`), for a store of ``n_rows`` stored rows with ``labels`` before it and
+        ``n_items`` items after it. Sums the store no longer fits (another writer changed its
+        width meanwhile) are left out: the session's rows are then added as usual."""
+        deltas = {}
+        for name, (features, parts) in sums.items():
+            fits = features == self.features(name, n_items)
+            if not fits or not (name in self._spaces or self.checkpoint(features).exists()):
+                continue
+            space = self.space(
+                name, n_items=n_items, n_rows=n_rows, labels=labels, multi_label=multi_label
+            )
+            if space.features == features and space.items == bool(multi_label):
+                deltas[name] = space.summed_delta(parts, added)
+                logger.info("feature space %s: session summed on workers", features.name)
+        return deltas
 
     def apply(self, deltas: dict[str, SpaceDelta], rows: int, new_labels: Sequence[str]) -> None:
         """After the session's commit: the spaces with a delta take it (``rows`` stored rows

@@ -10,15 +10,22 @@ every row. In a multi-label store, where copies of an input count once, the writ
 merged sums only when the session holds no copy (of a stored input or within the session) and
 otherwise computes the session's statistics from the workers' vectors itself
 (:meth:`~icl_cl.memory.ecl.ExternalContinualLearner.learn`).
+
+The random feature scorers' sums are sums too: with a session large enough that one ``O(M^3)``
+solve beats the ``O(n M^2)`` row-by-row update on the writer, workers also sum each shard's
+features and their Gram, and the writer takes the summed Gram into its inverse at once
+(:meth:`~icl_cl.memory.inverse_gram.InverseGram.add_gram`), under the same no-copy rule.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from icl_cl.memory.features import RandomFeatures
 from icl_cl.memory.statistics import RunningStatistics, StatisticsDelta
 
 # Fields of StatisticsDelta that are indexed by label column; every other array field is a sum
@@ -26,11 +33,44 @@ from icl_cl.memory.statistics import RunningStatistics, StatisticsDelta
 _PER_LABEL = ("new_labels", "cols", "counts", "sums", "n_examples")
 
 
+SpaceSums = Mapping[str, tuple[RandomFeatures, Sequence[StatisticsDelta]]]
+"""Per feature scorer (by name), the map workers used and each shard's sums in it."""
+
+
+@dataclass(frozen=True)
+class ShardSums:
+    """What workers computed for one session split into shards, in shard order: the examples'
+    vectors, each shard's statistics, and, per feature scorer whose state the store keeps (by
+    name), each shard's sums in that scorer's feature map (:func:`shard_space_statistics`)."""
+
+    vectors: np.ndarray
+    statistics: Sequence[StatisticsDelta]
+    spaces: SpaceSums = field(default_factory=dict)
+
+
 def shard_statistics(
     dim: int, vectors: np.ndarray, label_lists: Sequence[Sequence[str]]
 ) -> StatisticsDelta:
     """What a shard adds, with columns numbered by first use within the shard."""
     return RunningStatistics(dim).delta(vectors, label_lists)
+
+
+def shard_space_statistics(
+    features: RandomFeatures,
+    weighted: bool,
+    vectors: np.ndarray,
+    label_lists: Sequence[Sequence[str]],
+) -> StatisticsDelta:
+    """What a shard adds to a feature space: label sums of its features and their Gram (of
+    ``[phi, 1]``; ``weighted``: also the Gram of rows weighted by their label count), counted
+    from zero like :func:`shard_statistics`. ``O(n M^2)``, spent on the worker."""
+    stats = RunningStatistics(features.size, weighted=weighted, gram=True)
+    return stats.delta(vectors, label_lists, transform=features.transform)
+
+
+def _sum(values: list[np.ndarray | None]) -> np.ndarray | None:
+    """Sum of arrays, or ``None`` where the parts keep none (an unweighted Gram)."""
+    return None if any(v is None for v in values) else np.sum(values, axis=0)
 
 
 def merge(parts: Sequence[StatisticsDelta], base: RunningStatistics) -> StatisticsDelta:
@@ -60,7 +100,7 @@ def merge(parts: Sequence[StatisticsDelta], base: RunningStatistics) -> Statisti
         counts[at] += part.counts
         sums[at] += part.sums
     summed = {
-        f.name: np.sum([getattr(p, f.name) for p in parts], axis=0)
+        f.name: _sum([getattr(p, f.name) for p in parts])
         for f in dataclasses.fields(StatisticsDelta)
         if f.name not in _PER_LABEL
     }
