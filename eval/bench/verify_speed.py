@@ -4,6 +4,8 @@ what share of a predict the checks on read take.
     python eval/bench/verify_speed.py --vectors 100000 --sessions 10 --flips 100
     python eval/bench/verify_speed.py --store STORE --input test.jsonl --repeat 3
     python eval/bench/verify_speed.py --train train.jsonl --label-file labels.jsonl --input test.jsonl
+    python eval/bench/verify_speed.py --train train.jsonl --train-vectors train.npy \
+        --label-file labels.jsonl --input dev.jsonl --input-limit 1000 --repeat 3
 
 Without ``--input``: builds a store of ``--vectors`` random unit vectors (dim 384, as MiniLM's)
 with short texts and ``--labels`` single labels, learned in ``--sessions`` sessions through the
@@ -18,7 +20,11 @@ With ``--input``: runs ``icl-cl predict`` in this process on ``--store`` (or on 
 first from ``--train``), ``--repeat`` times, each with the cache of checked blocks emptied as in a
 new process, and reports the seconds the checks on read took (hashing the vector blocks, checking
 the rows' seals) beside the whole predict's, and their ratio, then the same for one more predict
-with the blocks already checked (as a service that opened the store before).
+with the blocks already checked (as a service that opened the store before). With
+``--train-vectors`` (a ``.npy`` aligned with ``--train``), the store learns the train file in one
+session through the public API, its fit included, with those vectors (nothing is embedded), as
+a store of all of a large train file is built once; ``--input-limit N`` predicts the first N
+inputs only.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import random
 import shutil
 import sqlite3
@@ -155,14 +162,42 @@ def timed_predict(args: argparse.Namespace, store: Path, output: Path, cold: boo
     }
 
 
+def learn_given(args: argparse.Namespace, store: Path) -> None:
+    """``--train`` learned into ``store`` in one session, with its fit, from its vectors."""
+    from icl_cl import ContinualClassifier
+    from icl_cl.config import EmbedderConfig
+    from icl_cl.embedding import load_embedder
+    from icl_cl.embedding.given import GivenVectors
+    from icl_cl.inputs import read_examples, read_labels
+
+    train, _ = read_examples(args.train, max_chars=10_000)
+    labels = read_labels(args.label_file)[0] if args.label_file else []
+    vectors = np.load(args.train_vectors, mmap_mode="r")
+    if len(vectors) != len(train):
+        raise SystemExit(f"{args.train_vectors}: {len(vectors)} rows for {len(train)} examples")
+    given = {ex.text: np.asarray(vectors[i]) for i, ex in enumerate(train)}
+    start = time.perf_counter()
+    with ContinualClassifier.open(
+        store, embedder=GivenVectors(load_embedder(EmbedderConfig()), given)
+    ) as clf:
+        clf.learn(train, labels, k=args.k)
+    print(json.dumps({"learned": len(train), "seconds": round(time.perf_counter() - start, 1)}))
+
+
 def predict_cost(args: argparse.Namespace) -> None:
     """The checks on read as a share of ``icl-cl predict`` (see the module)."""
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(args.store) if args.store else Path(tmp) / "store"
-        if not args.store:
+        if not args.store and args.train_vectors:
+            learn_given(args, store)
+        elif not args.store:
             argv = ["-q", "learn", "--store", str(store), "--data", args.train]
             if cli(argv + (["--labels", args.label_file] if args.label_file else [])) != 0:
                 raise SystemExit("learn failed")
+        if args.input_limit:
+            lines = Path(args.input).read_text(encoding="utf-8").splitlines()[: args.input_limit]
+            args.input = str(Path(tmp) / "inputs.jsonl")
+            Path(args.input).write_text("\n".join(lines) + "\n", encoding="utf-8")
         sizes = {p.name: p.stat().st_size for p in store.iterdir() if p.is_file()}
         opened = Store.open(store, read_only=True, check=False)
         n_examples = opened.n_examples()
@@ -172,6 +207,7 @@ def predict_cost(args: argparse.Namespace) -> None:
         runs.append(timed_predict(args, store, output, cold=False))
         cold = sorted(r["ratio"] for r in runs[:-1])
         summary = {"examples": n_examples, "bytes": sizes, "input": args.input, "k": args.k}
+        summary["load_average"] = [round(x, 2) for x in os.getloadavg()]
         summary["median_ratio_blocks_hashed"] = cold[len(cold) // 2]
         print(json.dumps({**summary, "runs": runs}))
 
@@ -188,6 +224,8 @@ def main() -> None:
     parser.add_argument("--store", help="with --input: the store to predict from")
     parser.add_argument("--train", help="with --input and no --store: learn this JSONL first")
     parser.add_argument("--label-file", help="with --train: label definitions (JSONL)")
+    parser.add_argument("--train-vectors", help="with --train: its vectors (.npy), not embedded")
+    parser.add_argument("--input-limit", type=int, default=0, help="predict the first N inputs")
     parser.add_argument("--k", type=int, default=10, help="with --input: candidates per input")
     parser.add_argument("--scorer", help="with --input: the ECL scorer (default: the store's)")
     args = parser.parse_args()
