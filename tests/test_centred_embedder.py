@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from icl_cl.config import EmbedderConfig, LLMViewConfig
-from icl_cl.embedding.centred import CENTRING_KEY, CentredEmbedder, centred_for_store
+from icl_cl.embedding.centred_embedder import CENTRING_KEY, CentredEmbedder, centred_for_store
 from icl_cl.memory.store import Store
 
 

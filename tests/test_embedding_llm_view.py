@@ -17,9 +17,9 @@ import pytest
 
 from icl_cl.config import ClassifierConfig, EmbedderConfig, LLMViewConfig
 from icl_cl.embedding import Embedder, load_embedder
-from icl_cl.embedding.centring import MeanCentring
 from icl_cl.embedding.concat import ConcatEmbedder
 from icl_cl.embedding.llm_hidden import HiddenStateEmbedder, template_ids, token_rows
+from icl_cl.embedding.mean_centring import MeanCentring
 from icl_cl.embedding.sentence_transformers import SentenceTransformerEmbedder
 from icl_cl.embedding.vllm_hidden import (
     VLLMHiddenStateEmbedder,

@@ -38,7 +38,6 @@ from pathlib import Path
 import numpy as np
 from icl_cl.data import read_examples
 
-from icl_cl.embedding.centring import MeanCentring
 from icl_cl.embedding.llm_hidden import (
     POOLINGS,
     HiddenStateEmbedder,
@@ -47,6 +46,7 @@ from icl_cl.embedding.llm_hidden import (
     pooled_states,
     token_rows,
 )
+from icl_cl.embedding.mean_centring import MeanCentring
 from icl_cl.embedding.normalise import unit_rows
 
 logger = logging.getLogger("llm_view")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from icl_cl.embedding.base import Embedder
-from icl_cl.embedding.centred import CentredEmbedder, centred_for_store
+from icl_cl.embedding.centred_embedder import CentredEmbedder, centred_for_store
 from icl_cl.embedding.clip import ClipEmbedder, is_clip_model
 from icl_cl.embedding.factory import load_embedder
 from icl_cl.embedding.sentence_transformers import SentenceTransformerEmbedder

@@ -46,8 +46,8 @@ class ConcatEmbedder:
 
     @property
     def blocks(self) -> list[int]:
-        """The parts' dimensions, in order (what a :class:`~icl_cl.embedding.centring.MeanCentring`
-        of these vectors is given)."""
+        """The parts' dimensions, in order (what a
+        :class:`~icl_cl.embedding.mean_centring.MeanCentring` of these vectors is given)."""
         return [part.dim for part in self.parts]
 
     def encode(

@@ -1,6 +1,6 @@
 """An embedder whose vectors pass through a frozen mean centring kept in the store.
 
-The centring (:class:`~icl_cl.embedding.centring.MeanCentring`) is fitted on the first vectors
+The centring (:class:`~icl_cl.embedding.mean_centring.MeanCentring`) is fitted on the first vectors
 the store's embedder encodes, which are those of the first session learned, and stored at once;
 from then on every vector, learned or queried, goes through the same transform. So sessions
 learned one by one still equal their union, and a prediction only reads the store.
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from icl_cl.embedding.base import Embedder, ProgressCallback
-from icl_cl.embedding.centring import MeanCentring
+from icl_cl.embedding.mean_centring import MeanCentring
 from icl_cl.images import Image
 from icl_cl.memory.store import Store
 
