@@ -8,7 +8,7 @@ from icl_cl.heads.conformal import SplitConformal
 from icl_cl.heads.fitted import FittedHeads
 from icl_cl.heads.fusion import FusionWeights, fit_fusion
 from icl_cl.heads.heldout import HeldOutItems, HeldOutScores
-from icl_cl.heads.kept import KeptHeads
+from icl_cl.heads.kept_heads import KeptHeads
 from icl_cl.heads.label_sets import LabelSetRule
 from icl_cl.heads.probability import PlattScaling, TemperatureScaling
 from icl_cl.heads.spec import HeadSpec

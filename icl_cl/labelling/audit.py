@@ -27,7 +27,7 @@ import numpy as np
 from icl_cl.config import ClassifierConfig
 from icl_cl.heads.calibrator import ScoreCalibrator
 from icl_cl.heads.heldout import FOLD, draw_sample, fold_size
-from icl_cl.heads.kept import KeptHeads
+from icl_cl.heads.kept_heads import KeptHeads
 from icl_cl.heads.spec import HeadSpec
 from icl_cl.inputs import checks
 from icl_cl.labelling.confident_learning import Issues, multi_label_issues, single_label_issues
