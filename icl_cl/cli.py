@@ -587,7 +587,7 @@ def _add_fit(sub: Any, common: argparse.ArgumentParser) -> None:
         description="Fit the fusion weights, the probability calibration and the label-set rule "
         "for predictions with --k candidates on held-out stored examples (read by the LLM when "
         "one is configured), and store them; predict then uses them. The heads are fitted "
-        "again once the store has grown by 10%% since their fit, and the ECL's choices (what "
+        "again once the store has grown by 10% since their fit, and the ECL's choices (what "
         "'auto' stands for, the feature scorers' strengths) once it has doubled; --full makes "
         "both again now.",
     )

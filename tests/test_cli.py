@@ -401,6 +401,17 @@ def test_labels_and_info_help_describe_the_command():
     assert "held-out items" in commands.choices["info"].format_help()
 
 
+def test_every_command_describes_itself_with_no_escaped_percent():
+    """Every command has a description paragraph; argparse formats ``%`` only in argument help,
+    so a ``%%`` written in a description would be shown as it is."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in commands.choices.items():
+        text = command.format_help()
+        assert "%%" not in text, name
+        assert not text.split("\n\n")[1].lstrip().startswith("options:"), name
+
+
 def test_predict_prints_a_summary_on_stderr_unless_quiet(store, tmp_path, capsys):
     out = tmp_path / "p.jsonl"
     n = len((SAMPLE / "test.jsonl").read_text().splitlines())
