@@ -21,7 +21,7 @@ from icl_cl.candidates import Candidates, candidate_source
 from icl_cl.config import ClassifierConfig, MemoryConfig
 from icl_cl.embedding import Embedder, centred_for_store, load_embedder
 from icl_cl.errors import BackendError, ConfigError, DataError, StoreError
-from icl_cl.heads import FittedHeads, HeadSpec, HeldOutItems, KeptHeads
+from icl_cl.heads import FittedHeads, HeadSpec, KeptHeads, StoreHeldOutSource
 from icl_cl.heads.scorer_selection import refresh_scorer_choice
 from icl_cl.images import Image
 from icl_cl.inputs import checks
@@ -323,10 +323,10 @@ class Steps:
         source = candidate_source(self.memory, self.embedder, self.config.irr, rank, llm)
         return source.candidates(texts if infer else None, queries, spec.k, exclude)
 
-    def heldout(self, spec: HeadSpec, progress: Progress | None = None) -> HeldOutItems:
+    def heldout(self, spec: HeadSpec, progress: Progress | None = None) -> StoreHeldOutSource:
         """The held-out items of ``spec``, through these candidate and reading steps."""
         reader = self.reader() if spec.reads else None
-        return HeldOutItems(
+        return StoreHeldOutSource(
             self.memory,
             scorer=spec.scorer,
             seed=spec.fusion.seed,

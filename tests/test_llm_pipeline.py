@@ -14,7 +14,7 @@ import pytest
 from icl_cl import ClassifierConfig, ContinualClassifier, FallbackReason
 from icl_cl.backends.openai import OpenAICompatBackend
 from icl_cl.config import CalibrationConfig, FusionConfig, LLMConfig, PromptConfig
-from icl_cl.heads import FittedHeads, FusionWeights, HeadSpec, HeldOutItems, fit_fusion
+from icl_cl.heads import FittedHeads, FusionWeights, HeadSpec, StoreHeldOutSource, fit_fusion
 from icl_cl.reading.in_context import OptionBias
 from icl_cl.types import Example
 from tests.tiny_models import tiny_backend
@@ -346,7 +346,7 @@ def test_the_fused_classifier_is_calibrated_on_its_own_scores(tmp_path, embedder
     weights = FusionWeights({"ecl": 0.05, "llm": 0.0}, 100, {"ecl": 0.7, "llm": 0.5, "fused": 0.7})
     spec = HeadSpec.of(clf.config, 5, "mahalanobis", use_llm=True)
     assert spec != alone.spec and spec.digest != alone.spec.digest
-    heldout = HeldOutItems(
+    heldout = StoreHeldOutSource(
         clf.memory,
         scorer="mahalanobis",
         seed=0,
@@ -378,7 +378,7 @@ def test_an_item_learned_in_two_sessions_is_held_out_whole(tmp_path, embedder, d
         ]
         clf.learn(shown, labels, fit=False)
     full = {ex.text: set(ex.labels) for ex in train}
-    heldout = HeldOutItems(
+    heldout = StoreHeldOutSource(
         clf.memory, scorer="knn", seed=0, candidates=lambda items, vectors, rank, ids: []
     )
     sample = heldout.sample(60)

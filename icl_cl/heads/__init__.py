@@ -7,7 +7,7 @@ from icl_cl.heads.calibrator import ScoreCalibrator
 from icl_cl.heads.conformal import SplitConformal
 from icl_cl.heads.fitted import FittedHeads
 from icl_cl.heads.fusion import FusionWeights, fit_fusion
-from icl_cl.heads.heldout import HeldOutItems, HeldOutScores
+from icl_cl.heads.heldout import HeldOutScores, StoreHeldOutSource
 from icl_cl.heads.kept_heads import KeptHeads
 from icl_cl.heads.label_sets import LabelSetRule
 from icl_cl.heads.probability import PlattScaling, TemperatureScaling
@@ -17,13 +17,13 @@ __all__ = [
     "FittedHeads",
     "FusionWeights",
     "HeadSpec",
-    "HeldOutItems",
     "HeldOutScores",
     "KeptHeads",
     "LabelSetRule",
     "PlattScaling",
     "ScoreCalibrator",
     "SplitConformal",
+    "StoreHeldOutSource",
     "TemperatureScaling",
     "fit_fusion",
 ]

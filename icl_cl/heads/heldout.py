@@ -20,7 +20,8 @@ from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.memory.item_groups import input_key
 from icl_cl.types import EclRanker, Example, Progress, Ranked, counter
 
-# Held-out stored examples are scored in folds of at most this many (see HeldOutItems.sample).
+# Held-out stored examples are scored in folds of at most this many (see
+# StoreHeldOutSource.sample).
 FOLD = 200
 
 
@@ -140,8 +141,9 @@ def draw_sample(memory: ExternalContinualLearner, n: int, seed: int) -> Sample:
     return Sample(examples, vectors, ids, groups)
 
 
-class HeldOutItems:
-    """Held-out stored items of one store for one scorer (a :class:`HeldOutSource`).
+class StoreHeldOutSource:
+    """The :class:`HeldOutSource` of one store and scorer: draws stored items and scores them
+    as if they had never been learned (the items themselves are a :class:`Sample`).
 
     Args:
         memory: The ECL.
