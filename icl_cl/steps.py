@@ -22,7 +22,7 @@ from icl_cl.config import ClassifierConfig, MemoryConfig
 from icl_cl.embedding import Embedder, centred_for_store, load_embedder
 from icl_cl.errors import BackendError, ConfigError, DataError, StoreError
 from icl_cl.heads import FittedHeads, HeadSpec, KeptHeads, StoreHeldOutSource
-from icl_cl.heads.scorer_selection import refresh_scorer_choice
+from icl_cl.heads.scorer_choice_fit import refresh_scorer_choice
 from icl_cl.images import Image
 from icl_cl.inputs import checks
 from icl_cl.memory.ecl import ExternalContinualLearner

@@ -8,7 +8,7 @@ import pytest
 from icl_cl import ContinualClassifier
 from icl_cl.config import SCORERS, MemoryConfig
 from icl_cl.evaluation.sessions import SessionSpec, session_examples, split_sessions
-from icl_cl.heads.scorer_selection import refresh_scorer_choice
+from icl_cl.heads.scorer_choice_fit import refresh_scorer_choice
 from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.memory.feature_space import Strength
 from icl_cl.memory.store import Store

@@ -9,7 +9,7 @@ import pytest
 
 from icl_cl.config import MemoryConfig
 from icl_cl.heads.heldout import draw_sample
-from icl_cl.heads.scorer_selection import (
+from icl_cl.heads.scorer_choice_fit import (
     FUSION_COLUMNS,
     OTHERS_COLUMNS,
     POOL,

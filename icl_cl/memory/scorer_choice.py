@@ -1,7 +1,7 @@
 """The ECL's own fit: which scorer (or weighted combination of scorers) ``auto`` stands for, and
 the ridge strength of ``ranpac``, both chosen on held-out stored examples and kept in the store.
 
-The choice is made by :func:`icl_cl.heads.scorer_selection.fit_scorer_choice`; this module holds
+The choice is made by :func:`icl_cl.heads.scorer_choice_fit.fit_scorer_choice`; this module holds
 what is stored and how a combination scores, so the memory layer can apply it without fitting.
 """
 

@@ -6,6 +6,9 @@ Each held-out item is scored by every scorer as if it had never been learned (it
 to the statistics subtracted; for ranpac every ridge strength at once, from one
 eigendecomposition). The best scorer alone ranks; the others re-score its top candidates, and
 fusion keeps one only if the cross-fitted combination beats the best scorer alone beyond noise.
+
+This module fits the choice; the value it makes, stored with the store and applied by the memory
+layer, is a :class:`~icl_cl.memory.scorer_choice.ScorerChoice`.
 """
 
 from __future__ import annotations
