@@ -142,7 +142,7 @@ class Steps:
             known=self.memory.label,
             multi_label=self.config.multi_label,
             stored_multi_label=self.memory.multi_label,
-            reads_images=getattr(self.embedder, "reads_images", False),
+            reads_images=self.embedder.reads_images,
             embedder=self.embedder.name,
             locations=locations,
             label_locations=label_locations,
@@ -223,7 +223,7 @@ class Steps:
         return checks.prediction_inputs(
             values,
             max_chars=self.config.max_text_chars,
-            reads_images=getattr(self.embedder, "reads_images", False),
+            reads_images=self.embedder.reads_images,
             embedder=self.embedder.name,
         )
 

@@ -38,6 +38,8 @@ def test_reciprocal_rank_fusion_by_hand():
 class CountingEmbedder:
     """The real embedder, counting what it is asked to embed."""
 
+    reads_images = False
+
     def __init__(self, inner):
         self.inner, self.texts = inner, []
         self.dim, self.name = inner.dim, inner.name

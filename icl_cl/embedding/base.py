@@ -20,8 +20,7 @@ class Embedder(Protocol):
     vectors of shape ``(n, dim)``.
 
     A text-only embedder given an :class:`~icl_cl.images.Image` raises
-    :class:`~icl_cl.errors.DataError`; it never embeds something else in its place. Embedders
-    that take images say so with a ``reads_images = True`` attribute (absent means text only).
+    :class:`~icl_cl.errors.DataError`; it never embeds something else in its place.
     """
 
     @property
@@ -32,6 +31,12 @@ class Embedder(Protocol):
     @property
     def dim(self) -> int:
         """Vector dimension."""
+        ...
+
+    @property
+    def reads_images(self) -> bool:
+        """Whether it embeds images (a CLIP model); inputs are checked against it before any
+        work, so a text-only embedder is never handed an image. A class attribute will do."""
         ...
 
     def encode(

@@ -57,7 +57,7 @@ class CachedEmbedder:
 
     @property
     def reads_images(self) -> bool:
-        return bool(getattr(self.inner, "reads_images", False))
+        return self.inner.reads_images
 
     @property
     def dim(self) -> int:

@@ -54,7 +54,7 @@ class CentredEmbedder:
 
     @property
     def reads_images(self) -> bool:
-        return getattr(self.inner, "reads_images", False)
+        return self.inner.reads_images
 
     def encode(
         self, items: Sequence[str | Image], progress: ProgressCallback | None = None

@@ -38,7 +38,7 @@ class ConcatEmbedder:
 
     @property
     def reads_images(self) -> bool:
-        return all(getattr(part, "reads_images", False) for part in self.parts)
+        return all(part.reads_images for part in self.parts)
 
     @property
     def dim(self) -> int:

@@ -24,6 +24,10 @@ class GivenVectors:
         self.inner, self._vectors = inner, dict(vectors)
         self.name, self.dim = inner.name, inner.dim
 
+    @property
+    def reads_images(self) -> bool:
+        return self.inner.reads_images
+
     def encode(self, items: Sequence[Any], progress: Any = None) -> np.ndarray:
         if not items:
             return np.zeros((0, self.dim), np.float32)

@@ -22,6 +22,8 @@ class PrecomputedVectors:
         dim: Width of the vectors.
     """
 
+    reads_images = False
+
     def __init__(self, dim: int) -> None:
         self.name, self.dim = f"precomputed-{dim}", dim
 

@@ -208,7 +208,7 @@ def suggest_from(
     items = checks.prediction_inputs(
         texts,
         max_chars=clf.config.max_text_chars,
-        reads_images=getattr(clf.embedder, "reads_images", False),
+        reads_images=clf.embedder.reads_images,
         embedder=clf.embedder.name,
     )
 
