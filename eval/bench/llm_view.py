@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from icl_cl.data import read_examples
 
 from icl_cl.embedding.llm_hidden import (
     POOLINGS,
@@ -48,6 +47,7 @@ from icl_cl.embedding.llm_hidden import (
 )
 from icl_cl.embedding.mean_centring import MeanCentring
 from icl_cl.embedding.normalise import unit_rows
+from icl_cl.inputs import read_examples
 
 logger = logging.getLogger("llm_view")
 

@@ -35,7 +35,7 @@ def describe_limits(app: FastAPI) -> None:
             max_chars = serving.current.clf.config.max_text_chars
             _branch(models["PredictInput"]["properties"]["text"], "string")["maxLength"] = max_chars
             models["ExampleIn"]["properties"]["text"]["maxLength"] = max_chars
-            if not getattr(serving.embedder, "reads_images", False):
+            if not serving.embedder.reads_images:
                 _text_only(models["PredictInput"])
         return schema
 
