@@ -18,7 +18,7 @@
 
 Usage:
     python eval/bench/forget.py --data DATASET_DIR --vectors train.npy [--fraction 0.01]
-        [--limit N] [--paths carried,rebuilt] [--out runs/bench/forget.json]
+        [--limit N] [--paths carried,rebuilt] [--base DIR] [--out runs/bench/forget.json]
 """
 
 from __future__ import annotations
@@ -103,20 +103,22 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         load_embedder(EmbedderConfig()), {ex.text: v for ex, v in zip(train, vectors, strict=True)}
     )
     work = Path(tempfile.mkdtemp(prefix="forget-bench-"))
+    base = Path(args.base) if args.base else work / "store"
     try:
         start = time.perf_counter()
-        with ContinualClassifier.open(work / "store", embedder=embedder) as clf:
-            clf.learn(train, labels)
+        with ContinualClassifier.open(base, embedder=embedder) as clf:
+            if not clf.memory.n_examples:  # a kept base (--base) is learned once
+                clf.learn(train, labels)
             auto = clf.memory.choice.scorer if clf.memory.choice is not None else None
         result: dict[str, Any] = {
             "train": len(train),
             "base_learn_and_fit_s": round(time.perf_counter() - start, 2),
             "auto_before": auto,
-            "saved_spaces": sorted(f.name for f in (work / "store").glob("features-*.npz")),
+            "saved_spaces": sorted(f.name for f in base.glob("features-*.npz")),
         }
         gone = draw(train, args.fraction, args.seed)
         for path in args.paths.split(","):
-            shutil.copytree(work / "store", work / path)
+            shutil.copytree(base, work / path)
             result[path] = _edit_and_fit(work / path, embedder, gone, path, train)
             shutil.rmtree(work / path, ignore_errors=True)
         return result
@@ -133,6 +135,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="only the first N train items")
     parser.add_argument(
         "--paths", default="carried,rebuilt", help="carried, rebuilt or both (see the module)"
+    )
+    parser.add_argument(
+        "--base", help="keep the learned store here, and use it if it is there already"
     )
     parser.add_argument("--out", help="write the result as JSON here too")
     args = parser.parse_args()
