@@ -207,7 +207,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from icl_cl.describe import prediction_row
+    from icl_cl.describe import PredictionRow
     from icl_cl.inputs import read_inputs
 
     if args.k <= 0:
@@ -251,11 +251,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             confidence=args.confidence,
             abstain_below=args.abstain_below,
         )
+    abstain = args.abstain_below is not None
     rows = [
-        json.dumps(
-            prediction_row(ident, pred, abstain=args.abstain_below is not None), ensure_ascii=False
-        )
-        + "\n"
+        PredictionRow.of(ident, pred, abstain=abstain).line() + "\n"
         for ident, pred in zip(ids, predictions, strict=True)
     ]
     write_output(out, rows)

@@ -1,17 +1,20 @@
 """What ``icl-cl info`` and ``icl-cl labels`` show about a classifier's store, and one prediction
-as a JSON object (a line of ``icl-cl predict``, an item of ``/v1/predict``, a record of a
-distributed predict)."""
+as a JSON object (:class:`PredictionRow`: a line of ``icl-cl predict``, an item of
+``/v1/predict``, a record of a distributed predict)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 from icl_cl.config import ClassifierConfig
 from icl_cl.heads import KeptHeads
 from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.memory.forgetting import edits
-from icl_cl.types import Prediction
+from icl_cl.types import Fallback, Prediction
 
 
 def label_table(memory: ExternalContinualLearner) -> list[dict[str, Any]]:
@@ -62,20 +65,61 @@ def store_info(
     }
 
 
-def prediction_row(ident: str, pred: Prediction, *, abstain: bool = False) -> dict[str, Any]:
-    """``{"id", "labels", "scores"}``, with ``set`` when a conformal set was asked for,
-    ``abstained`` when abstention was (``abstain``), and ``llm`` (its cost and any fallback)
-    when an LLM was asked."""
-    row: dict[str, Any] = {"id": ident, "labels": list(pred.labels), "scores": pred.scores}
-    if pred.set is not None:
-        row["set"] = list(pred.set)
-    if abstain:
-        row["abstained"] = pred.abstained
-    if pred.cost is not None:
-        row["llm"] = {
-            "calls": pred.cost.calls,
-            "prompt_tokens": pred.cost.prompt_tokens,
-            "completion_tokens": pred.cost.completion_tokens,
-            "fallback": str(pred.fallback) if pred.fallback is not None else None,
-        }
-    return row
+class LLMCost(BaseModel):
+    """LLM work spent on one prediction, and why the ECL decided alone if it did."""
+
+    calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    fallback: Fallback | None = Field(
+        description="why the ECL decided alone although an LLM is configured (null when it did "
+        "not): a reason and the detail of this case"
+    )
+
+
+_LEFT_OUT_WHEN_NONE = ("set", "abstained", "llm")
+
+
+class PredictionRow(BaseModel):
+    """One prediction as a JSON object: a line of ``icl-cl predict``, an item of
+    ``/v1/predict``'s answer, the ``prediction`` record of a distributed predict. ``set``,
+    ``abstained`` and ``llm`` are left out where they do not apply."""
+
+    id: str
+    labels: list[str]
+    scores: dict[str, float]
+    set: list[str] | None = Field(None, description="the conformal label set, when asked for")
+    abstained: bool | None = Field(None, description="whether it abstained, when asked to")
+    llm: LLMCost | None = Field(None, description="its LLM work, when an LLM was asked")
+
+    @classmethod
+    def of(cls, ident: str, pred: Prediction, *, abstain: bool = False) -> PredictionRow:
+        """The row of ``pred``, with ``abstained`` when abstention was asked for (``abstain``)."""
+        llm = None
+        if pred.cost is not None:
+            cost = pred.cost
+            llm = LLMCost(
+                calls=cost.calls,
+                prompt_tokens=cost.prompt_tokens,
+                completion_tokens=cost.completion_tokens,
+                fallback=pred.fallback,
+            )
+        return cls(
+            id=ident,
+            labels=list(pred.labels),
+            scores=pred.scores,
+            set=list(pred.set) if pred.set is not None else None,
+            abstained=pred.abstained if abstain else None,
+            llm=llm,
+        )
+
+    def line(self) -> str:
+        """The row as a line of ``icl-cl predict`` (without its newline)."""
+        return json.dumps(self.model_dump(mode="json"), ensure_ascii=False)
+
+    # Left out rather than null, as the lines have always been; ``llm.fallback`` stays null.
+    # No return annotation: pydantic would take it as the schema of the row.
+    @model_serializer(mode="wrap")
+    def _leave_out_absent(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        row = handler(self)
+        return {k: v for k, v in row.items() if v is not None or k not in _LEFT_OUT_WHEN_NONE}

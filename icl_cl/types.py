@@ -94,7 +94,8 @@ class FallbackReason(str, Enum):
 
 @dataclass(frozen=True)
 class Fallback:
-    """A :class:`FallbackReason` and the detail of this case; ``str()`` gives ``reason: detail``."""
+    """Why the ECL decided alone: a reason and the detail of this case (``str()`` gives
+    ``reason: detail``). A prediction row holds it as ``{"reason", "detail"}``."""
 
     reason: FallbackReason
     detail: str = ""

@@ -12,6 +12,7 @@ import pytest
 from icl_cl import ClassifierConfig, ContinualClassifier, FallbackReason
 from icl_cl.cli import main
 from icl_cl.config import FusionConfig, LLMConfig, PromptConfig
+from icl_cl.describe import PredictionRow
 from tests.tiny_models import tiny_backend
 
 SAMPLE = Path(__file__).resolve().parents[1] / "eval" / "data" / "wordnet-sample"
@@ -136,5 +137,7 @@ def test_cli_predict_with_a_dead_llm_writes_nothing_and_says_why(tmp_path, capsy
     predict = ["predict", "--store", str(store), "--input", str(SAMPLE / "test.jsonl")]
     assert main([*predict, "--output", str(out), "--k", "3", "-q"]) == 0
     assert _files(store) == before
-    row = json.loads(out.read_text().splitlines()[0])
-    assert row["llm"]["fallback"].startswith(FallbackReason.BACKEND_ERROR.value + ": ")
+    # The line reads back as the typed row: the fallback's reason, and the error as its detail.
+    row = PredictionRow.model_validate_json(out.read_text().splitlines()[0])
+    assert row.llm is not None and row.llm.fallback is not None
+    assert row.llm.fallback.reason is FallbackReason.BACKEND_ERROR and row.llm.fallback.detail

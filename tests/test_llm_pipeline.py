@@ -215,7 +215,8 @@ def test_cli_predict_reports_llm_cost(tmp_path, capsys):
     )
     row = json.loads(out.read_text().splitlines()[0])
     assert set(row["llm"]) == {"calls", "prompt_tokens", "completion_tokens", "fallback"}
-    assert row["llm"]["fallback"].startswith("backend error")
+    assert set(row["llm"]["fallback"]) == {"reason", "detail"}
+    assert row["llm"]["fallback"]["reason"] == FallbackReason.BACKEND_ERROR.value
     assert (
         main(
             [
@@ -241,9 +242,8 @@ def test_cli_predict_reports_llm_cost(tmp_path, capsys):
     assert main([*predict, "--output", str(out)]) == 0
     assert "llm" not in json.loads(out.read_text().splitlines()[0])
     assert main([*predict, "--output", str(out), "--config", str(config)]) == 0
-    assert json.loads(out.read_text().splitlines()[0])["llm"]["fallback"].startswith(
-        "backend error"
-    )
+    fallback = json.loads(out.read_text().splitlines()[0])["llm"]["fallback"]
+    assert fallback["reason"] == FallbackReason.BACKEND_ERROR.value
 
 
 def test_class_summaries_are_written_stored_and_shown(tmp_path, embedder, wordnet, weak_llm):

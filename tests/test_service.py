@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
 
 from icl_cl.cli import main
@@ -367,7 +368,13 @@ def test_with_the_llm_server_down_the_ecl_serves_and_says_so(
         answer = _post(url, "/v1/predict", {"inputs": _texts(wordnet, 2)}, key=None)
         assert answer.status_code == 200, answer.text
         for row in answer.json()["predictions"]:
-            assert row["labels"] and row["llm"]["fallback"].startswith("backend error")
+            assert row["labels"] and row["llm"]["fallback"]["reason"] == "backend error"
+            assert row["llm"]["fallback"]["detail"]  # the error the backend met
+        # The published schema says what the server answers, the typed fallback included.
+        schema = _get(url, "/openapi.json", key=None).json()
+        ok = schema["paths"]["/v1/predict"]["post"]["responses"]["200"]["content"]
+        resolved = {**ok["application/json"]["schema"], "components": schema["components"]}
+        jsonschema.Draft202012Validator(resolved).validate(answer.json())
         ecl = _post(url, "/v1/predict", {"inputs": _texts(wordnet, 2), "no_llm": True}, key=None)
         assert "llm" not in ecl.json()["predictions"][0]
         metrics = _get(url, "/metrics", key=None).text

@@ -26,7 +26,7 @@ import pytest
 from icl_cl.classifier import ContinualClassifier
 from icl_cl.client import Client
 from icl_cl.config import ClassifierConfig, MemoryConfig
-from icl_cl.describe import prediction_row
+from icl_cl.describe import PredictionRow
 from icl_cl.service.app import SESSION_HEADER, create_app
 from tests.service_helpers import (
     as_json,
@@ -114,7 +114,7 @@ def test_learning_under_load_serves_the_state_before_or_after_each_session(
                 clf.fit(10, use_llm=False)
                 predictions = clf.predict([p["text"] for p in probes], use_llm=False)
                 expected[session] = [
-                    prediction_row(p["id"], pred)
+                    PredictionRow.of(p["id"], pred).model_dump(mode="json")
                     for p, pred in zip(probes, predictions, strict=True)
                 ]
     for session, body in answers:

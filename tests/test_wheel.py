@@ -160,4 +160,5 @@ def test_llm_predict_from_the_installed_wheel(venv: Path, tmp_path: Path) -> Non
         assert p["labels"] and set(p["labels"]) <= set(labels)
         # The LLM stage ran (it reads held-out items to earn its weight); a failure there would
         # be reported as the reason for falling back to the ECL.
-        assert "llm" in p and "error" not in str(p["llm"].get("fallback")).lower()
+        fallback = p["llm"]["fallback"]
+        assert fallback is None or fallback["reason"] != "backend error", fallback

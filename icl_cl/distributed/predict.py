@@ -8,7 +8,6 @@ so every id comes out exactly once.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import numpy as np
 
 from icl_cl.classifier import ContinualClassifier
 from icl_cl.config import ClassifierConfig
-from icl_cl.describe import prediction_row
+from icl_cl.describe import PredictionRow
 from icl_cl.distributed.runtime import ray_module
 from icl_cl.distributed.sources import input_files
 from icl_cl.errors import DataError, StoreError
@@ -55,8 +54,7 @@ class Predictor:
         preds = self._clf.predict(texts, **self._options)
         abstain = self._options.get("abstain_below") is not None
         records = [
-            json.dumps(prediction_row(i, p, abstain=abstain), ensure_ascii=False)
-            for i, p in zip(ids, preds, strict=True)
+            PredictionRow.of(i, p, abstain=abstain).line() for i, p in zip(ids, preds, strict=True)
         ]
         return {"id": np.asarray(ids, dtype=object), "prediction": np.asarray(records, object)}
 

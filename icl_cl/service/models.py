@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from icl_cl.config import LabelSetRuleName, ScorerName
+from icl_cl.describe import PredictionRow
 from icl_cl.labelling.suggest import StrategyName
 
 _SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
@@ -97,27 +98,9 @@ class PredictRequest(_Body):
         return self
 
 
-class LLMCost(BaseModel):
-    """LLM work spent on one prediction, and why the ECL decided alone if it did."""
-
-    calls: int
-    prompt_tokens: int
-    completion_tokens: int
-    fallback: str | None
-
-
-class PredictionRow(BaseModel):
-    """One prediction, exactly as a line of ``icl-cl predict``."""
-
-    id: str
-    labels: list[str]
-    scores: dict[str, float]
-    set: list[str] | None = None
-    abstained: bool | None = None
-    llm: LLMCost | None = None
-
-
 class PredictResponse(BaseModel):
+    """``POST /v1/predict``'s answer: a row per input, in the order given."""
+
     predictions: list[PredictionRow]
 
 
