@@ -175,7 +175,14 @@ def test_predict_reads_solved_weights_and_never_writes(tmp_path, embedder, wordn
             np.testing.assert_allclose(
                 clf.memory.score_matrix(queries, name), expected[name], rtol=1e-5, atol=1e-5
             )
-        clf.learn(train[200:], fit=False)  # the weights no longer describe the store
+        clf.learn(train[200:], fit=False)
+    # The learn kept the saved spaces current (a predict after it reads solved weights only).
+    with ContinualClassifier.open(store, embedder=embedder) as clf:
+        for name in FEATURE_SCORERS:
+            clf.memory.score_matrix(queries, name)
+        assert not clf.memory.spaces._spaces
+    for solved in store.glob("features-*.solved.*"):  # missing weights: solved in memory
+        solved.unlink()
     before = _files(store)
     with ContinualClassifier.open(store, embedder=embedder) as clf:
         for scorer in [*SCORERS, "auto"]:

@@ -209,17 +209,15 @@ class ExternalContinualLearner:
         # Partial sums of shards count every row: kept only where no row is a copy.
         summed = delta is not None and added.trivial and not switched
         delta = delta if summed else added.delta(base)
-        n_items = base.n_examples + delta.n_examples
         space_deltas = self.spaces.session_deltas(
             added,
-            n_items=n_items,
+            n_items=base.n_examples + delta.n_examples,
+            n_rows=self.n_examples,
+            labels=base.labels,
             multi_label=multi_label,
             regrouped=switched,
-            summed=self.spaces.summed_deltas(
-                space_sums, added, n_items=n_items, n_rows=self.n_examples, labels=base.labels,
-                multi_label=multi_label,
-            ) if space_sums and summed else None,
-        )  # fmt: skip
+            sums=space_sums if summed else None,
+        )
         # New columns: labels in order of first use (as the delta numbers them), then labels that
         # were declared but have no example yet.
         used = set(delta.new_labels)

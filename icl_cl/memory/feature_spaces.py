@@ -10,7 +10,7 @@ then solves in memory without writing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,19 +148,34 @@ class FeatureSpaces:
         added: Additions,
         *,
         n_items: int,
+        n_rows: int,
+        labels: Sequence[str],
         multi_label: bool | None,
         regrouped: bool,
-        summed: Mapping[str, SpaceDelta] | None = None,
+        sums: SpaceSums | None = None,
     ) -> dict[str, SpaceDelta]:
-        """A session's delta for each loaded space that it leaves at the same width (and
-        grouping), for a store of ``n_items`` items after it; any other is rebuilt on use.
-        ``summed``: deltas already made from workers' sums (:meth:`summed_deltas`)."""
+        """A session's delta for each space loaded or saved at the width of a store of
+        ``n_items`` items after it (with ``n_rows`` stored rows and ``labels`` before it): the
+        session keeps them current, so that no fit, predict or restart after it catches its rows
+        up. From the workers' ``sums`` (see :meth:`summable`) where they fit; any other space is
+        rebuilt on use."""
         if regrouped:
             return {}
-        deltas = dict(summed or {})
-        for name, space in self._spaces.items():
-            same = space.features == self.features(name, n_items)
-            if name not in deltas and same and space.items == bool(multi_label):
+        deltas = {}
+        for name in KINDS:
+            features = self.features(name, n_items)
+            if name not in self._spaces and not self.checkpoint(features).exists():
+                continue
+            space = self.space(
+                name, n_items=n_items, n_rows=n_rows, labels=labels, multi_label=multi_label
+            )
+            if space.features != features or space.items != bool(multi_label):
+                continue
+            summed = (sums or {}).get(name)
+            if summed is not None and summed[0] == features:
+                deltas[name] = space.summed_delta(summed[1], added)
+                logger.info("feature space %s: session summed on workers", features.name)
+            else:
                 deltas[name] = space.delta(added)
         return deltas
 
@@ -177,33 +192,6 @@ class FeatureSpaces:
             if 2 * n_rows >= features.size and self.checkpoint(features).exists():
                 out[name] = (features, name == "klda" and bool(multi_label))
         return out
-
-    def summed_deltas(
-        self,
-        sums: SpaceSums,
-        added: Additions,
-        *,
-        n_items: int,
-        n_rows: int,
-        labels: Sequence[str],
-        multi_label: bool | None,
-    ) -> dict[str, SpaceDelta]:
-        """A session's deltas from the sums workers computed per shard in a space's map (see
-        :meth:`summable`), for a store of ``n_rows`` stored rows with ``labels`` before it and
-        ``n_items`` items after it. Sums the store no longer fits (another writer changed its
-        width meanwhile) are left out: the session's rows are then added as usual."""
-        deltas = {}
-        for name, (features, parts) in sums.items():
-            fits = features == self.features(name, n_items)
-            if not fits or not (name in self._spaces or self.checkpoint(features).exists()):
-                continue
-            space = self.space(
-                name, n_items=n_items, n_rows=n_rows, labels=labels, multi_label=multi_label
-            )
-            if space.features == features and space.items == bool(multi_label):
-                deltas[name] = space.summed_delta(parts, added)
-                logger.info("feature space %s: session summed on workers", features.name)
-        return deltas
 
     def apply(self, deltas: dict[str, SpaceDelta], rows: int, new_labels: Sequence[str]) -> None:
         """After the session's commit: the spaces with a delta take it (``rows`` stored rows
