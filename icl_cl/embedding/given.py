@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from icl_cl.embedding.base import Embedder
+from icl_cl.embedding.normalise import unit_rows
 
 
 class GivenVectors:
@@ -21,7 +22,7 @@ class GivenVectors:
     """
 
     def __init__(self, inner: Embedder, vectors: Mapping[str, np.ndarray]) -> None:
-        self.inner, self._vectors = inner, dict(vectors)
+        self.inner, self._vectors = inner, {text: _unit(v) for text, v in vectors.items()}
         self.name, self.dim = inner.name, inner.dim
 
     @property
@@ -33,5 +34,17 @@ class GivenVectors:
             return np.zeros((0, self.dim), np.float32)
         missing = list(dict.fromkeys(x for x in items if x not in self._vectors))
         if missing:
-            self._vectors.update(zip(missing, self.inner.encode(missing), strict=True))
+            found = self.inner.encode(missing, progress=progress)
+            self._vectors.update(zip(missing, found, strict=True))
+        if progress is not None and len(items) > len(missing):
+            progress(len(items) - len(missing))  # the known ones (and repeats) are done at once
         return np.stack([self._vectors[x] for x in items]).astype(np.float32)
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    """A known vector as a unit row (the contract's); one that already is one is kept bit for bit,
+    so that its scores equal the inner embedder's."""
+    vector = np.asarray(vector, np.float32)
+    if abs(float(np.linalg.norm(vector.astype(np.float64))) - 1.0) <= 1e-6:
+        return vector
+    return unit_rows(vector[None, :])[0]
