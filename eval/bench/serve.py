@@ -21,9 +21,11 @@ median over rounds of each round's ratio (the CLI call, then at once the service
 concurrency 32), with every round's ratio, and the ratio of the two medians, beside it.
 
 Last, three learns of 8 examples each: the seconds from each learn's 200 to ``/readyz`` naming
-its session as the one served (``learn_to_served``; a session is served before its 200).
+its session as the one served (``learn_to_served``; a session is served before its 200), and
+with ``--served-store DIR`` the same on a copy of a large store (``learn_to_served_large``).
 
-Usage: python eval/bench/serve.py [--items 480] [--rounds 3] [--out runs/bench/serve.json]
+Usage: python eval/bench/serve.py [--items 480] [--rounds 3] [--served-store DIR]
+    [--out runs/bench/serve.json]
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -44,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from icl_cl import ContinualClassifier
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "eval" / "data" / "wordnet-sample"
@@ -272,6 +277,11 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=480)
     parser.add_argument("--rounds", type=int, default=5, help="timed runs per figure (median)")
     parser.add_argument("--out", default="runs/bench/serve.json")
+    parser.add_argument(
+        "--served-store",
+        help="also measure learn_to_served on a copy of this store (a large WordNet supersenses "
+        "store, e.g. the 20,000-example base that eval/bench/shutdown.py --base keeps)",
+    )
     args = parser.parse_args()
     load_at_start = os.getloadavg()[0]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -285,6 +295,14 @@ def main() -> None:
         process = cli_process(store, items, tmp)
         measured = bench(store, items, tmp, args.rounds)
         measured["learn_to_served"] = learn_to_served(store, tmp)
+        if args.served_store:
+            shutil.copytree(args.served_store, tmp / "large")
+            with ContinualClassifier.open(tmp / "large", read_only=True) as clf:
+                size = clf.memory.n_examples
+            measured["learn_to_served_large"] = {
+                "examples": size,
+                **learn_to_served(tmp / "large", tmp),
+            }
     at32 = next(row for row in measured["service"] if row["concurrency"] == 32)
     ratios = [
         round(service / cli, 3)
