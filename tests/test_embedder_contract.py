@@ -2,8 +2,8 @@
 against each implementation that works offline, with the real packaged models.
 
 The contract: ``(n, dim)`` float32 unit rows in the order of the items, an empty batch is
-``(0, dim)``, the progress callback counts every item once, and a text-only embedder refuses an
-image with :class:`DataError` instead of embedding something in its place.
+``(0, dim)``, the progress callback counts each item it embeds once, and a text-only embedder
+refuses an image with :class:`DataError` instead of embedding something in its place.
 """
 
 from __future__ import annotations
@@ -89,10 +89,22 @@ def test_an_empty_batch_is_an_empty_matrix(implementation: Embedder) -> None:
     assert empty.shape == (0, implementation.dim) and empty.dtype == np.float32
 
 
-def test_progress_counts_every_item_once(implementation: Embedder) -> None:
+def test_progress_counts_what_is_embedded(implementation: Embedder) -> None:
+    """Every item embedded counts once: texts never seen are counted (a cache or known vectors
+    embed each distinct one once), and none is counted twice."""
+    fresh = [f"{text}, seen once by {implementation.name}" for text in TEXTS]
     done: list[int] = []
-    implementation.encode([*TEXTS, *TEXTS], progress=done.append)
-    assert sum(done) == 2 * len(TEXTS)
+    implementation.encode([*fresh, *fresh], progress=done.append)
+    assert len(fresh) <= sum(done) <= 2 * len(fresh)
+
+
+def test_a_cache_counts_only_what_it_embeds(minilm: Embedder) -> None:
+    cache, done = CachedEmbedder(minilm), []
+    cache.encode(TEXTS[:2], progress=done.append)
+    cache.encode(TEXTS, progress=done.append)  # two hits, two misses
+    assert sum(done) == len(TEXTS) and cache.missing(TEXTS) == 0
+    cache.encode(TEXTS, progress=done.append)
+    assert sum(done) == len(TEXTS)
 
 
 def test_images_are_embedded_or_refused(implementation: Embedder) -> None:

@@ -11,7 +11,9 @@ if TYPE_CHECKING:
     from icl_cl.images import Image
 
 ProgressCallback = Callable[[int], None]
-"""Called with the number of items just finished; the CLI turns it into a progress bar."""
+"""Called with the number of items just embedded; the CLI turns it into a progress bar. A wrapper
+that answers some items without embedding them (a cache, known vectors) counts only the others,
+each once."""
 
 
 @runtime_checkable

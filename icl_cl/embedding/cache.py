@@ -125,8 +125,8 @@ class CachedEmbedder:
         self, items: Sequence[str | Image], progress: ProgressCallback | None = None
     ) -> np.ndarray:
         todo = self._todo(items)
-        if progress is not None and len(items) > len(todo):
-            progress(len(items) - len(todo))  # cached items (and repeats) are done at once
+        # Progress counts what is embedded (each miss once): a hit is no work, and a bar sized by
+        # ``missing`` ends full.
         step = CHUNK if self.folder is not None else max(len(todo), 1)
         for start in range(0, len(todo), step):
             chunk = todo[start : start + step]

@@ -36,8 +36,6 @@ class GivenVectors:
         if missing:
             found = self.inner.encode(missing, progress=progress)
             self._vectors.update(zip(missing, found, strict=True))
-        if progress is not None and len(items) > len(missing):
-            progress(len(items) - len(missing))  # the known ones (and repeats) are done at once
         return np.stack([self._vectors[x] for x in items]).astype(np.float32)
 
 
