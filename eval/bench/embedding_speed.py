@@ -27,7 +27,7 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,8 @@ import numpy as np
 from icl_cl import ClassifierConfig, ContinualClassifier, EmbedderConfig
 from icl_cl.config import SCORERS
 from icl_cl.embedding import load_embedder
-from icl_cl.embedding.base import Embedder, ProgressCallback
+from icl_cl.embedding.base import Embedder
+from icl_cl.embedding.given import GivenVectors
 from icl_cl.evaluation.outputs import Decision
 from icl_cl.evaluation.protocol import score_decisions
 from icl_cl.inputs import read_examples, read_labels
@@ -116,33 +117,6 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     }
 
 
-class Precomputed:
-    """An embedder that answers from vectors computed earlier for a dataset's texts, and asks the
-    real embedder (whose name it carries) for anything else, such as label descriptions."""
-
-    reads_images = False
-
-    def __init__(self, inner: Embedder, texts: Sequence[str], vectors: np.ndarray) -> None:
-        self.inner = inner
-        self.table = dict(zip(texts, vectors, strict=True))
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    @property
-    def dim(self) -> int:
-        return self.inner.dim
-
-    def encode(self, items: Sequence[str], progress: ProgressCallback | None = None) -> np.ndarray:
-        missing = [t for t in dict.fromkeys(items) if t not in self.table]
-        if missing:
-            self.table.update(zip(missing, self.inner.encode(missing), strict=True))
-        if progress is not None:
-            progress(len(items))
-        return np.stack([self.table[t] for t in items]).astype(np.float32, copy=False)
-
-
 def _vectors(
     vecs: Path, stem: str, examples: list[Example], embedder: Embedder, embed: bool = True
 ) -> tuple[np.ndarray, float | None]:
@@ -182,7 +156,8 @@ def accuracy(args: argparse.Namespace) -> dict:
         embed = arm != "torch" or args.embed_torch
         train_v, train_rate = _vectors(vecs, f"{prefix}{name}_train", train, inner, embed)
         dev_v, dev_rate = _vectors(vecs, f"{prefix}{name}_dev", dev, inner, embed)
-        embedder = Precomputed(inner, [ex.text for ex in train + dev], np.vstack([train_v, dev_v]))
+        known = dict(zip([ex.text for ex in train + dev], np.vstack([train_v, dev_v]), strict=True))
+        embedder = GivenVectors(inner, known)
         with tempfile.TemporaryDirectory() as tmp:
             store = Path(tmp) / "store"
             with ContinualClassifier.open(
