@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from icl_cl.heads import PlattScaling, ScoreCalibrator, SplitConformal, TemperatureScaling
-from icl_cl.reading.in_context import OptionBias, domain_strings
+from icl_cl.reading.option_bias import OptionBias, domain_strings
 
 
 def test_temperature_recovers_a_known_temperature():

@@ -22,9 +22,9 @@ from icl_cl.config import ClassifierConfig
 from icl_cl.errors import DataError, WorkerError
 from icl_cl.inputs import read_examples
 from icl_cl.memory.feature_space import FeatureSpace, SpaceKind, Strength
-from icl_cl.memory.features import RandomFeatures
 from icl_cl.memory.item_groups import Additions
 from icl_cl.memory.partial import merge, shard_space_statistics, shard_statistics
+from icl_cl.memory.random_features import RandomFeatures
 from icl_cl.memory.statistics import RunningStatistics
 from icl_cl.memory.store import Store
 from icl_cl.types import Prediction
@@ -291,7 +291,7 @@ def test_ray_learn_sums_the_feature_maps_on_workers(
                 clf.fit(K, scorer=scorer, use_llm=False)
     with ContinualClassifier.open(tmp_path / "serial") as clf:
         clf.learn(examples[40:240], fit=False)
-    with caplog.at_level(logging.INFO, logger="icl_cl.memory.feature_spaces"):
+    with caplog.at_level(logging.INFO, logger="icl_cl.memory.store_feature_spaces"):
         learn(tmp_path / "shards", tmp_path / "ray", actors=2, fit=False)
     summed = [r.getMessage() for r in caplog.records if "summed on workers" in r.getMessage()]
     assert len(summed) == 2, summed

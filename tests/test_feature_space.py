@@ -12,9 +12,9 @@ import pytest
 from icl_cl import ContinualClassifier
 from icl_cl.config import SCORERS
 from icl_cl.memory.feature_space import FeatureSpace, Strength
-from icl_cl.memory.features import RandomFeatures
 from icl_cl.memory.inverse_gram import InverseGram, low_rank_update
 from icl_cl.memory.item_groups import Additions, ItemGroups
+from icl_cl.memory.random_features import RandomFeatures
 from icl_cl.memory.scorers import FEATURE_SCORERS
 from icl_cl.memory.verify import verify_store
 

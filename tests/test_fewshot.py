@@ -18,7 +18,7 @@ from icl_cl.evaluation.sessions import (
     session_streams,
     split_sessions,
 )
-from icl_cl.memory.prototype_calibration import calibrated_means
+from icl_cl.memory.few_shot_prototypes import calibrated_means
 from icl_cl.memory.statistics import RunningStatistics
 from icl_cl.types import Example
 from tests.conftest import SAMPLES

@@ -19,9 +19,9 @@ from icl_cl.errors import DataError, StoreError
 from icl_cl.evaluation.sessions import SessionSpec, session_examples, split_sessions
 from icl_cl.memory import edited_spaces, forgetting, vector_swap
 from icl_cl.memory.feature_space import FeatureSpace, Strength
-from icl_cl.memory.feature_spaces import KINDS
-from icl_cl.memory.features import RandomFeatures
+from icl_cl.memory.random_features import RandomFeatures
 from icl_cl.memory.store import Store
+from icl_cl.memory.store_feature_spaces import KINDS
 from icl_cl.memory.verify import verify_store
 from icl_cl.types import Example, Label
 

@@ -15,7 +15,7 @@ from icl_cl import ClassifierConfig, ContinualClassifier, FallbackReason
 from icl_cl.backends.openai import OpenAICompatBackend
 from icl_cl.config import CalibrationConfig, FusionConfig, LLMConfig, PromptConfig
 from icl_cl.heads import FittedHeads, FusionWeights, HeadSpec, StoreHeldOutSource, fit_fusion
-from icl_cl.reading.in_context import OptionBias
+from icl_cl.reading.option_bias import OptionBias
 from icl_cl.types import Example
 from tests.tiny_models import tiny_backend
 

@@ -7,8 +7,8 @@ import pytest
 
 from icl_cl.config import MemoryConfig
 from icl_cl.memory.example_index import ExampleIndex
-from icl_cl.memory.features import RandomFeatures
 from icl_cl.memory.item_groups import ItemGroups
+from icl_cl.memory.random_features import RandomFeatures
 from icl_cl.memory.scorers import (
     InFeatureSpace,
     KnnVote,

@@ -24,7 +24,7 @@ import numpy as np
 from icl_cl.config import MemoryConfig
 from icl_cl.inputs import read_examples
 from icl_cl.memory.feature_space import FeatureSpace
-from icl_cl.memory.features import RandomFeatures
+from icl_cl.memory.random_features import RandomFeatures
 from icl_cl.memory.scorers import class_prototypes
 
 

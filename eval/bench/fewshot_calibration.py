@@ -26,7 +26,7 @@ from icl_cl.embedding.cache import CachedEmbedder
 from icl_cl.evaluation.datasets import Dataset, DatasetSpec, load_dataset
 from icl_cl.evaluation.protocol import EMBEDDINGS
 from icl_cl.evaluation.sessions import SessionSpec, session_streams, split_sessions
-from icl_cl.memory.features import RandomFeatures, feature_width
+from icl_cl.memory.random_features import RandomFeatures, feature_width
 from icl_cl.memory.scorers import build_scorer
 from icl_cl.memory.statistics import RunningStatistics
 

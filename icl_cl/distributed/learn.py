@@ -25,8 +25,8 @@ from icl_cl.errors import DataError, WorkerError
 from icl_cl.inputs import Located, validate_examples
 from icl_cl.inputs.jsonl import parse_example
 from icl_cl.memory.ecl import ExternalContinualLearner
-from icl_cl.memory.features import RandomFeatures
 from icl_cl.memory.partial import ShardSums, shard_space_statistics, shard_statistics
+from icl_cl.memory.random_features import RandomFeatures
 from icl_cl.memory.statistics import StatisticsDelta
 from icl_cl.types import Example, Label, LearnReport, Progress
 
@@ -128,7 +128,7 @@ def shard_sums(
 ) -> ShardSums:
     """The shards' vectors and statistics, and each shard's sums (``O(n M^2)`` per shard, as Ray
     tasks) in each feature map where the store would rather take them summed
-    (:meth:`~icl_cl.memory.feature_spaces.FeatureSpaces.summable`): none for a session small
+    (:meth:`~icl_cl.memory.store_feature_spaces.FeatureSpaces.summable`): none for a session small
     enough to be added row by row on the driver.
 
     The driver holds the shards' vectors already (it stores them), so each goes back to the

@@ -21,10 +21,10 @@ import numpy as np
 from icl_cl.heads.fusion import FUSED, KEPT, FusionWeights, fit_fusion
 from icl_cl.heads.heldout import Sample, draw_sample, fold_size
 from icl_cl.memory.ecl import ExternalContinualLearner
-from icl_cl.memory.feature_spaces import MAX_LABELS
 from icl_cl.memory.ridge_path import RHO_GRID, heldout_ridge_scores
 from icl_cl.memory.scorer_choice import ScorerChoice
 from icl_cl.memory.scorers import FEATURE_SCORERS, row_floor, top_k
+from icl_cl.memory.store_feature_spaces import MAX_LABELS
 from icl_cl.types import Progress
 
 logger = logging.getLogger(__name__)

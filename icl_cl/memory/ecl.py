@@ -14,7 +14,6 @@ from icl_cl.config import AUTO_SCORER, SCORERS, MemoryConfig
 from icl_cl.errors import ConfigError, DataError
 from icl_cl.memory.example_index import EXAMPLES_FILE, ExampleIndex
 from icl_cl.memory.feature_space import FeatureSpace, SpaceDelta
-from icl_cl.memory.feature_spaces import MAX_LABELS, FeatureSpaces
 from icl_cl.memory.item_groups import ItemGroups
 from icl_cl.memory.partial import SpaceSums
 from icl_cl.memory.scorer_choice import (
@@ -34,8 +33,9 @@ from icl_cl.memory.scorers import (
 )
 from icl_cl.memory.statistics import RunningStatistics, StatisticsDelta
 from icl_cl.memory.store import ITEM_STATISTICS, SessionRecord, Store
+from icl_cl.memory.store_feature_spaces import MAX_LABELS, FeatureSpaces
 from icl_cl.memory.stored_items import (
-    HeldOutItems,
+    HeldOutRows,
     group_rows,
     held_out,
     input_of,
@@ -155,7 +155,7 @@ class ExternalContinualLearner:
         ``delta`` is the session's statistics when they were computed elsewhere (merged from
         partial sums of shards); by default they are computed here from ``vectors``. Likewise
         ``space_sums``: per feature scorer, its map and each shard's sums in it (see
-        :meth:`~icl_cl.memory.feature_spaces.FeatureSpaces.summable`). The store commits first;
+        :meth:`~icl_cl.memory.store_feature_spaces.FeatureSpaces.summable`). The store commits first;
         memory changes only after the commit succeeded.
         """
         plan = self._plan(
@@ -354,10 +354,10 @@ class ExternalContinualLearner:
 
     def feature_space(self, name: str) -> FeatureSpace:
         """The learner state a feature scorer (``ranpac``, ``klda``) is solved from (see
-        :class:`~icl_cl.memory.feature_spaces.FeatureSpaces`)."""
+        :class:`~icl_cl.memory.store_feature_spaces.FeatureSpaces`)."""
         return self.spaces.space(name, **self._space_args())
 
-    def heldout_items(self, rows: Sequence[int]) -> HeldOutItems:
+    def heldout_items(self, rows: Sequence[int]) -> HeldOutRows:
         """The stored items at ``rows`` as the statistics count them (see :func:`held_out`)."""
         groups = self.items() if self.multi_label else None
         return held_out(groups, self.store, self.index, self.stats.labels, rows)

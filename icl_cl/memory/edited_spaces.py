@@ -31,9 +31,9 @@ import numpy as np
 
 from icl_cl.memory import feature_checkpoint as checkpoints
 from icl_cl.memory.feature_space import FeatureSpace
-from icl_cl.memory.feature_spaces import KINDS, MAX_LABELS, FeatureSpaces
 from icl_cl.memory.item_groups import Additions, input_key
 from icl_cl.memory.statistics import RunningStatistics
+from icl_cl.memory.store_feature_spaces import KINDS, MAX_LABELS, FeatureSpaces
 
 logger = logging.getLogger(__name__)
 

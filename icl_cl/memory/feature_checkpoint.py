@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from icl_cl.memory.feature_space import FeatureSpace, SpaceKind
-from icl_cl.memory.features import RandomFeatures
 from icl_cl.memory.inverse_gram import InverseGram
+from icl_cl.memory.random_features import RandomFeatures
 from icl_cl.memory.scorers import LinearHead
 from icl_cl.memory.statistics import RunningStatistics
 

@@ -27,10 +27,10 @@ from typing import Literal
 
 import numpy as np
 
-from icl_cl.memory.features import RandomFeatures
 from icl_cl.memory.inverse_gram import InverseGram, Operator, low_rank_update
 from icl_cl.memory.item_groups import Additions, stored_additions
 from icl_cl.memory.partial import merge
+from icl_cl.memory.random_features import RandomFeatures
 from icl_cl.memory.scorers import LinearHead, oas_shrinkage
 from icl_cl.memory.statistics import RunningStatistics, StatisticsDelta
 

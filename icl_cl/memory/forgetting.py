@@ -39,11 +39,11 @@ from icl_cl.memory.checksums import block_digest, seal, seal_schema
 from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.memory.edited_spaces import EditedRows, saved_spaces, write_edited
 from icl_cl.memory.example_index import EXAMPLES_FILE, LABELS_FILE
-from icl_cl.memory.feature_spaces import FeatureSpaces
 from icl_cl.memory.idempotency import write_idempotency
 from icl_cl.memory.item_groups import add_rows
 from icl_cl.memory.statistics import RunningStatistics
 from icl_cl.memory.store import VECTORS, Store, transaction
+from icl_cl.memory.store_feature_spaces import FeatureSpaces
 from icl_cl.memory.stored_items import stored_inputs
 from icl_cl.types import Label
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from icl_cl.memory.features import RandomFeatures
+from icl_cl.memory.random_features import RandomFeatures
 from icl_cl.memory.statistics import RunningStatistics, StatisticsDelta
 
 # Fields of StatisticsDelta that are indexed by label column; every other array field is a sum

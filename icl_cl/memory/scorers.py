@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from icl_cl.memory.prototype_calibration import calibrated_means
+from icl_cl.memory.few_shot_prototypes import calibrated_means
 from icl_cl.memory.statistics import RunningStatistics
 
 if TYPE_CHECKING:
     from icl_cl.config import MemoryConfig
     from icl_cl.memory.example_index import ExampleIndex
-    from icl_cl.memory.features import RandomFeatures
     from icl_cl.memory.item_groups import ItemGroups
+    from icl_cl.memory.random_features import RandomFeatures
 
 
 class Scorer(Protocol):

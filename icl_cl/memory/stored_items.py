@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class HeldOutItems:
+class HeldOutRows:
     """Stored items held out, each once.
 
     Attributes:
@@ -95,7 +95,7 @@ def held_out(
     index: ExampleIndex,
     names: Sequence[str],
     rows: Sequence[int],
-) -> HeldOutItems:
+) -> HeldOutRows:
     """The stored items at ``rows`` as the statistics count them: in a multi-label store
     (``groups``) an item is held out whole, once, with its first copy's vector and the union of
     its copies' labels (``names``: label by column), and all of its copies leave the kNN vote;
@@ -103,11 +103,11 @@ def held_out(
     if groups is None:
         rows = [int(r) for r in rows]
         labels = [list(ex.labels) for ex in store.examples(rows)]
-        return HeldOutItems(index.vectors(rows), labels, rows, rows)
+        return HeldOutRows(index.vectors(rows), labels, rows, rows)
     chosen = list(dict.fromkeys(groups.item_of(np.asarray(rows, np.int64)).tolist()))
     firsts = [groups.first_row[i] for i in chosen]
     labels = [[names[c] for c in groups.labels[i]] for i in chosen]
-    return HeldOutItems(index.vectors(firsts), labels, firsts, groups.rows_of_items(chosen))
+    return HeldOutRows(index.vectors(firsts), labels, firsts, groups.rows_of_items(chosen))
 
 
 def nearest_rows(

@@ -17,7 +17,7 @@ from icl_cl.errors import BackendError, ContextLengthError
 from icl_cl.images import Image
 from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.prompting import RenderedPrompt, load_template, render_prompt, select_demonstrations
-from icl_cl.reading.in_context import OptionBias, domain_strings
+from icl_cl.reading.option_bias import OptionBias, domain_strings
 from icl_cl.types import Cost, Fallback, FallbackReason, Upstream
 
 logger = logging.getLogger(__name__)

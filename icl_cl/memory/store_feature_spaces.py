@@ -21,9 +21,9 @@ from icl_cl.errors import ConfigError
 from icl_cl.memory import feature_checkpoint as checkpoints
 from icl_cl.memory.example_index import ExampleIndex
 from icl_cl.memory.feature_space import FeatureSpace, SpaceDelta, SpaceKind, Strength
-from icl_cl.memory.features import RandomFeatures, feature_width
 from icl_cl.memory.item_groups import Additions, stored_additions
 from icl_cl.memory.partial import SpaceSums
+from icl_cl.memory.random_features import RandomFeatures, feature_width
 from icl_cl.memory.scorer_choice import CHOICE_GROWTH, ScorerChoice
 from icl_cl.memory.scorers import InFeatureSpace, LinearHead, class_prototypes
 from icl_cl.memory.statistics import RunningStatistics
