@@ -10,6 +10,9 @@ SmolVLM, Gemma 3) are loaded with ``AutoModelForImageTextToText`` and ``AutoProc
 image prompts (:class:`~icl_cl.backends.base.ImagePrompt`) are tokenised by the processor, which
 expands each image placeholder into the image's tokens, and are scored by the same code as text:
 the prompt is prefilled once with its pixel values and every option is scored from its cache.
+
+The scoring itself is in :mod:`~icl_cl.backends.kv_scoring`, generation in
+:mod:`~icl_cl.backends.hf_generation`; this class encodes prompts and batches them.
 """
 
 from __future__ import annotations
@@ -35,11 +38,8 @@ from icl_cl.backends.base import (
     has_images,
     plain_chat,
 )
-from icl_cl.backends.hf_images import (
-    VisionInputs,
-    process_image_prompt,
-    render_processor_chat,
-)
+from icl_cl.backends.hf_generation import choose_by_scoring, generate_batch
+from icl_cl.backends.hf_images import VisionInputs, process_image_prompt, render_processor_chat
 from icl_cl.backends.hf_loading import load_model
 from icl_cl.backends.kv_scoring import PrefixCacheScorer
 from icl_cl.backends.packaged import DEFAULT_LLM
@@ -166,46 +166,42 @@ class TransformersBackend:
     def close(self) -> None:
         self._scorer.lm = None  # the model's memory is freed once nothing else holds it
 
-    # ---- scoring ---------------------------------------------------------------------------
+    # ---- encoding --------------------------------------------------------------------------
 
-    def _encode_prompt(self, prompt: str) -> list[int]:
-        ids = list(self._tok(prompt).input_ids)
+    def _fit(self, ids: list[int], what: str) -> list[int]:
+        """``ids``, or a :class:`ContextLengthError` when they leave no room in the context."""
         limit = self.capabilities.max_context
         if limit is not None and len(ids) >= limit:
             raise ContextLengthError(
-                f"prompt has {len(ids)} tokens; the model's context is {limit}"
+                f"prompt has {len(ids)} tokens{what}; the model's context is {limit}"
             )
         return ids
 
-    def _encode_image(self, prompt: Prompt) -> tuple[list[int], dict[str, Any]]:
+    def _encode_prompt(self, prompt: str) -> list[int]:
+        return self._fit(list(self._tok(prompt).input_ids), "")
+
+    def _encode_image(self, prompt: ImagePrompt) -> tuple[list[int], dict[str, Any]]:
         """Token ids (image tokens expanded) and the other processor tensors of a prompt."""
-        if isinstance(prompt, str):
-            return self._encode_prompt(prompt), {}
         self._require_images()
         features = process_image_prompt(self._processor, prompt)
-        ids = [int(t) for t in features["input_ids"][0]]
-        limit = self.capabilities.max_context
-        if limit is not None and len(ids) >= limit:
-            raise ContextLengthError(
-                f"prompt has {len(ids)} tokens with its images; the model's context is {limit}"
-            )
+        ids = self._fit([int(t) for t in features["input_ids"][0]], " with its images")
         rest = {k: v for k, v in features.items() if k not in ("input_ids", "attention_mask")}
         return ids, rest
 
     def _groups(
         self, prompts: Sequence[Prompt]
     ) -> list[tuple[list[int], list[list[int]], VisionInputs | None]]:
-        """A batch with image prompts split into runs of the model: ``(rows, token ids, vision)``.
+        """A batch split into runs of the model: ``(rows, token ids, vision)``.
 
-        The text prompts run together as usual; the image prompts together when their
-        processor tensors stack, else one by one.
+        The text prompts run together; the image prompts together when their processor tensors
+        stack, else one by one.
         """
         text = [i for i, p in enumerate(prompts) if isinstance(p, str)]
-        image = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+        image = [i for i, p in enumerate(prompts) if isinstance(p, ImagePrompt)]
         groups: list[tuple[list[int], list[list[int]], VisionInputs | None]] = []
         if text:
             groups.append((text, [self._encode_prompt(str(prompts[i])) for i in text], None))
-        encoded = [self._encode_image(prompts[i]) for i in image]
+        encoded = [self._encode_image(p) for p in prompts if isinstance(p, ImagePrompt)]
         merged = VisionInputs.merge(encoded, self._image_token) if encoded else None
         if merged is not None:
             groups.append((image, [ids for ids, _ in encoded], merged))
@@ -220,6 +216,8 @@ class TransformersBackend:
             raise BackendError(f"option {option!r} encodes to no tokens")
         return ids
 
+    # ---- scoring and generation ------------------------------------------------------------
+
     def score(self, prompts: Sequence[Prompt], options: Sequence[Sequence[str]]) -> OptionScores:
         """Sum of log-probabilities of each option's tokens after its prompt (exact).
 
@@ -228,53 +226,32 @@ class TransformersBackend:
         import torch
 
         k = check_options(prompts, options)
-        n = len(prompts)
-        logprobs = np.zeros((n, k), dtype=np.float64)
-        counts = np.zeros((n, k), dtype=np.int64)
-        usage = Usage()
-        start = time.perf_counter()
-        with torch.inference_mode():
-            for lo in range(0, n, self.batch_size):
-                hi = min(n, lo + self.batch_size)
-                if any(isinstance(p, ImagePrompt) for p in prompts[lo:hi]):
-                    self._score_images(prompts[lo:hi], options[lo:hi], usage, lo, logprobs, counts)
-                    continue
-                prompt_ids = [self._encode_prompt(p) for p in prompts[lo:hi]]
-                option_ids = [[self._encode_option(o) for o in opts] for opts in options[lo:hi]]
-                lp, cnt = self._scorer.score_batch(prompt_ids, option_ids, usage)
-                logprobs[lo:hi], counts[lo:hi] = lp, cnt
-        usage.seconds = time.perf_counter() - start
-        self.usage.add(usage)
-        return OptionScores(logprobs, counts, exact=True, method="kv_cache", usage=usage)
-
-    def _score_images(
-        self,
-        prompts: Sequence[Prompt],
-        options: Sequence[Sequence[str]],
-        usage: Usage,
-        offset: int,
-        logprobs: np.ndarray,
-        counts: np.ndarray,
-    ) -> None:
-        """Score a batch that holds image prompts, group by group, into ``logprobs``/``counts``."""
-        if self._mrope:
+        if self._mrope and any(isinstance(p, ImagePrompt) for p in prompts):
             raise BackendError(
                 f"exact option scoring of image prompts is not supported for {self.model!r}: its "
                 "multimodal rotary positions need the model's own position ids (use generate with "
                 "choices, or the vllm backend)"
             )
+        logprobs = np.zeros((len(prompts), k), dtype=np.float64)
+        counts = np.zeros((len(prompts), k), dtype=np.int64)
+        usage = Usage()
+        start = time.perf_counter()
         option_ids = [[self._encode_option(o) for o in opts] for opts in options]
-        for rows, prompt_ids, vision in self._groups(prompts):
-            lp, cnt = self._scorer.score_batch(
-                prompt_ids, [option_ids[r] for r in rows], usage, vision
-            )
-            at = [offset + r for r in rows]
-            logprobs[at], counts[at] = lp, cnt
-
-    # ---- generation ------------------------------------------------------------------------
+        with torch.inference_mode():
+            for lo in range(0, len(prompts), self.batch_size):
+                for rows, prompt_ids, vision in self._groups(prompts[lo : lo + self.batch_size]):
+                    lp, cnt = self._scorer.score_batch(
+                        prompt_ids, [option_ids[lo + r] for r in rows], usage, vision
+                    )
+                    at = [lo + r for r in rows]
+                    logprobs[at], counts[at] = lp, cnt
+        usage.seconds = time.perf_counter() - start
+        self.usage.add(usage)
+        return OptionScores(logprobs, counts, exact=True, method="kv_cache", usage=usage)
 
     def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]:
-        """Greedy or sampled generation; ``choices`` are answered by exact scoring of each choice.
+        """Greedy or sampled generation (see :mod:`~icl_cl.backends.hf_generation`); ``choices``
+        are answered by exact scoring of each choice.
 
         Image prompts generate with their pixel values (in batches of their own).
         """
@@ -283,109 +260,30 @@ class TransformersBackend:
         if params.regex is not None:
             raise BackendError("the transformers backend cannot constrain generation by regex")
         if params.choices is not None:
-            return self._choose(prompts, list(params.choices))
+            return choose_by_scoring(self, prompts, list(params.choices))
         results: list[Generation] = []
         usage = Usage()
         start = time.perf_counter()
         with torch.inference_mode():
             for lo in range(0, len(prompts), self.batch_size):
-                batch = list(prompts[lo : lo + self.batch_size])
-                if not any(isinstance(p, ImagePrompt) for p in batch):
-                    encoded = [self._encode_prompt(str(p)) for p in batch]
-                    results.extend(self._generate_batch(encoded, params, usage))
-                    continue
+                batch = prompts[lo : lo + self.batch_size]
                 done: dict[int, Generation] = {}
                 for rows, encoded, vision in self._groups(batch):
-                    made = self._generate_batch(encoded, params, usage, vision)
+                    made = generate_batch(
+                        self._lm,
+                        self._tok,
+                        encoded,
+                        params,
+                        usage,
+                        pad_id=self._pad_id,
+                        device=self._device,
+                        vision=vision,
+                    )
                     done.update(zip(rows, made, strict=True))
                 results.extend(done[i] for i in range(len(batch)))
         usage.seconds = time.perf_counter() - start
         self.usage.add(usage)
         return results
-
-    def _generate_batch(
-        self,
-        encoded: list[list[int]],
-        params: GenerationParams,
-        usage: Usage,
-        vision: VisionInputs | None = None,
-    ) -> list[Generation]:
-        import torch
-
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, e in enumerate(encoded):
-            ids[i, width - len(e) :] = torch.tensor(e)
-            mask[i, width - len(e) :] = 1
-        extra = vision.inputs(0, width, self._device, self._lm.dtype) if vision else {}
-        t = time.perf_counter()
-        out = self._lm.generate(
-            input_ids=ids.to(self._device),
-            attention_mask=mask.to(self._device),
-            stopping_criteria=self._stop_on(params.stop, width),
-            max_new_tokens=params.max_tokens,
-            do_sample=params.temperature > 0,
-            temperature=params.temperature if params.temperature > 0 else None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=self._pad_id,
-            output_scores=True,
-            return_dict_in_generate=True,
-            **extra,
-        )
-        usage.forward_seconds += time.perf_counter() - t
-        usage.calls += 1
-        new = out.sequences[:, width:]
-        step_logprobs = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], dim=1)
-        results = []
-        for i, e in enumerate(encoded):
-            toks = [int(t) for t in new[i] if int(t) != self._pad_id]
-            lps = tuple(float(step_logprobs[i, j, t]) for j, t in enumerate(toks))
-            text = self._tok.decode(toks, skip_special_tokens=True)
-            # Stop strings are applied here (and by _stop_on) rather than by generate()'s
-            # stop_strings: its matcher needs byte-level token strings, not every tokenizer
-            # has them. Leading whitespace is not an answer: a stop string counts after it.
-            if params.stop:
-                text = text.lstrip()
-            for stop in params.stop:
-                text = text.split(stop)[0]
-            results.append(Generation(text, lps, len(e), len(toks)))
-            usage.prompt_tokens += len(e)
-            usage.completion_tokens += len(toks)
-        return results
-
-    def _stop_on(self, stops: Sequence[str], width: int) -> Any:
-        """A stopping criterion that ends each row once its new text holds a stop string (the
-        text is still cut at the stop string afterwards), so a batch does not run to
-        ``max_tokens`` after every row has finished its line."""
-        if not stops:
-            return None
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        tokenizer = self._tok
-
-        class StopStrings(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                texts = tokenizer.batch_decode(input_ids[:, width:], skip_special_tokens=True)
-                done = [any(stop in text.lstrip() for stop in stops) for text in texts]
-                return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-        return StoppingCriteriaList([StopStrings()])
-
-    def _choose(self, prompts: Sequence[Prompt], choices: list[str]) -> list[Generation]:
-        scored = self.score(prompts, [choices] * len(prompts))
-        best = scored.logprobs.argmax(axis=1)
-        return [
-            Generation(
-                choices[j],
-                (float(scored.logprobs[i, j]),),
-                self.count_tokens(prompts[i]),
-                int(scored.token_counts[i, j]),
-            )
-            for i, j in enumerate(best)
-        ]
 
 
 def _max_context(config: Any) -> int | None:
