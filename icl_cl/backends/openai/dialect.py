@@ -239,10 +239,11 @@ class Dialect:
             return self.kind == "vllm"
         return self.kind in ("vllm", "llamacpp")
 
-    def require_images(self, prompts: Sequence[Prompt] = ()) -> None:
-        """Refuse image prompts (among ``prompts``, or at all when none are given) unless the
+    def require_images(self, prompts: Sequence[Prompt] | None = None) -> None:
+        """Refuse image prompts (among ``prompts``, or at all when they are None) unless the
         backend was told that the server reads images."""
-        if prompts and not any(isinstance(p, ImagePrompt) for p in prompts):
+        # None, not an empty batch, means "an image is coming": an empty batch holds none.
+        if prompts is not None and not any(isinstance(p, ImagePrompt) for p in prompts):
             return
         if not self.images:
             raise DataError(
