@@ -121,7 +121,7 @@ class ContinualClassifier:
             checks.check_prediction_options(k)
         with self.memory.store.writer_lock(lock_timeout):
             if self.memory.store.changed_since_load():  # another process learned: load it
-                self.memory = ExternalContinualLearner(self.memory.store, self.memory.config)
+                self.memory = ExternalContinualLearner.open(self.memory.store, self.memory.config)
                 self.heads = KeptHeads(self.memory)
             report = self._steps().learn(
                 examples, labels, start, progress, locations, label_locations, embedded

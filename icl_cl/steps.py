@@ -57,7 +57,7 @@ def open_parts(
     if memory is not None:
         config = config.model_copy(update={"memory": memory})
     embedder = centred_for_store(embedder, config.embedder, store)
-    return ExternalContinualLearner(store, config.memory), embedder, config
+    return ExternalContinualLearner.open(store, config.memory), embedder, config
 
 
 def _open_store(

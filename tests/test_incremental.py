@@ -186,7 +186,7 @@ def _facet_sessions(items, vectors, skip=frozenset()):
 
 def _ecl(path, sessions):
     store = Store.create(path, dim=FACET_DIM, embedder="synthetic", config={})
-    memory = ExternalContinualLearner(store, MemoryConfig())
+    memory = ExternalContinualLearner.open(store, MemoryConfig())
     labels = [Label(f"t{j}") for j in range(FACET_LABELS)]
     label_vectors = np.eye(FACET_LABELS, FACET_DIM, dtype=np.float32)
     for t, (examples, vectors) in enumerate(sessions):
@@ -250,7 +250,7 @@ def test_facet_sessions_equal_the_union_of_their_labels(tmp_path):
     # Reopened (statistics read from the store, feature spaces from their checkpoints or the
     # stored vectors), the store is the same, and it verifies.
     facets.store.close()
-    again = ExternalContinualLearner(Store.open(tmp_path / "facets"), MemoryConfig())
+    again = ExternalContinualLearner.open(Store.open(tmp_path / "facets"), MemoryConfig())
     _assert_same_statistics(again.stats, union.stats)
     _assert_same_space(again.feature_space("klda"), union.feature_space("klda"))
     assert verify_store(tmp_path / "facets").ok

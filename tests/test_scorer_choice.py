@@ -40,7 +40,7 @@ def _data(n: int, seed: int = 0) -> tuple[list[Example], np.ndarray]:
 
 def _memory(path, examples, vectors, config: MemoryConfig | None = None):
     store = Store.create(path, dim=DIM, embedder="synthetic", config={})
-    memory = ExternalContinualLearner(store, config or MemoryConfig())
+    memory = ExternalContinualLearner.open(store, config or MemoryConfig())
     labels = [Label(f"c{j}") for j in range(LABELS)]
     label_vectors = np.eye(LABELS, DIM, dtype=np.float32)
     memory.learn(examples, vectors, labels, label_vectors, multi_label=False)
@@ -86,7 +86,7 @@ def test_choice_is_the_best_heldout_scorer_and_is_stored(tmp_path):
     values, _ = ranpac.eigen()
     assert ranpac.solver.strength == pytest.approx(choice.ranpac_rho * values.mean(), rel=1e-6)
     memory.store.close()
-    again = ExternalContinualLearner(Store.open(tmp_path / "s"), MemoryConfig())
+    again = ExternalContinualLearner.open(Store.open(tmp_path / "s"), MemoryConfig())
     assert again.choice == choice
     assert again.resolve_scorer("auto") == choice.scorer
     assert again.feature_space("ranpac").solver.strength == pytest.approx(ranpac.solver.strength)
@@ -181,7 +181,7 @@ def test_a_label_known_only_by_its_description_is_reached_through_auto(tmp_path)
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     examples = [Example(f"i{i}", f"text {i}", (f"c{v}",)) for i, v in enumerate(y)]
     store = Store.create(tmp_path / "s", dim=DIM, embedder="synthetic", config={})
-    memory = ExternalContinualLearner(store, MemoryConfig())
+    memory = ExternalContinualLearner.open(store, MemoryConfig())
     labels = [Label(f"c{j}", description=f"class {j}") for j in range(n_labels)]
     texts = centres + 0.2 * rng.normal(size=centres.shape)  # a label's text: near its inputs
     memory.learn(examples, x, labels, texts.astype(np.float32), multi_label=False)

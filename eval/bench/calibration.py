@@ -151,7 +151,9 @@ def session_rows(
             config=source.config.model_dump(mode="json"),
         )
         clf = ContinualClassifier(
-            ExternalContinualLearner(store, source.config.memory), source.embedder, source.config
+            ExternalContinualLearner.open(store, source.config.memory),
+            source.embedder,
+            source.config,
         )
         seen: set[str] = set()
         col = {lab.label: i for i, lab in enumerate(labels)}

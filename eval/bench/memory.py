@@ -38,7 +38,7 @@ def build(path: Path, n_labels: int, n_examples: int, seed: int = 0, chunk: int 
     centers = rng.normal(size=(n_labels, DIM))
     centers /= np.linalg.norm(centers, axis=1, keepdims=True)
     store = Store.create(path, dim=DIM, embedder="synthetic", config={})
-    ecl = ExternalContinualLearner(store, MemoryConfig())
+    ecl = ExternalContinualLearner.open(store, MemoryConfig())
     y = np.concatenate([np.arange(n_labels), rng.integers(0, n_labels, n_examples - n_labels)])
     for start in range(0, n_examples, chunk):
         ys = y[start : start + chunk]

@@ -230,7 +230,7 @@ def _ranpac_path(
     space = memory.feature_space("ranpac")
     folds = []
     for fold in _folds(memory, sample):
-        held = memory.heldout_items([r for i in fold for r in sample.rows[i]])
+        held = memory.scorers.held_out_rows([r for i in fold for r in sample.rows[i]])
         folds.append((space.features.transform(held.vectors), held.labels, held.firsts, fold))
     # The path scores each held-out item of a fold (in a single-label store each stored row);
     # a sampled item's score is that of its first row.

@@ -46,8 +46,8 @@ def edit_classifier(clf: Editable, edit: Edit, lock_timeout: float = 0.0) -> Edi
     start, store = time.perf_counter(), clf.memory.store
     with store.writer_lock(lock_timeout):
         if store.changed_since_load():  # another process learned: edit what it stored
-            clf.memory = ExternalContinualLearner(store, clf.memory.config)
+            clf.memory = ExternalContinualLearner.open(store, clf.memory.config)
         report = edit_memory(clf.memory, edit, clf.embedder.encode, start)
-        clf.memory = ExternalContinualLearner(store, clf.memory.config)
+        clf.memory = ExternalContinualLearner.open(store, clf.memory.config)
         clf.heads = KeptHeads(clf.memory)
     return report

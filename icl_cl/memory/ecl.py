@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,36 +11,31 @@ import numpy as np
 
 from icl_cl.config import AUTO_SCORER, SCORERS, MemoryConfig
 from icl_cl.errors import ConfigError, DataError
+from icl_cl.memory.built_scorers import BuiltScorers
 from icl_cl.memory.example_index import EXAMPLES_FILE, ExampleIndex
-from icl_cl.memory.feature_space import FeatureSpace, SpaceDelta
+from icl_cl.memory.feature_space import FeatureSpace
 from icl_cl.memory.item_groups import ItemGroups
 from icl_cl.memory.partial import SpaceSums
 from icl_cl.memory.scorer_choice import (
     CHOICE_KEY,
-    SEPARATOR,
-    Combination,
     ScorerChoice,
     combination_parts,
-    weights_of,
 )
 from icl_cl.memory.scorers import (
     FEATURE_SCORERS,
     Scorer,
-    build_scorer,
     rank_in_blocks,
     ranked_labels,
 )
+from icl_cl.memory.session_plan import SessionPlan, plan_session
 from icl_cl.memory.statistics import RunningStatistics, StatisticsDelta
 from icl_cl.memory.store import ITEM_STATISTICS, SessionRecord, Store
 from icl_cl.memory.store_feature_spaces import MAX_LABELS, FeatureSpaces
 from icl_cl.memory.stored_items import (
-    HeldOutRows,
     group_rows,
-    held_out,
     input_of,
     nearest_rows,
     recompute,
-    session_additions,
 )
 from icl_cl.memory.stored_labels import StoredLabels
 from icl_cl.types import Example, Label
@@ -49,60 +43,60 @@ from icl_cl.types import Example, Label
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class _Session:
-    """A session worked out before its commit: what the store writes, then memory applies."""
-
-    base: RunningStatistics  # the statistics it adds to (recomputed when the store regroups)
-    delta: StatisticsDelta
-    regrouped: bool  # the store changes kind (single- to multi-label, or back)
-    space_deltas: dict[str, SpaceDelta]  # per feature space that keeps its width
-    labels: list[Label]  # the new label columns, in order
-    label_vectors: np.ndarray
-    late_labels: list[str]  # declared labels with no example yet (the last new columns)
-
-
 class ExternalContinualLearner:
     """Learns sessions of embedded examples by adding to running statistics; never retrains.
 
-    Args:
-        store: An open :class:`Store`.
-        config: Scorer choice and hyper-parameters (query-time settings; may differ per open).
+    Open one with :meth:`open`, which loads what a store keeps; the constructor only assembles
+    parts already loaded.
     """
 
-    def __init__(self, store: Store, config: MemoryConfig) -> None:
+    def __init__(
+        self,
+        store: Store,
+        config: MemoryConfig,
+        stats: RunningStatistics,
+        label_set: StoredLabels,
+        index: ExampleIndex,
+        *,
+        rewrite: bool = False,
+    ) -> None:
         self.store = store
-        self.config = config
-        self.stats, labels, label_vectors = store.load_statistics()
-        self.label_set = StoredLabels(
-            labels, label_vectors, self._path, config.label_exact_search_max
-        )
-        self.index = ExampleIndex.restore(
-            self._path / EXAMPLES_FILE, store.dim, config.exact_search_max, store.load_vectors()
-        )
-        self._items: ItemGroups | None = None
-        self._scorers: dict[str, Scorer] = {}
-        self._choice: ScorerChoice | None = self._load_choice()
-        # Random-feature state of the scorers that need it, loaded on first use.
-        self.spaces = FeatureSpaces(store, self.index, config, lambda: self._choice)
+        self.config = config  # query-time settings: may differ per open
+        self.stats = stats
+        self.label_set = label_set
+        self.index = index
         self.multi_label: bool | None = store.meta("multi_label")
+        self._items: ItemGroups | None = None
+        self.scorers = BuiltScorers(self)
+        stored = store.fitted(CHOICE_KEY)
+        self._choice = ScorerChoice.from_dict(stored[0]) if stored is not None else None
+        # Random-feature state of the scorers that need it, loaded on first use.
+        self.spaces = FeatureSpaces(store, index, config, lambda: self._choice)
+        # Statistics recomputed on open, to be stored in full by the next session.
+        self._rewrite = rewrite
+
+    @classmethod
+    def open(cls, store: Store, config: MemoryConfig) -> ExternalContinualLearner:
+        """The memory of an open :class:`Store`: its statistics, labels and example index."""
+        stats, labels, label_vectors = store.load_statistics()
+        path = Path(store.path)
+        label_set = StoredLabels(labels, label_vectors, path, config.label_exact_search_max)
+        index = ExampleIndex.restore(
+            path / EXAMPLES_FILE, store.dim, config.exact_search_max, store.load_vectors()
+        )
         # A multi-label store written before its statistics counted items (each row counted
         # apart): recomputed from the stored vectors here, rewritten in full by the next session.
-        self._rewrite = False
-        if self.multi_label and store.meta(ITEM_STATISTICS) is None and self.n_examples:
+        old = store.meta("multi_label") and store.meta(ITEM_STATISTICS) is None and index.size
+        if old:
             logger.warning(
                 "%s: statistics written by an earlier version count each copy of an input; "
                 "recomputed from the stored vectors (the next session stores them)",
                 store.path,
             )
-            self.stats = recompute(store, self.index.vectors_all(), self.stats.labels, True)
-            self._rewrite = True
+            stats = recompute(store, index.vectors_all(), stats.labels, True)
+        return cls(store, config, stats, label_set, index, rewrite=bool(old))
 
     # ---- introspection ---------------------------------------------------------------------
-
-    @property
-    def _path(self) -> Path:
-        return Path(self.store.path)
 
     @property
     def dim(self) -> int:
@@ -158,8 +152,8 @@ class ExternalContinualLearner:
         :meth:`~icl_cl.memory.store_feature_spaces.FeatureSpaces.summable`). The store commits first;
         memory changes only after the commit succeeded.
         """
-        plan = self._plan(
-            examples, vectors, new_labels, new_label_vectors, multi_label, delta, space_sums
+        plan = plan_session(
+            self, examples, vectors, new_labels, new_label_vectors, multi_label, delta, space_sums
         )
         with self.store.writer_lock():
             session = self.store.commit_session(
@@ -176,61 +170,9 @@ class ExternalContinualLearner:
         self._apply(plan, examples, vectors, multi_label)
         return session
 
-    def _plan(
-        self,
-        examples: Sequence[Example],
-        vectors: np.ndarray,
-        new_labels: Sequence[Label],
-        new_label_vectors: np.ndarray,
-        multi_label: bool | None,
-        delta: StatisticsDelta | None,
-        space_sums: SpaceSums | None = None,
-    ) -> _Session:
-        """Work a session out without changing anything (see :meth:`learn`)."""
-        known = self.stats.col
-        given = {lab.label: i for i, lab in enumerate(new_labels)}
-        missing = {
-            lab for ex in examples for lab in ex.labels if lab not in known and lab not in given
-        }
-        if missing:
-            raise DataError(f"labels without a Label entry: {sorted(missing)[:5]}")
-        # A store that changes kind (single- to multi-label, or back) groups its stored rows
-        # anew: their statistics are recomputed, and rewritten in full with this session.
-        switched = self.n_examples > 0 and bool(multi_label) != bool(self.multi_label)
-        base, groups = self.stats, self.items() if multi_label else None
-        if switched:
-            base = recompute(self.store, self.index.vectors_all(), base.labels, bool(multi_label))
-            groups = (
-                group_rows(self.store, self.n_examples, base.col, True) if multi_label else None
-            )
-        added = session_additions(groups, examples, vectors, base.col, self.index)
-        if delta is not None and delta.n_examples != len(examples):
-            raise ValueError(f"delta of {delta.n_examples} examples for {len(examples)} examples")
-        # Partial sums of shards count every row: kept only where no row is a copy.
-        summed = delta is not None and added.trivial and not switched
-        delta = delta if summed else added.delta(base)
-        space_deltas = self.spaces.session_deltas(
-            added,
-            n_items=base.n_examples + delta.n_examples,
-            n_rows=self.n_examples,
-            labels=base.labels,
-            multi_label=multi_label,
-            regrouped=switched,
-            sums=space_sums if summed else None,
-        )
-        # New columns: labels in order of first use (as the delta numbers them), then labels that
-        # were declared but have no example yet.
-        used = set(delta.new_labels)
-        order = [given[n] for n in delta.new_labels]
-        order += [i for i, lab in enumerate(new_labels) if lab.label not in used]
-        ordered = [new_labels[i] for i in order]
-        ordered_vectors = new_label_vectors[order] if order else new_label_vectors[:0]
-        late = [lab.label for lab in ordered[len(delta.new_labels) :]]
-        return _Session(base, delta, switched, space_deltas, ordered, ordered_vectors, late)
-
     def _apply(
         self,
-        plan: _Session,
+        plan: SessionPlan,
         examples: Sequence[Example],
         vectors: np.ndarray,
         multi_label: bool | None,
@@ -245,12 +187,16 @@ class ExternalContinualLearner:
         self.label_set.add(plan.labels, plan.label_vectors)
         self.index.add(vectors)
         # Large indexes are saved (a cache of the committed vectors) so that an open reads them.
-        self.index.save(self._path / EXAMPLES_FILE)
+        self.index.save(Path(self.store.path) / EXAMPLES_FILE)
         if self._items is not None and multi_label == self.multi_label and not plan.regrouped:
-            self._add_items([input_of(ex) for ex in examples], [ex.labels for ex in examples])
+            keys = [input_of(ex) if multi_label else None for ex in examples]
+            col = self.stats.col
+            self._items.add(
+                keys, [np.array([col[n] for n in ex.labels], np.int64) for ex in examples]
+            )
         else:
             self._items = None  # built again on use (copies are grouped in multi-label stores)
-        self._scorers.clear()
+        self.scorers.clear()
         self.multi_label = multi_label
 
     # ---- querying --------------------------------------------------------------------------
@@ -262,12 +208,6 @@ class ExternalContinualLearner:
                 self.store, self.n_examples, self.stats.col, bool(self.multi_label)
             )
         return self._items
-
-    def _add_items(self, inputs: Sequence[str], labels: Sequence[Sequence[str]]) -> None:
-        assert self._items is not None
-        col = self.stats.col
-        keys = inputs if self.multi_label else [None] * len(inputs)
-        self._items.add(keys, [np.array([col[lab] for lab in labs], np.int64) for labs in labels])
 
     def resolve_scorer(self, name: str | None = None) -> str:
         """The concrete scorer a name (or the configured default) stands for: ``auto`` is what
@@ -290,28 +230,21 @@ class ExternalContinualLearner:
 
     def set_choice(self, choice: ScorerChoice, *, save: bool) -> None:
         """Use ``choice`` from now on; with ``save``, store it (a fit does, a prediction never)."""
-        if save:
+        if save:  # a saved choice keeps the state of only the feature scorers it uses
             self.store.save_fitted(CHOICE_KEY, choice.to_dict(), choice.n_examples)
-        self._choice = choice
-        # The loaded feature spaces take the new strengths (those on disk when they are loaded);
-        # a saved choice keeps the state of only the feature scorers it uses.
-        if save:
             self.spaces.keep_only(combination_parts(choice.scorer))
-        self.spaces.restrengthen()
+        self._choice = choice
+        self.spaces.restrengthen()  # the loaded spaces take the new strengths
         if save:
             self.spaces.persist()
-        self._scorers.clear()
-
-    def _load_choice(self) -> ScorerChoice | None:
-        stored = self.store.fitted(CHOICE_KEY)
-        return ScorerChoice.from_dict(stored[0]) if stored is not None else None
+        self.scorers.clear()
 
     def refresh_strengths(self, name: str | None = None, *, full: bool = False) -> None:
         """Set the strengths of the feature scorers scorer ``name`` uses again once the store
         has doubled since they were set, or with ``full`` (a fit step)."""
         parts = combination_parts(self.resolve_scorer(name))
-        self.spaces.refresh_strengths(parts, full=full, **self._space_args())
-        self._scorers.clear()
+        self.spaces.refresh_strengths(parts, full=full, **self.space_args())
+        self.scorers.clear()
 
     def save_derived(self) -> None:
         """Save the feature spaces' state and solved weights (a writing step: learn, fit)."""
@@ -324,27 +257,10 @@ class ExternalContinualLearner:
         unknown = [part for part in combination_parts(name) if part not in SCORERS]
         if unknown:
             raise ConfigError(f"unknown scorer {unknown[0]!r}; choose one of {', '.join(SCORERS)}")
-        if name not in self._scorers:
-            if SEPARATOR in name:
-                weights = weights_of(self._choice, name)
-                parts = [(self.scorer(part), w) for part, w in weights.items()]
-                self._scorers[name] = Combination(parts, self._novelty())
-            elif name in FEATURE_SCORERS:
-                self._scorers[name] = self.spaces.scorer(name, **self._space_args())
-            else:
-                self._scorers[name] = self._build(name, self.stats)
-        return self._scorers[name]
+        return self.scorers.get(name)
 
-    def _build(
-        self, name: str, stats: RunningStatistics, excluded: frozenset[int] = frozenset()
-    ) -> Scorer:
-        items = self.items() if name == "knn" else None
-        if name not in ("description", "ncm"):
-            return build_scorer(name, stats, self.config, self.index, items, excluded)
-        texts = {"label_vectors": self.label_vectors, "described": self.label_set.described()}
-        return build_scorer(name, stats, self.config, self.index, items, excluded, **texts)
-
-    def _space_args(self) -> dict[str, Any]:
+    def space_args(self) -> dict[str, Any]:
+        """What a feature space is solved against: the counts, label columns and kind of store."""
         return {
             "n_items": self.n_items,
             "n_rows": self.n_examples,
@@ -355,34 +271,12 @@ class ExternalContinualLearner:
     def feature_space(self, name: str) -> FeatureSpace:
         """The learner state a feature scorer (``ranpac``, ``klda``) is solved from (see
         :class:`~icl_cl.memory.store_feature_spaces.FeatureSpaces`)."""
-        return self.spaces.space(name, **self._space_args())
-
-    def heldout_items(self, rows: Sequence[int]) -> HeldOutRows:
-        """The stored items at ``rows`` as the statistics count them (see :func:`held_out`)."""
-        groups = self.items() if self.multi_label else None
-        return held_out(groups, self.store, self.index, self.stats.labels, rows)
+        return self.spaces.space(name, **self.space_args())
 
     def heldout_scorer(self, rows: Sequence[int], name: str | None = None) -> Scorer:
-        """A scorer built as if the stored items at ``rows`` had never been learned.
-
-        Exact for every scorer: their statistics are sums, so the held-out items' contribution
-        is subtracted (each once: :meth:`heldout_items`), and they are excluded from the kNN
-        vote.
-        """
-        name = self.resolve_scorer(name)
-        if SEPARATOR in name:
-            weights = weights_of(self._choice, name)
-            parts = [(self.heldout_scorer(rows, p), w) for p, w in weights.items()]
-            return Combination(parts, self._novelty())
-        held = self.heldout_items(rows)
-        if name in FEATURE_SCORERS:
-            return self.spaces.heldout_scorer(name, held.vectors, held.labels, **self._space_args())
-        stats = self.stats.without(self.stats.delta(held.vectors, held.labels))
-        return self._build(name, stats, frozenset(held.rows))
-
-    def _novelty(self) -> float:
-        """The stored choice's standing of labels with no example (see :class:`Combination`)."""
-        return (self._choice.novelty if self._choice is not None else None) or 0.0
+        """A scorer built as if the stored items at ``rows`` had never been learned: exact for
+        every scorer (see :meth:`BuiltScorers.held_out`)."""
+        return self.scorers.held_out(rows, self.resolve_scorer(name))
 
     def ranked(self, scores: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         """Top-``k`` ``(label, score)`` per row of a score matrix, dropping labels with no example."""
