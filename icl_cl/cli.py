@@ -15,9 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from icl_cl.config import LABEL_SET_RULES, SCORERS, ClassifierConfig, DecisionConfig
+from icl_cl.config import LABEL_SET_RULES, SCORERS, ClassifierConfig
 from icl_cl.errors import ConfigError, IclClError, OutputError, StoreCorruptError, StoreError
 from icl_cl.inputs import ID_MODES
+from icl_cl.inputs.checks import decision_override
 from icl_cl.labelling.suggest import STRATEGIES
 from icl_cl.service.settings import ServiceSettings
 from icl_cl.types import Progress
@@ -229,16 +230,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = check_output_path(Path(args.output))
     clf = _open(args)
     with clf:
-        if args.decision is not None or args.threshold is not None:
-            decision = clf.config.decision
-            clf.config = clf.config.model_copy(
-                update={
-                    "decision": DecisionConfig(
-                        rule=args.decision or "threshold",
-                        threshold=decision.threshold if args.threshold is None else args.threshold,
-                    )
-                }
-            )
+        decision = decision_override(clf.config.decision, args.decision, args.threshold)
+        if decision is not None:
+            clf.config = clf.config.model_copy(update={"decision": decision})
         ids, texts = read_inputs(args.input, max_chars=clf.config.max_text_chars, ids=args.ids)
         progress = progress_bars(args.quiet)
         progress("embedding", 0, len(texts))  # the first bar shows from the start of the work

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from icl_cl.config import DecisionConfig
 from icl_cl.errors import DataError
 from icl_cl.images import Image, load_image
 from icl_cl.types import Example, Label
@@ -393,3 +394,52 @@ def prediction_inputs(
     ids = [str(i) for i in range(len(items))]
     check_embedder_reads(items, ids, reads_images=reads_images, embedder=embedder)
     return items
+
+
+def check_request_size(
+    *, count: int | None = None, what: str = "inputs", k: int | None = None, limits: Any
+) -> None:
+    """A request within a service's limits (``limits.max_items``, ``limits.max_k``); the error's
+    ``field`` names the body field over its limit."""
+    if count is not None and count > limits.max_items:
+        message = f"{count} {what}; the limit is {limits.max_items} (max_items)"
+        raise DataError(message, field=what)
+    if k is not None and k > limits.max_k:
+        raise DataError(f"k is {k}; the limit is {limits.max_k} (max_k)", field="k")
+
+
+def identified_inputs(
+    entries: Sequence[tuple[str, str | None, Any]], *, max_chars: int
+) -> list[str | Image]:
+    """``(id, text, image)`` inputs checked: ids unique, texts within ``max_chars``, images
+    decoded; each error names the entry's position."""
+    seen: set[str] = set()
+    items: list[str | Image] = []
+    for i, (ident, text, image) in enumerate(entries):
+        if ident in seen:
+            raise DataError("duplicate id", item=str(i), field="id")
+        seen.add(ident)
+        if text is not None:
+            items.append(check_text(text, max_chars=max_chars, item=str(i)))
+        else:
+            items.append(load_image(image, item=str(i)))
+    return items
+
+
+def decision_override(
+    stored: DecisionConfig, rule: str | None, threshold: float | None
+) -> DecisionConfig | None:
+    """The decision a request or command asks for instead of the stored one (``None``: keep
+    the stored one). A threshold alone means the threshold rule; the threshold of another rule
+    is refused, since ``label_thresholds`` fits its own."""
+    if rule is None and threshold is None:
+        return None
+    if threshold is not None and not 0 < threshold < 1:
+        raise DataError(f"threshold must be between 0 and 1 (e.g. 0.5), got {threshold}")
+    if threshold is not None and rule not in (None, "threshold"):
+        raise DataError(
+            f"a threshold applies to the threshold decision only, not {rule} "
+            "(label_thresholds fits its thresholds on held-out stored examples)"
+        )
+    chosen = stored.threshold if threshold is None else threshold
+    return DecisionConfig(rule=rule or "threshold", threshold=chosen)

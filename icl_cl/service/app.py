@@ -17,11 +17,17 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from icl_cl._version import __version__
 from icl_cl.backends.base import LLMBackend
-from icl_cl.config import ClassifierConfig, DecisionConfig
+from icl_cl.config import ClassifierConfig
 from icl_cl.describe import PredictionRow
 from icl_cl.errors import DataError, IclClError, StoreCorruptError, StoreError
-from icl_cl.images import Image, load_image
-from icl_cl.inputs.checks import StoreConflictError, check_text, printable
+from icl_cl.images import Image
+from icl_cl.inputs.checks import (
+    StoreConflictError,
+    check_request_size,
+    decision_override,
+    identified_inputs,
+    printable,
+)
 from icl_cl.labelling.suggest import SuggestOptions, suggestion_row
 from icl_cl.service.auth import BearerAuth, KeySet
 from icl_cl.service.batcher import BusyError, Job, MicroBatcher
@@ -176,13 +182,7 @@ def _predict_route(app: FastAPI, secured: list[Any]) -> None:
     async def predict(body: PredictRequest) -> Response:
         settings: ServiceSettings = app.state.settings
         serving: Serving = app.state.serving
-        if len(body.inputs) > settings.max_items:
-            limit = f"{len(body.inputs)} inputs; the limit is {settings.max_items} (max_items)"
-            return _unprocessable(["body", "inputs"], limit)
-        if (body.k or settings.default_k) > settings.max_k:
-            return _unprocessable(
-                ["body", "k"], f"k is {body.k}; the limit is {settings.max_k} (max_k)"
-            )
+        check_request_size(count=len(body.inputs), k=body.k or settings.default_k, limits=settings)
         items = _checked_inputs(body, serving.current.clf.config.max_text_chars)
         job = Job(items, _options(body, serving))
         answer: Answer = await _within(app, asyncio.wrap_future(app.state.batcher.submit(job)))
@@ -201,18 +201,8 @@ def _predict_route(app: FastAPI, secured: list[Any]) -> None:
 
 
 def _checked_inputs(body: PredictRequest | SuggestRequest, max_chars: int) -> list[str | Image]:
-    """Each input checked (ids unique, texts within max_text_chars, images decoded)."""
-    seen: set[str] = set()
-    items: list[str | Image] = []
-    for i, item in enumerate(body.inputs):
-        if item.id in seen:
-            raise DataError("duplicate id", item=str(i), field="id")
-        seen.add(item.id)
-        if item.text is not None:
-            items.append(check_text(item.text, max_chars=max_chars, item=str(i)))
-        else:
-            items.append(load_image(item.image, item=str(i)))
-    return items
+    entries = [(item.id, item.text, item.image) for item in body.inputs]
+    return identified_inputs(entries, max_chars=max_chars)
 
 
 def _suggest_route(app: FastAPI, secured: list[Any]) -> None:
@@ -226,12 +216,8 @@ def _suggest_route(app: FastAPI, secured: list[Any]) -> None:
     async def suggest(body: SuggestRequest) -> Response:
         settings: ServiceSettings = app.state.settings
         serving: Serving = app.state.serving
-        if len(body.inputs) > settings.max_items:
-            limit = f"{len(body.inputs)} inputs; the limit is {settings.max_items} (max_items)"
-            return _unprocessable(["body", "inputs"], limit)
         k = body.k or settings.default_k
-        if k > settings.max_k:
-            return _unprocessable(["body", "k"], f"k is {k}; the limit is {settings.max_k} (max_k)")
+        check_request_size(count=len(body.inputs), k=k, limits=settings)
         items = _checked_inputs(body, serving.current.clf.config.max_text_chars)
         options = SuggestOptions(
             body.strategy, k, body.confidence, neighbours=body.neighbours, seed=body.seed
@@ -264,8 +250,7 @@ def _audit_route(app: FastAPI, secured: list[Any]) -> None:
     async def audit(body: AuditRequest) -> Response:
         settings: ServiceSettings = app.state.settings
         k = body.k or settings.default_k
-        if k > settings.max_k:
-            return _unprocessable(["body", "k"], f"k is {k}; the limit is {settings.max_k} (max_k)")
+        check_request_size(k=k, limits=settings)
 
         def run() -> tuple[int, dict[str, Any]]:
             with app.state.serving.reading() as snapshot:  # one state throughout
@@ -286,11 +271,8 @@ def _audit_route(app: FastAPI, secured: list[Any]) -> None:
 
 
 def _options(body: PredictRequest, serving: Serving) -> PredictOptions:
-    decision = None
-    if body.decision is not None or body.threshold is not None:
-        stored = serving.current.clf.config.decision
-        threshold = stored.threshold if body.threshold is None else body.threshold
-        decision = DecisionConfig(rule=body.decision or "threshold", threshold=threshold)
+    stored = serving.current.clf.config.decision
+    decision = decision_override(stored, body.decision, body.threshold)
     return PredictOptions(
         k=body.k or serving.settings.default_k,
         scorer=body.scorer,
@@ -320,9 +302,7 @@ def _learn_route(app: FastAPI, secured: list[Any]) -> None:
         ),
     ) -> LearnResponse:
         settings: ServiceSettings = app.state.settings
-        if len(body.examples) > settings.max_items:
-            limit = f"{len(body.examples)} examples; the limit is {settings.max_items} (max_items)"
-            return _unprocessable(["body", "examples"], limit)  # type: ignore[return-value]
+        check_request_size(count=len(body.examples), what="examples", limits=settings)
         examples = [Example(ex.id, ex.text, ex.labels) for ex in body.examples]
         labels = [Label(lab.label, lab.name, lab.description, lab.group) for lab in body.labels]
         try:
@@ -506,11 +486,16 @@ def _error_answers(app: FastAPI) -> None:
     app.add_exception_handler(IclClError, invalid(lambda _: ["body"]))
 
 
+_BODY_FIELDS = ("inputs", "examples", "k")
+
+
 def _input_loc(exc: Exception) -> list[str | int]:
     """Where a predict's :class:`DataError` points: ``body.inputs[i].field`` when it says."""
-    loc: list[str | int] = ["body", "inputs"]
     item = getattr(exc, "item", None)
+    field = getattr(exc, "field", None)
+    if item is None and field in _BODY_FIELDS:  # a request over a limit
+        return ["body", field]
+    loc: list[str | int] = ["body", "inputs"]
     if item is not None and item.isdigit():
         loc.append(int(item))
-    field = getattr(exc, "field", None)
     return [*loc, field] if field else loc
