@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -225,3 +227,40 @@ def test_service_audit_is_a_read(noisy_store: Any, embedder: Any):
     assert len(body["findings"]) == 3
     assert len(body["findings"][0]["evidence"]["neighbours"]) == 1
     assert bad.status_code == 422
+
+
+def test_service_predicts_during_an_audit_and_edits_wait_for_it(
+    noisy_store: Any, embedder: Any, tmp_path: Path
+):
+    path = tmp_path / "store"
+    shutil.copytree(noisy_store[0], path)
+    app = create_app(path, embedder=embedder)
+    with running(app) as url:
+        wait_ready(url, {})
+        forgotten: list[httpx.Response] = []
+        first = ContinualClassifier.open(path, read_only=True)
+        try:
+            ids = [first.memory.store.examples([0])[0].id]
+        finally:
+            first.close()
+        # Held as an audit holds it while it scores the store.
+        with app.state.serving.private_reading() as snapshot:
+            assert snapshot.clf.memory.n_examples == 240
+            answer = httpx.post(
+                url + "/v1/predict",
+                json={"inputs": [{"id": "a", "text": "a small dog"}]},
+                timeout=60,
+            )
+            assert answer.status_code == 200, answer.text
+            edit = threading.Thread(
+                target=lambda: forgotten.append(
+                    httpx.post(url + "/v1/forget", json={"ids": ids}, timeout=120)
+                )
+            )
+            edit.start()
+            edit.join(10.0)  # a forget of one example takes a second or two when it may run
+            assert edit.is_alive() and not forgotten  # it waits for the audit
+            assert snapshot.clf.memory.store.examples([0])[0].id == ids[0]  # rows unmoved
+        edit.join(120)
+    assert forgotten and forgotten[0].status_code == 200, forgotten
+    assert forgotten[0].json()["examples_forgotten"] == 1

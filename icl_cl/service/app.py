@@ -253,7 +253,8 @@ def _audit_route(app: FastAPI, secured: list[Any]) -> None:
         check_request_size(k=k, limits=settings)
 
         def run() -> tuple[int, dict[str, Any]]:
-            with app.state.serving.reading() as snapshot:  # one state throughout
+            # On a classifier of its own: predictions do not wait for an audit of the store.
+            with app.state.serving.private_reading() as snapshot:
                 if snapshot.clf.memory.n_examples == 0:
                     raise EmptyStoreError("the store is empty: learn a session first")
                 report = snapshot.clf.audit(
@@ -307,10 +308,10 @@ def _learn_route(app: FastAPI, secured: list[Any]) -> None:
         labels = [Label(lab.label, lab.name, lab.description, lab.group) for lab in body.labels]
         try:
             future = app.state.serving.learn(examples, labels, idempotency_key)
-            session, n_examples, new_labels = await _within(app, asyncio.wrap_future(future))
+            learned: LearnResponse = await _within(app, asyncio.wrap_future(future))
         except DataError as exc:
             return _learn_problem(exc, body)  # type: ignore[return-value]
-        return LearnResponse(session=session, examples=n_examples, new_labels=new_labels)
+        return learned
 
 
 _LABEL_FIELDS = ("label", "name", "description", "group")
@@ -431,14 +432,8 @@ def _read_routes(app: FastAPI, secured: list[Any]) -> None:
         summary="The models are loaded, the store is open and the heads are fitted",
     )
     async def readyz() -> Any:
-        ready, session, reason, refitting = await _in_thread(app, app.state.serving.ready)
-        body = {
-            "ready": ready,
-            "serving_session": session,
-            "reason": reason,
-            "refitting": refitting,
-        }
-        return JSONResponse(body, status_code=200 if ready else 503)
+        state: Readiness = await _in_thread(app, app.state.serving.ready)
+        return JSONResponse(state.model_dump(), status_code=200 if state.ready else 503)
 
     @app.get(
         "/metrics",

@@ -31,6 +31,8 @@ from icl_cl.errors import BackendError, DataError, IclClError
 from icl_cl.heads import HeadSpec
 from icl_cl.service.batcher import BusyError
 from icl_cl.service.metrics import ServiceMetrics
+from icl_cl.service.models import LearnResponse, Readiness
+from icl_cl.service.readers_writer import ReadersWriterLock
 from icl_cl.service.settings import ServiceSettings
 from icl_cl.types import Example, Label
 
@@ -175,6 +177,7 @@ class Serving:
         self._pending = 0
         self._pending_lock = threading.Lock()
         self._swap = threading.Lock()
+        self._edits = ReadersWriterLock()  # long private reads, against edits renumbering rows
         self._current = self._open_snapshot()
         self.metrics.serving_session.set(self._current.session)
         self._waiting: Snapshot | None = None  # opened after a learn, not fitted yet
@@ -208,22 +211,34 @@ class Serving:
         finally:
             snapshot.leave()
 
-    def ready(self) -> tuple[bool, int, str | None, bool]:
-        """Whether predictions are served, the session they read, why not, and whether its
-        heads are being fitted again (a store that is empty is not ready; one being refitted
-        serves, with the last fit, said stale in the evidence)."""
+    @contextlib.contextmanager
+    def private_reading(self) -> Iterator[Snapshot]:
+        """A snapshot of the current state for one long read alone (an audit): predictions
+        never wait for it, and edits wait until it is done."""
+        with self._edits.reading():
+            snapshot = self._open_snapshot()
+            try:
+                yield snapshot
+            finally:
+                snapshot.retire()
+
+    def ready(self) -> Readiness:
+        """Whether predictions are served (a store that is empty is not ready; one being
+        refitted serves, with the last fit, said stale in the evidence)."""
         if self._warm is not None:  # before the snapshot's lock, which the warm-up holds
-            return False, self._current.session, self._warm, False
+            return Readiness(ready=False, serving_session=self._current.session, reason=self._warm)
         with self.reading() as snapshot:
             if snapshot.clf.memory.n_examples == 0:
-                return False, snapshot.session, "the store is empty: learn a session first", False
-            return True, snapshot.session, None, not self._fit_ready(snapshot)
+                empty = "the store is empty: learn a session first"
+                return Readiness(ready=False, serving_session=snapshot.session, reason=empty)
+            refitting = not self._fit_ready(snapshot)
+            return Readiness(ready=True, serving_session=snapshot.session, refitting=refitting)
 
     def learn(
         self, examples: Sequence[Example], labels: Sequence[Label], key: str | None
-    ) -> Future[tuple[int, int, int]]:
-        """Queue one session for the writer; its future gives ``(session, examples, new
-        labels)``. With ``key``, a session already learned under it is answered as it was."""
+    ) -> Future[LearnResponse]:
+        """Queue one session for the writer; its future gives what it learned. With ``key``, a
+        session already learned under it is answered as it was."""
         return self._submit(lambda: self._learn(examples, labels, key))
 
     def edit(self, kind: str, request: dict[str, Any], key: str | None) -> Future[dict[str, Any]]:
@@ -246,7 +261,11 @@ class Serving:
                     )
                 return next(e for e in edits(store) if e["session"] == found[1].session)
         # The edit renumbers the stored rows: the state served waits for it, then is replaced.
-        with self._current.lock, store.idempotency_key(key, digest) if key else _no_key():
+        with (
+            self._edits.writing(),
+            self._current.lock,
+            store.idempotency_key(key, digest) if key else _no_key(),
+        ):
             if kind == "forget":
                 report = self._writer.forget(request["ids"], labels=request["labels"], fit=False)
             else:
@@ -295,7 +314,7 @@ class Serving:
 
     def _learn(
         self, examples: Sequence[Example], labels: Sequence[Label], key: str | None
-    ) -> tuple[int, int, int]:
+    ) -> LearnResponse:
         digest = request_digest(examples, labels)
         if key is not None:
             found = self._writer.memory.store.idempotent_session(key)
@@ -305,7 +324,10 @@ class Serving:
                         "this Idempotency-Key was used for another request already"
                     )
                 record = found[1]
-                return record.session, record.n_examples, len(record.new_labels)
+                n_labels = len(record.new_labels)
+                return LearnResponse(
+                    session=record.session, examples=record.n_examples, new_labels=n_labels
+                )
         store = self._writer.memory.store
         with store.idempotency_key(key, digest) if key else contextlib.nullcontext():
             report = self._writer.learn(examples, labels, fit=False)
@@ -316,7 +338,10 @@ class Serving:
         # each holds one state of the store.
         self._serve(self._open_snapshot())
         self._offer(self._open_snapshot())
-        return report.session, report.n_examples, len(report.new_labels)
+        n_labels = len(report.new_labels)
+        return LearnResponse(
+            session=report.session, examples=report.n_examples, new_labels=n_labels
+        )
 
     def _serve(self, snapshot: Snapshot) -> None:
         """Serve predictions from ``snapshot`` from now on."""
