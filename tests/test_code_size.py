@@ -1,4 +1,4 @@
-"""Size limits that keep the library legible: no function over 60 lines, no class over 400."""
+"""Size limits that keep the library legible: no function over 60 lines, no class over 300."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "icl_cl"
 MAX_FUNCTION_LINES = 60
-MAX_CLASS_LINES = 400
+MAX_CLASS_LINES = 300
 
 # Over the limits today. Remove an entry once it fits: the test says when an entry is no longer
 # needed.

@@ -22,7 +22,8 @@ import pytest
 
 from icl_cl import ContinualClassifier, DataError, Example, StoreError
 from icl_cl.cli import main
-from icl_cl.memory.store import DATABASE, MANIFEST, VECTORS, Store, _append_vectors
+from icl_cl.memory.session_write import append_vectors
+from icl_cl.memory.store import DATABASE, MANIFEST, VECTORS, Store
 from icl_cl.memory.verify import verify_store
 
 SAMPLE = Path(__file__).resolve().parents[1] / "eval" / "data" / "wordnet-sample"
@@ -503,7 +504,7 @@ def test_verify_finds_random_byte_flips(tmp_path, embedder):
 
 def test_verify_of_a_sound_store_with_an_unfinished_session(store, capsys):
     s = Store.open(store)
-    _append_vectors(
+    append_vectors(
         s.path, s.dim, 240, np.ones((3, 384), np.float32)
     )  # as a learn killed before its commit
     s.close()

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from icl_cl import ContinualClassifier, Example, StoreError
+from icl_cl.memory.session_write import append_vectors
 from icl_cl.memory.statistics import RunningStatistics
-from icl_cl.memory.store import MANIFEST, VECTORS, Store, _append_vectors
+from icl_cl.memory.store import MANIFEST, VECTORS, Store
 
 CHILD = textwrap.dedent(
     """
@@ -92,7 +93,7 @@ def test_vectors_of_an_unfinished_session_are_ignored_and_overwritten(tmp_path, 
     clf = ContinualClassifier.open(tmp_path / "s", embedder=embedder)
     clf.learn([Example("a", "red apple", ["fruit"]), Example("b", "green pear", ["fruit"])])
     # Simulate a crash after the vectors were appended but before the commit.
-    _append_vectors(clf.memory.store.path, embedder.dim, 2, np.ones((5, embedder.dim), np.float32))
+    append_vectors(clf.memory.store.path, embedder.dim, 2, np.ones((5, embedder.dim), np.float32))
     clf.close()
     assert (tmp_path / "s" / VECTORS).stat().st_size == 7 * 4 * embedder.dim
     clf = ContinualClassifier.open(tmp_path / "s", embedder=embedder)

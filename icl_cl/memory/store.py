@@ -51,8 +51,7 @@ from icl_cl.inputs.checks import check_vectors
 from icl_cl.memory import store_reads as reads
 from icl_cl.memory import store_records as records
 from icl_cl.memory.idempotency import stored_session, write_idempotency
-from icl_cl.memory.session_write import append_vectors as _append_vectors
-from icl_cl.memory.session_write import write_session
+from icl_cl.memory.session_write import append_vectors, write_session
 from icl_cl.memory.statistics import RunningStatistics, StatisticsDelta
 from icl_cl.memory.store_files import (
     APPLICATION_ID,
@@ -72,7 +71,7 @@ from icl_cl.memory.store_files import (
 from icl_cl.types import Example, Label
 
 # What other modules import from here: the layout's names and the write primitives are defined
-# in store_files and are the store's. (``_append_vectors`` keeps the name the tests use.)
+# in store_files and are the store's.
 __all__ = [
     "APPLICATION_ID",
     "DATABASE",
@@ -311,7 +310,7 @@ class Store:
             last_session, n_before = self._position()
             session = last_session + 1
             # On disk (fsynced) before the transaction that counts them commits.
-            digest = _append_vectors(self.path, self.dim, n_before, vectors)
+            digest = append_vectors(self.path, self.dim, n_before, vectors)
             with transaction(self._conn):
                 write_session(
                     self._conn,
