@@ -9,8 +9,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from icl_cl.evaluation.protocol import EvalConfig, run_protocol
-from icl_cl.evaluation.report import session_tables, summary_table, write_report
+from icl_cl.evaluation.active_learning import ActiveLearningConfig, run_active_learning
+from icl_cl.evaluation.protocol import EvalConfig, read_yaml, run_protocol
+from icl_cl.evaluation.report import (
+    active_learning_tables,
+    session_tables,
+    summary_table,
+    write_active_learning_report,
+    write_report,
+)
 from icl_cl.types import Progress
 
 
@@ -33,10 +40,11 @@ def add_eval_commands(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "eval",
         parents=parents,
-        help="run the class-incremental protocol from a YAML config",
+        help="run an evaluation protocol (class-incremental, or active learning) from a YAML config",
         description="Learn the sessions a config describes one by one, test after each on all "
-        "labels seen so far, and write results.json, report.md and plots to a run folder. "
-        "Rerun with the same --out to resume a killed run.",
+        "labels seen so far, and write results.json, report.md and plots to a run folder; with "
+        "'protocol: active_learning', draw the learning curve of each labelling strategy "
+        "instead. Rerun with the same --out to resume a killed run.",
     )
     p.add_argument("config", help="eval config (YAML), e.g. eval/configs/quickstart.yaml")
     _common(p)
@@ -79,10 +87,27 @@ def _out(args: argparse.Namespace, name: str) -> Path:
     return Path(args.out) if args.out else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def load_eval_config(path: Path) -> EvalConfig | ActiveLearningConfig:
+    """The config of an eval file: ``protocol: active_learning`` is the active-learning protocol,
+    anything else the class-incremental one."""
+    data = read_yaml(path)
+    if isinstance(data, dict) and data.get("protocol") == "active_learning":
+        return ActiveLearningConfig.from_dict(data, source=str(path))
+    return EvalConfig.from_dict(data, source=str(path))
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     config_path = Path(args.config)
-    config = EvalConfig.from_yaml(config_path).with_limits(args.max_train, args.max_test)
+    config = load_eval_config(config_path).with_limits(args.max_train, args.max_test)
     out = _out(args, config.name)
+    if isinstance(config, ActiveLearningConfig):
+        found = run_active_learning(
+            config, out, config_path.parent, progress_bars(args.quiet), fresh=args.fresh
+        )
+        files = write_active_learning_report(found, out)
+        print(active_learning_tables(found))
+        print(f"\nwrote {', '.join(str(f) for f in files)}")
+        return 0
     results = run_protocol(
         config, out, base=config_path.parent, progress=progress_bars(args.quiet), fresh=args.fresh
     )

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import yaml
@@ -47,6 +47,9 @@ class EvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str
+    protocol: Literal["class_incremental"] = Field(
+        "class_incremental", description="active_learning: see evaluation/active_learning.py"
+    )
     dataset: DatasetSpec
     sessions: SessionSpec = SessionSpec()
     methods: list[MethodSpec] = Field(min_length=1)
@@ -91,25 +94,11 @@ class EvalConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> EvalConfig:
-        try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{path}: cannot read eval config: {exc}") from exc
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_yaml(path), source=str(path))
 
     def with_limits(self, max_train: int | None, max_test: int | None) -> EvalConfig:
         """A copy using at most ``max_train`` / ``max_test`` items (smoke runs)."""
-
-        def cap(old: int | None, new: int | None) -> int | None:
-            return old if new is None else new if old is None else min(old, new)
-
-        dataset = self.dataset.model_copy(
-            update={
-                "max_train": cap(self.dataset.max_train, max_train),
-                "max_test": cap(self.dataset.max_test, max_test),
-            }
-        )
-        return self.model_copy(update={"dataset": dataset})
+        return self.model_copy(update={"dataset": limited(self.dataset, max_train, max_test)})
 
     def method_k(self, method: Any) -> int:
         return method.k or self.k
@@ -119,6 +108,28 @@ class EvalConfig(BaseModel):
         if method.max_test is not None:
             return method.max_test
         return self.llm_max_test if method.kind in LLM_KINDS else None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The content of an eval config file, with an error naming the file."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read eval config: {exc}") from exc
+
+
+def limited(dataset: DatasetSpec, max_train: int | None, max_test: int | None) -> DatasetSpec:
+    """``dataset`` using at most ``max_train`` / ``max_test`` items (smoke runs)."""
+
+    def cap(old: int | None, new: int | None) -> int | None:
+        return old if new is None else new if old is None else min(old, new)
+
+    return dataset.model_copy(
+        update={
+            "max_train": cap(dataset.max_train, max_train),
+            "max_test": cap(dataset.max_test, max_test),
+        }
+    )
 
 
 def headline(multi_label: bool) -> str:

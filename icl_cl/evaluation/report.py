@@ -227,3 +227,126 @@ def _plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
         out_dir / "quality_vs_tokens.png",
     )
     return [per_session] + ([cost] if cost else [])
+
+
+def learning_curve_table(results: dict[str, Any]) -> str:
+    """Active learning: dev top-1 of each strategy (a column) at each count of labels (a row)."""
+    curves = results["curves"]
+    counts = sorted({p["labels"] for curve in curves.values() for p in curve})
+    rows = []
+    for n in counts:
+        row = {"labels": f"{n:,}"}
+        for name, curve in curves.items():
+            row[name] = next((f"{p['accuracy']:.3f}" for p in curve if p["labels"] == n), "")
+        rows.append(row)
+    return markdown_table(rows, ["labels", *curves])
+
+
+def headline_table(results: dict[str, Any]) -> str:
+    """Active learning: the labels each strategy needs to reach the target, as a fraction of
+    random's, its last accuracy and the seconds of a round's pick."""
+    needed = f"labels to {results['target_fraction']:.0%}"
+    rows = []
+    for row in results["summary"]:
+        needs, ratio = row["labels_to_target"], row["ratio_to_random"]
+        rows.append(
+            {
+                "strategy": row["strategy"],
+                needed: "not reached" if needs is None else f"{round(needs):,}",
+                "/ random's": "" if ratio is None else f"{ratio:.2f}",
+                "last accuracy": f"{row['final_accuracy']:.3f}",
+                "pick s a round": f"{row['pick_s_per_round']:.2f}",
+            }
+        )
+    return markdown_table(
+        rows, ["strategy", needed, "/ random's", "last accuracy", "pick s a round"]
+    )
+
+
+def active_learning_tables(results: dict[str, Any]) -> str:
+    """The learning curves, the reference and the headline, as markdown."""
+    return "\n\n".join(
+        [
+            learning_curve_table(results),
+            f"All of train: {results['full_accuracy']:.4f}; "
+            f"{results['target_fraction']:.0%} of it: {results['target']:.4f}.",
+            headline_table(results),
+        ]
+    )
+
+
+def write_active_learning_report(results: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Write results.json, report.md and learning_curves.png; returns the files written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    ds, resumed = results["dataset"], results["resumed"]
+    config = results["config"]
+    scorer = config["scorer"] or config["classifier"]["memory"]["scorer"]
+    text = [
+        f"# {results['name']}: active learning",
+        "",
+        f"Dataset **{ds['name']}**: {ds['train']} train items (the pool's source), "
+        f"{ds['dev']} dev items scored, {ds['labels']} labels. Seed: {results['seed_labels']} "
+        f"labels ({config['seed_per_label']} per label); then {len(results['batches'])} rounds "
+        f"of batches {', '.join(str(n) for n in results['batches'])}, each picked from a pool "
+        f"of at least {config['pool']} unlabelled train items. Scorer: `{scorer}`.",
+        "",
+        f"The reference learned all of train: dev top-1 {results['full_accuracy']:.4f} "
+        f"({results['full_seconds']} s). The headline is the labels a strategy needs to reach "
+        f"{results['target_fraction']:.0%} of it ({results['target']:.4f}; linear between "
+        "rounds), as a fraction of what random sampling needs.",
+        "",
+        f"This invocation found the reference {'finished' if resumed['reference'] else 'to do'} "
+        f"and {len(resumed['strategies'])} of {len(results['curves'])} curves finished.",
+        "",
+        "## Headline",
+        "",
+        headline_table(results),
+        "",
+        "## Learning curves (dev top-1 against labels used)",
+        "",
+        "![learning curves](learning_curves.png)",
+        "",
+        learning_curve_table(results),
+        "",
+    ]
+    (out_dir / "report.md").write_text("\n".join(text))
+    plot = learning_curve_plot(results, out_dir / "learning_curves.png")
+    return [out_dir / "results.json", out_dir / "report.md", *([plot] if plot else [])]
+
+
+def learning_curve_plot(results: dict[str, Any], path: Path) -> Path | None:
+    """Dev top-1 against labels used (log scale), one line per strategy (baselines dashed), and
+    the target as a grey line."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (strategy, curve) in enumerate(results["curves"].items()):
+        dashed = strategy in results.get("baselines", ())
+        xs, ys = [p["labels"] for p in curve], [p["accuracy"] for p in curve]
+        style = {**_style(i), "markersize": 5}
+        ax.plot(xs, ys, "--" if dashed else "-", label=strategy, **style)
+    ax.axhline(results["target"], color="grey", lw=0.8)
+    ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    # 200, not 2 x 10^2; between the powers of ten, only 2 and 5 of them are named.
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
+    ax.xaxis.set_minor_formatter(
+        FuncFormatter(lambda x, _: f"{x:,.0f}" if f"{x:.0e}"[0] in "25" else "")
+    )
+    ax.set_xlabel("labels used")
+    ax.set_ylabel("dev top-1")
+    ax.set_title(
+        f"{results['dataset']['name']}: {results['target_fraction']:.0%} of all of train "
+        "= grey line",
+        fontsize=10,
+    )
+    ax.grid(alpha=0.3)
+    _legend_beside(ax)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,159 @@
+"""The active-learning protocol of ``icl-cl eval``: the shipped sample config end to end through
+the CLI, a killed run resumed, and the configs it refuses.
+
+The embedder, FAISS and SQLite are the real ones; nothing is mocked but the embedder's loading
+(the session's instance) and, to kill and to check a resume, ``pick`` and ``learn``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+import pytest
+import yaml
+
+from icl_cl.classifier import ContinualClassifier
+from icl_cl.cli import main
+from icl_cl.errors import ConfigError
+from icl_cl.evaluation import active_learning
+from icl_cl.evaluation.active_learning import ActiveLearningConfig
+from icl_cl.evaluation.cli import load_eval_config
+from icl_cl.evaluation.protocol import EvalConfig
+from tests.conftest import ROOT
+
+CONFIGS = ROOT / "eval" / "configs"
+SAMPLE = CONFIGS / "active-learning-wordnet-sample.yaml"
+
+
+def reach(curve: list[dict[str, Any]], target: float) -> float | None:
+    """The labels at which ``curve`` first reaches ``target``, linear between its points."""
+    for i, point in enumerate(curve):
+        if point["accuracy"] >= target:
+            if i == 0:
+                return float(point["labels"])
+            before = curve[i - 1]
+            slope = (point["labels"] - before["labels"]) / (point["accuracy"] - before["accuracy"])
+            return before["labels"] + (target - before["accuracy"]) * slope
+    return None
+
+
+def expected_points(curve: list[dict[str, Any]], target: float, rounds: int, past: int) -> int:
+    """Points of a strategy's curve (not random's): it stops once more than ``past`` of its
+    points reach the target."""
+    for i in range(len(curve)):
+        if sum(p["accuracy"] >= target for p in curve[: i + 1]) > past:
+            return i + 1
+    return rounds + 1
+
+
+def check_curves(results: dict[str, Any], config: dict[str, Any]) -> None:
+    """One point after the seed and one per round (until a strategy stops), the labels growing
+    by the batches, accuracies in [0, 1], and the headline as documented."""
+    batches, target = results["batches"], results["target"]
+    assert results["seed_labels"] == config["seed_per_label"] * 8  # the sample's 8 labels
+    assert results["seed_labels"] + sum(batches) == config["max_labels"]
+    assert target == pytest.approx(config["target"] * results["full_accuracy"])
+    assert list(results["curves"]) == config["strategies"]
+    for strategy, curve in results["curves"].items():
+        labels = [p["labels"] for p in curve]
+        assert labels[0] == results["seed_labels"]
+        assert [b - a for a, b in itertools.pairwise(labels)] == batches[: len(curve) - 1]
+        assert all(0.0 <= p["accuracy"] <= 1.0 for p in curve)
+        assert all(p["pick_s"] >= 0 and p["learn_s"] > 0 for p in curve[1:])
+        rounds, past = len(batches), config["rounds_past_target"]
+        wanted = (
+            rounds + 1 if strategy == "random" else expected_points(curve, target, rounds, past)
+        )
+        assert len(curve) == wanted, strategy
+    # Every strategy starts from the same seed store: the same first accuracy.
+    assert len({c[0]["accuracy"] for c in results["curves"].values()}) == 1
+    random_needs = reach(results["curves"]["random"], target)
+    assert random_needs is not None  # random's last point learned all of train
+    rows = {row["strategy"]: row for row in results["summary"]}
+    assert rows["random"]["ratio_to_random"] == 1.0
+    for strategy, curve in results["curves"].items():
+        needs = reach(curve, target)
+        row = rows[strategy]
+        assert row["labels_to_target"] == pytest.approx(needs)
+        assert row["ratio_to_random"] == (
+            None if needs is None else pytest.approx(needs / random_needs)
+        )
+        assert row["final_accuracy"] == curve[-1]["accuracy"]
+
+
+def test_the_sample_config_draws_learning_curves_and_resumes_a_killed_run(
+    tmp_path, embedder, monkeypatch, capsys
+):
+    monkeypatch.setattr(active_learning, "load_embedder", lambda config: embedder)
+    config = yaml.safe_load(SAMPLE.read_text())
+    out = tmp_path / "run"
+    # Killed (Ctrl-C) in the second strategy's first pick: random's curve is finished.
+    pick = active_learning.pick
+
+    def killed(clf, strategy, *args):
+        if strategy == config["strategies"][1]:
+            raise KeyboardInterrupt
+        return pick(clf, strategy, *args)
+
+    monkeypatch.setattr(active_learning, "pick", killed)
+    assert main(["-q", "eval", str(SAMPLE), "--out", str(out)]) == 130
+    assert not (out / "results.json").exists()
+    monkeypatch.setattr(active_learning, "pick", pick)
+
+    assert main(["-q", "eval", str(SAMPLE), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["resumed"] == {"reference": True, "strategies": ["random"]}
+    assert results["protocol"] == "active_learning"
+    assert results["dataset"] == {"name": "wordnet-sample", "train": 240, "dev": 96, "labels": 8}
+    check_curves(results, config)
+    printed = capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    for text in (printed, report):
+        assert "| strategy | labels to 95% | / random's |" in text
+        assert "| random |" in text and "| 1.00 |" in text
+        assert "| labels | random | combined | margin | bt |" in text
+    assert (out / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "stores").exists()  # the curves' stores go once they are drawn
+
+    # Finished: a rerun learns nothing and gives the same curves, timings included.
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished run learned again")
+
+    monkeypatch.setattr(ContinualClassifier, "learn", refuse)
+    assert main(["-q", "eval", str(SAMPLE), "--out", str(out)]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["resumed"] == {"reference": True, "strategies": config["strategies"]}
+    assert again["curves"] == results["curves"] and again["summary"] == results["summary"]
+    assert again["embedded_texts"] == 0  # the run folder's embedding cache had every text
+
+
+def test_eval_configs_pick_their_protocol():
+    for path in sorted(CONFIGS.glob("*.yaml")) + sorted(CONFIGS.glob("hf/*.yaml")):
+        if path.name.startswith("ablation"):  # a grid file, not an eval config
+            continue
+        config = load_eval_config(path)
+        active = path.name.startswith("active-learning")
+        assert isinstance(config, ActiveLearningConfig if active else EvalConfig), path
+    full = ActiveLearningConfig.from_yaml(CONFIGS / "active-learning-wordnet-supersenses.yaml")
+    assert "random" in full.strategies and {"lc", "plain-entropy", "bt"} <= set(full.strategies)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"strategies": ["combined", "bt"]}, "must include 'random'"),
+        ({"strategies": ["random", "cleverest"]}, "unknown strategy 'cleverest'"),
+        ({"strategies": ["random", "combined@mmr_lambda=high"]}, "is not a number"),
+        ({"strategies": ["random", "bt@coverage_weight=2"]}, "is not an option"),
+        ({"strategies": ["random", "random"]}, "repeated"),
+        ({"growth": 0}, "growth"),
+        ({"sessions": {"by": "random"}}, "sessions"),
+    ],
+)
+def test_bad_active_learning_configs_are_refused(tmp_path, change, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**yaml.safe_load(SAMPLE.read_text()), **change}))
+    with pytest.raises(ConfigError, match=message):
+        load_eval_config(path)
