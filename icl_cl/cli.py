@@ -20,8 +20,8 @@ from icl_cl.errors import ConfigError, IclClError, OutputError, StoreCorruptErro
 from icl_cl.inputs import ID_MODES
 from icl_cl.inputs.checks import decision_override
 from icl_cl.labelling.suggest import STRATEGIES
+from icl_cl.progress_bars import progress_bars
 from icl_cl.service.settings import ServiceSettings
-from icl_cl.types import Progress
 
 logger = logging.getLogger("icl_cl.cli")
 
@@ -51,9 +51,6 @@ EXTRA_OF_MODULE = {
     "matplotlib": "eval",
     "datasets": "eval",
 }
-# What a stage's progress bar counts, by the start of the stage's name; any other stage counts
-# items.
-UNIT_OF_STAGE = (("fitting: choosing the ECL scorer", "scorer"), ("shards", "shard"))
 
 
 def missing_extra(exc: ImportError) -> ConfigError | None:
@@ -67,36 +64,6 @@ def missing_extra(exc: ImportError) -> ConfigError | None:
         f"this needs the [{extra}] extra, which is not installed (no module {module!r}): "
         f"pip install 'icl-cl[{extra}]'"
     )
-
-
-def progress_bars(quiet: bool) -> Progress:
-    """A progress callback drawing one bar per stage on stderr (none when ``quiet``).
-
-    A stage may first report after its first batch is done: its bar's clock then starts at the
-    last report of any stage (or when this callback was made), so the rate it shows is honest.
-    """
-    bars: dict[str, Any] = {}
-    last = time.time()
-
-    def progress(stage: str, done: int, total: int) -> None:
-        nonlocal last
-        if quiet or total <= 0:
-            return
-        from tqdm import tqdm
-
-        bar = bars.get(stage)
-        if bar is None:
-            unit = next((u for start, u in UNIT_OF_STAGE if stage.startswith(start)), "item")
-            bar = bars[stage] = tqdm(
-                total=total, desc=stage, unit=unit, file=sys.stderr, dynamic_ncols=True
-            )
-            bar.start_t = bar.last_print_t = last
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-        last = time.time()
-
-    return progress
 
 
 def _open(args: argparse.Namespace, must_exist: bool = True) -> Any:

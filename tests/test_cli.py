@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from icl_cl.cli import build_parser, main, missing_extra, progress_bars
+from icl_cl.cli import build_parser, main, missing_extra
 from icl_cl.memory.store import Store
+from icl_cl.progress_bars import progress_bars
 
 SAMPLE = Path(__file__).resolve().parents[1] / "eval" / "data" / "wordnet-sample"
 DEBTAGS = Path(__file__).resolve().parents[1] / "eval" / "data" / "debtags-sample"

@@ -4,7 +4,6 @@ and write a run folder. Rerunning with the same ``--out`` resumes where a killed
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from icl_cl.evaluation.report import (
     write_active_learning_report,
     write_report,
 )
-from icl_cl.types import Progress
+from icl_cl.progress_bars import progress_bars
 
 
 def _positive(text: str) -> int:
@@ -60,27 +59,6 @@ def add_eval_commands(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("grid", help="grid file (YAML), e.g. eval/configs/ablation-wordnet.yaml")
     _common(p)
     p.set_defaults(func=cmd_ablate)
-
-
-def progress_bars(quiet: bool) -> Progress:
-    """A progress callback that draws one bar per stage on stderr (none when ``quiet``)."""
-    bars: dict[str, Any] = {}
-
-    def progress(stage: str, done: int, total: int) -> None:
-        if quiet or total <= 0:
-            return
-        from tqdm import tqdm
-
-        bar = bars.get(stage)
-        if bar is None:
-            bar = bars[stage] = tqdm(
-                total=total, desc=stage, unit="item", file=sys.stderr, dynamic_ncols=True
-            )
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-
-    return progress
 
 
 def _out(args: argparse.Namespace, name: str) -> Path:
