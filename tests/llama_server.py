@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from icl_cl.errors import ConfigError
+
 MODEL_ALIAS = "smollm2-135m-instruct"
 
 
@@ -102,3 +104,17 @@ def llama_server(
             proc.kill()
             proc.wait()
         log.close()
+
+
+def served_smollm2(n_ctx: int = 2048) -> Iterator[str]:
+    """For a fixture: the packaged SmolLM2 served by llama.cpp, or the test skipped where
+    llama-cpp-python or the model is not installed."""
+    import pytest
+
+    pytest.importorskip("llama_cpp")
+    try:
+        model = smollm2_gguf()
+    except ConfigError as e:
+        pytest.skip(str(e))
+    with llama_server(model, n_ctx=n_ctx) as url:
+        yield url

@@ -43,6 +43,7 @@ from icl_cl.errors import (
     ParseError,
     RateLimitError,
 )
+from tests.llama_server import served_smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -419,15 +420,7 @@ def test_echo_scoring_batches_options_on_list_servers() -> None:
 
 @pytest.fixture(scope="module")
 def llama_url() -> Iterator[str]:
-    pytest.importorskip("llama_cpp")
-    from tests.llama_server import llama_server, smollm2_gguf
-
-    try:
-        model = smollm2_gguf()
-    except ConfigError as e:
-        pytest.skip(str(e))
-    with llama_server(model) as url:
-        yield url
+    yield from served_smollm2()
 
 
 @pytest.fixture(scope="module")

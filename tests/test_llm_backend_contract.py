@@ -39,7 +39,8 @@ from icl_cl.backends.base import (
 )
 from icl_cl.backends.cache import CachedBackend
 from icl_cl.backends.transformers import TransformersBackend
-from icl_cl.errors import BackendError, ConfigError, ContextLengthError, DataError
+from icl_cl.errors import BackendError, ContextLengthError, DataError
+from tests.llama_server import served_smollm2
 
 # Prompts whose answers the model is sure of (-0.3 against -17 nats), so a row or column out of
 # place cannot pass for rounding.
@@ -71,15 +72,7 @@ def smollm() -> TransformersBackend:
 
 @pytest.fixture(scope="module")
 def llama_url() -> Iterator[str]:
-    pytest.importorskip("llama_cpp")
-    from tests.llama_server import llama_server, smollm2_gguf
-
-    try:
-        model = smollm2_gguf()
-    except ConfigError as e:
-        pytest.skip(str(e))
-    with llama_server(model, n_ctx=LLAMA_CONTEXT) as url:
-        yield url
+    yield from served_smollm2(LLAMA_CONTEXT)
 
 
 def _transformers(request: pytest.FixtureRequest, tmp: Path) -> LLMBackend:
