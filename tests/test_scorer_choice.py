@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from icl_cl.config import MemoryConfig
+from icl_cl.heads.feature_width_fit import narrowest_earned, space_at, width_ladder
 from icl_cl.heads.heldout import draw_sample
 from icl_cl.heads.scorer_choice_fit import (
     FUSION_COLUMNS,
@@ -22,6 +23,7 @@ from icl_cl.heads.scorer_choice_fit import (
 from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.memory.feature_space import Strength
 from icl_cl.memory.scorer_choice import ScorerChoice
+from icl_cl.memory.scorers import InFeatureSpace
 from icl_cl.memory.store import Store
 from icl_cl.types import Example, Label
 
@@ -197,3 +199,65 @@ def test_a_label_known_only_by_its_description_is_reached_through_auto(tmp_path)
     reached = ["c72" in dict(ranked) for ranked in memory.candidates(queries, 3, "auto")]
     assert np.mean(reached) >= 0.7  # 0.85 measured; never under a scorer of examples alone
     assert not any("c72" in dict(ranked) for ranked in memory.candidates(queries, 3, "knn"))
+
+
+def test_the_width_ladder_halves_the_widest_map_twice_down_to_the_narrowest():
+    assert width_ladder(4096) == [4096, 2048, 1024]
+    assert width_ladder(512) == [512, 256]
+    assert width_ladder(256) == [256]
+
+
+def test_a_wider_map_keeps_its_width_only_where_it_scores_better_beyond_noise():
+    rng = np.random.default_rng(0)
+    same = rng.integers(0, 2, 400).astype(float)
+    # No better on the held-out items: the narrowest map is kept.
+    assert narrowest_earned({1024: same, 512: same.copy(), 256: same.copy()}) == 256
+    # Ten points better than both narrower ones: the widest is kept.
+    better = same.copy()
+    better[np.flatnonzero(same == 0)[:40]] = 1.0
+    assert narrowest_earned({1024: better, 512: same, 256: same}) == 1024
+    # Better than the narrowest only: the middle one.
+    assert narrowest_earned({1024: better, 512: better.copy(), 256: same}) == 512
+    # A gain within noise (two items of 400 more right, and one wrong): not earned.
+    noisy = same.copy()
+    noisy[np.flatnonzero(same == 0)[:2]] = 1.0
+    noisy[np.flatnonzero(same == 1)[:1]] = 0.0
+    assert narrowest_earned({1024: noisy, 512: same}) == 512
+
+
+def test_the_choice_keeps_the_narrowest_map_that_loses_nothing_and_the_store_learns_in_it(
+    tmp_path,
+):
+    examples, vectors = _data(300)
+    memory = _memory(tmp_path / "s", examples, vectors)
+    widest = memory.feature_space("ranpac").features.size
+    choice = refresh_scorer_choice(memory, "ranpac", n=200, seed=0)
+    assert choice is not None and set(choice.width_accuracy["ranpac"]) == {
+        str(w) for w in width_ladder(widest)
+    }
+    # Six well-separated clusters: a narrower map scores as well on the held-out items.
+    chosen = choice.widths["ranpac"]
+    assert chosen < widest
+    assert memory.feature_space("ranpac").features.size == chosen
+    memory.save_derived()
+    files = sorted(p.name for p in (tmp_path / "s").glob("features-relu-*"))
+    assert files and all(f.startswith(f"features-relu-{DIM}x{chosen}-") for f in files), files
+    # Stored with the choice: a reopened store, and its next session, keep that width; the
+    # scores are those of a map of that width built from scratch at the same strength.
+    memory.store.close()
+    again = ExternalContinualLearner.open(Store.open(tmp_path / "s"), MemoryConfig())
+    more, more_vectors = _data(40, seed=1)
+    again.learn(more, more_vectors, [], np.zeros((0, DIM), np.float32), multi_label=False)
+    space = again.feature_space("ranpac")
+    assert space.features.size == chosen and again.choice.summary(340)["feature_widths"] == {
+        **choice.widths
+    }
+    queries = _data(20, seed=5)[1]
+    built = space_at(again, "ranpac", chosen, choice.ranpac_rho)
+    built.restrengthen(Strength(space.solver.strength, space.scale))
+    np.testing.assert_allclose(
+        again.score_matrix(queries, "ranpac"),
+        InFeatureSpace("ranpac", built.features, built.head(None)).scores(queries),
+        rtol=1e-4,
+        atol=1e-5,
+    )

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
+from icl_cl.heads.feature_width_fit import fit_feature_widths
 from icl_cl.heads.fusion import FUSED, KEPT, FusionWeights, fit_fusion
 from icl_cl.heads.heldout import Sample, draw_sample, fold_size
 from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.memory.ridge_path import RHO_GRID, heldout_ridge_scores
-from icl_cl.memory.scorer_choice import ScorerChoice
+from icl_cl.memory.scorer_choice import ScorerChoice, combination_parts
 from icl_cl.memory.scorers import FEATURE_SCORERS, row_floor, top_k
 from icl_cl.memory.store_feature_spaces import MAX_LABELS
 from icl_cl.types import Progress
@@ -66,6 +68,7 @@ def fit_scorer_choice(
     *,
     pool: Sequence[str] = POOL,
     progress: Progress | None = None,
+    widths_also: Sequence[str] = (),
 ) -> ScorerChoice:
     """Choose ``auto``'s scorer (or combination), ranpac's strength and a combination's bonus
     for labels with no example on ``n`` held-out items.
@@ -78,6 +81,8 @@ def fit_scorer_choice(
         seed: Seed of the draw.
         pool: Scorers to choose among.
         progress: Told ``fitting: choosing the ECL scorer on N held-out items``.
+        widths_also: Feature scorers whose width is chosen besides those the choice uses
+            (:func:`~icl_cl.heads.feature_width_fit.fit_feature_widths`).
     """
     if len(memory.labels) > MAX_LABELS:  # feature spaces keep no state for so many labels
         pool = [name for name in pool if name not in FEATURE_SCORERS]
@@ -85,6 +90,7 @@ def fit_scorer_choice(
     gold = _gold_columns(memory, sample)
     depth = RANKING_DEPTH if memory.multi_label else 1
     scores, rho, rho_accuracy = _heldout_scores(memory, sample, gold, pool, progress)
+    unordered, unordered_gold = dict(scores), gold
     gold = _by_name(memory.stats.labels, scores, gold)
     accuracy = {name: _quality(s, gold, depth) for name, s in scores.items()}
     tried = [name for name in pool if name in scores]
@@ -104,6 +110,15 @@ def fit_scorer_choice(
     choice = ScorerChoice(
         weights, rho, len(gold), accuracy, memory.n_examples, rho_accuracy, novelty
     )
+    names = [*combination_parts(choice.scorer), *widths_also]
+    used = {
+        name: unordered[name] for name in FEATURE_SCORERS if name in names and name in unordered
+    }
+    quality = lambda s: _item_quality(s, unordered_gold, depth)  # noqa: E731
+    widths, width_accuracy = fit_feature_widths(
+        memory, sample, _folds(memory, sample), used, quality, rho
+    )
+    choice = replace(choice, widths=widths, width_accuracy=width_accuracy)
     logger.info("auto scorer: %s", choice.reason())
     return choice
 
@@ -198,12 +213,19 @@ def _gold_columns(memory: ExternalContinualLearner, sample: Sample) -> list[set[
 
 def _quality(scores: np.ndarray, gold: Sequence[set[int]], depth: int = 1) -> float:
     """Top-1 accuracy (``depth`` 1), or the mean RP@depth, of a held-out score matrix."""
+    return float(np.mean(_item_quality(scores, gold, depth)))
+
+
+def _item_quality(scores: np.ndarray, gold: Sequence[set[int]], depth: int = 1) -> np.ndarray:
+    """Each held-out item's top-1 hit (``depth`` 1), or its RP@depth."""
     top = top_k(scores, depth)[0]
-    hits = [
-        len(set(t.tolist()) & g) / max(min(depth, len(g)), 1)
-        for t, g in zip(top, gold, strict=True)
-    ]
-    return float(np.mean(hits))
+    return np.array(
+        [
+            len(set(t.tolist()) & g) / max(min(depth, len(g)), 1)
+            for t, g in zip(top, gold, strict=True)
+        ],
+        dtype=np.float64,
+    )
 
 
 def _folds(memory: ExternalContinualLearner, sample: Sample) -> list[range]:
@@ -273,6 +295,12 @@ def refresh_scorer_choice(
         return current
     if not full and current is not None and not current.due(memory.n_examples):
         return current
-    choice = fit_scorer_choice(memory, heldout_size(memory.n_items, n), seed, progress=progress)
+    choice = fit_scorer_choice(
+        memory,
+        heldout_size(memory.n_items, n),
+        seed,
+        progress=progress,
+        widths_also=[requested] if requested in FEATURE_SCORERS else [],
+    )
     memory.set_choice(choice, save=True)
     return choice

@@ -42,6 +42,10 @@ class ScorerChoice:
         novelty: Where a combination's scorer knows nothing of a label (no example), how many
             standard deviations of its scores above its lowest it counts the label, chosen on
             the held-out items (``None``: no combination).
+        widths: The width of each feature scorer's map it uses, chosen on the held-out items
+            (see :mod:`~icl_cl.heads.feature_width_fit`); a scorer not named keeps the width
+            the store's size gives.
+        width_accuracy: Held-out accuracy of each feature scorer at each width tried.
     """
 
     weights: Mapping[str, float]
@@ -51,6 +55,8 @@ class ScorerChoice:
     n_examples: int
     rho_accuracy: Mapping[str, float] = field(default_factory=dict)
     novelty: float | None = None
+    widths: Mapping[str, int] = field(default_factory=dict)
+    width_accuracy: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     @property
     def scorer(self) -> str:
@@ -84,6 +90,8 @@ class ScorerChoice:
             "n_examples": self.n_examples,
             "rho_accuracy": dict(self.rho_accuracy),
             "novelty": self.novelty,
+            "widths": dict(self.widths),
+            "width_accuracy": {name: dict(acc) for name, acc in self.width_accuracy.items()},
         }
 
     @classmethod
@@ -98,6 +106,11 @@ class ScorerChoice:
             int(data["n_examples"]),
             {str(k): float(v) for k, v in data.get("rho_accuracy", {}).items()},
             _optional_float(data.get("novelty")),
+            {str(k): int(v) for k, v in data.get("widths", {}).items()},
+            {
+                str(name): {str(w): float(a) for w, a in acc.items()}
+                for name, acc in data.get("width_accuracy", {}).items()
+            },
         )
 
     def summary(self, store_size: int) -> dict[str, Any]:
@@ -108,6 +121,7 @@ class ScorerChoice:
             "weights": dict(self.weights),
             "ranpac_rho": self.ranpac_rho,
             "novelty": self.novelty,
+            "feature_widths": dict(self.widths),
             "heldout_items": self.heldout_items,
             "fitted_at_examples": self.n_examples,
             "chosen_again_at_examples": int(CHOICE_GROWTH * self.n_examples),

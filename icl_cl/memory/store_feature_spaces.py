@@ -68,17 +68,16 @@ class FeatureSpaces:
         self._saved: dict[str, int] = {}  # rows of each space's state on disk
         self._heads: dict[str, LinearHead] = {}
 
-    def features(self, name: str, n_items: int) -> RandomFeatures:
-        """The random feature map of a feature scorer for a store of ``n_items`` items: its seed
-        and kind are fixed by the config, its width by the size."""
+    def features(self, name: str, n_items: int, width: int | None = None) -> RandomFeatures:
+        """The map of a feature scorer for a store of ``n_items`` items: seed and kind fixed by
+        the config, width by the size within what the stored choice found earned (or ``width``)."""
         c = self.config
-        # The count of items, not of rows: sessions learned one by one (an input copied into
-        # several) and their union at once get the same width.
+        if width is None:
+            choice, widest = self._stored_choice(), widest_width(c, name)
+            earned = None if choice is None else choice.widths.get(name)
+            width = feature_width(n_items, min(widest, earned or widest))
         if name == "ranpac":
-            return RandomFeatures(
-                "relu", self.store.dim, feature_width(n_items, c.ranpac_features), c.feature_seed
-            )
-        width = feature_width(n_items, c.klda_features)
+            return RandomFeatures("relu", self.store.dim, width, c.feature_seed)
         return RandomFeatures("rff", self.store.dim, width, c.feature_seed, c.klda_bandwidth)
 
     def _rho(self) -> float:
@@ -88,9 +87,8 @@ class FeatureSpaces:
         return self.config.ranpac_lambda if rho is None else rho
 
     def _choice(self) -> int | None:
-        """Identifies the stored choice (the store size it was made at)."""
-        choice = self._stored_choice()
-        return None if choice is None else choice.n_examples
+        """Identifies the stored choice (the store size it was made at; ``None`` before any)."""
+        return getattr(self._stored_choice(), "n_examples", None)
 
     def checkpoint(self, features: RandomFeatures) -> Path:
         return Path(self.store.path) / f"features-{features.name}.npz"
@@ -204,10 +202,14 @@ class FeatureSpaces:
                 space.stats.add_label(label)
 
     def restrengthen(self) -> None:
-        """After a new choice: ranpac takes the chosen strength, klda the shrinkage estimated
-        on the store as it is now (each one ``O(M^3)``, only when a choice is made)."""
-        for name, space in self._spaces.items():
-            self._restrengthen(name, space)
+        """After a new choice: a space at a width it does not keep is dropped (built again on
+        use); ranpac takes the chosen strength, klda the shrinkage estimated on the store now
+        (each one ``O(M^3)``, only when a choice is made)."""
+        for name, space in list(self._spaces.items()):
+            if space.features != self.features(name, space.stats.n_examples):
+                del self._spaces[name]
+            else:
+                self._restrengthen(name, space)
         self._heads.clear()
 
     def _restrengthen(self, name: str, space: FeatureSpace) -> None:
@@ -342,6 +344,14 @@ class FeatureSpaces:
             )
             head = self._solved(name, space)
         return InFeatureSpace(name, features, head)
+
+
+def widest_width(config: MemoryConfig, name: str, n_items: int | None = None) -> int:
+    """The widest map of feature scorer ``name`` the config allows (for a store of ``n_items``:
+    no wider than its item count). The count of items, not of rows: sessions learned one by
+    one (an input copied into several) and their union at once get the same width."""
+    budget = config.ranpac_features if name == "ranpac" else config.klda_features
+    return budget if n_items is None else feature_width(n_items, budget)
 
 
 def _catch_up(
