@@ -145,9 +145,10 @@ class MemoryConfig(_Strict):
     ranpac_features: int = Field(
         4096,
         ge=256,
-        description="the most random ReLU features of the ranpac scorer (RanPAC); the width is "
-        "the smallest power of two >= the stored examples, from 256 up to this (state: an M x M "
-        "inverse Gram, 64 MiB at 4,096; a session costs O(n M^2))",
+        description="the most random ReLU features of the ranpac scorer (RanPAC): the widest "
+        "map is the smallest power of two >= the stored examples, from 256 up to this, and the "
+        "fit keeps the narrowest of it and its two halvings that scores as well on held-out "
+        "items (state: an M x M inverse Gram, 64 MiB at 4,096; a session costs O(n M^2))",
     )
     ranpac_lambda: float = Field(
         1e-3,
