@@ -125,6 +125,12 @@ def measure(
         clf.learn(base, labels)
         base_s = time.perf_counter() - t
         quality = _quality(clf, *dev) if dev is not None else {}
+        choice = clf.memory.choice  # the feature widths the fit kept, and each one's score
+        if choice is not None:
+            quality["feature_widths"] = dict(choice.widths)
+            quality["width_heldout_quality"] = {
+                k: dict(v) for k, v in choice.width_accuracy.items()
+            }
     texts = [ex.text for ex in new]
     t = time.perf_counter()
     embedder.inner.encode(texts)
