@@ -4,6 +4,7 @@ with labels made wrong on purpose."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -17,7 +18,9 @@ import pytest
 
 from icl_cl.classifier import ContinualClassifier
 from icl_cl.cli import main
+from icl_cl.labelling.audit import heldout_table
 from icl_cl.labelling.confident_learning import multi_label_issues, single_label_issues
+from icl_cl.memory.feature_space import HeldOutScorer
 from icl_cl.service.app import create_app
 from icl_cl.types import Example
 from tests.service_helpers import learned_store, running, wait_ready
@@ -121,6 +124,29 @@ def test_audit_finds_the_wrong_labels_with_their_evidence_and_writes_nothing(
         assert set(f.thresholds) == set(f.probabilities)
         assert len(f.neighbours) == 5 and f.id not in {n.id for n in f.neighbours}
         assert f.missing == () and f.spurious == ()
+
+
+@pytest.mark.parametrize("scorer", ["klda", "ranpac", "klda+ranpac"])
+def test_audit_scores_as_the_held_out_heads_would(
+    noisy_store: Any, embedder: Any, scorer: str, monkeypatch: pytest.MonkeyPatch
+):
+    """Each fold's items get from the fold-wise identities the scores that the fold's held-out
+    heads (solved as a prediction's, float32 weights) give them."""
+    path, _flipped_ids, _clean = noisy_store
+    with ContinualClassifier.open(path, embedder=embedder, read_only=True) as clf:
+        memory = clf.memory
+        if scorer == "klda+ranpac":  # a choice (not saved) that combines both
+            weights = {"klda": 0.5, "ranpac": 3.0, "mahalanobis": 0.0}
+            memory.set_choice(dataclasses.replace(memory.choice, weights=weights), save=False)
+        k = len(memory.labels)
+        fast = heldout_table(memory, scorer, k, seed=0)
+        monkeypatch.setattr(HeldOutScorer, "_positions", lambda self, queries: None)
+        solved = heldout_table(memory, scorer, k, seed=0)
+    assert fast.rows == solved.rows
+    for table in (fast, solved):  # back in label columns, whatever the ranking's ties
+        table.scores[np.arange(len(table.rows))[:, None], table.columns] = table.scores.copy()
+    spread = np.abs(solved.scores[np.isfinite(solved.scores)]).max()
+    np.testing.assert_allclose(fast.scores, solved.scores, rtol=1e-5, atol=1e-6 * spread)
 
 
 def test_audit_limit_and_neighbours(noisy_store: Any, embedder: Any):

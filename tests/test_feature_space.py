@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from icl_cl import ContinualClassifier
-from icl_cl.config import SCORERS
+from icl_cl.config import SCORERS, MemoryConfig
 from icl_cl.memory.feature_space import FeatureSpace, Strength
 from icl_cl.memory.inverse_gram import InverseGram, low_rank_update
 from icl_cl.memory.item_groups import Additions, ItemGroups
 from icl_cl.memory.random_features import RandomFeatures
-from icl_cl.memory.scorers import FEATURE_SCORERS
+from icl_cl.memory.scorers import FEATURE_SCORERS, class_prototypes
 from icl_cl.memory.verify import verify_store
 
 
@@ -44,6 +44,18 @@ def test_rows_left_out_and_low_rank_terms_are_exact():
     plus = low_rank_update(k.apply, u, sign=1.0)(z)
     expected = np.linalg.solve(x.T @ x + 0.3 * np.eye(12) + u @ u.T, z)
     np.testing.assert_allclose(plus, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_mapped_blocks_give_the_quadratic_forms_of_the_inverse():
+    x = _rows(8, 150)
+    k = InverseGram.of_gram(x.T @ x, 0.4)
+    u, v = _rows(9, 12, 7), _rows(10, 12, 3)
+    np.testing.assert_allclose(k.mapped(u).T @ k.mapped(v), u.T @ k.inverse @ v, rtol=1e-10)
+    before = u.copy()
+    k.mapped(np.asfortranarray(u))
+    np.testing.assert_array_equal(u, before)  # the block is not overwritten
+    k.add_rows(_rows(11, 20))  # the factor follows K
+    np.testing.assert_allclose(k.mapped(u).T @ k.mapped(v), u.T @ k.inverse @ v, rtol=1e-10)
 
 
 def test_the_gram_and_its_eigenvalues_are_recovered_from_the_inverse():
@@ -123,6 +135,75 @@ def test_a_heldout_head_equals_the_head_learned_without_the_items(kind):
     np.testing.assert_allclose(
         held.scores(q), without.head(None).scores(q)[:, order], rtol=1e-3, atol=1e-3
     )
+
+
+def _with_few_shot_labels(labels, multi):
+    """Labels with few-shot ones klda calibrates (``rare``: 8 examples, ``solo``: 1) and one
+    whose only example is held out (``gone``)."""
+    out = [list(labs) for labs in labels]
+    for i in range(40, 200, 20):
+        out[i] = ["rare", *out[i][1:]] if multi else ["rare"]
+    out[5], out[50] = ["solo"], ["gone"]
+    return out
+
+
+@pytest.mark.parametrize("multi", [False, True])
+@pytest.mark.parametrize("kind", ["ridge", "lda"])
+def test_heldout_scores_equal_those_of_a_space_that_never_learned_the_items(kind, multi):
+    """The fold-wise identities score each held-out item as the space learned without them all
+    does (with its few-shot prototypes calibrated on what is left), and as the held-out head."""
+    x, labels = _data(12, 300, multi)
+    labels = _with_few_shot_labels(labels, multi)
+    features = RandomFeatures("relu" if kind == "ridge" else "rff", 16, 64, seed=3)
+    full = _build(kind, features, x, labels, multi, _fixed(kind))
+    config = MemoryConfig()
+    protos = (lambda stats: class_prototypes(stats, config)) if kind == "lda" else (lambda s: None)
+    held = slice(30, 90)  # takes 3 of the 8 "rare" examples: it stays few-shot
+    scores = full.heldout_scores(x[held], labels[held], protos)
+    kept = np.r_[0:30, 90:300]
+    without = _build(
+        kind, features, x[kept], [labels[i] for i in kept], multi, lambda s, g: _strength_of(full)
+    )
+    q = features.transform(x[held])
+    solved = without.head(protos(without.stats)).scores(q)
+    expected = np.full_like(scores, -np.inf)  # a label with no example left scores -inf
+    for j, label in enumerate(full.stats.labels):
+        if label in without.stats.col:
+            expected[:, j] = solved[:, without.stats.col[label]]
+    assert np.isneginf(scores[:, full.stats.col["gone"]]).all()
+    finite = np.isfinite(expected)
+    assert (np.isfinite(scores) == finite).all()
+    scores, expected = np.where(finite, scores, 0.0), np.where(finite, expected, 0.0)
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    head = full.heldout_head(x[held], labels[held], protos).scores(q)
+    head = np.where(finite, head, 0.0)
+    np.testing.assert_allclose(scores, head, rtol=1e-5, atol=1e-6 * np.abs(head).max())
+
+
+@pytest.mark.parametrize("kind", ["ridge", "lda"])
+def test_a_heldout_scorer_scores_its_items_and_any_other_query(kind):
+    x, labels = _data(13, 200, multi=False)
+    features = RandomFeatures("relu" if kind == "ridge" else "rff", 16, 64, seed=4)
+    full = _build(kind, features, x, labels, False, _fixed(kind))
+    none = lambda stats: None  # noqa: E731
+    scorer = full.heldout_scorer(kind, x[:25], labels[:25], none)
+    head = full.heldout_head(x[:25], labels[:25], none)
+    mixed = x[[7, 3, 3, 120, 0]]  # items in any order, and a query that is none of them
+    for queries in (x[[7, 3, 3, 0]], mixed, x[:0]):
+        expected = head.scores(features.transform(queries))
+        got = scorer.scores(queries)
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(
+            got, expected, rtol=1e-5, atol=1e-6 * max(np.abs(got).max(initial=1), 1)
+        )
+    empty = full.heldout_scorer(kind, x[:0], [], none)  # nothing held out: the space's own head
+    np.testing.assert_allclose(
+        empty.scores(x[:5]), full.head(None).scores(features.transform(x[:5])), rtol=1e-6
+    )
+    later = full.heldout_scorer(kind, x[:25], labels[:25], none)
+    full.apply(full.delta(Additions(x[:1], [labels[0]], np.ones(1, bool), True)), 1)
+    with pytest.raises(RuntimeError, match="changed"):  # a solve on a changed state is refused
+        later.scores(x[150:152])
 
 
 def _strength_of(space):

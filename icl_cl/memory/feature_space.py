@@ -15,6 +15,13 @@ choice is made again once the store has grown by a stated factor), so for a fixe
 sessions learned one by one equal their union. What ``predict`` needs is solved here into a
 :class:`~icl_cl.memory.scorers.LinearHead` (float32 weights and biases), which
 :mod:`~icl_cl.memory.feature_checkpoint` saves apart from the learner state.
+
+Held-out scoring (an audit scores every stored item so, a fit its held-out sample) needs the
+scores of a fold's items by the space without them, not that space's head: the fold-wise
+cross-validation identities (:func:`ridge_heldout`, :func:`lda_heldout`) give them from the
+fold's quadratic forms in ``K`` alone, which the Cholesky factor of ``K`` makes a triangular
+product (:meth:`InverseGram.mapped`): about a third of the work of solving the fold's head (its
+``K X_f^T``, then ``K`` applied to the ``C`` targets, twice for klda) and scoring with it.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from icl_cl.memory.inverse_gram import InverseGram, Operator, low_rank_update
 from icl_cl.memory.item_groups import Additions, stored_additions
 from icl_cl.memory.partial import merge
 from icl_cl.memory.random_features import RandomFeatures
-from icl_cl.memory.scorers import LinearHead, oas_shrinkage
+from icl_cl.memory.scorers import InFeatureSpace, LinearHead, Scorer, oas_shrinkage
 from icl_cl.memory.statistics import RunningStatistics, StatisticsDelta
 
 logger = logging.getLogger(__name__)
@@ -77,6 +84,119 @@ def _class_terms(stats: RunningStatistics) -> tuple[np.ndarray, int]:
     return stats.sums[seen] / np.sqrt(counts[seen])[:, None], dof
 
 
+@dataclass(frozen=True)
+class HeldOutFold:
+    """Items held out of a feature space, lifted into it once.
+
+    Attributes:
+        features: Their features ``(n, M)``.
+        rows: Their Gram rows (:meth:`FeatureSpace.gram_rows`).
+        indicators: ``(n, C)``: how often each item carries each label (0 or 1).
+        stats: The space's label statistics without them.
+    """
+
+    features: np.ndarray
+    rows: np.ndarray
+    indicators: np.ndarray
+    stats: RunningStatistics
+
+
+def ridge_heldout(rows: np.ndarray, targets: np.ndarray, indicators: np.ndarray) -> np.ndarray:
+    """The ridge's scores of a fold's rows had they never been learned (see
+    :mod:`~icl_cl.memory.ridge_path`): with ``H = X_f K X_f^T`` and the full-store predictions
+    ``X_f W``, ``(I - H)^-1 (X_f W - H Y_f)``; nothing of the fold is solved for the ``C``
+    targets, only an ``n x n`` system.
+
+    Args:
+        rows: ``U X_f^T`` (:meth:`InverseGram.mapped`): the fold's Gram rows ``[phi, 1]``.
+        targets: ``U B`` for the store's ridge targets ``B = X^T Y`` (sums and counts).
+        indicators: ``Y_f``, the fold's labels.
+    """
+    leverage = rows.T @ rows
+    fitted = rows.T @ targets
+    system = np.eye(len(leverage)) - leverage
+    return np.linalg.solve(system, fitted - leverage @ indicators)
+
+
+def lda_heldout(
+    rows: np.ndarray, weights: np.ndarray, terms: np.ndarray, protos: np.ndarray, scale: float
+) -> np.ndarray:
+    """klda's scores ``s (2 q^T P z_c - z_c^T P z_c)`` of a fold's items ``q`` against the
+    prototypes ``z_c``, with the precision of the store without the fold
+    ``P = (K^-1 - X_f^T X_f - T T^T)^-1``: its Gram rows ``X_f`` and the class terms ``T``
+    (``s_c / sqrt(n_c)`` of the sums without it) taken out of ``K^-1`` by one Woodbury step of
+    rank ``r = n + C``, applied to nothing but the ``C`` prototypes.
+
+    Every argument comes mapped by ``U`` (``K = U^T U``), so that ``a^T K b`` is ``a^T b``.
+    With ``V = [X_f^T, T]`` and ``S = I - V^T K V``, ``V^T P z = S^-1 V^T K z`` (Woodbury), and
+    ``z^T P z = z^T K z + (V^T K z)^T S^-1 V^T K z``; an item's Gram row is its features times
+    its weight, so its ``q^T P z`` is a row of the same solve: one ``r x r`` system, no product
+    wider than ``r`` columns.
+
+    Args:
+        rows: ``(M, n)`` the fold's Gram rows.
+        weights: ``(n,)`` each Gram row over its item's features (1, or ``sqrt`` of its label
+            count in a multi-label store).
+        terms: ``(M, C')`` the class terms of the labels with examples left.
+        protos: ``(M, C)`` the prototypes.
+        scale: ``s``: the scatter's degrees of freedom times the space's scale.
+    """
+    low = np.hstack([rows, terms])
+    across = low.T @ protos  # V^T K z
+    solved = np.linalg.solve(np.eye(low.shape[1]) - low.T @ low, across)  # V^T P z
+    items = solved[: rows.shape[1]] / weights[:, None]
+    both = np.einsum("mc,mc->c", protos, protos) + np.einsum("kc,kc->c", across, solved)
+    return scale * (2 * items - both[None, :])
+
+
+class HeldOutScorer:
+    """A feature scorer had some stored items never been learned, as a
+    :class:`~icl_cl.memory.scorers.Scorer`: the held-out items themselves (what every caller
+    scores: a fold's items) get the scores computed for them without solving a head
+    (:meth:`FeatureSpace.heldout_scores`); any other query is scored by the held-out head,
+    solved on first use.
+
+    A query is one of the items when its vector equals one of theirs exactly (the same stored
+    vector): equal vectors have equal features, so equal scores either way.
+
+    Args:
+        name: The scorer's name.
+        vectors: The held-out items' vectors.
+        scores: Their held-out scores, one row each.
+        head: Solves the held-out scorer of any query.
+    """
+
+    def __init__(
+        self, name: str, vectors: np.ndarray, scores: np.ndarray, head: Callable[[], Scorer]
+    ) -> None:
+        self.name = name
+        self._own = scores
+        rows = np.ascontiguousarray(vectors, np.float64)
+        self._width = rows.shape[1] if rows.ndim == 2 else -1
+        self._at: dict[bytes, int] = {}
+        for i, row in enumerate(rows if rows.ndim == 2 else ()):
+            self._at.setdefault(row.tobytes(), i)
+        self._solve = head
+        self._head: Scorer | None = None
+
+    def scores(self, queries: np.ndarray) -> np.ndarray:
+        at = self._positions(queries)
+        if at is not None:
+            return self._own[at]
+        if self._head is None:
+            self._head = self._solve()
+        return self._head.scores(queries)
+
+    def _positions(self, queries: np.ndarray) -> np.ndarray | None:
+        """Which held-out item each query is, or ``None`` when one is none of them."""
+        if queries.ndim != 2 or queries.shape[1] != self._width:
+            return None
+        found = [self._at.get(row.tobytes()) for row in np.ascontiguousarray(queries, np.float64)]
+        if any(i is None for i in found):
+            return None
+        return np.asarray(found, np.int64)
+
+
 class FeatureSpace:
     """Label sums and the inverse Gram of the stored items' random features.
 
@@ -103,6 +223,8 @@ class FeatureSpace:
         self.kind, self.features, self.stats, self.solver = kind, features, stats, solver
         self.scale, self.rows, self.items = scale, rows, items
         self._eigen: tuple[np.ndarray, np.ndarray] | None = None
+        # U times the label sums (see _mapped_sums), with the (rows, labels) they were made at.
+        self._mapped: tuple[tuple[int, int], np.ndarray] | None = None
         # The stored choice (its store size) the strength was set for; ``None``: the config's.
         self.choice: int | None = None
         # Items the strength was set at: it is set again once the store has doubled.
@@ -158,18 +280,25 @@ class FeatureSpace:
         """Per block, the rows ``added`` contributes to the Gram: ranpac's ``[phi, 1]`` of each
         new item; klda's ``sqrt(m) phi`` of each row adding ``m`` labels (multi-label) or
         ``phi`` of each new example."""
-        out = []
-        for lo in range(0, len(added.vectors), _BLOCK):
-            x = self.features.transform(added.vectors[lo : lo + _BLOCK])
-            if self.kind == "ridge":
-                x = np.hstack([x, np.ones((len(x), 1))])[added.opens[lo : lo + _BLOCK]]
-            elif self.weighted:
-                m = np.array([len(labs) for labs in added.labels[lo : lo + _BLOCK]], np.float64)
-                x = x * np.sqrt(m)[:, None]
-            else:
-                x = x[added.opens[lo : lo + _BLOCK]]
-            out.append(x)
-        return out
+        blocks = range(0, len(added.vectors), _BLOCK)
+        return [
+            self._gram_block(
+                self.features.transform(added.vectors[lo : lo + _BLOCK]),
+                added.labels[lo : lo + _BLOCK],
+                added.opens[lo : lo + _BLOCK],
+            )
+            for lo in blocks
+        ]
+
+    def _gram_block(
+        self, x: np.ndarray, labels: Sequence[Sequence[str]], opens: np.ndarray
+    ) -> np.ndarray:
+        """:meth:`gram_rows` of rows whose features are ``x``."""
+        if self.kind == "ridge":
+            return np.hstack([x, np.ones((len(x), 1))])[opens]
+        if self.weighted:
+            return x * np.sqrt(np.array([len(labs) for labs in labels], np.float64))[:, None]
+        return x[opens]
 
     # ---- sessions --------------------------------------------------------------------------
 
@@ -205,7 +334,7 @@ class FeatureSpace:
             for x in self.gram_rows(delta.added):
                 self.solver.add_rows(x)
         self.rows += rows
-        self._eigen = None
+        self._eigen = self._mapped = None
 
     # ---- solving ---------------------------------------------------------------------------
 
@@ -221,11 +350,97 @@ class FeatureSpace:
     ) -> LinearHead:
         """The scorer had the items ``vectors`` (with all their ``labels``) never been learned:
         exact, by Woodbury, ``O(n M^2)`` with no new factorisation."""
-        held = Additions(vectors, [list(x) for x in labels], np.ones(len(vectors), bool), True)
-        stats = self.stats.without(held.delta(self.stats, self.features.transform))
-        rows = np.vstack(self.gram_rows(held)) if len(vectors) else np.zeros((0, 1))
-        apply = self.solver.without_rows(rows) if len(vectors) else self.solver.apply
-        return self._solve(apply, stats, prototypes(stats))
+        fold = self._fold(vectors, labels)
+        apply = self.solver.without_rows(fold.rows) if len(vectors) else self.solver.apply
+        return self._solve(apply, fold.stats, prototypes(fold.stats))
+
+    def heldout_scorer(
+        self,
+        name: str,
+        vectors: np.ndarray,
+        labels: Sequence[Sequence[str]],
+        prototypes: Callable[[RunningStatistics], np.ndarray | None],
+    ) -> HeldOutScorer:
+        """Scorer ``name`` had the items ``vectors`` (with all their ``labels``) never been
+        learned: the items' own scores at once (:meth:`heldout_scores`), any other query's from
+        the held-out head, solved the first time one comes (:meth:`heldout_head`)."""
+        own = self.heldout_scores(vectors, labels, prototypes)
+        solver, rows = self.solver, self.rows
+
+        def head() -> Scorer:
+            if self.solver is not solver or self.rows != rows:
+                raise RuntimeError(f"feature space {name} changed since its items were held out")
+            return InFeatureSpace(
+                name, self.features, self.heldout_head(vectors, labels, prototypes)
+            )
+
+        return HeldOutScorer(name, vectors, own, head)
+
+    def heldout_scores(
+        self,
+        vectors: np.ndarray,
+        labels: Sequence[Sequence[str]],
+        prototypes: Callable[[RunningStatistics], np.ndarray | None],
+    ) -> np.ndarray:
+        """Each of the items ``vectors`` (with all their ``labels``) scored by the head had they
+        all never been learned, as :meth:`heldout_head` would score it, without solving that
+        head: by the fold-wise cross-validation identities (:func:`ridge_heldout`,
+        :func:`lda_heldout`), the fold's rows taken through one triangular product
+        (:meth:`InverseGram.mapped`, ``n M^2 / 2`` for ``n`` items) where the head's solve
+        costs ``(n + C) M^2`` to ``(n + 2 C) M^2`` and its scores lift the items once more."""
+        fold = self._fold(vectors, labels)
+        if not len(vectors):
+            return np.zeros((0, len(fold.stats.labels)))
+        if self.kind == "ridge":
+            mapped = self.solver.mapped(fold.rows.T)
+            scores = ridge_heldout(mapped, self._mapped_sums(), fold.indicators)
+        else:
+            scores = self._lda_heldout(fold, prototypes(fold.stats))
+        scores[:, fold.stats.counts == 0] = -np.inf
+        return scores
+
+    def _fold(self, vectors: np.ndarray, labels: Sequence[Sequence[str]]) -> HeldOutFold:
+        """Held-out items lifted into the space once: the statistics without them, their Gram
+        rows and their label indicators."""
+        features = self.features.transform(vectors)
+        lists = [list(x) for x in labels]
+        stats = self.stats.without(self.stats.delta(features, lists))
+        rows = self._gram_block(features, lists, np.ones(len(features), bool))
+        indicators = np.zeros((len(features), len(stats.labels)))
+        for i, labs in enumerate(lists):
+            np.add.at(indicators[i], [stats.col[lab] for lab in labs], 1.0)
+        return HeldOutFold(features, rows, indicators, stats)
+
+    def _lda_heldout(self, fold: HeldOutFold, prototypes: np.ndarray | None) -> np.ndarray:
+        """:func:`lda_heldout` of a fold's items: the class sums less the fold's, their class
+        terms and the prototypes, all mapped by ``U`` from the mapped sums and rows (only a
+        prototype that is not its class mean, a calibrated few-shot label's, is mapped anew)."""
+        stats = fold.stats
+        n, counts = len(fold.features), stats.counts
+        means = stats.means()
+        prototypes = means if prototypes is None else prototypes
+        own = ~np.all(prototypes == means, axis=1)
+        # One triangular product for the items and the prototypes of their own.
+        mapped = self.solver.mapped(np.vstack([fold.features, prototypes[own]]).T)
+        queries = mapped[:, :n]  # U phi^T
+        weights = np.sqrt(fold.indicators.sum(axis=1)) if self.weighted else np.ones(n)
+        sums = self._mapped_sums() - queries @ fold.indicators  # U (sums less the fold's)^T
+        seen = counts > 0
+        terms = sums[:, seen] / np.sqrt(counts[seen])
+        protos = sums / np.maximum(counts, 1)
+        protos[:, own] = mapped[:, n:]
+        dof = _class_terms(stats)[1]
+        return lda_heldout(queries * weights, weights, terms, protos, dof * self.scale)
+
+    def _mapped_sums(self) -> np.ndarray:
+        """``U`` times the label sums (ranpac: the ridge targets, sums and counts), each
+        column once per state: a fold subtracts its own from them."""
+        key = (self.rows, len(self.stats.labels))
+        if self._mapped is None or self._mapped[0] != key:
+            counts = self.stats.counts[:, None].astype(np.float64)
+            sums = np.hstack([self.stats.sums, counts]) if self.kind == "ridge" else self.stats.sums
+            self._mapped = (key, self.solver.mapped(sums.T))
+        return self._mapped[1]
 
     def _solve(
         self, apply: Operator, stats: RunningStatistics, prototypes: np.ndarray | None
@@ -276,4 +491,4 @@ class FeatureSpace:
                 self.solver.gram() if gram is None else gram, strength.value
             )
         self.scale = strength.scale
-        self._eigen = None
+        self._eigen = self._mapped = None

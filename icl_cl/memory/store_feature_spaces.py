@@ -20,7 +20,13 @@ from icl_cl.config import MemoryConfig
 from icl_cl.errors import ConfigError
 from icl_cl.memory import feature_checkpoint as checkpoints
 from icl_cl.memory.example_index import ExampleIndex
-from icl_cl.memory.feature_space import FeatureSpace, SpaceDelta, SpaceKind, Strength
+from icl_cl.memory.feature_space import (
+    FeatureSpace,
+    HeldOutScorer,
+    SpaceDelta,
+    SpaceKind,
+    Strength,
+)
 from icl_cl.memory.item_groups import Additions, stored_additions
 from icl_cl.memory.partial import SpaceSums
 from icl_cl.memory.random_features import RandomFeatures, feature_width
@@ -310,13 +316,13 @@ class FeatureSpaces:
 
     def heldout_scorer(
         self, name: str, vectors: np.ndarray, held: Sequence[Sequence[str]], **at: Any
-    ) -> InFeatureSpace:
+    ) -> HeldOutScorer:
         """Scorer ``name`` had the items ``vectors`` (with the labels ``held``) never been
-        learned (see :meth:`FeatureSpace.heldout_head`); ``at``: the store's size and labels,
+        learned (see :meth:`FeatureSpace.heldout_scorer`); ``at``: the store's size and labels,
         as :meth:`space` takes them."""
         space = self.space(name, **at)
-        head = space.heldout_head(vectors, held, lambda stats: self.prototypes(name, stats))
-        return InFeatureSpace(name, space.features, head)
+        prototypes = lambda stats: self.prototypes(name, stats)  # noqa: E731
+        return space.heldout_scorer(name, vectors, held, prototypes)
 
     def scorer(
         self,
