@@ -23,7 +23,7 @@ from icl_cl.heads.heldout import Sample
 from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.memory.feature_space import FeatureSpace, Strength
 from icl_cl.memory.random_features import MIN_WIDTH
-from icl_cl.memory.scorers import FEATURE_SCORERS, InFeatureSpace
+from icl_cl.memory.scorers import FEATURE_SCORERS
 from icl_cl.memory.store_feature_spaces import KINDS, widest_width
 
 # The reference width and this many halvings are tried.
@@ -97,13 +97,11 @@ def _heldout_at(
 ) -> np.ndarray:
     """Held-out scores of feature scorer ``name`` in a map of ``width``, each fold left out."""
     space = space_at(memory, name, width, rho)
+    prototypes = lambda stats: memory.spaces.prototypes(name, stats)  # noqa: E731
     out = []
     for fold in folds:
         held = memory.scorers.held_out_rows([r for i in fold for r in sample.rows[i]])
-        head = space.heldout_head(
-            held.vectors, held.labels, lambda stats: memory.spaces.prototypes(name, stats)
-        )
-        scorer = InFeatureSpace(name, space.features, head)
+        scorer = space.heldout_scorer(name, held.vectors, held.labels, prototypes)
         out.append(scorer.scores(sample.vectors[fold.start : fold.stop]))
     return np.vstack(out).astype(np.float64)
 
