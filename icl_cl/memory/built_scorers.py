@@ -49,12 +49,15 @@ class BuiltScorers:
         """Scorer ``name`` as if the stored items at ``rows`` had never been learned (built anew,
         not cached): their contribution is subtracted, each item once, and they are excluded from
         the kNN vote."""
+        return self._held_out(self.held_out_rows(rows), name)
+
+    def _held_out(self, held: HeldOutRows, name: str) -> Scorer:
+        """:meth:`held_out` of items looked up once for every part of a combination."""
         memory = self._memory
         if SEPARATOR in name:
             weights = weights_of(memory.choice, name)
-            parts = [(self.held_out(rows, part), w) for part, w in weights.items()]
+            parts = [(self._held_out(held, part), w) for part, w in weights.items()]
             return Combination(parts, self._novelty())
-        held = self.held_out_rows(rows)
         if name in FEATURE_SCORERS:
             args = memory.space_args()
             return memory.spaces.heldout_scorer(name, held.vectors, held.labels, **args)

@@ -112,10 +112,10 @@ def ridge_heldout(rows: np.ndarray, targets: np.ndarray, indicators: np.ndarray)
         targets: ``U B`` for the store's ridge targets ``B = X^T Y`` (sums and counts).
         indicators: ``Y_f``, the fold's labels.
     """
-    leverage = rows.T @ rows
-    fitted = rows.T @ targets
-    system = np.eye(len(leverage)) - leverage
-    return np.linalg.solve(system, fitted - leverage @ indicators)
+    n = rows.shape[1]
+    products = rows.T @ np.hstack([rows, targets])  # H, then X_f W: one product
+    # (I - H)^-1 (X_f W - H Y_f) = Y_f + (I - H)^-1 (X_f W - Y_f): each residual over 1 - H.
+    return indicators + np.linalg.solve(np.eye(n) - products[:, :n], products[:, n:] - indicators)
 
 
 def lda_heldout(
@@ -142,8 +142,10 @@ def lda_heldout(
         scale: ``s``: the scatter's degrees of freedom times the space's scale.
     """
     low = np.hstack([rows, terms])
-    across = low.T @ protos  # V^T K z
-    solved = np.linalg.solve(np.eye(low.shape[1]) - low.T @ low, across)  # V^T P z
+    r = low.shape[1]
+    products = low.T @ np.hstack([low, protos])  # V^T K V, then V^T K z: one product
+    across = products[:, r:]
+    solved = np.linalg.solve(np.eye(r) - products[:, :r], across)  # V^T P z
     items = solved[: rows.shape[1]] / weights[:, None]
     both = np.einsum("mc,mc->c", protos, protos) + np.einsum("kc,kc->c", across, solved)
     return scale * (2 * items - both[None, :])

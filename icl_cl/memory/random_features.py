@@ -104,10 +104,12 @@ class RandomFeatures:
         out = np.empty((len(vectors), self.size), dtype=np.float64)
         scale = np.sqrt(2.0 / self.size)
         for lo in range(0, len(vectors), _BLOCK):
-            z = vectors[lo : lo + _BLOCK] @ weights
+            z = out[lo : lo + _BLOCK]
+            np.matmul(vectors[lo : lo + _BLOCK], weights, out=z)
             if phase is None:
                 np.maximum(z, 0.0, out=z)
-            else:
-                z = scale * np.cos(z + phase)
-            out[lo : lo + _BLOCK] = z
+            else:  # in place: no temporary the size of the block
+                z += phase
+                np.cos(z, out=z)
+                z *= scale
         return out
