@@ -358,6 +358,7 @@ def test_backend_errors(stand_in_vllm: types.ModuleType, tokenizer: Any) -> None
         backend.generate([long_prompt], GenerationParams())
     empty = backend.score([], [])
     assert empty.logprobs.shape == (0, 0)
+    assert backend.generate([], GenerationParams()) == []  # a text-only model, an empty batch
     backend.close()
     with pytest.raises(BackendError, match="closed"):
         backend.score(["a"], [["b"]])

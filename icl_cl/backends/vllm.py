@@ -160,8 +160,9 @@ class VLLMBackend:
             return len(process_image_prompt(self._hf_processor(), prompt)["input_ids"][0])
         return len(encode_prompt(self._tokenizer, prompt))
 
-    def _require_images(self, prompts: Sequence[Prompt] = ()) -> None:
-        if prompts and not any(isinstance(p, ImagePrompt) for p in prompts):
+    def _require_images(self, prompts: Sequence[Prompt] | None = None) -> None:
+        # None, not an empty batch, means "an image is coming": an empty batch holds none.
+        if prompts is not None and not any(isinstance(p, ImagePrompt) for p in prompts):
             return
         if not self._capabilities.images:
             raise DataError(
