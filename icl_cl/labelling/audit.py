@@ -174,18 +174,23 @@ def _table_rows(
     scores: np.ndarray, labels: list[np.ndarray], k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One fold's columns, scores and stored-label flags: the top ``k`` then the stored labels
-    outside them."""
+    outside them (in their order)."""
     top, _ = top_k(scores, k)
-    k = top.shape[1]
-    width = k + max(len(lab) for lab in labels)
-    columns = np.full((len(scores), width), -1, np.int64)
-    columns[:, :k] = top
+    n, k = top.shape
+    most = max(len(lab) for lab in labels)
+    stored = np.full((n, most), -1, np.int64)  # each item's stored labels, -1 padded
     for i, lab in enumerate(labels):
-        extra = lab[~np.isin(lab, top[i])]
-        columns[i, k : k + len(extra)] = extra
+        stored[i, : len(lab)] = lab
+    extra = (stored >= 0) & ~(stored[:, :, None] == top[:, None, :]).any(axis=2)
+    first = np.argsort(~extra, axis=1, kind="stable")  # those outside the top first, in order
+    columns = np.full((n, k + most), -1, np.int64)
+    columns[:, :k] = top
+    columns[:, k:] = np.where(
+        np.take_along_axis(extra, first, 1), np.take_along_axis(stored, first, 1), -1
+    )
     live = columns >= 0
     values = np.where(live, np.take_along_axis(scores, np.maximum(columns, 0), 1), -np.inf)
-    given = np.stack([np.isin(columns[i], lab) for i, lab in enumerate(labels)]) & live
+    given = (columns[:, :, None] == stored[:, None, :]).any(axis=2) & live
     return columns, values, given
 
 
