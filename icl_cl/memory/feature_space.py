@@ -20,8 +20,9 @@ Held-out scoring (an audit scores every stored item so, a fit its held-out sampl
 scores of a fold's items by the space without them, not that space's head: the fold-wise
 cross-validation identities (:func:`ridge_heldout`, :func:`lda_heldout`) give them from the
 fold's quadratic forms in ``K`` alone, which the Cholesky factor of ``K`` makes a triangular
-product (:meth:`InverseGram.mapped`): about a third of the work of solving the fold's head (its
-``K X_f^T``, then ``K`` applied to the ``C`` targets, twice for klda) and scoring with it.
+product (:meth:`InverseGram.mapped`, ``n M^2 / 2`` for ``n`` items): well under half the work of
+solving the fold's head (its ``K X_f^T``, ``n M^2``, then ``K`` applied to the ``C`` targets,
+twice for klda) and scoring the items with it.
 """
 
 from __future__ import annotations

@@ -101,7 +101,8 @@ class InverseGram:
 
     def factor(self) -> np.ndarray:
         """``U``, upper triangular (Fortran order) with ``K = U^T U``: one Cholesky
-        factorisation (``O(M^3 / 3)``, a third of an inverse), kept until ``K`` changes, for
+        factorisation (``O(M^3 / 3)``, a third of an inverse), kept until ``K`` changes (one
+        more ``M x M`` array, as the eigendecomposition a strength choice keeps), for
         :meth:`mapped`."""
         if self._factor is None:
             from scipy.linalg import lapack
