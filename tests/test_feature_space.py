@@ -138,12 +138,14 @@ def test_a_heldout_head_equals_the_head_learned_without_the_items(kind):
 
 
 def _with_few_shot_labels(labels, multi):
-    """Labels with few-shot ones klda calibrates (``rare``: 8 examples, ``solo``: 1) and one
-    whose only example is held out (``gone``)."""
+    """Labels with few-shot ones klda calibrates (``rare``: 8 examples, ``solo``: 1), one whose
+    only example is held out (``gone``) and, multi-label, an item with no label."""
     out = [list(labs) for labs in labels]
     for i in range(40, 200, 20):
         out[i] = ["rare", *out[i][1:]] if multi else ["rare"]
     out[5], out[50] = ["solo"], ["gone"]
+    if multi:
+        out[35] = []  # an item with no label (held out): it adds no Gram row
     return out
 
 

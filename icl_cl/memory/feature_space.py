@@ -120,7 +120,7 @@ def ridge_heldout(rows: np.ndarray, targets: np.ndarray, indicators: np.ndarray)
 
 
 def lda_heldout(
-    rows: np.ndarray, weights: np.ndarray, terms: np.ndarray, protos: np.ndarray, scale: float
+    queries: np.ndarray, weights: np.ndarray, terms: np.ndarray, protos: np.ndarray, scale: float
 ) -> np.ndarray:
     """klda's scores ``s (2 q^T P z_c - z_c^T P z_c)`` of a fold's items ``q`` against the
     prototypes ``z_c``, with the precision of the store without the fold
@@ -132,22 +132,28 @@ def lda_heldout(
     With ``V = [X_f^T, T]`` and ``S = I - V^T K V``, ``V^T P z = S^-1 V^T K z`` (Woodbury), and
     ``z^T P z = z^T K z + (V^T K z)^T S^-1 V^T K z``; an item's Gram row is its features times
     its weight, so its ``q^T P z`` is a row of the same solve: one ``r x r`` system, no product
-    wider than ``r`` columns.
+    wider than ``r`` columns (an item of weight 0, with no label, adds no Gram row: its own
+    ``q^T K z + q^T K V S^-1 V^T K z``).
 
     Args:
-        rows: ``(M, n)`` the fold's Gram rows.
-        weights: ``(n,)`` each Gram row over its item's features (1, or ``sqrt`` of its label
+        queries: ``(M, n)`` the fold's items' features.
+        weights: ``(n,)`` each item's Gram row over its features (1, or ``sqrt`` of its label
             count in a multi-label store).
         terms: ``(M, C')`` the class terms of the labels with examples left.
         protos: ``(M, C)`` the prototypes.
         scale: ``s``: the scatter's degrees of freedom times the space's scale.
     """
-    low = np.hstack([rows, terms])
+    low = np.hstack([queries * weights, terms])
     r = low.shape[1]
     products = low.T @ np.hstack([low, protos])  # V^T K V, then V^T K z: one product
     across = products[:, r:]
     solved = np.linalg.solve(np.eye(r) - products[:, :r], across)  # V^T P z
-    items = solved[: rows.shape[1]] / weights[:, None]
+    kept = weights > 0
+    items = np.empty((len(weights), protos.shape[1]))
+    items[kept] = solved[: len(weights)][kept] / weights[kept, None]
+    if not kept.all():
+        alone = queries[:, ~kept].T
+        items[~kept] = alone @ protos + (alone @ low) @ solved
     both = np.einsum("mc,mc->c", protos, protos) + np.einsum("kc,kc->c", across, solved)
     return scale * (2 * items - both[None, :])
 
@@ -433,7 +439,7 @@ class FeatureSpace:
         protos = sums / np.maximum(counts, 1)
         protos[:, own] = mapped[:, n:]
         dof = _class_terms(stats)[1]
-        return lda_heldout(queries * weights, weights, terms, protos, dof * self.scale)
+        return lda_heldout(queries, weights, terms, protos, dof * self.scale)
 
     def _mapped_sums(self) -> np.ndarray:
         """``U`` times the label sums (ranpac: the ridge targets, sums and counts), each
