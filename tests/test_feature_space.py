@@ -47,15 +47,15 @@ def test_rows_left_out_and_low_rank_terms_are_exact():
 
 
 def test_mapped_blocks_give_the_quadratic_forms_of_the_inverse():
-    x = _rows(8, 150)
+    x = _rows(8, 1300, 1100)  # wider than a panel of the factor: several panels
     k = InverseGram.of_gram(x.T @ x, 0.4)
-    u, v = _rows(9, 12, 7), _rows(10, 12, 3)
-    np.testing.assert_allclose(k.mapped(u).T @ k.mapped(v), u.T @ k.inverse @ v, rtol=1e-10)
+    u, v = _rows(9, 1100, 7), _rows(10, 1100, 3)
+    np.testing.assert_allclose(k.mapped(u).T @ k.mapped(v), u.T @ k.inverse @ v, rtol=1e-9)
     before = u.copy()
     k.mapped(np.asfortranarray(u))
     np.testing.assert_array_equal(u, before)  # the block is not overwritten
-    k.add_rows(_rows(11, 20))  # the factor follows K
-    np.testing.assert_allclose(k.mapped(u).T @ k.mapped(v), u.T @ k.inverse @ v, rtol=1e-10)
+    k.add_rows(_rows(11, 20, 1100))  # the factor follows K
+    np.testing.assert_allclose(k.mapped(u).T @ k.mapped(v), u.T @ k.inverse @ v, rtol=1e-9)
 
 
 def test_the_gram_and_its_eigenvalues_are_recovered_from_the_inverse():

@@ -13,8 +13,8 @@ vectors without ever forming the new matrix.
 
 Held-out scores need little of ``K`` but quadratic forms ``u^T K v`` (the leverages of a fold's
 rows, and its rows against the class sums). With the Cholesky factor ``K = U^T U`` they are dot
-products of ``U u`` and ``U v``, and ``U`` times a block is a triangular product: half the work
-of ``K`` times it (:meth:`InverseGram.mapped`).
+products of ``U u`` and ``U v``, and ``U`` times a block is a triangular product: about half the
+work of ``K`` times it (:meth:`InverseGram.mapped`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ import numpy as np
 
 # Rows taken into the inverse at a time: bounds the n x n capacitance and the (M, n) products.
 _BLOCK = 1024
+# Rows of the Cholesky factor per panel of InverseGram.mapped: the zeros below the diagonal a
+# panel multiplies add about _PANEL / (2 M) to the work (6% at M = 4,096), a panel a product.
+_PANEL = 512
 
 Operator = Callable[[np.ndarray], np.ndarray]
 """``z (M, m) -> A^-1 z``: an inverse applied to a block of vectors."""
@@ -56,7 +59,7 @@ class InverseGram:
     def __init__(self, inverse: np.ndarray, strength: float) -> None:
         self.inverse = inverse
         self.strength = float(strength)
-        self._factor: np.ndarray | None = None
+        self._panels: list[tuple[int, np.ndarray]] | None = None
 
     @classmethod
     def of_gram(cls, gram: np.ndarray, strength: float) -> InverseGram:
@@ -73,7 +76,7 @@ class InverseGram:
         from scipy.linalg import cho_factor, cho_solve
 
         k = self.inverse
-        self._factor = None
+        self._panels = None
         for lo in range(0, len(rows), _BLOCK):
             x = np.asarray(rows[lo : lo + _BLOCK], dtype=np.float64)
             kx = k @ x.T  # (M, n)
@@ -89,7 +92,7 @@ class InverseGram:
         count, which beats :meth:`add_rows`' ``O(n M^2)`` once ``n`` is about ``M / 2``."""
         from scipy.linalg import solve
 
-        self._factor = None
+        self._panels = None
         system = np.eye(self.size) + self.inverse @ gram
         self.inverse = solve(system, self.inverse, overwrite_a=True, check_finite=False)
         self.inverse += self.inverse.T
@@ -99,28 +102,29 @@ class InverseGram:
         """``K z`` for ``z (M, m)``."""
         return self.inverse @ z
 
-    def factor(self) -> np.ndarray:
-        """``U``, upper triangular (Fortran order) with ``K = U^T U``: one Cholesky
-        factorisation (``O(M^3 / 3)``, a third of an inverse), kept until ``K`` changes (one
-        more ``M x M`` array, as the eigendecomposition a strength choice keeps), for
-        :meth:`mapped`."""
-        if self._factor is None:
-            from scipy.linalg import lapack
-
-            # K is symmetric: its C-order array is its own Fortran-order transpose.
-            factor, info = lapack.dpotrf(self.inverse, lower=False, clean=False)
-            if info != 0:
-                raise np.linalg.LinAlgError(f"inverse Gram not positive definite ({info})")
-            self._factor = factor
-        return self._factor
-
     def mapped(self, z: np.ndarray) -> np.ndarray:
-        """``U z`` for ``z (M, m)`` (:meth:`factor`): ``u^T K v = (U u) . (U v)``, so quadratic
-        forms in ``K`` cost one triangular product of each side, half of ``K z``'s work."""
-        from scipy.linalg import blas
+        """``U z`` for ``z (M, m)``, with ``K = U^T U`` (``U`` upper triangular, the Cholesky
+        factor): ``u^T K v = (U u) . (U v)``, so quadratic forms in ``K`` cost one triangular
+        product of each side, about half of ``K z``'s work."""
+        z = np.asarray(z, dtype=np.float64)
+        out = np.empty(z.shape)
+        for lo, panel in self._upper_panels():
+            np.matmul(panel, z[lo:], out=out[lo : lo + len(panel)])
+        return out
 
-        out = np.array(z, dtype=np.float64, order="F")  # a copy: the product overwrites it
-        return blas.dtrmm(1.0, self.factor(), out, side=0, lower=0, overwrite_b=True)
+    def _upper_panels(self) -> list[tuple[int, np.ndarray]]:
+        """``U`` by panels of rows, each from its diagonal on (the zeros below it included):
+        one Cholesky factorisation (``O(M^3 / 3)``), kept until ``K`` changes (about half an
+        ``M x M`` array). Products by panels run in numpy's BLAS, as the rest of held-out
+        scoring does: scipy's triangular product has a BLAS of its own, whose threads would
+        compete with numpy's for the same cores."""
+        if self._panels is None:
+            upper = np.linalg.cholesky(self.inverse).T
+            size = len(upper)
+            self._panels = [
+                (lo, np.triu(upper[lo : lo + _PANEL, lo:])) for lo in range(0, size, _PANEL)
+            ]
+        return self._panels
 
     def eigen(self) -> tuple[np.ndarray, np.ndarray]:
         """Eigenvalues of the Gram (not of ``K``) and their eigenvectors: ``G = Q diag(e) Q^T``
