@@ -120,10 +120,12 @@ class InverseGram:
         compete with numpy's for the same cores."""
         if self._panels is None:
             upper = np.linalg.cholesky(self.inverse).T
-            size = len(upper)
-            self._panels = [
-                (lo, np.triu(upper[lo : lo + _PANEL, lo:])) for lo in range(0, size, _PANEL)
-            ]
+            self._panels = []
+            for lo in range(0, len(upper), _PANEL):
+                panel = np.array(upper[lo : lo + _PANEL, lo:])
+                square = panel[:, : len(panel)]
+                square[np.tril_indices(len(panel), -1)] = 0.0  # below the diagonal
+                self._panels.append((lo, panel))
         return self._panels
 
     def eigen(self) -> tuple[np.ndarray, np.ndarray]:
