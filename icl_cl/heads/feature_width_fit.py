@@ -21,10 +21,10 @@ import numpy as np
 
 from icl_cl.heads.heldout import Sample
 from icl_cl.memory.ecl import ExternalContinualLearner
-from icl_cl.memory.feature_space import FeatureSpace, Strength
+from icl_cl.memory.feature_space import FeatureSpace
 from icl_cl.memory.random_features import MIN_WIDTH
 from icl_cl.memory.scorers import FEATURE_SCORERS
-from icl_cl.memory.store_feature_spaces import KINDS, widest_width
+from icl_cl.memory.store_feature_spaces import KINDS, stored_rows, strength_rule, widest_width
 
 # The reference width and this many halvings are tried.
 HALVINGS = 2
@@ -111,21 +111,17 @@ def space_at(
 ) -> FeatureSpace:
     """A space of scorer ``name`` in a map of ``width``, built from the stored vectors and
     kept by no one; ranpac at the relative strength ``rho`` (``None``: the config's)."""
-    n_rows, items = memory.n_examples, bool(memory.multi_label)
-    rho = memory.config.ranpac_lambda if rho is None else rho
-
-    def strength(space: FeatureSpace, gram: np.ndarray) -> Strength:
-        if name == "ranpac":
-            return space.ridge_strength(float(np.trace(gram)), rho)
-        return space.lda_strength(gram, memory.config.shrinkage)
-
+    items, config = bool(memory.multi_label), memory.config
+    vectors, row_labels, inputs = stored_rows(memory.store, memory.index, memory.n_examples, items)
     return FeatureSpace.build(
         KINDS[name],
         memory.spaces.features(name, memory.n_items, width),
         labels=memory.stats.labels,
-        vectors=memory.index.vectors_all()[:n_rows],
-        row_labels=memory.store.row_labels()[:n_rows],
-        inputs=list(memory.store.input_keys()[:n_rows]) if items else [None] * n_rows,
+        vectors=vectors,
+        row_labels=row_labels,
+        inputs=inputs,
         items=items,
-        strength=strength,
+        strength=strength_rule(
+            name, config.ranpac_lambda if rho is None else rho, config.shrinkage
+        ),
     )

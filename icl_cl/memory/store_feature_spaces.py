@@ -119,16 +119,14 @@ class FeatureSpaces:
                     f"{len(labels)} labels (at most {MAX_LABELS}): use knn, mahalanobis or auto"
                 )
             features, items = self.features(name, n_items), bool(multi_label)
-            vectors = self.index.vectors_all()[:n_rows]
-            row_labels = self.store.row_labels()[:n_rows]
-            inputs = list(self.store.input_keys()[:n_rows]) if items else [None] * n_rows
+            vectors, row_labels, inputs = stored_rows(self.store, self.index, n_rows, items)
             path = self.checkpoint(features)
             space = checkpoints.read_state(path, KINDS[name], features, labels, items)
             if space is None:
                 space = FeatureSpace.build(
                     KINDS[name], features, labels=labels, vectors=vectors,
                     row_labels=row_labels, inputs=inputs, items=items,
-                    strength=self._strength(name),
+                    strength=strength_rule(name, self._rho(), self.config.shrinkage),
                 )  # fmt: skip
                 space.choice = self._choice()
                 self._saved[name] = -1
@@ -141,11 +139,6 @@ class FeatureSpaces:
                 raise ValueError(f"feature space {name}: label columns differ from the store's")
             self._spaces[name] = space
         return self._spaces[name]
-
-    def _strength(self, name: str) -> Callable[[FeatureSpace, np.ndarray], Strength]:
-        if name == "ranpac":
-            return lambda space, gram: space.ridge_strength(float(np.trace(gram)), self._rho())
-        return lambda space, gram: space.lda_strength(gram, self.config.shrinkage)
 
     def session_deltas(
         self,
@@ -350,6 +343,25 @@ class FeatureSpaces:
             )
             head = self._solved(name, space)
         return InFeatureSpace(name, features, head)
+
+
+def stored_rows(
+    store: Store, index: ExampleIndex, n_rows: int, items: bool
+) -> tuple[np.ndarray, list[list[str]], list[str | None]]:
+    """What a space is built from: the first ``n_rows`` stored vectors, their labels, and their
+    inputs where copies of an input group into one item (``items``; else ``None`` each)."""
+    inputs = list(store.input_keys()[:n_rows]) if items else [None] * n_rows
+    return index.vectors_all()[:n_rows], store.row_labels()[:n_rows], inputs
+
+
+def strength_rule(
+    name: str, rho: float, shrinkage: float | str
+) -> Callable[[FeatureSpace, np.ndarray], Strength]:
+    """How a space of scorer ``name`` sets its strength from its Gram when it is built: ranpac
+    at the relative strength ``rho``, klda at the ``shrinkage`` of its covariance."""
+    if name == "ranpac":
+        return lambda space, gram: space.ridge_strength(float(np.trace(gram)), rho)
+    return lambda space, gram: space.lda_strength(gram, shrinkage)
 
 
 def widest_width(config: MemoryConfig, name: str, n_items: int | None = None) -> int:
