@@ -92,13 +92,35 @@ def test_margin_takes_the_closest_calls_of_the_stores_own_probabilities(clf, see
     assert first in top.reason and second in top.reason
 
 
-@pytest.mark.parametrize("strategy", ["margin", "combined", "diversity", "random", "coverage"])
+@pytest.mark.parametrize(
+    "strategy", ["margin", "combined", "diversity", "random", "coverage", "expected_change"]
+)
 def test_batches_of_the_pool_give_the_ranking_of_the_whole_pool(clf, seeded, strategy):
     ids, texts = _pool(seeded)
     whole = clf.suggest(texts, 7, ids=ids, options=SuggestOptions(strategy, batch_size=1000))
     small = clf.suggest(texts, 7, ids=ids, options=SuggestOptions(strategy, batch_size=9))
     assert [s.id for s in small] == [s.id for s in whole]
     assert [s.score for s in small] == pytest.approx([s.score for s in whole])
+
+
+def test_expected_change_is_the_margin_times_the_expected_shift_of_the_class_mean(clf, seeded):
+    """score = margin x sum_c p_c d_c / (n_c + 1), d_c the Mahalanobis distance of the input to
+    label c's mean (the mahalanobis scorer's -d^2), over the store's own probabilities."""
+    ids, texts = _pool(seeded)
+    memory = clf.memory
+    vectors = clf.embedder.encode(texts)
+    distance = np.sqrt(-memory.score_matrix(vectors, "mahalanobis").astype(np.float64))
+    counts, col = memory.stats.counts, memory.stats.col
+    expected = []
+    for i, p in enumerate(clf.predict(texts, k=10, use_llm=False)):
+        change = sum(v * distance[i, col[lab]] / (counts[col[lab]] + 1) for lab, v in p.scores.items())
+        expected.append(_margins(clf, [texts[i]])[0] * change)
+    expected = np.array(expected)
+    found = clf.suggest(texts, 8, ids=ids, options=SuggestOptions("expected_change"))
+    order = np.lexsort((np.arange(len(ids)), -expected))[:8]
+    assert [s.id for s in found] == [ids[i] for i in order]
+    assert [s.score for s in found] == pytest.approx(expected[order], rel=1e-4)
+    assert "would move its label's mean" in found[0].reason
 
 
 def test_diversity_and_combined_do_not_pick_near_copies(clf, seeded):
@@ -159,6 +181,8 @@ def test_a_multi_label_store_suggests_its_undecided_tags(tmp_path, embedder, deb
         texts, ids = [ex.text for ex in test], [ex.id for ex in test]
         found = clf.suggest(texts, 4, ids=ids, options=SuggestOptions("margin"))
         assert len(clf.suggest(texts, 4, ids=ids)) == 4
+        changed = clf.suggest(texts, 4, ids=ids, options=SuggestOptions("expected_change"))
+    assert len(changed) == 4 and all(s.score > 0 for s in changed)
     assert len(found) == 4
     assert all(0 < s.margin <= 1 and s.labels for s in found)
     # Multi-label, the margin is that of the most undecided tag: 1 - |2p - 1|.

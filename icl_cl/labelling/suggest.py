@@ -12,6 +12,12 @@ holds one batch and a shortlist, never the whole pool's predictions or vectors. 
   whose nearest label description is a label with none;
 - ``diversity``: k-center greedy (core-set) over the embeddings, starting from the stored
   examples, so the batch covers what the store has not seen;
+- ``expected_change``: the margin times how far labelling the input would move the class
+  means, in expectation over its probabilities (``sum_c p_c d_c / (n_c + 1)``, ``d_c`` its
+  Mahalanobis distance to label ``c``'s mean under the store's pooled within-label covariance:
+  learning it as ``c`` moves that mean by ``(x - mu_c) / (n_c + 1)``). Uncertain inputs first,
+  and among them those far from what their labels' means already say, of labels with few
+  examples;
 - ``random``: a seeded uniform sample (the baseline);
 - ``combined`` (the default): margin plus a share of coverage shortlists the pool, then MMR
   over the embeddings picks a batch that is uncertain and not made of near-copies.
@@ -35,7 +41,14 @@ from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.types import Prediction, Progress
 
 StrategyName = Literal[
-    "combined", "margin", "entropy", "conformal", "coverage", "diversity", "random"
+    "combined",
+    "margin",
+    "entropy",
+    "conformal",
+    "coverage",
+    "diversity",
+    "expected_change",
+    "random",
 ]
 STRATEGIES: tuple[str, ...] = get_args(StrategyName)
 """The strategies of :func:`suggest`, the default first."""
@@ -145,6 +158,7 @@ class _Scored:
     entropy: np.ndarray
     coverage: np.ndarray
     novelty: np.ndarray
+    change: np.ndarray
     vectors: np.ndarray
     predictions: list[Prediction]
     rare: list[str | None] = field(default_factory=list)
@@ -153,7 +167,7 @@ class _Scored:
     def concat(parts: Sequence[_Scored]) -> _Scored:
         arrays = {
             name: np.concatenate([getattr(p, name) for p in parts])
-            for name in ("positions", "score", "margin", "entropy", "coverage", "novelty")
+            for name in ("positions", "score", "margin", "entropy", "coverage", "novelty", "change")
         }
         return _Scored(
             **arrays,
@@ -170,6 +184,7 @@ class _Scored:
             self.entropy[rows],
             self.coverage[rows],
             self.novelty[rows],
+            self.change[rows],
             self.vectors[rows],
             [self.predictions[i] for i in rows],
             [self.rare[i] for i in rows],
@@ -317,6 +332,9 @@ def _score_batch(
     if options.strategy == "diversity":
         sims, _rows = memory.neighbours(vectors, 1)
         novelty = 1.0 - sims[:, 0].astype(np.float64)
+    change = np.zeros(len(positions))
+    if options.strategy == "expected_change":
+        change = _expected_change(memory, vectors, predictions)
     sizes = np.array([len(p.set or ()) for p in predictions], np.float64)
     score = {
         "margin": lambda: margin,
@@ -326,8 +344,30 @@ def _score_batch(
         "diversity": lambda: novelty,
         "random": lambda: rng.random(len(positions)),
         "combined": lambda: margin + options.coverage_weight * coverage,
+        "expected_change": lambda: margin * change,
     }[options.strategy]()
-    return _Scored(positions, score, margin, entropy, coverage, novelty, vectors, predictions, rare)
+    return _Scored(
+        positions, score, margin, entropy, coverage, novelty, change, vectors, predictions, rare
+    )
+
+
+def _expected_change(
+    memory: ExternalContinualLearner, vectors: np.ndarray, predictions: list[Prediction]
+) -> np.ndarray:
+    """Per input, ``sum_c p_c d_c / (n_c + 1)`` over its candidate labels: the expected shift of
+    the class mean it would be learned into, ``d_c`` in Mahalanobis distance under the store's
+    pooled within-label covariance (the ``mahalanobis`` scorer's, whatever scorer predicts),
+    which weighs a move along the directions the labels vary in less."""
+    squared = -memory.score_matrix(vectors, "mahalanobis").astype(np.float64)
+    distance = np.sqrt(np.maximum(np.where(np.isfinite(squared), squared, 0.0), 0.0))
+    counts = memory.stats.counts
+    col = memory.stats.col
+    return np.array(
+        [
+            sum(v * distance[i, col[lab]] / (counts[col[lab]] + 1) for lab, v in p.scores.items())
+            for i, p in enumerate(predictions)
+        ]
+    )
 
 
 def _sorted_probabilities(pred: Prediction) -> list[tuple[str, float]]:
@@ -521,6 +561,12 @@ def _reason(
         return f"the {options.confidence:.0%} conformal set holds {size} labels: {_listed(asked)}"
     if strategy == "entropy":
         return f"probability spread over {_listed(asked)} (entropy {chosen.entropy[row]:.2f})"
+    if strategy == "expected_change":
+        return (
+            f"uncertain between {_listed(asked)} (the top two {1 - chosen.margin[row]:.2f} "
+            f"apart), and far from their means: learning it would move its label's mean by "
+            f"{chosen.change[row]:.3f} (Mahalanobis, expected)"
+        )
     text = f"uncertain between {_listed(asked)} (the top two {1 - chosen.margin[row]:.2f} apart)"
     return text + ("; picked unlike the rest of the batch" if strategy == "combined" else "")
 
