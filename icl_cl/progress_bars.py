@@ -8,14 +8,22 @@ from typing import Any
 
 from icl_cl.types import Progress
 
-# What a stage's progress bar counts, by the start of the stage's name; any other stage counts
-# items.
+# What a stage's progress bar counts, by the start or the end of the stage's name; any other
+# stage counts items.
 UNIT_OF_STAGE = (
     ("fitting: choosing the ECL scorer", "scorer"),
     ("shards", "shard"),
     ("cells", "cell"),
     ("sessions", "session"),
+    ("strategies", "strategy"),
+    ("rounds", "round"),
 )
+
+
+def unit_of(stage: str) -> str:
+    """What the bar of ``stage`` counts."""
+    found = (u for part, u in UNIT_OF_STAGE if stage.startswith(part) or stage.endswith(part))
+    return next(found, "item")
 
 
 def progress_bars(quiet: bool) -> Progress:
@@ -34,10 +42,9 @@ def progress_bars(quiet: bool) -> Progress:
         from tqdm import tqdm
 
         bar = bars.get(stage)
-        if bar is None:
-            unit = next((u for start, u in UNIT_OF_STAGE if stage.startswith(start)), "item")
+        if bar is None or done < bar.n:  # a stage run again (another seed's) gets a new bar
             bar = bars[stage] = tqdm(
-                total=total, desc=stage, unit=unit, file=sys.stderr, dynamic_ncols=True
+                total=total, desc=stage, unit=unit_of(stage), file=sys.stderr, dynamic_ncols=True
             )
             bar.start_t = bar.last_print_t = last
         bar.update(done - bar.n)

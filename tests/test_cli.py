@@ -438,6 +438,14 @@ def test_progress_bars_name_what_they_count_and_an_honest_rate(capsys):
     assert rate and float(rate.group(1)) < 96 / 0.45, embedding[-1]
     scorers = [line for line in lines if "4/4" in line][-1]
     assert "scorer" in scorers.split("4/4")[1] and "item" not in scorers.split("4/4")[1]
+    # A curve's rounds count rounds; a stage that starts again (the next seed's) gets a new bar.
+    for _seed in range(2):
+        for done in (1, 2, 3):
+            progress("combined: rounds", done, 3)
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    rounds = [line for line in lines if line.startswith("combined: rounds")]
+    assert sum("3/3" in line for line in rounds) >= 2, rounds
+    assert all("round" in line.split("/3")[1] and "item" not in line for line in rounds)
     quiet = progress_bars(quiet=True)
     quiet("embedding", 1, 2)
     assert capsys.readouterr().err == ""

@@ -129,6 +129,57 @@ def test_the_sample_config_draws_learning_curves_and_resumes_a_killed_run(
     assert again["embedded_texts"] == 0  # the run folder's embedding cache had every text
 
 
+def test_repeats_run_each_seed_as_its_own_run_and_head_their_mean(tmp_path, embedder, monkeypatch):
+    """repeats: 2 runs seed 0 and seed 1, each exactly the run a config of that seed makes;
+    the curves are their means, the headline the mean labels against random's mean."""
+    monkeypatch.setattr(active_learning, "load_embedder", lambda config: embedder)
+    config = yaml.safe_load(SAMPLE.read_text())
+    config.update(
+        strategies=["random", "combined"],
+        dataset={**config["dataset"], "path": str(SAMPLE.parent / config["dataset"]["path"])},
+    )
+    paths = {}
+    for name, change in (("both", {"repeats": 2}), ("one", {"seed": 1})):
+        paths[name] = tmp_path / f"{name}.yaml"
+        paths[name].write_text(yaml.safe_dump({**config, **change}))
+        assert main(["-q", "eval", str(paths[name]), "--out", str(tmp_path / name)]) == 0
+    both = json.loads((tmp_path / "both" / "results.json").read_text())
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert both["seeds"] == [0, 1] and [run["seed"] for run in both["runs"]] == [0, 1]
+    second = both["runs"][1]  # timings aside, the run of seed 1
+    assert (second["full_accuracy"], second["target"]) == (one["full_accuracy"], one["target"])
+    accuracies = lambda run: {  # noqa: E731
+        s: [p["accuracy"] for p in c] for s, c in run["curves"].items()
+    }
+    assert accuracies(second) == accuracies(one)
+    needs = lambda run: [r["labels_to_target"] for r in run["summary"]]  # noqa: E731
+    assert needs(second) == needs(one)
+    runs = both["runs"]
+    assert both["full_accuracy"] == pytest.approx(
+        (runs[0]["full_accuracy"] + runs[1]["full_accuracy"]) / 2
+    )
+    for strategy, curve in both["curves"].items():
+        per_seed = [run["curves"][strategy] for run in runs]
+        assert len(curve) == min(len(c) for c in per_seed)
+        for i, point in enumerate(curve):
+            assert point["accuracy"] == pytest.approx(sum(c[i]["accuracy"] for c in per_seed) / 2)
+    rows = {row["strategy"]: row for row in both["summary"]}
+    needed = {s: [] for s in rows}
+    for run in runs:
+        for row in run["summary"]:
+            needed[row["strategy"]].append(row["labels_to_target"])
+    assert rows["combined"]["labels_to_target"] == pytest.approx(sum(needed["combined"]) / 2)
+    assert rows["combined"]["ratio_to_random"] == pytest.approx(
+        sum(needed["combined"]) / sum(needed["random"])
+    )
+    assert rows["combined"]["ratios"] == [
+        pytest.approx(a / b) for a, b in zip(needed["combined"], needed["random"], strict=True)
+    ]
+    report = (tmp_path / "both" / "report.md").read_text()
+    assert "Repeated with seeds 0, 1" in report
+    assert "| strategy | labels to 95% | / random's | each seed's |" in report
+
+
 def test_eval_configs_pick_their_protocol():
     for path in sorted(CONFIGS.glob("*.yaml")) + sorted(CONFIGS.glob("hf/*.yaml")):
         if path.name.startswith("ablation"):  # a grid file, not an eval config

@@ -109,6 +109,12 @@ class ActiveLearningConfig(BaseModel):
     growth: float = Field(0.35, gt=0, description="a batch: this share of the labels used")
     min_batch: int = Field(45, gt=0, description="and at least this many")
     seed: int = 0
+    repeats: int = Field(
+        1,
+        gt=0,
+        description="runs with seeds seed, seed + 1, ...: each its own dev sample, seed "
+        "labels and pools; the headline is of their mean labels to the target",
+    )
     rounds_past_target: int | None = Field(
         1, ge=0, description="a strategy but random stops this many rounds after the target"
     )
@@ -400,12 +406,17 @@ def run_active_learning(
         embedder or load_embedder(config.classifier.embedder), out_dir / EMBEDDINGS
     )
     given = _given_vectors(config, base)
-    plan = _plan(config, base, GivenVectors(cached, given) if given else cached, out_dir)
-    shutil.rmtree(plan.stores, ignore_errors=True)  # a killed run's: its curve starts again
-    checkpoint = Checkpoint(out_dir, _run_fingerprint(config, plan), fresh=fresh)
-    embed_seconds = _embed_all(plan, cached, given, tick)
-    full, full_reused = _reference(plan, checkpoint)
-    curves, reused = _curves(plan, checkpoint, config.target * full["accuracy"], tick)
+    vectors = GivenVectors(cached, given) if given else cached
+    plans = [
+        _plan(config.model_copy(update={"seed": config.seed + r}), base, vectors, out_dir)
+        for r in range(config.repeats)
+    ]
+    shutil.rmtree(plans[0].stores, ignore_errors=True)  # a killed run's: its curve starts again
+    checkpoint = Checkpoint(out_dir, _run_fingerprint(config, plans[0]), fresh=fresh)
+    runs, embed_seconds = [], 0.0
+    for repeat, plan in enumerate(plans):
+        embed_seconds += _embed_all(plan, cached, given, tick)
+        runs.append(_seed_run(plan, checkpoint, repeat, tick))
     result = {
         "name": config.name,
         "protocol": "active_learning",
@@ -418,18 +429,88 @@ def run_active_learning(
         },
         "seed_labels": len(plan.seed),
         "batches": plan.batches,
+        "baselines": [s for s in config.strategies if s in (RANDOM, *BASELINES)],
+        "embed_seconds": embed_seconds,
+        "embedded_texts": cached.misses,
+    }
+    if len(runs) == 1:
+        return {**result, **{k: v for k, v in runs[0].items() if k not in ("seed", "dev")}}
+    return {**result, **over_seeds(runs), "runs": runs}
+
+
+def _seed_run(plan: _Plan, checkpoint: Checkpoint, repeat: int, tick: Progress) -> dict[str, Any]:
+    """One seed's reference, curves and headline."""
+    config = plan.config
+    full, full_reused = _reference(plan, checkpoint, repeat)
+    curves, reused = _curves(plan, checkpoint, config.target * full["accuracy"], tick, repeat)
+    run = {
+        "seed": config.seed,
+        "dev": len(plan.dev),
         "full_accuracy": full["accuracy"],
         "full_seconds": full["seconds"],
         "target_fraction": config.target,
         "target": config.target * full["accuracy"],
-        "baselines": [s for s in config.strategies if s in (RANDOM, *BASELINES)],
         "curves": curves,
-        "embed_seconds": embed_seconds,
-        "embedded_texts": cached.misses,
         "resumed": {"reference": full_reused, "strategies": reused},
     }
-    result["summary"] = summary(result)
-    return result
+    return {**run, "summary": summary(run)}
+
+
+def over_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """What the repeats of a run give together: the mean curve of each strategy (over the
+    rounds every seed ran), the mean reference and target, and the headline, each
+    strategy's mean labels to the target against random's (with each seed's ratio)."""
+    curves = {}
+    for strategy in runs[0]["curves"]:
+        per_seed = [run["curves"][strategy] for run in runs]
+        curves[strategy] = [
+            {
+                "labels": points[0]["labels"],
+                "accuracy": float(np.mean([p["accuracy"] for p in points])),
+                "pick_s": float(np.mean([p.get("pick_s", 0.0) for p in points])),
+            }
+            for points in zip(*per_seed, strict=False)
+        ]
+    rows = []
+    by_strategy = [{row["strategy"]: row for row in run["summary"]} for run in runs]
+    for strategy in runs[0]["curves"]:
+        needs = [table[strategy]["labels_to_target"] for table in by_strategy]
+        random_needs = [table[RANDOM]["labels_to_target"] for table in by_strategy]
+        mean = None if None in needs else float(np.mean(needs))
+        random_mean = None if None in random_needs else float(np.mean(random_needs))
+        rows.append(
+            {
+                "strategy": strategy,
+                "labels_to_target": mean,
+                "ratio_to_random": None
+                if mean is None or random_mean is None
+                else mean / random_mean,
+                "ratios": [table[strategy]["ratio_to_random"] for table in by_strategy],
+                "final_accuracy": float(
+                    np.mean([table[strategy]["final_accuracy"] for table in by_strategy])
+                ),
+                "pick_s_per_round": float(
+                    np.mean([table[strategy]["pick_s_per_round"] for table in by_strategy])
+                ),
+            }
+        )
+    full = float(np.mean([run["full_accuracy"] for run in runs]))
+    target_fraction = runs[0]["target_fraction"]
+    return {
+        "seeds": [run["seed"] for run in runs],
+        "full_accuracy": full,
+        "full_seconds": float(np.sum([run["full_seconds"] for run in runs])),
+        "target_fraction": target_fraction,
+        "target": target_fraction * full,
+        "curves": curves,
+        "resumed": {
+            "reference": all(run["resumed"]["reference"] for run in runs),
+            "strategies": [
+                s for s in runs[0]["curves"] if all(s in r["resumed"]["strategies"] for r in runs)
+            ],
+        },
+        "summary": rows,
+    }
 
 
 def _run_fingerprint(config: ActiveLearningConfig, plan: _Plan) -> str:
@@ -463,7 +544,7 @@ def _embed_all(
     return time.perf_counter() - start
 
 
-def _reference(plan: _Plan, checkpoint: Checkpoint) -> tuple[dict[str, float], bool]:
+def _reference(plan: _Plan, checkpoint: Checkpoint, repeat: int) -> tuple[dict[str, float], bool]:
     """``{accuracy, seconds}`` of a store that learned all of train (and whether the
     checkpoint had it)."""
     config = plan.config
@@ -475,7 +556,8 @@ def _reference(plan: _Plan, checkpoint: Checkpoint) -> tuple[dict[str, float], b
             config.store_config().model_dump(mode="json"),
         ]
     )
-    found = checkpoint.get_extra("reference", fp)
+    key = "reference" if repeat == 0 else f"reference-{repeat}"
+    found = checkpoint.get_extra(key, fp)
     if found is not None:
         return found, True
     path, start = plan.stores / "reference", time.perf_counter()
@@ -485,23 +567,23 @@ def _reference(plan: _Plan, checkpoint: Checkpoint) -> tuple[dict[str, float], b
     shutil.rmtree(path)
     value["seconds"] = round(time.perf_counter() - start, 1)
     logger.info("all of train: dev top-1 %.4f", value["accuracy"])
-    checkpoint.put_extra("reference", fp, value)
+    checkpoint.put_extra(key, fp, value)
     return value, False
 
 
 def _curves(
-    plan: _Plan, checkpoint: Checkpoint, target: float, tick: Progress
+    plan: _Plan, checkpoint: Checkpoint, target: float, tick: Progress, repeat: int
 ) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
     """Every strategy's curve, and the strategies whose curve the checkpoint had. A curve
-    depends on every setting but the run's name and the other strategies."""
+    depends on every setting but the run's name, the other strategies and the repeats."""
     config = plan.config
-    settings = config.model_dump(mode="json", exclude={"name", "strategies"})
+    settings = config.model_dump(mode="json", exclude={"name", "strategies", "repeats"})
     curves: dict[str, list[dict[str, Any]]] = {}
     reused: list[str] = []
     seed_store: Path | None = None
     for i, strategy in enumerate(config.strategies):
         fp = fingerprint([settings, strategy])
-        found = checkpoint.get(strategy, 0, fp)
+        found = checkpoint.get(strategy, repeat, fp)
         if found is not None:
             curves[strategy] = found["curve"]
             reused.append(strategy)
@@ -511,7 +593,7 @@ def _curves(
                 with plan.open(seed_store) as clf:
                     clf.learn(plan.seed, plan.labels, k=config.k)
             curves[strategy] = _curve(plan, strategy, seed_store, target, tick)
-            checkpoint.put(strategy, 0, fp, {"curve": curves[strategy]})
+            checkpoint.put(strategy, repeat, fp, {"curve": curves[strategy]})
         tick("strategies", i + 1, len(config.strategies))
     shutil.rmtree(plan.stores, ignore_errors=True)
     return curves, reused

@@ -254,12 +254,16 @@ def headline_table(results: dict[str, Any]) -> str:
                 "strategy": row["strategy"],
                 needed: "not reached" if needs is None else f"{round(needs):,}",
                 "/ random's": "" if ratio is None else f"{ratio:.2f}",
+                "each seed's": " / ".join(
+                    "–" if r is None else f"{r:.2f}" for r in row.get("ratios", ())
+                ),
                 "last accuracy": f"{row['final_accuracy']:.3f}",
                 "pick s a round": f"{row['pick_s_per_round']:.2f}",
             }
         )
+    seeds = ["each seed's"] if "seeds" in results else []
     return markdown_table(
-        rows, ["strategy", needed, "/ random's", "last accuracy", "pick s a round"]
+        rows, ["strategy", needed, "/ random's", *seeds, "last accuracy", "pick s a round"]
     )
 
 
@@ -273,6 +277,20 @@ def active_learning_tables(results: dict[str, Any]) -> str:
             headline_table(results),
         ]
     )
+
+
+def _seeds_line(results: dict[str, Any]) -> list[str]:
+    """A run repeated over seeds: which, and what its tables are."""
+    if "seeds" not in results:
+        return []
+    seeds = ", ".join(str(s) for s in results["seeds"])
+    return [
+        f"Repeated with seeds {seeds}, each its own dev sample, seed labels and pools: the "
+        "reference and the curves are means over the seeds (a curve up to the last round every "
+        "seed ran), and the headline's ratio is of the mean labels to the target, each seed's "
+        "ratio beside it.",
+        "",
+    ]
 
 
 def write_active_learning_report(results: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -296,6 +314,7 @@ def write_active_learning_report(results: dict[str, Any], out_dir: Path) -> list
         f"{results['target_fraction']:.0%} of it ({results['target']:.4f}; linear between "
         "rounds), as a fraction of what random sampling needs.",
         "",
+        *_seeds_line(results),
         f"This invocation found the reference {'finished' if resumed['reference'] else 'to do'} "
         f"and {len(resumed['strategies'])} of {len(results['curves'])} curves finished.",
         "",
