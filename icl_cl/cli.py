@@ -642,10 +642,11 @@ def _add_suggest(sub: Any, common: argparse.ArgumentParser) -> None:
         "--strategy",
         choices=STRATEGIES,
         default=STRATEGIES[0],
-        help="combined (default): margin of the calibrated probabilities plus coverage of "
-        "labels with few examples, then MMR so the batch is not near-copies; margin; entropy; "
-        "conformal (set size); coverage (labels with few or no examples); diversity (k-center "
-        "greedy over the embeddings); random",
+        help="expected_change (default): the margin of the calibrated probabilities times how "
+        "far learning the input would move its likely labels' means; combined: margin plus "
+        "coverage of labels with few examples, then MMR so the batch is not near-copies; "
+        "margin; entropy; conformal (set size); coverage (labels with few or no examples); "
+        "diversity (k-center greedy over the embeddings); random",
     )
     p.add_argument("--output", required=True, help="output JSONL (written atomically)")
     p.add_argument("--ids", choices=ID_MODES, default="field", help=IDS_HELP)

@@ -15,7 +15,7 @@ embedded beforehand; without them the texts are embedded once into the run folde
 Usage:
     python eval/bench/active_learning.py --data DATASET_DIR --train-vectors train.npy
         --dev-vectors dev.npy [--strategies random,bt,margin,combined,...] [--scorer S]
-        [--seed-per-label 2] [--pool 3000] [--dev 2000] [--max-labels 8000]
+        [--seed-per-label 2] [--pool 3000] [--dev 2000] [--max-labels 8000] [--repeats 1]
         [--out runs/bench/active_learning.json] [--plot docs/images/active-learning.png]
 """
 
@@ -62,6 +62,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--growth", type=float, default=0.35)
     parser.add_argument("--min-batch", type=int, default=45)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1, help="seeds seed, seed + 1, ...")
     parser.add_argument(
         "--rounds-past-target",
         type=int,
@@ -94,7 +95,7 @@ def config(args: argparse.Namespace) -> ActiveLearningConfig:
                 for key in (
                     "train_vectors", "dev_vectors", "scorer", "seed_per_label", "pool",
                     "pool_per_batch", "dev", "max_labels", "growth", "min_batch", "seed",
-                    "rounds_past_target",
+                    "repeats", "rounds_past_target",
                 )
             },
         }

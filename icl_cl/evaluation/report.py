@@ -357,9 +357,10 @@ def learning_curve_plot(results: dict[str, Any], path: Path) -> Path | None:
     )
     ax.set_xlabel("labels used")
     ax.set_ylabel("dev top-1")
+    seeds = f", mean of {len(results['seeds'])} seeds" if "seeds" in results else ""
     ax.set_title(
         f"{results['dataset']['name']}: {results['target_fraction']:.0%} of all of train "
-        "= grey line",
+        f"= grey line{seeds}",
         fontsize=10,
     )
     ax.grid(alpha=0.3)

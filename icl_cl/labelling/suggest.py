@@ -12,15 +12,15 @@ holds one batch and a shortlist, never the whole pool's predictions or vectors. 
   whose nearest label description is a label with none;
 - ``diversity``: k-center greedy (core-set) over the embeddings, starting from the stored
   examples, so the batch covers what the store has not seen;
-- ``expected_change``: the margin times how far labelling the input would move the class
-  means, in expectation over its probabilities (``sum_c p_c d_c / (n_c + 1)``, ``d_c`` its
-  Mahalanobis distance to label ``c``'s mean under the store's pooled within-label covariance:
-  learning it as ``c`` moves that mean by ``(x - mu_c) / (n_c + 1)``). Uncertain inputs first,
-  and among them those far from what their labels' means already say, of labels with few
-  examples;
+- ``expected_change`` (the default): the margin times how far labelling the input would
+  move the class means, in expectation over its probabilities (``sum_c p_c d_c / (n_c + 1)``,
+  ``d_c`` its Mahalanobis distance to label ``c``'s mean under the store's pooled within-label
+  covariance: learning it as ``c`` moves that mean by ``(x - mu_c) / (n_c + 1)``). Uncertain
+  inputs first, and among them those far from what their labels' means already say, of labels
+  with few examples;
 - ``random``: a seeded uniform sample (the baseline);
-- ``combined`` (the default): margin plus a share of coverage shortlists the pool, then MMR
-  over the embeddings picks a batch that is uncertain and not made of near-copies.
+- ``combined``: margin plus a share of coverage shortlists the pool, then MMR over the
+  embeddings picks a batch that is uncertain and not made of near-copies.
 """
 
 from __future__ import annotations
@@ -41,13 +41,13 @@ from icl_cl.memory.ecl import ExternalContinualLearner
 from icl_cl.types import Prediction, Progress
 
 StrategyName = Literal[
+    "expected_change",
     "combined",
     "margin",
     "entropy",
     "conformal",
     "coverage",
     "diversity",
-    "expected_change",
     "random",
 ]
 STRATEGIES: tuple[str, ...] = get_args(StrategyName)
@@ -76,7 +76,7 @@ class SuggestOptions:
         scorer: The ECL scorer (``None``: the store's).
     """
 
-    strategy: str = "combined"
+    strategy: str = "expected_change"
     k: int = 10
     confidence: float = 0.9
     neighbours: int = 3
