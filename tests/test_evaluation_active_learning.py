@@ -200,6 +200,7 @@ def test_eval_configs_pick_their_protocol():
         ({"strategies": ["random", "bt@coverage_weight=2"]}, "is not an option"),
         ({"strategies": ["random", "random"]}, "repeated"),
         ({"growth": 0}, "growth"),
+        ({"repeats": 0}, "repeats"),
         ({"sessions": {"by": "random"}}, "sessions"),
     ],
 )

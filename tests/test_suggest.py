@@ -113,7 +113,9 @@ def test_expected_change_is_the_margin_times_the_expected_shift_of_the_class_mea
     counts, col = memory.stats.counts, memory.stats.col
     expected = []
     for i, p in enumerate(clf.predict(texts, k=10, use_llm=False)):
-        change = sum(v * distance[i, col[lab]] / (counts[col[lab]] + 1) for lab, v in p.scores.items())
+        change = sum(
+            v * distance[i, col[lab]] / (counts[col[lab]] + 1) for lab, v in p.scores.items()
+        )
         expected.append(_margins(clf, [texts[i]])[0] * change)
     expected = np.array(expected)
     found = clf.suggest(texts, 8, ids=ids, options=SuggestOptions("expected_change"))

@@ -203,18 +203,23 @@ def summary(result: dict[str, Any]) -> list[dict[str, Any]]:
     for strategy, curve in result["curves"].items():
         needs = labels_to_reach(curve, target)
         picks = [p.get("pick_s", 0.0) for p in curve[1:]]
-        rows.append(
-            {
-                "strategy": strategy,
-                "labels_to_target": needs,
-                "ratio_to_random": None
-                if needs is None or random_needs is None
-                else needs / random_needs,
-                "final_accuracy": curve[-1]["accuracy"],
-                "pick_s_per_round": float(np.mean(picks)) if picks else 0.0,
-            }
-        )
+        pick_s = float(np.mean(picks)) if picks else 0.0
+        rows.append(_headline(strategy, needs, random_needs, curve[-1]["accuracy"], pick_s))
     return rows
+
+
+def _headline(
+    strategy: str, needs: float | None, random_needs: float | None, final: float, pick_s: float
+) -> dict[str, Any]:
+    """A row of the headline: labels to the target, against random's."""
+    ratio = None if needs is None or random_needs is None else needs / random_needs
+    return {
+        "strategy": strategy,
+        "labels_to_target": needs,
+        "ratio_to_random": ratio,
+        "final_accuracy": final,
+        "pick_s_per_round": pick_s,
+    }
 
 
 def accuracy(clf: ContinualClassifier, dev: Sequence[Example], k: int) -> float:
@@ -478,22 +483,13 @@ def over_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         random_needs = [table[RANDOM]["labels_to_target"] for table in by_strategy]
         mean = None if None in needs else float(np.mean(needs))
         random_mean = None if None in random_needs else float(np.mean(random_needs))
-        rows.append(
-            {
-                "strategy": strategy,
-                "labels_to_target": mean,
-                "ratio_to_random": None
-                if mean is None or random_mean is None
-                else mean / random_mean,
-                "ratios": [table[strategy]["ratio_to_random"] for table in by_strategy],
-                "final_accuracy": float(
-                    np.mean([table[strategy]["final_accuracy"] for table in by_strategy])
-                ),
-                "pick_s_per_round": float(
-                    np.mean([table[strategy]["pick_s_per_round"] for table in by_strategy])
-                ),
-            }
+        final, pick_s = (
+            float(np.mean([table[strategy][key] for table in by_strategy]))
+            for key in ("final_accuracy", "pick_s_per_round")
         )
+        row = _headline(strategy, mean, random_mean, final, pick_s)
+        row["ratios"] = [table[strategy]["ratio_to_random"] for table in by_strategy]
+        rows.append(row)
     full = float(np.mean([run["full_accuracy"] for run in runs]))
     target_fraction = runs[0]["target_fraction"]
     return {
