@@ -440,7 +440,7 @@ def run_active_learning(
     }
     if len(runs) == 1:
         return {**result, **{k: v for k, v in runs[0].items() if k not in ("seed", "dev")}}
-    return {**result, **over_seeds(runs), "runs": runs}
+    return {**result, **_over_seeds(runs), "runs": runs}
 
 
 def _seed_run(plan: _Plan, checkpoint: Checkpoint, repeat: int, tick: Progress) -> dict[str, Any]:
@@ -461,7 +461,7 @@ def _seed_run(plan: _Plan, checkpoint: Checkpoint, repeat: int, tick: Progress) 
     return {**run, "summary": summary(run)}
 
 
-def over_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def _over_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """What the repeats of a run give together: the mean curve of each strategy (over the
     rounds every seed ran), the mean reference and target, and the headline, each
     strategy's mean labels to the target against random's (with each seed's ratio)."""
@@ -472,7 +472,6 @@ def over_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
             {
                 "labels": points[0]["labels"],
                 "accuracy": float(np.mean([p["accuracy"] for p in points])),
-                "pick_s": float(np.mean([p.get("pick_s", 0.0) for p in points])),
             }
             for points in zip(*per_seed, strict=False)
         ]

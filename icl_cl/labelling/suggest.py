@@ -5,6 +5,12 @@ The pool is scored in batches through the classifier's own predictions (calibrat
 probabilities and conformal sets, the heads fitted on held-out stored examples), so memory
 holds one batch and a shortlist, never the whole pool's predictions or vectors. Strategies:
 
+- ``expected_change`` (the default): the margin times how far labelling the input would
+  move the class means, in expectation over its probabilities (``sum_c p_c d_c / (n_c + 1)``,
+  ``d_c`` its Mahalanobis distance to label ``c``'s mean under the store's pooled within-label
+  covariance: learning it as ``c`` moves that mean by ``(x - mu_c) / (n_c + 1)``). Uncertain
+  inputs first, and among them those far from what their labels' means already say, of labels
+  with few examples;
 - ``margin``: one minus the gap between the two most probable labels (breaking ties);
 - ``entropy``: the entropy of the probabilities, the mass outside the candidates included;
 - ``conformal``: the size of the conformal set at ``confidence`` (entropy breaks ties);
@@ -12,12 +18,6 @@ holds one batch and a shortlist, never the whole pool's predictions or vectors. 
   whose nearest label description is a label with none;
 - ``diversity``: k-center greedy (core-set) over the embeddings, starting from the stored
   examples, so the batch covers what the store has not seen;
-- ``expected_change`` (the default): the margin times how far labelling the input would
-  move the class means, in expectation over its probabilities (``sum_c p_c d_c / (n_c + 1)``,
-  ``d_c`` its Mahalanobis distance to label ``c``'s mean under the store's pooled within-label
-  covariance: learning it as ``c`` moves that mean by ``(x - mu_c) / (n_c + 1)``). Uncertain
-  inputs first, and among them those far from what their labels' means already say, of labels
-  with few examples;
 - ``random``: a seeded uniform sample (the baseline);
 - ``combined``: margin plus a share of coverage shortlists the pool, then MMR over the
   embeddings picks a batch that is uncertain and not made of near-copies.
