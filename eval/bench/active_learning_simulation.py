@@ -17,7 +17,11 @@ Strategies (the batch is the best of the pool under each):
   (the product's form);
 - ``euclidean``: the same with the Euclidean distance to the class means;
 - ``squared``: the same with ``d_c^2``;
-- ``change_only``: ``sum_c p_c d_c / (n_c + 1)`` without the margin.
+- ``change_only``: ``sum_c p_c d_c / (n_c + 1)`` without the margin;
+- ``batch_counts``: ``expected_change`` picked one input at a time, each pick adding its
+  probabilities to the counts ``n_c`` the next one is scored with (a batch spreads over labels);
+- ``density``: ``expected_change`` times the input's mean cosine similarity to the pool
+  (information density: typical inputs before outliers).
 
 Usage:
     python eval/bench/active_learning_simulation.py --data DATASET_DIR --vectors train.npy
@@ -38,7 +42,16 @@ from icl_cl.evaluation.active_learning import labels_to_reach, schedule
 from icl_cl.inputs import read_examples
 from icl_cl.memory.scorers import oas_shrinkage
 
-STRATEGIES = ("random", "margin", "expected_change", "euclidean", "squared", "change_only")
+STRATEGIES = (
+    "random",
+    "margin",
+    "expected_change",
+    "euclidean",
+    "squared",
+    "change_only",
+    "batch_counts",
+    "density",
+)
 
 
 class LDA:
@@ -90,6 +103,8 @@ def priority(strategy: str, model: LDA, q: np.ndarray, rng: np.random.Generator)
     distance = {
         "expected_change": np.sqrt(finite),
         "change_only": np.sqrt(finite),
+        "batch_counts": np.sqrt(finite),
+        "density": np.sqrt(finite),
         "squared": finite,
         "euclidean": np.sqrt(
             np.maximum(
@@ -99,7 +114,30 @@ def priority(strategy: str, model: LDA, q: np.ndarray, rng: np.random.Generator)
         ),
     }[strategy]
     change = (p * distance / (model.counts + 1)).sum(axis=1)
+    if strategy == "density":
+        unit = q / np.linalg.norm(q, axis=1, keepdims=True)
+        return margin * change * (unit @ unit.mean(axis=0))
     return change if strategy == "change_only" else margin * change
+
+
+def batch_counts(model: LDA, q: np.ndarray, n: int) -> np.ndarray:
+    """``expected_change`` one pick at a time, each adding its probabilities to the counts."""
+    d2 = model.squared_distances(q)
+    p = model.probabilities(d2)
+    top = np.sort(p, axis=1)
+    weighted = (
+        (1 - (top[:, -1] - top[:, -2]))[:, None] * p * np.sqrt(np.where(np.isfinite(d2), d2, 0))
+    )
+    counts = model.counts.astype(np.float64)
+    free = np.ones(len(q), bool)
+    picked = []
+    for _ in range(n):
+        score = np.where(free, (weighted / (counts + 1)).sum(axis=1), -np.inf)
+        i = int(np.argmax(score))
+        picked.append(i)
+        free[i] = False
+        counts += p[i]
+    return np.asarray(picked)
 
 
 def curve(
@@ -124,6 +162,9 @@ def curve(
             break
         rest = train[~used[train]]
         pool = rng.choice(rest, min(len(rest), max(3000, 4 * n)), replace=False)
+        if strategy == "batch_counts":
+            used[pool[batch_counts(model, x[pool], n)]] = True
+            continue
         score = priority(strategy, model, x[pool], rng)
         used[pool[np.argsort(-score, kind="stable")[:n]]] = True
     return points
