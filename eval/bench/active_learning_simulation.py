@@ -89,31 +89,33 @@ class LDA:
         return p / p.sum(axis=1, keepdims=True)
 
 
+def posterior(model: LDA, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each input's probabilities, margin ``1 - (p1 - p2)`` and squared distances to the class
+    means (0 for a label with no example)."""
+    d2 = model.squared_distances(q)
+    p = model.probabilities(d2)
+    top = np.sort(p, axis=1)
+    return p, 1 - (top[:, -1] - top[:, -2]), np.where(np.isfinite(d2), d2, 0.0)
+
+
+def distance(strategy: str, model: LDA, q: np.ndarray, d2: np.ndarray) -> np.ndarray:
+    """The distance a form of expected change weighs the shift of each mean by."""
+    if strategy == "squared":
+        return d2
+    if strategy == "euclidean":
+        squared = (q * q).sum(1)[:, None] - 2 * q @ model.means.T + (model.means**2).sum(1)
+        return np.sqrt(np.maximum(squared, 0.0))
+    return np.sqrt(d2)
+
+
 def priority(strategy: str, model: LDA, q: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Each pool input's priority under ``strategy`` (higher first)."""
     if strategy == "random":
         return rng.random(len(q))
-    d2 = model.squared_distances(q)
-    p = model.probabilities(d2)
-    top = np.sort(p, axis=1)
-    margin = 1 - (top[:, -1] - top[:, -2])
+    p, margin, d2 = posterior(model, q)
     if strategy == "margin":
         return margin
-    finite = np.where(np.isfinite(d2), d2, 0.0)
-    distance = {
-        "expected_change": np.sqrt(finite),
-        "change_only": np.sqrt(finite),
-        "batch_counts": np.sqrt(finite),
-        "density": np.sqrt(finite),
-        "squared": finite,
-        "euclidean": np.sqrt(
-            np.maximum(
-                (q * q).sum(1)[:, None] - 2 * q @ model.means.T + (model.means**2).sum(1),
-                0.0,
-            )
-        ),
-    }[strategy]
-    change = (p * distance / (model.counts + 1)).sum(axis=1)
+    change = (p * distance(strategy, model, q, d2) / (model.counts + 1)).sum(axis=1)
     if strategy == "density":
         unit = q / np.linalg.norm(q, axis=1, keepdims=True)
         return margin * change * (unit @ unit.mean(axis=0))
@@ -122,12 +124,8 @@ def priority(strategy: str, model: LDA, q: np.ndarray, rng: np.random.Generator)
 
 def batch_counts(model: LDA, q: np.ndarray, n: int) -> np.ndarray:
     """``expected_change`` one pick at a time, each adding its probabilities to the counts."""
-    d2 = model.squared_distances(q)
-    p = model.probabilities(d2)
-    top = np.sort(p, axis=1)
-    weighted = (
-        (1 - (top[:, -1] - top[:, -2]))[:, None] * p * np.sqrt(np.where(np.isfinite(d2), d2, 0))
-    )
+    p, margin, d2 = posterior(model, q)
+    weighted = margin[:, None] * p * np.sqrt(d2)
     counts = model.counts.astype(np.float64)
     free = np.ones(len(q), bool)
     picked = []
