@@ -318,14 +318,9 @@ def _score_batch(
     margin = np.array([_margin(p, multi) for p in predictions])
     entropy = np.array([_entropy(p, multi) for p in predictions])
     counts = memory.stats.counts
-    col = memory.stats.col
+    rows, cols, probs = _candidate_entries(predictions, memory.stats.col)
     few = options.few
-    coverage = np.array(
-        [
-            sum(v * few / (few + counts[col[lab]]) for lab, v in p.scores.items())
-            for p in predictions
-        ]
-    )
+    coverage = np.bincount(rows, probs * few / (few + counts[cols]), minlength=len(predictions))
     rare = _nearest_empty_label(memory, vectors)
     coverage = np.where([r is not None for r in rare], 1.0 + coverage, coverage)
     novelty = np.zeros(len(positions))
@@ -334,7 +329,7 @@ def _score_batch(
         novelty = 1.0 - sims[:, 0].astype(np.float64)
     change = np.zeros(len(positions))
     if options.strategy == "expected_change":
-        change = _expected_change(memory, vectors, predictions)
+        change = _expected_change(memory, vectors, (rows, cols, probs))
     sizes = np.array([len(p.set or ()) for p in predictions], np.float64)
     score = {
         "margin": lambda: margin,
@@ -351,23 +346,31 @@ def _score_batch(
     )
 
 
+def _candidate_entries(
+    predictions: list[Prediction], col: dict[str, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each prediction's candidate probabilities as ``(input row, label column, probability)``
+    entries: sums over an input's candidates are then one ``np.bincount`` over its row."""
+    entries = [(i, col[lab], v) for i, p in enumerate(predictions) for lab, v in p.scores.items()]
+    rows, cols, probs = zip(*entries, strict=True) if entries else ((), (), ())
+    return np.array(rows, np.int64), np.array(cols, np.int64), np.array(probs, np.float64)
+
+
 def _expected_change(
-    memory: ExternalContinualLearner, vectors: np.ndarray, predictions: list[Prediction]
+    memory: ExternalContinualLearner,
+    vectors: np.ndarray,
+    entries: tuple[np.ndarray, np.ndarray, np.ndarray],
 ) -> np.ndarray:
-    """Per input, ``sum_c p_c d_c / (n_c + 1)`` over its candidate labels: the expected shift of
-    the class mean it would be learned into, ``d_c`` in Mahalanobis distance under the store's
-    pooled within-label covariance (the ``mahalanobis`` scorer's, whatever scorer predicts),
-    which weighs a move along the directions the labels vary in less."""
+    """Per input, ``sum_c p_c d_c / (n_c + 1)`` over its candidate labels (``entries``, see
+    :func:`_candidate_entries`): the expected shift of the class mean it would be learned into,
+    ``d_c`` in Mahalanobis distance under the store's pooled within-label covariance (the
+    ``mahalanobis`` scorer's, whatever scorer predicts), which weighs a move along the
+    directions the labels vary in less."""
     squared = -memory.score_matrix(vectors, "mahalanobis").astype(np.float64)
     distance = np.sqrt(np.maximum(np.where(np.isfinite(squared), squared, 0.0), 0.0))
-    counts = memory.stats.counts
-    col = memory.stats.col
-    return np.array(
-        [
-            sum(v * distance[i, col[lab]] / (counts[col[lab]] + 1) for lab, v in p.scores.items())
-            for i, p in enumerate(predictions)
-        ]
-    )
+    rows, cols, probs = entries
+    shift = probs * distance[rows, cols] / (memory.stats.counts[cols] + 1)
+    return np.bincount(rows, shift, minlength=len(vectors))
 
 
 def _sorted_probabilities(pred: Prediction) -> list[tuple[str, float]]:
