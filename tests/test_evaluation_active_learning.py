@@ -25,6 +25,7 @@ from tests.conftest import ROOT
 
 CONFIGS = ROOT / "eval" / "configs"
 SAMPLE = CONFIGS / "active-learning-wordnet-sample.yaml"
+DATA = ROOT / "eval" / "data" / "wordnet-sample"
 
 
 def reach(curve: list[dict[str, Any]], target: float) -> float | None:
@@ -180,6 +181,28 @@ def test_repeats_run_each_seed_as_its_own_run_and_head_their_mean(tmp_path, embe
     assert "| strategy | labels to 95% | / random's | each seed's |" in report
 
 
+def test_held_out_scores_train_items_that_no_seed_learns(tmp_path, embedder):
+    """held_out: the items scored are train items out of the pool and the reference's data, one
+    draw for every seed, each seed scoring its own sample of them; the test file is not read
+    for them."""
+    config = ActiveLearningConfig.from_yaml(SAMPLE).model_copy(update={"held_out": 60, "dev": 40})
+    train_ids = [json.loads(line)["id"] for line in (DATA / "train.jsonl").open()]
+    held: set[str] = set()
+    for seed in (0, 1):
+        seeded = config.model_copy(update={"seed": seed})
+        plan = active_learning._plan(seeded, SAMPLE.parent, embedder, tmp_path)
+        dev, train = {ex.id for ex in plan.dev}, [ex.id for ex in plan.train]
+        assert len(dev) == 40 and dev <= set(train_ids) and not dev & set(train)
+        assert train == [i for i in train_ids if i in set(train)]  # in train order
+        assert len(train) == len(train_ids) - 60 and {ex.id for ex in plan.seed} <= set(train)
+        held |= set(train_ids) - set(train)
+        assert dev <= held
+    assert len(held) == 60  # the same draw for both seeds
+    everything = config.model_copy(update={"held_out": len(train_ids)})
+    with pytest.raises(ConfigError, match="leaves no train item"):
+        active_learning._plan(everything, SAMPLE.parent, embedder, tmp_path)
+
+
 def test_eval_configs_pick_their_protocol():
     for path in sorted(CONFIGS.glob("*.yaml")) + sorted(CONFIGS.glob("hf/*.yaml")):
         if path.name.startswith("ablation"):  # a grid file, not an eval config
@@ -202,6 +225,8 @@ def test_eval_configs_pick_their_protocol():
         ({"growth": 0}, "growth"),
         ({"repeats": 0}, "repeats"),
         ({"sessions": {"by": "random"}}, "sessions"),
+        ({"held_out": 10, "train_from_dev": True}, "takes neither"),
+        ({"held_out": 0}, "held_out"),
     ],
 )
 def test_bad_active_learning_configs_are_refused(tmp_path, change, message):

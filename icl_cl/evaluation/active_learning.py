@@ -11,7 +11,8 @@ For each strategy, from the same seed store:
    the gold labels are revealed, and the batch is learned as one session (``learn``, with its
    fit of the heads);
 3. after the seed and after every round: top-1 accuracy on a seeded sample of ``dev`` test
-   items, the label ``predict`` returns.
+   items, the label ``predict`` returns. With ``held_out: N`` the test items are ``N`` train
+   items held out of the pool (one draw for every seed), so a run can be measured without dev.
 
 Batches grow with the labels used (``growth`` of them, at least ``min_batch``), so the curve is
 spaced evenly on a log scale. The reference is a store that learned all of train, with the same
@@ -58,6 +59,8 @@ from icl_cl.types import Example, Label, Progress
 logger = logging.getLogger(__name__)
 
 RANDOM = "random"
+HELD_OUT_DRAW = 123
+"""Seed of the draw of ``held_out`` train items (fixed: it is the run's test set)."""
 BASELINES = ("lc", "plain-entropy", "bt")
 """small-text's uncertainty strategies, on the softmax of the raw candidate scores."""
 VARIANT_OPTIONS = {"k": int, "shortlist": int, "confidence": float, "few": float}
@@ -125,6 +128,12 @@ class ActiveLearningConfig(BaseModel):
     train_from_dev: bool = Field(
         False, description="the test items outside the dev sample are the train items"
     )
+    held_out: int | None = Field(
+        None,
+        gt=0,
+        description="score train items held out of the pool (this many, the same draw for "
+        "every seed; dev samples them) instead of the test file: a run that never reads dev",
+    )
 
     @model_validator(mode="after")
     def _strategies(self) -> ActiveLearningConfig:
@@ -135,6 +144,10 @@ class ActiveLearningConfig(BaseModel):
             raise ValueError("strategies must include 'random': the headline is relative to it")
         for name in self.strategies:
             parse_strategy(name)
+        if self.held_out is not None and (self.train_from_dev or self.dev_vectors):
+            raise ValueError(
+                "held_out scores train items: it takes neither train_from_dev nor dev_vectors"
+            )
         return self
 
     @classmethod
@@ -321,18 +334,25 @@ def _plan(
     data = load_dataset(config.dataset, base)
     if data.multi_label:
         raise ConfigError("the active-learning protocol is for single-label datasets")
-    keep = np.random.default_rng(config.seed).permutation(len(data.test))[: config.dev]
+    test, train = data.test, data.train
+    if config.held_out is not None:
+        if config.held_out >= len(data.train):
+            raise ConfigError(
+                f"held_out {config.held_out} leaves no train item of {len(data.train)} to learn"
+            )
+        # One draw for every seed: the seeds differ in their sample of it, as of a test file.
+        order = np.random.default_rng(HELD_OUT_DRAW).permutation(len(data.train))
+        test = [data.train[i] for i in np.sort(order[: config.held_out])]
+        train = [data.train[i] for i in np.sort(order[config.held_out :])]
+    keep = np.random.default_rng(config.seed).permutation(len(test))[: config.dev]
     keep = np.sort(keep)
     if config.train_from_dev:  # the test items left out of the sample are the train items
-        rest = np.setdiff1d(np.arange(len(data.test)), keep)
-        train = [data.test[i] for i in rest]
-    else:
-        train = data.train
+        train = [test[i] for i in np.setdiff1d(np.arange(len(test)), keep)]
     seed = seed_examples(train, config.seed_per_label, config.seed)
     batches = schedule(
         len(seed), min(config.max_labels, len(train)), config.growth, config.min_batch
     )
-    dev = [data.test[i] for i in keep]
+    dev = [test[i] for i in keep]
     stores = out_dir / STORES
     return _Plan(config, data.name, train, dev, data.labels, seed, batches, embedder, stores)
 
@@ -544,7 +564,8 @@ def _reference(plan: _Plan, checkpoint: Checkpoint, repeat: int) -> tuple[dict[s
     checkpoint had it)."""
     config = plan.config
     # What the reference depends on: the strategies, seed and rounds do not change it.
-    data = {"dataset", "dev", "seed", "k", "train_from_dev", "train_vectors", "dev_vectors"}
+    data = {"dataset", "dev", "seed", "k", "train_from_dev", "held_out"}
+    data |= {"train_vectors", "dev_vectors"}
     fp = fingerprint(
         [
             config.model_dump(mode="json", include=data),

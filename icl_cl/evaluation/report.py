@@ -300,11 +300,16 @@ def write_active_learning_report(results: dict[str, Any], out_dir: Path) -> list
     ds, resumed = results["dataset"], results["resumed"]
     config = results["config"]
     scorer = config["scorer"] or config["classifier"]["memory"]["scorer"]
+    scored = (
+        "dev items"
+        if config.get("held_out") is None
+        else (f'of {config["held_out"]} train items held out of the pool ("dev" below)')
+    )
     text = [
         f"# {results['name']}: active learning",
         "",
         f"Dataset **{ds['name']}**: {ds['train']} train items (the pool's source), "
-        f"{ds['dev']} dev items scored, {ds['labels']} labels. Seed: {results['seed_labels']} "
+        f"{ds['dev']} {scored} scored, {ds['labels']} labels. Seed: {results['seed_labels']} "
         f"labels ({config['seed_per_label']} per label); then {len(results['batches'])} rounds "
         f"of batches {', '.join(str(n) for n in results['batches'])}, each picked from a pool "
         f"of at least {config['pool']} unlabelled train items. Scorer: `{scorer}`.",
