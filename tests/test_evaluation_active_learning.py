@@ -181,7 +181,7 @@ def test_repeats_run_each_seed_as_its_own_run_and_head_their_mean(tmp_path, embe
     assert "| strategy | labels to 95% | / random's | each seed's |" in report
 
 
-def test_held_out_scores_train_items_that_no_seed_learns(tmp_path, embedder):
+def test_held_out_scores_train_items_that_no_seed_learns(tmp_path, embedder, monkeypatch):
     """held_out: the items scored are train items out of the pool and the reference's data, one
     draw for every seed, each seed scoring its own sample of them; the test file is not read
     for them."""
@@ -201,6 +201,19 @@ def test_held_out_scores_train_items_that_no_seed_learns(tmp_path, embedder):
     everything = config.model_copy(update={"held_out": len(train_ids)})
     with pytest.raises(ConfigError, match="leaves no train item"):
         active_learning._plan(everything, SAMPLE.parent, embedder, tmp_path)
+
+    # Through `icl-cl eval`: the reference learned the other 180, the report says what it scored.
+    monkeypatch.setattr(active_learning, "load_embedder", lambda config: embedder)
+    raw = yaml.safe_load(SAMPLE.read_text())
+    raw.update(strategies=["random", "margin"], held_out=60, dev=40, max_labels=120)
+    raw["dataset"]["path"] = str(SAMPLE.parent / raw["dataset"]["path"])
+    path = tmp_path / "held-out.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["-q", "eval", str(path), "--out", str(tmp_path / "run")]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert (results["dataset"]["train"], results["dataset"]["dev"]) == (180, 40)
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "40 of 60 train items held out of the pool" in report
 
 
 def test_eval_configs_pick_their_protocol():
