@@ -514,7 +514,7 @@ def _over_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {
         "seeds": [run["seed"] for run in runs],
         "full_accuracy": full,
-        "full_seconds": float(np.sum([run["full_seconds"] for run in runs])),
+        "full_seconds": round(float(np.sum([run["full_seconds"] for run in runs])), 1),
         "target_fraction": target_fraction,
         "target": target_fraction * full,
         "curves": curves,
