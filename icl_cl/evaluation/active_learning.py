@@ -559,16 +559,21 @@ def _embed_all(
     return time.perf_counter() - start
 
 
+def _held_out_setting(config: ActiveLearningConfig) -> set[str]:
+    """``{"held_out"}`` when set: a fingerprint includes it only then, so the run folders made
+    before it existed keep their reference and curves."""
+    return set() if config.held_out is None else {"held_out"}
+
+
 def _reference(plan: _Plan, checkpoint: Checkpoint, repeat: int) -> tuple[dict[str, float], bool]:
     """``{accuracy, seconds}`` of a store that learned all of train (and whether the
     checkpoint had it)."""
     config = plan.config
     # What the reference depends on: the strategies, seed and rounds do not change it.
-    data = {"dataset", "dev", "seed", "k", "train_from_dev", "held_out"}
-    data |= {"train_vectors", "dev_vectors"}
+    data = {"dataset", "dev", "seed", "k", "train_from_dev", "train_vectors", "dev_vectors"}
     fp = fingerprint(
         [
-            config.model_dump(mode="json", include=data),
+            config.model_dump(mode="json", include=data | _held_out_setting(config)),
             config.store_config().model_dump(mode="json"),
         ]
     )
@@ -593,7 +598,8 @@ def _curves(
     """Every strategy's curve, and the strategies whose curve the checkpoint had. A curve
     depends on every setting but the run's name, the other strategies and the repeats."""
     config = plan.config
-    settings = config.model_dump(mode="json", exclude={"name", "strategies", "repeats"})
+    unused = {"name", "strategies", "repeats", "held_out"} - _held_out_setting(config)
+    settings = config.model_dump(mode="json", exclude=unused)
     curves: dict[str, list[dict[str, Any]]] = {}
     reused: list[str] = []
     seed_store: Path | None = None
