@@ -300,10 +300,11 @@ def write_active_learning_report(results: dict[str, Any], out_dir: Path) -> list
     ds, resumed = results["dataset"], results["resumed"]
     config = results["config"]
     scorer = config["scorer"] or config["classifier"]["memory"]["scorer"]
+    held_out = config.get("held_out")
     scored = (
         "dev items"
-        if config.get("held_out") is None
-        else (f'of {config["held_out"]} train items held out of the pool ("dev" below)')
+        if held_out is None
+        else f'of {held_out} train items held out of the pool ("dev" below)'
     )
     text = [
         f"# {results['name']}: active learning",
