@@ -225,6 +225,13 @@ def test_eval_configs_pick_their_protocol():
         assert isinstance(config, ActiveLearningConfig if active else EvalConfig), path
     full = ActiveLearningConfig.from_yaml(CONFIGS / "active-learning-wordnet-supersenses.yaml")
     assert "random" in full.strategies and {"lc", "plain-entropy", "bt"} <= set(full.strategies)
+    # The run without TEEN is comparable with the default one: only the calibration differs.
+    no_teen = ActiveLearningConfig.from_yaml(
+        CONFIGS / "active-learning-wordnet-supersenses-no-teen.yaml"
+    )
+    assert no_teen.store_config().memory.teen_max_examples == 0
+    assert full.store_config().memory.teen_max_examples > 0
+    assert no_teen.model_copy(update={"name": full.name, "classifier": full.classifier}) == full
 
 
 @pytest.mark.parametrize(
