@@ -225,13 +225,14 @@ def test_eval_configs_pick_their_protocol():
         assert isinstance(config, ActiveLearningConfig if active else EvalConfig), path
     full = ActiveLearningConfig.from_yaml(CONFIGS / "active-learning-wordnet-supersenses.yaml")
     assert "random" in full.strategies and {"lc", "plain-entropy", "bt"} <= set(full.strategies)
-    # The run without TEEN is comparable with the default one: only the calibration differs.
-    no_teen = ActiveLearningConfig.from_yaml(
-        CONFIGS / "active-learning-wordnet-supersenses-no-teen.yaml"
-    )
-    assert no_teen.store_config().memory.teen_max_examples == 0
-    assert full.store_config().memory.teen_max_examples > 0
-    assert no_teen.model_copy(update={"name": full.name, "classifier": full.classifier}) == full
+    # Each run without TEEN is comparable with its default one: only the calibration differs.
+    for name in ("active-learning-wordnet-supersenses", "active-learning-debian-sections"):
+        default = ActiveLearningConfig.from_yaml(CONFIGS / f"{name}.yaml")
+        no_teen = ActiveLearningConfig.from_yaml(CONFIGS / f"{name}-no-teen.yaml")
+        assert no_teen.store_config().memory.teen_max_examples == 0, name
+        assert default.store_config().memory.teen_max_examples > 0, name
+        same = no_teen.model_copy(update={"name": name, "classifier": default.classifier})
+        assert same == default, name
 
 
 @pytest.mark.parametrize(
