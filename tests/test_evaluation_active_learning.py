@@ -223,10 +223,19 @@ def test_eval_configs_pick_their_protocol():
         config = load_eval_config(path)
         active = path.name.startswith("active-learning")
         assert isinstance(config, ActiveLearningConfig if active else EvalConfig), path
-    full = ActiveLearningConfig.from_yaml(CONFIGS / "active-learning-wordnet-supersenses.yaml")
+    # The headline runs use the store's own scorer (auto), as a user's store does.
+    for name in ("wordnet-supersenses", "wordnet-supersenses-held-out", "debian-sections"):
+        headline = ActiveLearningConfig.from_yaml(CONFIGS / f"active-learning-{name}.yaml")
+        assert headline.scorer is None and headline.store_config().memory.scorer == "auto", name
+    full = ActiveLearningConfig.from_yaml(
+        CONFIGS / "active-learning-wordnet-supersenses-mahalanobis.yaml"
+    )
     assert "random" in full.strategies and {"lc", "plain-entropy", "bt"} <= set(full.strategies)
-    # Each run without TEEN is comparable with its default one: only the calibration differs.
-    for name in ("active-learning-wordnet-supersenses", "active-learning-debian-sections"):
+    # Each run without TEEN is comparable with its calibrated one: only the calibration differs.
+    for name in (
+        "active-learning-wordnet-supersenses-mahalanobis",
+        "active-learning-debian-sections-mahalanobis",
+    ):
         default = ActiveLearningConfig.from_yaml(CONFIGS / f"{name}.yaml")
         no_teen = ActiveLearningConfig.from_yaml(CONFIGS / f"{name}-no-teen.yaml")
         assert no_teen.store_config().memory.teen_max_examples == 0, name

@@ -51,7 +51,9 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--train-vectors", help="without it: the protocol runs within dev")
     parser.add_argument("--dev-vectors")
     parser.add_argument("--strategies", default=",".join([RANDOM, *BASELINES, *STRATEGIES[:-1]]))
-    parser.add_argument("--scorer", default="mahalanobis", help="the stores' ECL scorer")
+    parser.add_argument(
+        "--scorer", default="auto", help="the stores' ECL scorer (default: the store's, auto)"
+    )
     parser.add_argument("--seed-per-label", type=int, default=2)
     parser.add_argument("--pool", type=int, default=3000, help="pool drawn each round")
     parser.add_argument(

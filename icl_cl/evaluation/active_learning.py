@@ -99,7 +99,7 @@ class ActiveLearningConfig(BaseModel):
     dataset: DatasetSpec
     classifier: ClassifierConfig = ClassifierConfig()
     scorer: ScorerName | Literal["auto"] | None = Field(
-        "mahalanobis", description="the stores' ECL scorer (null: classifier.memory.scorer)"
+        None, description="the stores' ECL scorer (null: classifier.memory.scorer, auto)"
     )
     strategies: list[str] = Field(
         default_factory=lambda: [RANDOM, *BASELINES, *STRATEGIES[:-1]], min_length=1
