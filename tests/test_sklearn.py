@@ -74,10 +74,14 @@ TEXT_NOT_APPLICABLE = {
     "check_fit1d": NUMERIC,
     "check_fit2d_predict1d": NUMERIC,
 }
-VECTORS_NOT_APPLICABLE = {
-    "check_methods_subset_invariance": "scores are float32 (FAISS, BLAS): a subset's "
-    "probabilities differ by about 1e-7, the check's tolerance (see test_vectors_decide_as_their_texts)",
+VECTORS_NOT_APPLICABLE: dict[str, str] = {}
+ROUNDING_DEPENDENT = {
+    "check_methods_subset_invariance": "scores are float32 (FAISS, BLAS): whether a subset's "
+    "probabilities match to the check's 1e-7 depends on the machine's BLAS; the property is "
+    "tested to 1e-6 in test_vectors_decide_as_their_texts",
 }
+"""Checks on vectors whose outcome depends on the machine's float rounding: neither a pass nor
+an expected failure can be declared, so they are skipped for the test that holds a tolerance."""
 
 
 class _AsIfTabular(ContinualClassifierEstimator):
@@ -104,6 +108,9 @@ ON_TEXTS = _AsIfTabular()
     [ON_VECTORS, ON_TEXTS], expected_failed_checks=_not_applicable, xfail_strict=True
 )
 def test_scikit_learn_estimator_checks(estimator, check):
+    name = getattr(check, "func", check).__name__
+    if estimator.embedder == "precomputed" and name in ROUNDING_DEPENDENT:
+        pytest.skip(ROUNDING_DEPENDENT[name])
     check(estimator)
 
 
