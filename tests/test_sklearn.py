@@ -74,7 +74,6 @@ TEXT_NOT_APPLICABLE = {
     "check_fit1d": NUMERIC,
     "check_fit2d_predict1d": NUMERIC,
 }
-VECTORS_NOT_APPLICABLE: dict[str, str] = {}
 ROUNDING_DEPENDENT = {
     "check_methods_subset_invariance": "scores are float32 (FAISS, BLAS): whether a subset's "
     "probabilities match to the check's 1e-7 depends on the machine's BLAS; the property is "
@@ -96,7 +95,7 @@ class _AsIfTabular(ContinualClassifierEstimator):
 
 
 def _not_applicable(estimator: ContinualClassifierEstimator) -> dict[str, str]:
-    return VECTORS_NOT_APPLICABLE if estimator.embedder == "precomputed" else TEXT_NOT_APPLICABLE
+    return {} if estimator.embedder == "precomputed" else TEXT_NOT_APPLICABLE
 
 
 # The cheapest scorer and no LLM: every check fits small stores, several times over.
