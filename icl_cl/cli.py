@@ -642,9 +642,9 @@ def _add_suggest(sub: Any, common: argparse.ArgumentParser) -> None:
         "--strategy",
         choices=STRATEGIES,
         default=STRATEGIES[0],
-        help="expected_change (default): the margin of the calibrated probabilities times how "
-        "far learning the input would move its likely labels' means; combined: margin plus "
-        "coverage of labels with few examples, then MMR so the batch is not near-copies; "
+        help="combined (default): the margin of the calibrated probabilities, inputs of labels "
+        "with no example first, then MMR so the batch is not near-copies; expected_change: the "
+        "margin times how far learning the input would move its likely labels' means; "
         "margin; entropy; conformal (set size); coverage (labels with few or no examples); "
         "diversity (k-center greedy over the embeddings); random",
     )

@@ -138,14 +138,35 @@ def test_diversity_and_combined_do_not_pick_near_copies(clf, seeded):
         assert len({s.id for s in found} & twins) <= 1, strategy
 
 
-def test_coverage_puts_first_the_inputs_of_a_label_with_no_example(clf, seeded, wordnet):
+@pytest.mark.parametrize("strategy", ["coverage", "combined"])
+def test_inputs_of_a_label_with_no_example_come_first(clf, seeded, strategy):
     ids, texts = _pool(seeded)
-    found = clf.suggest(texts, 5, ids=ids, options=SuggestOptions("coverage"))
+    found = clf.suggest(texts, 5, ids=ids, options=SuggestOptions(strategy))
     first = found[0]
     assert EMPTY in first.labels and first.counts[EMPTY] == 0
     assert f"{EMPTY}, which has no stored example" in first.reason
     gold = {ex.id: ex.labels[0] for ex in seeded[2]}
-    assert sum(gold[s.id] == EMPTY for s in found) >= 3
+    # combined's MMR then spreads the batch: fewer of them, each unlike the picks before it.
+    assert sum(gold[s.id] == EMPTY for s in found) >= (3 if strategy == "coverage" else 1)
+
+
+def test_combined_adds_the_few_example_share_of_coverage_only_when_asked(clf, seeded):
+    """By default the margin alone scores the inputs whose nearest label has examples; a
+    coverage weight adds each candidate label's ``p x few / (few + n)`` (few = 5)."""
+    ids, texts = _pool(seeded)
+    counts = dict(zip(clf.memory.stats.labels, clf.memory.stats.counts.tolist(), strict=True))
+    share = {
+        i: sum(p * 5 / (5 + counts.get(lab, 0)) for lab, p in pred.scores.items())
+        for i, pred in zip(ids, clf.predict(texts, k=10, use_llm=False), strict=True)
+    }
+    for weight in (0.0, 2.0):
+        options = SuggestOptions("combined", mmr_lambda=1.0, coverage_weight=weight)
+        found = clf.suggest(texts, 40, ids=ids, options=options)
+        ranked = [s for s in found if "has no stored example" not in s.reason]
+        assert ranked
+        for s in ranked:
+            assert s.score == pytest.approx(s.margin + weight * share[s.id], abs=1e-5)
+        assert [s.score for s in found] == sorted((s.score for s in found), reverse=True)
 
 
 def test_random_is_a_seeded_sample(clf, seeded):

@@ -126,7 +126,7 @@ class SuggestRequest(_Body):
         "holds are skipped"
     )  # fmt: skip
     budget: int = Field(ge=1, description="how many inputs to suggest")
-    strategy: StrategyName = Field("expected_change", description="how to rank the pool")
+    strategy: StrategyName = Field("combined", description="how to rank the pool")
     k: int | None = Field(None, ge=1, description="candidate labels per input (default 10)")
     confidence: float = Field(
         0.9, ge=MIN_CONFIDENCE, lt=1, description="coverage of the conformal sets"
