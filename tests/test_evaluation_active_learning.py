@@ -7,6 +7,7 @@ The embedder, FAISS and SQLite are the real ones; nothing is mocked but the embe
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from typing import Any
@@ -21,6 +22,7 @@ from icl_cl.evaluation import active_learning
 from icl_cl.evaluation.active_learning import ActiveLearningConfig
 from icl_cl.evaluation.cli import load_eval_config
 from icl_cl.evaluation.protocol import EvalConfig
+from icl_cl.labelling.suggest import SuggestOptions
 from tests.conftest import ROOT
 
 CONFIGS = ROOT / "eval" / "configs"
@@ -128,6 +130,16 @@ def test_the_sample_config_draws_learning_curves_and_resumes_a_killed_run(
     assert again["resumed"] == {"reference": True, "strategies": config["strategies"]}
     assert again["curves"] == results["curves"] and again["summary"] == results["summary"]
     assert again["embedded_texts"] == 0  # the run folder's embedding cache had every text
+
+    # Other defaults of a strategy's options (another release): its curve is made again.
+    monkeypatch.undo()
+    monkeypatch.setattr(active_learning, "load_embedder", lambda config: embedder)
+    other = functools.partial(SuggestOptions, coverage_weight=0.5)
+    monkeypatch.setattr(active_learning, "SuggestOptions", other)
+    assert main(["-q", "eval", str(SAMPLE), "--out", str(out)]) == 0
+    redone = json.loads((out / "results.json").read_text())
+    # random and the baselines take no options; every suggest strategy is redone.
+    assert redone["resumed"] == {"reference": True, "strategies": ["random", "bt"]}
 
 
 def test_repeats_run_each_seed_as_its_own_run_and_head_their_mean(tmp_path, embedder, monkeypatch):

@@ -36,7 +36,7 @@ import logging
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -265,6 +265,12 @@ def plain_uncertainty(
     return out
 
 
+def suggest_options(strategy: str, seed: int) -> SuggestOptions:
+    """The ``SuggestOptions`` a ``suggest`` strategy's name (variant included) picks with."""
+    name, given = parse_strategy(strategy)
+    return SuggestOptions(name, neighbours=0, seed=seed, **given)  # type: ignore[arg-type]
+
+
 def pick(
     clf: ContinualClassifier, strategy: str, pool: list[Example], n: int, seed: int, k: int
 ) -> list[Example]:
@@ -275,8 +281,7 @@ def pick(
         vectors = clf.embedder.encode([ex.item for ex in pool])
         score = plain_uncertainty(clf, vectors, strategy, k)
         return [pool[i] for i in np.lexsort((np.arange(len(pool)), -score))[:n]]
-    name, given = parse_strategy(strategy)
-    options = SuggestOptions(name, neighbours=0, seed=seed, **given)  # type: ignore[arg-type]
+    options = suggest_options(strategy, seed)
     found = clf.suggest([ex.item for ex in pool], n, ids=[ex.id for ex in pool], options=options)
     by_id = {ex.id: ex for ex in pool}
     return [by_id[s.id] for s in found]
@@ -592,11 +597,23 @@ def _reference(plan: _Plan, checkpoint: Checkpoint, repeat: int) -> tuple[dict[s
     return value, False
 
 
+def _option_values(strategy: str) -> list[dict[str, Any]]:
+    """What a ``suggest`` strategy's curve depends on besides its name: every option it picks
+    with, defaults included, so a curve made under other defaults is redone (none for random
+    and the baselines, which take no options)."""
+    if strategy == RANDOM or strategy in BASELINES:
+        return []
+    values = asdict(suggest_options(strategy, 0))
+    del values["seed"]  # each round's own
+    return [values]
+
+
 def _curves(
     plan: _Plan, checkpoint: Checkpoint, target: float, tick: Progress, repeat: int
 ) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
     """Every strategy's curve, and the strategies whose curve the checkpoint had. A curve
-    depends on every setting but the run's name, the other strategies and the repeats."""
+    depends on every setting but the run's name, the other strategies and the repeats, and on
+    its strategy's options."""
     config = plan.config
     unused = {"name", "strategies", "repeats", "held_out"} - _held_out_setting(config)
     settings = config.model_dump(mode="json", exclude=unused)
@@ -604,7 +621,7 @@ def _curves(
     reused: list[str] = []
     seed_store: Path | None = None
     for i, strategy in enumerate(config.strategies):
-        fp = fingerprint([settings, strategy])
+        fp = fingerprint([settings, strategy, *_option_values(strategy)])
         found = checkpoint.get(strategy, repeat, fp)
         if found is not None:
             curves[strategy] = found["curve"]
