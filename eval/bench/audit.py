@@ -20,9 +20,16 @@ For each kind of noise, in one run:
    audit suggested (``relabelled``), and of a store learned from the train without noise
    (``clean``), as ``--gain`` lists them.
 
+A multi-label dataset (debtags) gets tag noise instead, on ``--noise`` of the items: ``drop``
+takes one tag off an item with two or more, ``add`` gives an item a tag it lacks, chosen at
+random. Both methods are scored on the items they flag against the items changed (cleanlab's
+``find_label_issues(..., multi_label=True)`` on the out-of-sample probabilities of a one-vs-rest
+logistic regression, 5-fold); ours also on the tag itself: the dropped tag among the finding's
+``missing``, the added one among its ``spurious``. ``--gain`` is for single-label datasets.
+
 Usage:
     python eval/bench/audit.py --data DATASET_DIR --vectors train.npy [--dev-vectors dev.npy]
-        [--kinds random,confusable] [--noise 0.05] [--size N]
+        [--kinds random,confusable | drop,add] [--noise 0.05] [--size N]
         [--gain removed,relabelled,clean] [--out OUT.json]
 """
 
@@ -72,6 +79,29 @@ def add_noise(
     else:
         raise ValueError(f"unknown noise {kind!r}")
     return noisy, np.sort(flipped)
+
+
+def add_tag_noise(
+    tags: list[list[int]], kind: str, rate: float, n_labels: int, seed: int
+) -> tuple[list[list[int]], dict[int, int]]:
+    """Noisy tag lists, and per changed item the tag dropped (``drop``: one of an item with two
+    or more) or added (``add``: one it lacks), ``rate`` of all the items, at random."""
+    rng = np.random.default_rng(seed)
+    n = round(rate * len(tags))
+    noisy = [list(t) for t in tags]
+    changed: dict[int, int] = {}
+    if kind == "drop":
+        for i in rng.choice([i for i, t in enumerate(tags) if len(t) >= 2], n, replace=False):
+            changed[int(i)] = int(rng.choice(tags[i]))
+            noisy[i].remove(changed[int(i)])
+    elif kind == "add":
+        for i in rng.choice(len(tags), n, replace=False):
+            lacking = np.setdiff1d(np.arange(n_labels), tags[i])
+            changed[int(i)] = int(rng.choice(lacking))
+            noisy[i].append(changed[int(i)])
+    else:
+        raise ValueError(f"unknown tag noise {kind!r} (drop or add)")
+    return noisy, changed
 
 
 def scores(found: set[int], flipped: set[int]) -> dict[str, Any]:
@@ -133,6 +163,29 @@ def cleanlab_issues(
     mask = find_label_issues(noisy, probs)
     seconds = time.perf_counter() - t
     return mask, get_label_quality_scores(noisy, probs), seconds
+
+
+def cleanlab_multi_label_issues(
+    vectors: np.ndarray, tags: list[list[int]], n_labels: int, folds: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """:func:`cleanlab_issues` for tag lists: a one-vs-rest logistic regression's out-of-sample
+    probabilities (shuffled folds: stratifying needs one label an item)."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.multilabel_classification import get_label_quality_scores
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import KFold, cross_val_predict
+    from sklearn.multiclass import OneVsRestClassifier
+
+    t = time.perf_counter()
+    y = np.zeros((len(tags), n_labels), np.int8)
+    for i, row in enumerate(tags):
+        y[i, row] = 1
+    model = OneVsRestClassifier(LogisticRegression(max_iter=1000))
+    cv = KFold(folds, shuffle=True, random_state=seed)
+    probs = cross_val_predict(model, vectors, y, cv=cv, method="predict_proba")
+    mask = find_label_issues(tags, probs, multi_label=True)
+    seconds = time.perf_counter() - t
+    return mask, get_label_quality_scores(tags, probs), seconds
 
 
 def gain(
@@ -205,6 +258,54 @@ def run_kind(
     return row
 
 
+def run_multi_label_kind(
+    kind: str,
+    args: argparse.Namespace,
+    data: tuple[list[Example], np.ndarray, list[Any]],
+    embedder: GivenVectors,
+    work: Path,
+) -> dict[str, Any]:
+    """One kind of tag noise: ours and cleanlab on the same noisy tags."""
+    train, vectors, labels = data
+    names = [lab.label for lab in labels]
+    col = {name: j for j, name in enumerate(names)}
+    tags = [[col[lab] for lab in ex.labels] for ex in train]
+    noisy, changed = add_tag_noise(tags, kind, args.noise, len(names), args.seed)
+    examples = [Example(ex.id, ex.text, [names[c] for c in noisy[i]]) for i, ex in enumerate(train)]
+    truth = set(changed)
+    position = {ex.id: i for i, ex in enumerate(train)}
+    clf, report, times = ours(work, examples, labels, embedder)
+    ranked = [position[ident] for ident, _ in report.scores]
+    # The tag itself: dropped ones should come back as missing, added ones as spurious.
+    side = "missing" if kind == "drop" else "spurious"
+    tag_hits = sum(
+        names[changed[position[f.id]]] in getattr(f, side)
+        for f in report.findings
+        if position[f.id] in changed
+    )
+    mask, quality, cl_s = cleanlab_multi_label_issues(
+        vectors, noisy, len(names), args.folds, args.seed
+    )
+    n = len(truth)
+    row: dict[str, Any] = {
+        "kind": kind,
+        "items": len(train),
+        "changed": n,
+        "ours": {**scores({position[f.id] for f in report.findings}, truth), **times},
+        "ours_tag_recall": round(tag_hits / n, 4) if n else 0.0,
+        "ours_at_changed": scores(set(ranked[:n]), truth),
+        "cleanlab": {
+            **scores(set(np.flatnonzero(mask).tolist()), truth),
+            "cleanlab_s": round(cl_s, 1),
+        },
+        "cleanlab_at_changed": scores(set(np.argsort(quality, kind="stable")[:n].tolist()), truth),
+        "audit": report.summary(),
+    }
+    clf.close()
+    shutil.rmtree(work / "noisy", ignore_errors=True)
+    return row
+
+
 def clean_accuracy(
     work: Path, data: tuple[list[Example], np.ndarray, list[Any]], embedder: GivenVectors,
     dev: tuple[list[Example], np.ndarray],
@@ -238,10 +339,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", required=True, help="single-label dataset folder")
+    parser.add_argument("--data", required=True, help="dataset folder (single- or multi-label)")
     parser.add_argument("--vectors", required=True, help=".npy of the train file's vectors")
     parser.add_argument("--dev-vectors", help=".npy of the dev file's vectors (with --gain)")
-    parser.add_argument("--kinds", default="random,confusable")
+    parser.add_argument(
+        "--kinds",
+        help="noise: random,confusable (the default); multi-label: drop,add (its default)",
+    )
     parser.add_argument("--noise", type=float, default=0.05)
     parser.add_argument("--size", type=int, help="a seeded subset of train (default: all)")
     parser.add_argument("--folds", type=int, default=5, help="cleanlab's cross-validation folds")
@@ -256,13 +360,20 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     data, dev, given = _load(args)
+    multi_label = any(len(ex.labels) != 1 for ex in data[0])
+    if multi_label and args.gain:
+        parser.error("--gain is for single-label datasets (its accuracy is top-1)")
+    kinds = args.kinds or ("drop,add" if multi_label else "random,confusable")
     embedder = GivenVectors(load_embedder(EmbedderConfig()), given)
     result: dict[str, Any] = {"data": Path(args.data).name, "noise": args.noise, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        for kind in args.kinds.split(","):
-            row = run_kind(kind, args, data, embedder, work, dev)
+        for kind in kinds.split(","):
+            if multi_label:
+                row = run_multi_label_kind(kind, args, data, embedder, work)
+            else:
+                row = run_kind(kind, args, data, embedder, work, dev)
             print(json.dumps(row), flush=True)
             result["rows"].append(row)
         if dev is not None and "clean" in args.gain.split(","):
