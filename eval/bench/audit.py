@@ -215,6 +215,35 @@ def gain(
     return {k: round(v, 4) for k, v in out.items()}
 
 
+def compared(
+    kind: str,
+    word: str,
+    truth: set[int],
+    position: dict[str, int],
+    audited: tuple[Any, dict[str, float]],
+    cleanlab: tuple[np.ndarray, np.ndarray, float],
+) -> dict[str, Any]:
+    """One kind of noise's row: each method's flagged set, and its ranking cut at the number
+    of ``word`` (flipped or changed) items, against ``truth``; with the audit's summary."""
+    report, times = audited
+    mask, quality, seconds = cleanlab
+    n = len(truth)
+    ranked = [position[ident] for ident, _ in report.scores]
+    return {
+        "kind": kind,
+        "items": len(position),
+        word: n,
+        "ours": {**scores({position[f.id] for f in report.findings}, truth), **times},
+        f"ours_at_{word}": scores(set(ranked[:n]), truth),
+        "cleanlab": {
+            **scores(set(np.flatnonzero(mask).tolist()), truth),
+            "cleanlab_s": round(seconds, 1),
+        },
+        f"cleanlab_at_{word}": scores(set(np.argsort(quality, kind="stable")[:n].tolist()), truth),
+        "audit": report.summary(),
+    }
+
+
 def run_kind(
     kind: str,
     args: argparse.Namespace,
@@ -230,25 +259,10 @@ def run_kind(
     gold = np.array([col[ex.labels[0]] for ex in train])
     noisy, flipped = add_noise(gold, kind, args.noise, vectors, len(names), args.seed)
     examples = [Example(ex.id, ex.text, [names[noisy[i]]]) for i, ex in enumerate(train)]
-    truth = set(flipped.tolist())
     position = {ex.id: i for i, ex in enumerate(train)}
     clf, report, times = ours(work, examples, labels, embedder)
-    ranked = [position[ident] for ident, _ in report.scores]
-    mask, quality, cl_s = cleanlab_issues(vectors, noisy, args.folds, args.seed)
-    n = len(truth)
-    row: dict[str, Any] = {
-        "kind": kind,
-        "items": len(train),
-        "flipped": n,
-        "ours": {**scores({position[f.id] for f in report.findings}, truth), **times},
-        "ours_at_flipped": scores(set(ranked[:n]), truth),
-        "cleanlab": {
-            **scores(set(np.flatnonzero(mask).tolist()), truth),
-            "cleanlab_s": round(cl_s, 1),
-        },
-        "cleanlab_at_flipped": scores(set(np.argsort(quality, kind="stable")[:n].tolist()), truth),
-        "audit": report.summary(),
-    }
+    found = cleanlab_issues(vectors, noisy, args.folds, args.seed)
+    row = compared(kind, "flipped", set(flipped.tolist()), position, (report, times), found)
     if dev is not None:
         row["dev_accuracy"] = gain(
             work, clf, report, train, labels, embedder, dev, args.gain.split(",")
@@ -272,10 +286,10 @@ def run_multi_label_kind(
     tags = [[col[lab] for lab in ex.labels] for ex in train]
     noisy, changed = add_tag_noise(tags, kind, args.noise, len(names), args.seed)
     examples = [Example(ex.id, ex.text, [names[c] for c in noisy[i]]) for i, ex in enumerate(train)]
-    truth = set(changed)
     position = {ex.id: i for i, ex in enumerate(train)}
     clf, report, times = ours(work, examples, labels, embedder)
-    ranked = [position[ident] for ident, _ in report.scores]
+    found = cleanlab_multi_label_issues(vectors, noisy, len(names), args.folds, args.seed)
+    row = compared(kind, "changed", set(changed), position, (report, times), found)
     # The tag itself: dropped ones should come back as missing, added ones as spurious.
     side = "missing" if kind == "drop" else "spurious"
     tag_hits = sum(
@@ -283,24 +297,7 @@ def run_multi_label_kind(
         for f in report.findings
         if position[f.id] in changed
     )
-    mask, quality, cl_s = cleanlab_multi_label_issues(
-        vectors, noisy, len(names), args.folds, args.seed
-    )
-    n = len(truth)
-    row: dict[str, Any] = {
-        "kind": kind,
-        "items": len(train),
-        "changed": n,
-        "ours": {**scores({position[f.id] for f in report.findings}, truth), **times},
-        "ours_tag_recall": round(tag_hits / n, 4) if n else 0.0,
-        "ours_at_changed": scores(set(ranked[:n]), truth),
-        "cleanlab": {
-            **scores(set(np.flatnonzero(mask).tolist()), truth),
-            "cleanlab_s": round(cl_s, 1),
-        },
-        "cleanlab_at_changed": scores(set(np.argsort(quality, kind="stable")[:n].tolist()), truth),
-        "audit": report.summary(),
-    }
+    row["ours_tag_recall"] = round(tag_hits / len(changed), 4) if changed else 0.0
     clf.close()
     shutil.rmtree(work / "noisy", ignore_errors=True)
     return row
